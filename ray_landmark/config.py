@@ -1,0 +1,86 @@
+"""YAML configs loaded into typed, validated objects.
+
+Each package owns the section it reads (``data.config.DataConfig``, ``models.config.ModelConfig``, ...); this module
+holds the root ``Config``, the loader and the ``--set key=value`` overrides. Every error names the key and the file,
+and is raised before any Ray resource is requested.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from ray_landmark.config_base import ConfigError, Section
+from ray_landmark.data.config import DataConfig
+from ray_landmark.train.config import TrainConfig
+
+
+class RunConfig(Section):
+    name: str
+    # Local folder or bucket URI for logs, checkpoints and summaries.
+    output_dir: str = "runs"
+
+
+class Config(Section):
+    run: RunConfig
+    data: DataConfig
+    train: TrainConfig | None = None
+
+
+def _set_dotted(tree: dict, dotted_key: str, value: Any, source: str) -> None:
+    node = tree
+    *parents, leaf = dotted_key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: --set {dotted_key}: '{part}' is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``data.image_size=448`` -> ("data.image_size", 448); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, for example --set data.image_size=448")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        elif e["type"] == "missing":
+            lines.append(f"{source}: missing required key '{key}'")
+        else:
+            lines.append(f"{source}: key '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def config_from_dict(tree: dict, source: str = "<dict>", cls: type[BaseModel] = Config):
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = (), cls: type[BaseModel] = Config):
+    """Read a YAML config, apply ``KEY=VALUE`` overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, str(path))
+    return config_from_dict(tree, str(path), cls)

@@ -1,0 +1,14 @@
+"""Base class of every config section, kept apart from ``config.py`` so that each package can define its own section
+without importing the root config (which imports all sections)."""
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and the file."""
+
+
+class Section(BaseModel):
+    """Unknown keys and wrong types are errors; values are frozen once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)

@@ -1,0 +1,51 @@
+"""The ``data`` section: where GLDv2 lives and how it is streamed into training."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ray_landmark.config_base import Section
+
+LabelView = Literal["gldv2c", "gldv2x", "full"]
+
+
+class StorageConfig(Section):
+    """How to reach object storage. Credentials never live here: they come from the environment
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN) or the instance role."""
+
+    # S3-compatible endpoint (MinIO, Ceph, a local moto server); None means AWS itself.
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    # Unsigned requests, for public buckets such as GLDv2's own s3://google-landmark/.
+    anonymous: bool = False
+    # Tries for listing a prefix or opening a shard before the job fails naming the URI.
+    retries: int = Field(3, ge=1)
+    connect_timeout_s: float = Field(5.0, gt=0)
+
+
+class DataConfig(Section):
+    # GLDv2 root, a local folder or a bucket URI, laid out like the official bucket:
+    # train/ index/ test/ (tar shards), metadata/ and ground_truth/ (CSVs).
+    root: str
+    # Where jobs/prepare_gldv2.py writes the compact manifests; default <root>/manifest.
+    manifest: str | None = None
+    storage: StorageConfig = StorageConfig()
+    view: LabelView = "gldv2c"
+    image_size: int = Field(448, gt=0)
+    augment: bool = True
+    # Rows kept in each worker's local shuffle buffer (shard order is reshuffled every epoch too).
+    shuffle_buffer: int = Field(1000, ge=0)
+    seed: int = 0
+    # Images decoded per Ray Data task call.
+    decode_batch_size: int = Field(32, gt=0)
+    # CPUs reserved per read task (one task streams one tar); below 1 lets more S3 streams run at once.
+    read_cpus: float = Field(0.25, gt=0)
+    decode_cpus: float = Field(1.0, gt=0)
+    # Per-epoch validation uses at most this many test queries (None: all of them).
+    eval_queries: int | None = Field(None, gt=0)
+
+    @property
+    def manifest_uri(self) -> str:
+        return self.manifest or self.root.rstrip("/") + "/manifest"

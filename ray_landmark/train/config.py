@@ -1,0 +1,45 @@
+"""The ``train`` section: the optimisation recipe and the Ray Train resources (solution.md §4)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ray_landmark.config_base import Section
+
+
+class TrainConfig(Section):
+    # Length of the cosine schedule; stop_at ends training earlier (the published "40 (29)").
+    epochs: int = Field(gt=0)
+    stop_at: int | None = Field(None, gt=0)
+    batch_size: int = Field(gt=0, description="images per worker per step")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    warmup_epochs: float = Field(1.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    seed: int = 0
+    amp: bool = True
+    channels_last: bool = True
+    # Ray Train resources: the published recipes use 8 GPU workers.
+    num_workers: int = Field(8, ge=0)
+    use_gpu: bool = True
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(3, ge=0)
+    # Checkpointing: every epoch, and every N steps when set; keep the last K.
+    checkpoint_every_steps: int | None = Field(None, gt=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_every: int = Field(1, ge=1)
+    # Transfer between recipe steps: start from another run's checkpoint (folder or URI), dropping tensors whose
+    # names match drop_keys, and train only parameters matching trainable (all when empty).
+    init_from: str | None = None
+    drop_keys: list[str] = []
+    trainable: list[str] = []
+
+    @model_validator(mode="after")
+    def _stop_within_schedule(self):
+        if self.stop_at is not None and self.stop_at > self.epochs:
+            raise ValueError(f"train.stop_at ({self.stop_at}) is past train.epochs ({self.epochs})")
+        return self
