@@ -1,0 +1,157 @@
+"""One way to reach a local folder, AWS S3 or any S3-compatible store, for every reader and writer in the project.
+
+A location is a URI: ``/abs/or/relative/path``, ``file:///path`` or ``s3://bucket/prefix``. pyarrow's filesystems do the
+I/O because Ray Data and Ray Train take them directly. Credentials are never in a config: pyarrow and boto3 read them
+from the environment or the instance role, and ``worker_env_vars`` carries the environment's to the Ray workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import pyarrow.fs as pafs
+
+from ray_landmark.data.config import StorageConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# What the Ray workers need to reach the same storage as the driver (ray.md: not carried by a pickled filesystem).
+AWS_ENV_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_PROFILE",
+)
+
+
+class StorageError(OSError):
+    """A location that cannot be read or written; the message names the URI and what to check."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved URI: the filesystem and the path that filesystem expects (no scheme for S3)."""
+
+    uri: str
+    fs: pafs.FileSystem
+    path: str
+
+    def child(self, *parts: str) -> "Location":
+        path = "/".join([self.path.rstrip("/"), *[p.strip("/") for p in parts]])
+        uri = "/".join([self.uri.rstrip("/"), *[p.strip("/") for p in parts]])
+        return Location(uri, self.fs, path)
+
+    def uri_of(self, fs_path: str) -> str:
+        """The URI of a path on this location's filesystem (for messages and manifests)."""
+        return f"s3://{fs_path}" if self.is_s3 else fs_path
+
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+
+def worker_env_vars() -> dict[str, str]:
+    """The AWS settings of this process, to pass as ``runtime_env={"env_vars": ...}`` to Ray."""
+    return {k: os.environ[k] for k in AWS_ENV_VARS if k in os.environ}
+
+
+def s3_filesystem(storage: StorageConfig) -> pafs.S3FileSystem:
+    kwargs = dict(
+        region=storage.region,
+        anonymous=storage.anonymous,
+        connect_timeout=storage.connect_timeout_s,
+        request_timeout=max(30.0, storage.connect_timeout_s),
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=storage.retries),
+    )
+    endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        if not host:
+            raise StorageError(f"data.storage.endpoint_url {endpoint!r}: expected http://host:port or https://host")
+        kwargs.update(endpoint_override=host, scheme=scheme)
+    if not storage.anonymous:
+        _require_credentials(endpoint)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def _require_credentials(endpoint: str | None) -> None:
+    import boto3
+
+    if boto3.Session().get_credentials() is None:
+        where = f" for {endpoint}" if endpoint else ""
+        raise StorageError(
+            f"no S3 credentials found{where}: export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, attach an instance "
+            "role, or set data.storage.anonymous: true for a public bucket"
+        )
+
+
+def resolve(uri: str, storage: StorageConfig | None = None) -> Location:
+    """Resolve a URI to its filesystem; S3 settings come from ``storage`` (defaults: AWS, signed requests)."""
+    if uri.startswith("s3://"):
+        path = uri[len("s3://"):].rstrip("/")
+        if not path:
+            raise StorageError(f"{uri!r}: an S3 URI needs a bucket, for example s3://my-bucket/gldv2")
+        return Location(uri.rstrip("/"), s3_filesystem(storage or StorageConfig()), path)
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(f"{uri!r}: unsupported scheme; use a local path or s3://bucket/prefix")
+    path = str(Path(uri.removeprefix("file://")).resolve())
+    return Location(path, pafs.LocalFileSystem(), path)
+
+
+def with_retries(what: str, fn: Callable[[], T], tries: int, base_delay_s: float = 0.5) -> T:
+    """Run ``fn``; on OSError try again with backoff, then raise a StorageError that says ``what`` failed."""
+    for attempt in range(1, tries + 1):
+        try:
+            return fn()
+        except OSError as err:  # pyarrow raises OSError subclasses (FileNotFoundError, ...) for every I/O failure
+            if attempt == tries:
+                raise StorageError(f"{what} failed after {tries} tries: {err}") from err
+            log.warning("%s failed (try %d of %d): %s", what, attempt, tries, err)
+            time.sleep(base_delay_s * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def list_files(loc: Location, suffix: str, tries: int = 3) -> list[str]:
+    """Filesystem paths of the files under ``loc`` that end in ``suffix``, sorted; an empty or unreachable prefix
+    is an error naming the URI."""
+
+    def _list():
+        info = loc.fs.get_file_info(loc.path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{loc.uri} does not exist")
+        selector = pafs.FileSelector(loc.path, recursive=True)
+        return sorted(f.path for f in loc.fs.get_file_info(selector) if f.is_file and f.path.endswith(suffix))
+
+    paths = with_retries(f"listing {loc.uri}", _list, tries)
+    if not paths:
+        raise StorageError(f"{loc.uri}: no *{suffix} files found; check data.root")
+    return paths
+
+
+def read_bytes(loc: Location, tries: int = 3) -> bytes:
+    def _read():
+        with loc.fs.open_input_stream(loc.path) as f:
+            return f.read()
+
+    return with_retries(f"reading {loc.uri}", _read, tries)
+
+
+def write_bytes(loc: Location, data: bytes) -> None:
+    parent = loc.path.rsplit("/", 1)[0]
+    if not loc.is_s3:
+        loc.fs.create_dir(parent, recursive=True)
+    with loc.fs.open_output_stream(loc.path) as f:
+        f.write(data)
+
+
+def exists(loc: Location) -> bool:
+    return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound

@@ -1,0 +1,62 @@
+"""One local S3 server, one local Ray and one synthetic GLDv2 (in a folder and in a bucket) per test run."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ray_landmark.data.metadata import prepare_manifests
+from ray_landmark.data.storage import resolve
+from ray_landmark.data.synthetic import SyntheticSpec, write_synthetic_gldv2
+from ray_landmark.local_s3 import LocalS3Server, use_test_credentials
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# No instance-metadata probing on a machine that is not in a cloud.
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+SPEC = SyntheticSpec()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    use_test_credentials()  # before Ray starts, so its local workers inherit them
+    with LocalS3Server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3):
+    import ray
+    import ray.data
+
+    from ray_landmark.runtime import init_ray
+
+    init_ray(local_cpus=4, progress_bars=False)
+    # A starved pipeline should fail in two minutes, not the default 30.
+    ray.data.DataContext.get_current().execution_no_progress_timeout_s = 120
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def gldv2_local(tmp_path_factory):
+    """Synthetic GLDv2 in a local folder, with manifests; returns its root path."""
+    root = resolve(str(tmp_path_factory.mktemp("gldv2")))
+    write_synthetic_gldv2(SPEC, root, progress=None)
+    prepare_manifests(root, root.child("manifest"), progress=None)
+    return root.uri
+
+
+@pytest.fixture(scope="session")
+def gldv2_s3(s3):
+    """The same synthetic GLDv2 in a bucket of the local S3 server; returns its root URI."""
+    from ray_landmark.data.config import StorageConfig
+
+    bucket = s3.create_bucket("gldv2-synthetic")
+    root = resolve(f"{bucket}/v2", StorageConfig(endpoint_url=s3.endpoint_url))
+    write_synthetic_gldv2(SPEC, root, progress=None)
+    prepare_manifests(root, root.child("manifest"), progress=None)
+    return root.uri

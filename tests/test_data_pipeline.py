@@ -1,0 +1,229 @@
+"""The shard pipeline on a real local Ray, reading real tars of real JPEGs from a folder and from a local S3 server."""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ray_landmark.data import gldv2
+from ray_landmark.data.config import DataConfig, StorageConfig
+from ray_landmark.data.metadata import Manifest, prepare_manifests
+from ray_landmark.data.pipeline import SKIP_REASONS, stream_shards, train_stream
+from ray_landmark.data.storage import StorageError, resolve
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _config(root: str, s3=None, **kwargs) -> DataConfig:
+    storage = StorageConfig(endpoint_url=s3.endpoint_url, retries=2) if s3 else StorageConfig(retries=2)
+    return DataConfig(root=root, storage=storage, image_size=32, decode_batch_size=16, **kwargs)
+
+
+def _ids_and_labels(stream) -> list[tuple[str, int]]:
+    return [(str(i), int(l)) for b in stream.dataset.iter_batches(batch_size=64) for i, l in zip(b["id"], b["label"])]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("view", ["gldv2c", "gldv2x", "full"])
+def test_every_image_of_the_view_arrives_once_with_its_class(where, view, request, s3):
+    root = request.getfixturevalue("gldv2_local" if where == "local" else "gldv2_s3")
+    cfg = _config(root, s3 if where == "s3" else None, view=view)
+    manifest = Manifest(resolve(cfg.manifest_uri, cfg.storage))
+    expected = manifest.view_images(view)
+    stream = stream_shards(cfg, "train", lookup=manifest.label_lookup(view), augment=True, keep_ids=True, shuffle=True)
+
+    got = _ids_and_labels(stream)
+
+    want = sorted(zip(gldv2.u64_to_ids(expected["id"].to_numpy()), expected["class"].astype(int)))
+    assert sorted(got) == want
+    counts = stream.counts()
+    assert counts["read"] == len(want)
+    assert not any(counts.get(reason) for reason in SKIP_REASONS)
+
+
+def test_train_stream_feeds_fixed_size_uint8_images_and_int64_labels(gldv2_s3, s3):
+    cfg = _config(gldv2_s3, s3, view="gldv2c")
+    manifest = Manifest(resolve(cfg.manifest_uri, cfg.storage))
+    classes = manifest.view_classes("gldv2c")
+    stream = train_stream(cfg, manifest)
+
+    label_counts = collections.Counter()
+    for batch in stream.dataset.iter_torch_batches(batch_size=16, local_shuffle_buffer_size=32):
+        assert set(batch) == {"image", "label"}
+        assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (32, 32, 3)
+        assert batch["label"].dtype == torch.int64
+        label_counts.update(batch["label"].tolist())
+
+    assert label_counts == dict(zip(classes["class"].astype(int), classes["count"].astype(int)))
+
+
+def test_shard_order_changes_between_epochs(gldv2_local):
+    import ray.data
+
+    cfg = _config(gldv2_local, view="full")
+    manifest = Manifest(resolve(cfg.manifest_uri, cfg.storage))
+    # With order preserved, any change of order between epochs comes from the per-epoch shard shuffle.
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    try:
+        stream = stream_shards(cfg, "train", lookup=manifest.label_lookup("full"), augment=False, keep_ids=True, shuffle=True)
+        epochs = [[i for i, _ in _ids_and_labels(stream)] for _ in range(3)]
+    finally:
+        ctx.execution_options.preserve_order = False
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(epochs[2])
+    assert len({tuple(e) for e in epochs}) > 1
+
+
+def test_eval_stream_keeps_ids_and_resizes_without_augmenting(gldv2_local):
+    cfg = _config(gldv2_local)
+    stream = stream_shards(cfg, "test", lookup=None, augment=False, keep_ids=True, shuffle=False)
+    rows = {str(r["id"]): r["image"] for r in stream.dataset.take_all()}
+    recognition = Manifest(resolve(cfg.manifest_uri)).recognition()
+    assert set(rows) == set(recognition["id"])
+    # Resizing the decoded JPEG ourselves gives the same pixels: no augmentation on the eval path.
+    tar_path = os.path.join(gldv2_local, "test", gldv2.shard_name(0))
+    with tarfile.open(tar_path) as tar:
+        member = next(m for m in tar if m.isreg())
+        image_id = os.path.basename(member.name)[:-4]
+        data = tar.extractfile(member).read()
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32), Image.BILINEAR))
+    # Reduced-size (draft) decoding shifts a few edge pixels; an augmentation would move the mean error far more.
+    assert np.abs(rows[image_id].astype(int) - expected.astype(int)).mean() < 2
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _jpeg(color) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def _png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture
+def damaged_gldv2(gldv2_local, tmp_path):
+    """A copy of the synthetic set with every kind of bad input injected into its train shards."""
+    root = tmp_path / "damaged"
+    shutil.copytree(gldv2_local, root, ignore=shutil.ignore_patterns("manifest"))
+    train_dir = root / "train"
+    shards = sorted(train_dir.glob("*.tar"))
+    members = {}
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            members[shard] = [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+
+    never_appear = [name for name, _ in members[shards[0]][:3]]  # metadata rows whose images are gone
+    members[shards[0]] = members[shards[0]][3:]
+    known_id = os.path.basename(members[shards[1]][0][0])[:-4]
+    corrupt = bytearray(_jpeg("red"))
+    corrupt[200:] = os.urandom(len(corrupt) - 200)
+    injected = [
+        (gldv2.member_name("f" * 15 + "0"), bytes(corrupt[:300])),  # corrupt: JPEG header, then noise, cut short
+        (gldv2.member_name("f" * 15 + "1"), b""),  # zero-byte member
+        (gldv2.member_name("f" * 15 + "2"), _png()),  # a PNG named .jpg
+        ("0/0/0/readme.txt", b"not an image"),  # a non-JPEG member
+        (gldv2.member_name("e" * 16), _jpeg("blue")),  # a good JPEG whose id is in no metadata
+    ]
+    # The corrupt member needs an id the metadata knows, or it would be dropped as unknown before decoding.
+    injected[0] = (gldv2.member_name(known_id), bytes(corrupt[:300]))
+    members[shards[1]] = [m for m in members[shards[1]] if known_id not in m[0]] + injected
+    for shard, entries in members.items():
+        shard.write_bytes(gldv2.pack_tar(entries))
+    # Truncated tar: cut the last shard inside its last member's data.
+    last = shards[-1]
+    data = last.read_bytes()
+    with tarfile.open(last) as tar:
+        last_member = [m for m in tar if m.isreg()][-1]
+    last.write_bytes(data[: last_member.offset_data + last_member.size // 2])
+    truncated_id = os.path.basename(last_member.name)[:-4]
+
+    loc = resolve(str(root))
+    prepare_manifests(loc, loc.child("manifest"), progress=None)
+    dropped = {os.path.basename(n)[:-4] for n in never_appear} | {known_id, truncated_id}
+    return str(root), dropped
+
+
+def test_bad_input_is_skipped_counted_and_every_good_sample_arrives_once(damaged_gldv2):
+    root, dropped = damaged_gldv2
+    cfg = _config(root, view="full")
+    manifest = Manifest(resolve(cfg.manifest_uri))
+    stream = stream_shards(cfg, "train", lookup=manifest.label_lookup("full"), augment=True, keep_ids=True, shuffle=True)
+
+    got = _ids_and_labels(stream)
+
+    view = manifest.view_images("full")
+    want = sorted(
+        (i, int(c)) for i, c in zip(gldv2.u64_to_ids(view["id"].to_numpy()), view["class"]) if i not in dropped
+    )
+    assert sorted(got) == want
+    counts = stream.counts()
+    assert {r: counts.get(r, 0) for r in SKIP_REASONS} == {
+        "not_jpeg": 2,
+        "empty_member": 1,
+        "corrupt_jpeg": 1,
+        "truncated_tar": 1,
+        "unknown_id": 1,
+    }
+    # Metadata rows whose images never appeared: what the view lists minus what was read.
+    assert len(view) - counts["read"] == 4  # 3 removed members + the truncated one
+
+
+def test_a_shard_that_disappears_is_retried_then_fails_naming_its_uri(gldv2_local, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(gldv2_local, root)
+    cfg = _config(str(root), view="full")
+    manifest = Manifest(resolve(cfg.manifest_uri))
+    stream = stream_shards(cfg, "train", lookup=manifest.label_lookup("full"), augment=False, keep_ids=True, shuffle=False)
+    missing = root / "train" / gldv2.shard_name(1)
+    missing.unlink()
+    with pytest.raises(Exception, match=f"opening shard {missing}.*after 2 tries"):
+        stream.dataset.take_all()
+
+
+def test_an_unreachable_bucket_fails_naming_the_uri():
+    cfg = DataConfig(root="s3://gldv2/v2", storage=StorageConfig(endpoint_url="http://127.0.0.1:9", retries=2, connect_timeout_s=1))
+    with pytest.raises(StorageError, match=r"listing s3://gldv2/v2/train failed after 2 tries"):
+        stream_shards(cfg, "train", lookup=None, augment=False, keep_ids=True, shuffle=False)
+
+
+def test_a_missing_bucket_on_a_live_server_fails_naming_the_uri(s3):
+    cfg = _config("s3://no-such-bucket/gldv2", s3)
+    with pytest.raises(StorageError, match="s3://no-such-bucket/gldv2/train"):
+        stream_shards(cfg, "train", lookup=None, augment=False, keep_ids=True, shuffle=False)
+
+
+def test_missing_credentials_are_reported_before_any_request(monkeypatch, tmp_path):
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    with pytest.raises(StorageError, match="no S3 credentials found.*anonymous: true"):
+        resolve("s3://gldv2/v2", StorageConfig(endpoint_url="http://127.0.0.1:9"))
+
+
+def test_anonymous_access_reads_a_public_bucket(gldv2_local, s3):
+    bucket = s3.create_bucket("gldv2-public", public=True)
+    client = s3.client()
+    for dirpath, _, files in os.walk(os.path.join(gldv2_local, "test")):
+        for name in files:
+            key = "v2/test/" + name
+            client.put_object(Bucket="gldv2-public", Key=key, Body=open(os.path.join(dirpath, name), "rb").read(), ACL="public-read")
+    cfg = DataConfig(
+        root=f"{bucket}/v2", storage=StorageConfig(endpoint_url=s3.endpoint_url, anonymous=True), image_size=32
+    )
+    stream = stream_shards(cfg, "test", lookup=None, augment=False, keep_ids=True, shuffle=False)
+    assert stream.dataset.count() == sum(1 for _ in open(os.path.join(gldv2_local, "metadata", "test.csv"))) - 1
