@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from ray_landmark.config_base import ConfigError, Section
 from ray_landmark.data.config import DataConfig
+from ray_landmark.data.synthetic import SyntheticSpec
 from ray_landmark.train.config import TrainConfig
 
 
@@ -28,6 +29,8 @@ class Config(Section):
     run: RunConfig
     data: DataConfig
     train: TrainConfig | None = None
+    # Set in configs that generate their own synthetic GLDv2 (the quickstart, benchmarks).
+    synthetic: SyntheticSpec | None = None
 
 
 def _set_dotted(tree: dict, dotted_key: str, value: Any, source: str) -> None:

@@ -14,21 +14,25 @@ import hashlib
 import io
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from pydantic import Field
+
+from ray_landmark.config_base import Section
 from ray_landmark.data import gldv2
 from ray_landmark.data.storage import Location, write_bytes
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class SyntheticSpec:
-    num_landmarks: int = 40  # landmarks in the full train set
+class SyntheticSpec(Section):
+    """The ``synthetic`` config section: the size and look of a synthetic GLDv2."""
+
+    num_landmarks: int = Field(40, ge=2)  # landmarks in the full train set
     clean_landmark_fraction: float = 0.5  # share of landmarks that GLDv2c keeps
     noisy_image_fraction: float = 0.2  # share of a landmark's train images that are label noise / very hard views
     max_images_per_landmark: int = 40
@@ -329,7 +333,7 @@ def write_synthetic_gldv2(spec: SyntheticSpec, root: Location, progress=print) -
 
     summary = {
         "root": root.uri,
-        "spec": asdict(spec),
+        "spec": spec.model_dump(),
         "images": {s: sum(1 for i in plan.images if i.split == s) for s in gldv2.SPLITS},
         "landmarks": spec.num_landmarks,
         "clean_landmarks": len(plan.train_clean),
