@@ -1,0 +1,73 @@
+"""Config loading: every mistake names the key and the file, before anything is started."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ray_landmark.config import load_config
+from ray_landmark.config_base import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = """
+run: {name: t}
+data:
+  root: /tmp/gldv2
+  image_size: 64
+"""
+
+
+def _write(tmp_path, text) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_good_config_loads_with_defaults(tmp_path):
+    cfg = load_config(_write(tmp_path, GOOD))
+    assert cfg.data.image_size == 64 and cfg.data.view == "gldv2c"
+    assert cfg.data.manifest_uri == "/tmp/gldv2/manifest"
+
+
+def test_overrides_set_single_values_parsed_as_yaml(tmp_path):
+    cfg = load_config(_write(tmp_path, GOOD), ["data.image_size=448", "data.storage.anonymous=true", "data.view=full"])
+    assert cfg.data.image_size == 448 and cfg.data.storage.anonymous is True and cfg.data.view == "full"
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        (GOOD + "  image_sise: 3\n", [], r"cfg.yaml: unknown key 'data.image_sise'"),
+        (GOOD, ["data.image_size=big"], r"cfg.yaml: key 'data.image_size': .*integer.*'big'"),
+        (GOOD, ["data.view=gldv3"], r"cfg.yaml: key 'data.view'"),
+        ("run: {name: t}\ndata: {image_size: 3}\n", [], r"cfg.yaml: missing required key 'data.root'"),
+        (GOOD, ["data.image_size=0"], r"key 'data.image_size': .*greater than 0"),
+        (GOOD, ["data.root.x=1"], r"--set data.root.x: 'root' is a value"),
+        (GOOD, ["data.image_size"], r"expected KEY=VALUE"),
+        ("- a\n- b\n", [], r"the top level must be a mapping"),
+    ],
+)
+def test_mistakes_name_the_key_and_the_file(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, text), overrides)
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_a_job_with_a_bad_config_stops_before_starting_ray(tmp_path):
+    bad = _write(tmp_path, GOOD + "  shufle_buffer: 3\n")
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "jobs/quickstart.py", "--config", str(bad)], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert f"config error: {bad}: unknown key 'data.shufle_buffer'" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+    assert time.perf_counter() - started < 60

@@ -1,0 +1,115 @@
+"""The synthetic GLDv2 has the official layout, and the manifests derived from it are right."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from ray_landmark.data import gldv2
+from ray_landmark.data.metadata import NOT_IN_VIEW, UNKNOWN_ID, LabelLookup, Manifest
+from ray_landmark.data.storage import resolve
+from ray_landmark.data.synthetic import SyntheticSpec, write_synthetic_gldv2
+
+
+def _members(tar_path: Path) -> dict[str, bytes]:
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isreg()}
+
+
+def test_layout_and_columns_match_gldv2(gldv2_local):
+    root = Path(gldv2_local)
+    columns = {
+        gldv2.TRAIN_CSV: ["id", "url", "landmark_id"],
+        gldv2.TRAIN_CLEAN_CSV: ["landmark_id", "images"],
+        gldv2.LABEL_TO_CATEGORY_CSV: ["landmark_id", "category"],
+        gldv2.INDEX_CSV: ["id"],
+        gldv2.TEST_CSV: ["id"],
+        gldv2.INDEX_TO_LANDMARK_CSV: ["id", "landmark_id"],
+        gldv2.RECOGNITION_GT_CSV: ["id", "landmarks", "Usage"],
+        gldv2.RETRIEVAL_GT_CSV: ["id", "images", "Usage"],
+    }
+    for name, cols in columns.items():
+        assert list(pd.read_csv(root / name, nrows=1).columns) == cols, name
+    for split in gldv2.SPLITS:
+        csv_ids = set(pd.read_csv(root / f"metadata/{split}.csv", dtype=str)["id"])
+        tar_ids = set()
+        for tar_path in sorted((root / split).glob("images_*.tar")):
+            md5_line = (root / "md5sum" / split / f"md5.{tar_path.stem}.txt").read_text()
+            assert md5_line.split()[0] == hashlib.md5(tar_path.read_bytes()).hexdigest()
+            for name, data in _members(tar_path).items():
+                image_id = Path(name).stem
+                assert name == f"{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}.jpg"
+                assert Image.open(io.BytesIO(data)).format == "JPEG"
+                tar_ids.add(image_id)
+        assert tar_ids == csv_ids, split
+
+
+def test_ground_truth_has_non_landmarks_usage_and_retrieval_matches(gldv2_local):
+    root = Path(gldv2_local)
+    recognition = pd.read_csv(root / gldv2.RECOGNITION_GT_CSV, dtype=str, keep_default_na=False)
+    retrieval = pd.read_csv(root / gldv2.RETRIEVAL_GT_CSV, dtype=str, keep_default_na=False)
+    clean_landmarks = set(pd.read_csv(root / gldv2.TRAIN_CLEAN_CSV, dtype=str)["landmark_id"])
+    index_ids = set(pd.read_csv(root / gldv2.INDEX_CSV, dtype=str)["id"])
+    assert (recognition["landmarks"] == "").sum() == SyntheticSpec().test_non_landmark_images
+    assert set(recognition.loc[recognition["landmarks"] != "", "landmarks"]) <= clean_landmarks
+    assert set(recognition["Usage"]) == {"Public", "Private", "Ignored"}
+    relevant = retrieval.loc[retrieval["images"] != "None", "images"].str.split()
+    assert len(relevant) and all(set(r) <= index_ids for r in relevant)
+    non_landmarks = set(recognition.loc[recognition["landmarks"] == "", "id"])
+    assert (retrieval.set_index("id").loc[list(non_landmarks), "images"] == "None").all()
+
+
+def test_class_sizes_are_long_tailed(gldv2_local):
+    counts = pd.read_csv(Path(gldv2_local) / gldv2.TRAIN_CSV)["landmark_id"].value_counts()
+    assert counts.max() >= 8 * counts.min()
+    assert (counts <= counts.median()).sum() >= len(counts) / 2
+
+
+def test_generation_is_deterministic_from_the_seed(tmp_path):
+    spec = SyntheticSpec(num_landmarks=6, max_images_per_landmark=5, test_landmark_images=3,
+                         test_non_landmark_images=2, index_distractor_landmarks=1, train_shards=1)
+    for name, seed in [("a", 1), ("b", 1), ("c", 2)]:
+        write_synthetic_gldv2(spec.model_copy(update={"seed": seed}), resolve(str(tmp_path / name)), progress=None)
+    tar = lambda d: (tmp_path / d / "train" / gldv2.shard_name(0)).read_bytes()  # noqa: E731
+    assert tar("a") == tar("b") != tar("c")
+
+
+def test_views_label_maps_and_counts(gldv2_local):
+    manifest = Manifest(resolve(gldv2_local + "/manifest"))
+    train = pd.read_csv(Path(gldv2_local) / gldv2.TRAIN_CSV, dtype={"id": str})
+    clean = pd.read_csv(Path(gldv2_local) / gldv2.TRAIN_CLEAN_CSV)
+    for view in ("gldv2c", "gldv2x", "full"):
+        classes = manifest.view_classes(view)
+        images = manifest.view_images(view)
+        # landmark ids sorted ascending -> 0..C-1, and counts are the view's own
+        assert classes["landmark_id"].is_monotonic_increasing
+        assert classes["class"].tolist() == list(range(len(classes)))
+        assert classes["count"].tolist() == images.groupby("class").size().tolist()
+        mapping = dict(zip(classes["landmark_id"], classes["class"]))
+        assert (images["landmark_id"].map(mapping) == images["class"]).all()
+    assert len(manifest.view_images("full")) == len(train)
+    assert len(manifest.view_classes("gldv2c")) == len(clean)
+    assert len(manifest.view_images("gldv2c")) == clean["images"].str.split().str.len().sum()
+    gldv2x = manifest.view_images("gldv2x")
+    assert set(gldv2x["landmark_id"]) == set(clean["landmark_id"])
+    assert len(gldv2x) == train["landmark_id"].isin(set(clean["landmark_id"])).sum()
+
+
+def test_label_lookup_holds_every_train_id_in_under_100_mb():
+    n = 4_132_914  # GLDv2 train images
+    rng = np.random.default_rng(0)
+    ids = np.unique(rng.integers(0, np.iinfo(np.uint64).max, size=n, dtype=np.uint64))
+    classes = rng.integers(-1, 81_313, size=len(ids)).astype(np.int32)
+    lookup = LabelLookup(ids, classes)
+    assert lookup.nbytes < 100 * 2**20
+    probe = rng.choice(len(ids), size=1000, replace=False)
+    assert (lookup.classes_of(ids[probe]) == classes[probe]).all()
+    unknown = np.array([1, 2, 3], np.uint64)
+    assert set(lookup.classes_of(unknown[~np.isin(unknown, ids)])) <= {UNKNOWN_ID}
+    assert NOT_IN_VIEW in lookup.classes_of(ids[classes == NOT_IN_VIEW][:5])
