@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from ray_landmark.config_base import ConfigError, Section
 from ray_landmark.data.config import DataConfig
 from ray_landmark.data.synthetic import SyntheticSpec
+from ray_landmark.models.config import LossConfig, ModelConfig
 from ray_landmark.train.config import TrainConfig
 
 
@@ -28,6 +29,8 @@ class RunConfig(Section):
 class Config(Section):
     run: RunConfig
     data: DataConfig
+    model: ModelConfig | None = None
+    loss: LossConfig = LossConfig()
     train: TrainConfig | None = None
     # Set in configs that generate their own synthetic GLDv2 (the quickstart, benchmarks).
     synthetic: SyntheticSpec | None = None

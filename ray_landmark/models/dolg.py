@@ -1,0 +1,55 @@
+"""DOLG-EfficientNet (solution.md §2.1).
+
+EfficientNet levels at stride 16 (local branch) and 32 (global branch); the network's own conv_head is not built.
+local:  multi-atrous (3 dilated 3x3 convs -> 1x1 -> ReLU) -> spatial attention          -> f_l  B x 1024 x H x W
+global: 1x1 conv -> BN (eps 1e-3) -> SiLU -> GeM                                          -> f_g  B x 1024
+fusion: [mean over positions of (f_l orthogonal to f_g), f_g] -> neck (Linear -> BN1d -> PReLU) -> embedding
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ray_landmark.models.config import DolgConfig
+from ray_landmark.models.efficientnet import create_efficientnet, level_index
+from ray_landmark.models.layers import GeM, MultiAtrous, OrthogonalFusion, SpatialAttention, make_neck
+
+DOLG_CHS = 1024
+
+
+class DolgEmbedder(nn.Module):
+    def __init__(self, cfg: DolgConfig):
+        super().__init__()
+        self.backbone = create_efficientnet(cfg.backbone, cfg.pretrained, cfg.stem_stride)
+        self.level_indices = [
+            level_index(self.backbone, 16, "model.backbone"),
+            level_index(self.backbone, 32, "model.backbone"),
+        ]
+        self.backbone.prune_intermediate_layers(self.level_indices)  # drops conv_head/bn2, unused by DOLG
+        local_chs, global_chs = (self.backbone.feature_info[i]["num_chs"] for i in self.level_indices)
+
+        self.local_branch = nn.Sequential(
+            MultiAtrous(local_chs, cfg.dilations, out_chs=DOLG_CHS),
+            SpatialAttention(DOLG_CHS),
+        )
+        self.global_branch = nn.Sequential(
+            nn.Conv2d(global_chs, DOLG_CHS, 1),
+            nn.BatchNorm2d(DOLG_CHS, eps=1e-3),
+            nn.SiLU(inplace=True),
+            GeM(),
+        )
+        self.fusion = OrthogonalFusion(cfg.fusion)
+        self.neck = make_neck(2 * DOLG_CHS, cfg.embedding_dim, "linear_bn_prelu")
+
+    def feature_levels(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone's stride-16 and stride-32 maps (halved strides with a stride-1 stem)."""
+        local_map, global_map = self.backbone.forward_intermediates(
+            images, indices=self.level_indices, intermediates_only=True, stop_early=True
+        )
+        return local_map, global_map
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        local_map, global_map = self.feature_levels(images)
+        fused = self.fusion(self.local_branch(local_map), self.global_branch(global_map))
+        return self.neck(fused)

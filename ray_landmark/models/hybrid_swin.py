@@ -1,0 +1,67 @@
+"""Hybrid EfficientNet + Swin transformer (solution.md §2.2).
+
+Swin's 4x4 patch embedding is replaced by an EfficientNet truncated at one feature level and a 1x1 projection to
+Swin's width; the level's map (one token per position) goes through all Swin stages, the final norm, a mean over
+tokens and the neck (Linear -> BN1d -> PReLU). Swin's stages are built for a fixed token grid, so image size / CNN
+stride must equal that grid; construction checks it.
+
+With ``cnn_level: null`` the model keeps Swin's own patch embedding: the plain Swin of the recipe's first step,
+whose weights (all keys outside ``encoder.swin.patch_embed``) carry over to the hybrid.
+
+The published models hold the whole EfficientNet feature extractor (through the stride-32 level), although only one
+level feeds the tokens; here the blocks after that level are not built. Outputs are identical; parameter counts are
+lower by those blocks (tests/test_models.py checks both numbers).
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+from ray_landmark.config_base import ConfigError
+from ray_landmark.models.config import HybridSwinConfig
+from ray_landmark.models.efficientnet import create_efficientnet, effective_stride, level_index
+from ray_landmark.models.layers import make_neck
+
+
+class CnnPatchEmbed(nn.Module):
+    """EfficientNet (truncated) -> 1x1 conv to the Swin width -> tokens as B x H x W x C, the layout timm's Swin
+    stages take."""
+
+    def __init__(self, cnn: nn.Module, cnn_chs: int, embed_dim: int):
+        super().__init__()
+        self.cnn = cnn
+        self.proj = nn.Conv2d(cnn_chs, embed_dim, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.cnn.forward_features(images)).permute(0, 2, 3, 1)
+
+
+class HybridSwinEmbedder(nn.Module):
+    def __init__(self, cfg: HybridSwinConfig, image_size: int):
+        super().__init__()
+        self.swin = timm.create_model(cfg.swin, pretrained=cfg.pretrained, num_classes=0, **cfg.swin_kwargs)
+        grid = tuple(self.swin.patch_embed.grid_size)
+        embed_dim = self.swin.patch_embed.proj.out_channels
+        if cfg.cnn_level is None:
+            token_stride, source = self.swin.patch_embed.patch_size[0], "Swin's patch embedding"
+        else:
+            cnn = create_efficientnet(cfg.backbone, cfg.pretrained, cfg.stem_stride)
+            index = level_index(cnn, cfg.cnn_level, "model.cnn_level")
+            cnn.prune_intermediate_layers([index])
+            token_stride = effective_stride(cfg.cnn_level, cfg.stem_stride)
+            source = f"CNN stride {token_stride} (level {cfg.cnn_level}, stem stride {cfg.stem_stride})"
+            self.swin.patch_embed = CnnPatchEmbed(cnn, cnn.feature_info[index]["num_chs"], embed_dim)
+        tokens = image_size // token_stride
+        if image_size % token_stride or (tokens, tokens) != grid:
+            raise ConfigError(
+                f"model: image size {image_size} / {source} = {image_size / token_stride:g} tokens per side, but "
+                f"{cfg.swin} is built for a {grid[0]}x{grid[1]} token grid; data.image_size={grid[0] * token_stride} "
+                f"fits (or change model.cnn_level / model.stem_stride)"
+            )
+        self.neck = make_neck(self.swin.num_features, cfg.embedding_dim, "linear_bn_prelu")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.swin.forward_features(images)  # B x H x W x C after the final norm
+        return self.neck(tokens.mean(dim=(1, 2)))
