@@ -14,7 +14,7 @@ from pathlib import Path
 import ray
 
 from ray_landmark.config import Config
-from ray_landmark.data.metadata import Manifest, prepare_manifests
+from ray_landmark.data.metadata import open_manifest, prepare_manifests
 from ray_landmark.data.pipeline import SKIP_REASONS, eval_stream, train_stream
 from ray_landmark.data.storage import resolve
 from ray_landmark.data.synthetic import SyntheticSpec, write_synthetic_gldv2
@@ -34,7 +34,7 @@ def prepare_dataset(cfg: Config, server: LocalS3Server) -> dict:
 
 def stream_epoch(cfg: Config, batch_size: int) -> dict:
     """One epoch of the train pipeline as a training worker sees it, then one pass over the test images."""
-    manifest = Manifest(resolve(cfg.data.manifest_uri, cfg.data.storage))
+    manifest = open_manifest(cfg.data)
     classes = manifest.view_classes(cfg.data.view)
     stream = train_stream(cfg.data, manifest)
     progress = ProgressLine(f"epoch 1 ({cfg.data.view})", total=int(classes["count"].sum()), every_s=2)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig, StorageConfig
-from ray_landmark.data.metadata import Manifest, prepare_manifests
+from ray_landmark.data.metadata import open_manifest, prepare_manifests
 from ray_landmark.data.pipeline import SKIP_REASONS, stream_shards, train_stream
 from ray_landmark.data.storage import StorageError, resolve
 
@@ -36,7 +36,7 @@ def _ids_and_labels(stream) -> list[tuple[str, int]]:
 def test_every_image_of_the_view_arrives_once_with_its_class(where, view, request, s3):
     root = request.getfixturevalue("gldv2_local" if where == "local" else "gldv2_s3")
     cfg = _config(root, s3 if where == "s3" else None, view=view)
-    manifest = Manifest(resolve(cfg.manifest_uri, cfg.storage))
+    manifest = open_manifest(cfg)
     expected = manifest.view_images(view)
     stream = stream_shards(cfg, "train", lookup=manifest.label_lookup(view), augment=True, keep_ids=True, shuffle=True)
 
@@ -51,7 +51,7 @@ def test_every_image_of_the_view_arrives_once_with_its_class(where, view, reques
 
 def test_train_stream_feeds_fixed_size_uint8_images_and_int64_labels(gldv2_s3, s3):
     cfg = _config(gldv2_s3, s3, view="gldv2c")
-    manifest = Manifest(resolve(cfg.manifest_uri, cfg.storage))
+    manifest = open_manifest(cfg)
     classes = manifest.view_classes("gldv2c")
     stream = train_stream(cfg, manifest)
 
@@ -69,7 +69,7 @@ def test_shard_order_changes_between_epochs(gldv2_local):
     import ray.data
 
     cfg = _config(gldv2_local, view="full")
-    manifest = Manifest(resolve(cfg.manifest_uri, cfg.storage))
+    manifest = open_manifest(cfg)
     # With order preserved, any change of order between epochs comes from the per-epoch shard shuffle.
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
@@ -86,7 +86,7 @@ def test_eval_stream_keeps_ids_and_resizes_without_augmenting(gldv2_local):
     cfg = _config(gldv2_local)
     stream = stream_shards(cfg, "test", lookup=None, augment=False, keep_ids=True, shuffle=False)
     rows = {str(r["id"]): r["image"] for r in stream.dataset.take_all()}
-    recognition = Manifest(resolve(cfg.manifest_uri)).recognition()
+    recognition = open_manifest(cfg).recognition()
     assert set(rows) == set(recognition["id"])
     # Resizing the decoded JPEG ourselves gives the same pixels: no augmentation on the eval path.
     tar_path = os.path.join(gldv2_local, "test", gldv2.shard_name(0))
@@ -160,7 +160,7 @@ def damaged_gldv2(gldv2_local, tmp_path):
 def test_bad_input_is_skipped_counted_and_every_good_sample_arrives_once(damaged_gldv2):
     root, dropped = damaged_gldv2
     cfg = _config(root, view="full")
-    manifest = Manifest(resolve(cfg.manifest_uri))
+    manifest = open_manifest(cfg)
     stream = stream_shards(cfg, "train", lookup=manifest.label_lookup("full"), augment=True, keep_ids=True, shuffle=True)
 
     got = _ids_and_labels(stream)
@@ -186,7 +186,7 @@ def test_a_shard_that_disappears_is_retried_then_fails_naming_its_uri(gldv2_loca
     root = tmp_path / "copy"
     shutil.copytree(gldv2_local, root)
     cfg = _config(str(root), view="full")
-    manifest = Manifest(resolve(cfg.manifest_uri))
+    manifest = open_manifest(cfg)
     stream = stream_shards(cfg, "train", lookup=manifest.label_lookup("full"), augment=False, keep_ids=True, shuffle=False)
     missing = root / "train" / gldv2.shard_name(1)
     missing.unlink()

@@ -32,6 +32,9 @@ class DataConfig(Section):
     # Where jobs/prepare_gldv2.py writes the compact manifests; default <root>/manifest.
     manifest: str | None = None
     storage: StorageConfig = StorageConfig()
+    # How to reach the manifest when it differs from the root (GLDv2's public bucket read anonymously, the manifest
+    # in your own bucket); default: as storage.
+    manifest_storage: StorageConfig | None = None
     view: LabelView = "gldv2c"
     image_size: int = Field(448, gt=0)
     augment: bool = True

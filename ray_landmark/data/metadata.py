@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_landmark.data import gldv2
-from ray_landmark.data.config import LabelView
-from ray_landmark.data.storage import Location, StorageError, read_bytes, write_bytes
+from ray_landmark.data.config import DataConfig, LabelView
+from ray_landmark.data.storage import Location, StorageError, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
 VIEWS: tuple[LabelView, ...] = ("gldv2c", "gldv2x", "full")
@@ -185,3 +185,7 @@ class Manifest:
 
     def index(self) -> pd.DataFrame:
         return _read_parquet(self.location.child("eval", "index.parquet"))
+
+
+def open_manifest(cfg: DataConfig) -> Manifest:
+    return Manifest(resolve(cfg.manifest_uri, cfg.manifest_storage or cfg.storage))

@@ -25,7 +25,7 @@ from ray.data.datasource import FileBasedDatasource
 
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig
-from ray_landmark.data.metadata import NOT_IN_VIEW, UNKNOWN_ID, LabelLookup, Manifest
+from ray_landmark.data.metadata import NOT_IN_VIEW, UNKNOWN_ID, LabelLookup, Manifest, open_manifest
 from ray_landmark.data.storage import Location, list_files, resolve, with_retries
 from ray_landmark.data.transforms import CorruptImage, ImageTransform
 
@@ -227,7 +227,7 @@ def stream_shards(
 
 def train_stream(cfg: DataConfig, manifest: Manifest | None = None) -> ShardStream:
     """Augmented, shuffled train images of ``cfg.view`` with their class ids."""
-    manifest = manifest or Manifest(resolve(cfg.manifest_uri, cfg.storage))
+    manifest = manifest or open_manifest(cfg)
     return stream_shards(
         cfg, "train", lookup=manifest.label_lookup(cfg.view), augment=cfg.augment, keep_ids=False, shuffle=True
     )
