@@ -14,16 +14,19 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ray_landmark.config_base import ConfigError, Section
-from ray_landmark.data.config import DataConfig
+from ray_landmark.data.config import DataConfig, StorageConfig
 from ray_landmark.data.synthetic import SyntheticSpec
 from ray_landmark.models.config import LossConfig, ModelConfig
 from ray_landmark.train.config import TrainConfig
 
 
 class RunConfig(Section):
+    # Stable across resubmissions: rerunning a run name resumes it from its latest checkpoint.
     name: str
-    # Local folder or bucket URI for logs, checkpoints and summaries.
+    # Local folder or bucket URI for logs, checkpoints and summaries (<output_dir>/<name>/...).
     output_dir: str = "runs"
+    # How to reach output_dir when it is a bucket (credentials from the environment, as for data).
+    storage: StorageConfig = StorageConfig()
 
 
 class Config(Section):

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 import time
+
+
+def say(message: str) -> None:
+    """One line to stdout. Ray Train V2 patches print() in its workers to go through its logger, which shows each
+    line twice on the driver; writing to the stream directly shows it once."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def format_duration(seconds: float) -> str:

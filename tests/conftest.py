@@ -16,8 +16,15 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # No instance-metadata probing on a machine that is not in a cloud.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# Notice a dead training worker within a second, not Ray Train's default interval.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 SPEC = SyntheticSpec()
+# For training tests: fewer landmarks with more views each, so that a tiny model learns within seconds.
+LEARNABLE_SPEC = SyntheticSpec(
+    num_landmarks=12, max_images_per_landmark=40, min_images_per_landmark=20, clean_landmark_fraction=1.0,
+    test_landmark_images=40, index_distractor_landmarks=4,
+)
 
 
 @pytest.fixture(scope="session")
@@ -58,5 +65,13 @@ def gldv2_s3(s3):
     bucket = s3.create_bucket("gldv2-synthetic")
     root = resolve(f"{bucket}/v2", StorageConfig(endpoint_url=s3.endpoint_url))
     write_synthetic_gldv2(SPEC, root, progress=None)
+    prepare_manifests(root, root.child("manifest"), progress=None)
+    return root.uri
+
+
+@pytest.fixture(scope="session")
+def gldv2_learnable(tmp_path_factory):
+    root = resolve(str(tmp_path_factory.mktemp("gldv2_learnable")))
+    write_synthetic_gldv2(LEARNABLE_SPEC, root, progress=None)
     prepare_manifests(root, root.child("manifest"), progress=None)
     return root.uri

@@ -46,8 +46,10 @@ class DataConfig(Section):
     # CPUs reserved per read task (one task streams one tar); below 1 lets more S3 streams run at once.
     read_cpus: float = Field(0.25, gt=0)
     decode_cpus: float = Field(1.0, gt=0)
-    # Per-epoch validation uses at most this many test queries (None: all of them).
+    # Per-epoch validation: at most this many test images as queries (None: all scored ones), and at most this many
+    # index images (the selected queries' relevant ones first, then others; None: the whole index).
     eval_queries: int | None = Field(None, gt=0)
+    eval_index: int | None = Field(None, gt=0)
 
     @property
     def manifest_uri(self) -> str:

@@ -33,6 +33,9 @@ VIEWS: tuple[LabelView, ...] = ("gldv2c", "gldv2x", "full")
 # Lookup codes for ids without a class: in train but left out by the chosen view, or not in train at all.
 NOT_IN_VIEW = -1
 UNKNOWN_ID = -2
+# Labels of the validation rows: test queries and index images travel in one dataset.
+EVAL_QUERY = 0
+EVAL_INDEX = 1
 
 
 def _read_csv(root: Location, name: str, **kwargs) -> pd.DataFrame:
@@ -185,6 +188,32 @@ class Manifest:
 
     def index(self) -> pd.DataFrame:
         return _read_parquet(self.location.child("eval", "index.parquet"))
+
+    def eval_selection(self, max_queries: int | None, max_index: int | None, seed: int = 0) -> tuple[LabelLookup, LabelLookup]:
+        """Lookups that keep a per-epoch validation subset: scored test images (Usage not Ignored) with label
+        EVAL_QUERY, and index images with label EVAL_INDEX, those relevant to the chosen queries first. Other ids map
+        to NOT_IN_VIEW and are dropped in the read tasks."""
+        recognition = self.recognition()
+        retrieval = self.retrieval()
+        scored = recognition.loc[recognition["usage"] != "Ignored", "id"]
+        if max_queries and max_queries < len(scored):
+            scored = scored.sample(max_queries, random_state=seed)
+        index_ids = self.index()["id"]
+        if max_index and max_index < len(index_ids):
+            queries = set(scored)
+            relevant = {i for q, imgs in zip(retrieval["id"], retrieval["images"]) if q in queries for i in str(imgs).split()}
+            others = index_ids[~index_ids.isin(relevant)].sample(frac=1.0, random_state=seed)
+            index_ids = pd.concat([index_ids[index_ids.isin(relevant)], others]).iloc[:max_index]
+        return (
+            _selection(recognition["id"], scored, EVAL_QUERY),
+            _selection(self.index()["id"], index_ids, EVAL_INDEX),
+        )
+
+
+def _selection(all_ids: pd.Series, selected: pd.Series, label: int) -> LabelLookup:
+    ids = np.sort(gldv2.ids_to_u64(all_ids))
+    classes = np.where(np.isin(ids, gldv2.ids_to_u64(selected)), label, NOT_IN_VIEW).astype(np.int32)
+    return LabelLookup(ids, classes)
 
 
 def open_manifest(cfg: DataConfig) -> Manifest:

@@ -32,6 +32,8 @@ class TrainConfig(Section):
     checkpoint_every_steps: int | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
     eval_every: int = Field(1, ge=1)
+    # Validate the untrained (or warm-started) model first: the baseline every later epoch is compared against.
+    validate_before_training: bool = False
     # Transfer between recipe steps: start from another run's checkpoint (folder or URI), dropping tensors whose
     # names match drop_keys, and train only parameters matching trainable (all when empty).
     init_from: str | None = None

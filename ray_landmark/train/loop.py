@@ -1,0 +1,205 @@
+"""The training loop that every Ray Train worker runs: one readable loop, DDP through ``prepare_model``.
+
+Per step: uint8 images from the data shard -> normalised on the device -> model under autocast -> ArcFace loss in fp32
+-> (scaled) backward -> every ``grad_accum`` micro-batches an optimizer step and a per-step cosine/warm-up lr.
+Per epoch (and every ``checkpoint_every_steps`` steps): validation, metrics and a checkpoint through
+``ray.train.report``, which every rank calls, so all ranks move in lockstep.
+
+Resuming: the latest good checkpoint gives the finished epochs and the optimizer steps already taken in the current
+one; that epoch then runs only its remaining steps, so no epoch is trained twice or skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from ray_landmark.config import Config, config_from_dict
+from ray_landmark.data.pipeline import SKIP_REASONS, counts_since
+from ray_landmark.data.storage import resolve
+from ray_landmark.data.transforms import normalize_on_device
+from ray_landmark.models.factory import build_model
+from ray_landmark.models.transfer import freeze_except, warm_start
+from ray_landmark.progress import ProgressLine, say
+from ray_landmark.train.checkpoint import Progress, load_latest_good, read_checkpoint_at, save_checkpoint
+from ray_landmark.train.metrics_log import MetricsLog
+from ray_landmark.train.validate import validate
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """lr multiplier: linear warm-up from ~0 to 1, then cosine decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU supports it, fp16 (with a grad scaler) on older GPUs such as V100, off on CPU."""
+    if not cfg.train.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _init_weights(model: torch.nn.Module, cfg: Config, rank: int) -> None:
+    """Warm start from the previous recipe step's checkpoint (train.init_from), dropping train.drop_keys."""
+    state, _, _ = read_checkpoint_at(cfg.train.init_from, cfg.run.storage)
+    report = warm_start(model, state["model"], cfg.train.drop_keys)
+    if rank == 0:
+        say(f"[train] warm start from {cfg.train.init_from}: {report.summary()}")
+
+
+def train_loop_per_worker(loop_config: dict) -> dict:
+    cfg: Config = config_from_dict(loop_config["config"], "train_loop_config")
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(tc.seed + rank)
+    on_step = loop_config.get("on_step")
+
+    class_counts = loop_config["class_counts"]
+    model = build_model(cfg.model, cfg.loss, len(class_counts), cfg.data.image_size, class_counts)
+    resume = load_latest_good(_reported_checkpoints())
+    if resume is None and tc.init_from:
+        _init_weights(model, cfg, rank)
+    freeze_except(model, tc.trainable)
+    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format)
+    model = ray.train.torch.prepare_model(model)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_cls(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    # Equal shards: each rank sees train_images // world rows and drops its last partial batch.
+    batches_per_epoch = loop_config["train_images"] // world // tc.batch_size
+    steps_per_epoch = max(1, batches_per_epoch // tc.grad_accum)
+    total_steps = tc.epochs * steps_per_epoch
+    warmup_steps = round(tc.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup_steps, total_steps))
+    amp_dtype = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    progress = Progress(epoch=0, step=0, epoch_step=0)
+    if resume is not None:
+        state, _, progress, name = resume
+        model_without_ddp(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if rank == 0:
+            say(f"[train] resumed from {name}: epoch {progress.epoch + 1}, step {progress.step}")
+
+    train_shard = ray.train.get_dataset_shard("train")
+    skip_counter = loop_config["skip_counter"]
+    last_epoch = tc.stop_at or tc.epochs
+    step = progress.step
+    log = MetricsLog(run_location(cfg).child("logs")) if rank == 0 else None
+    if tc.validate_before_training and resume is None:
+        metrics = {"epoch": 0, "step": 0, **validate(model, cfg, loop_config, rank, world, device, amp_dtype, memory_format)}
+        if log:
+            log.write(metrics, step=0)
+            _print_epoch(metrics)
+    metrics: dict = {}
+    for epoch in range(progress.epoch, last_epoch):
+        model.train()
+        skipped_before = ray.get(skip_counter.totals.remote()) if rank == 0 else {}
+        epoch_step = progress.epoch_step if epoch == progress.epoch else 0
+        line = ProgressLine(
+            f"epoch {epoch + 1}/{last_epoch}", total=(steps_per_epoch - epoch_step) * tc.batch_size * tc.grad_accum * world,
+            every_s=10, printer=(lambda s: say(f"[train] {s}")) if rank == 0 else (lambda s: None),
+        )
+        losses, micro = [], 0
+        for batch in train_shard.iter_torch_batches(
+            batch_size=tc.batch_size, local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            drop_last=True, device=device,
+        ):
+            if epoch_step >= steps_per_epoch:
+                break
+            images = normalize_on_device(batch["image"]).contiguous(memory_format=memory_format)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss = model(images, batch["label"])["loss"] / tc.grad_accum
+            scaler.scale(loss).backward()
+            micro += 1
+            losses.append(loss.item() * tc.grad_accum)
+            if micro % tc.grad_accum:
+                continue
+            if tc.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            epoch_step += 1
+            line.update(len(images) * tc.grad_accum * world,
+                        f"loss {np.mean(losses[-20:]):.3f} | lr {scheduler.get_last_lr()[0]:.2e}")
+            if on_step is not None:
+                on_step(rank=rank, epoch=epoch, step=step)
+            if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0 and epoch_step < steps_per_epoch:
+                _report(model, optimizer, scheduler, scaler, cfg, loop_config,
+                        Progress(epoch, step, epoch_step), {"epoch": epoch, "step": step, "loss": float(np.mean(losses))})
+        line.close(f"loss {np.mean(losses) if losses else float('nan'):.3f}")
+
+        metrics = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)) if losses else float("nan"),
+                   "lr": scheduler.get_last_lr()[0], "images_per_s": round(line.rate, 1)}
+        if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == last_epoch:
+            metrics.update(validate(model, cfg, loop_config, rank, world, device, amp_dtype, memory_format))
+        if log:
+            skipped = counts_since(skipped_before, ray.get(skip_counter.totals.remote()))
+            metrics.update({f"skipped_{r}": skipped.get(r, 0) for r in SKIP_REASONS})
+            log.write(metrics, step=step)
+            _print_epoch(metrics)
+        _report(model, optimizer, scheduler, scaler, cfg, loop_config, Progress(epoch + 1, step, 0), metrics)
+    return metrics
+
+
+def run_location(cfg: Config):
+    """``<run.output_dir>/<run.name>``: Ray Train's checkpoints and our logs."""
+    return resolve(cfg.run.output_dir, cfg.run.storage).child(cfg.run.name)
+
+
+def model_without_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def _reported_checkpoints() -> list:
+    try:
+        return [c.checkpoint for c in ray.train.get_all_reported_checkpoints()]
+    except (RuntimeError, NotImplementedError, AttributeError):
+        # Local mode (num_workers=0) keeps no checkpoint history; resuming there only uses the latest.
+        latest = ray.train.get_checkpoint()
+        return [latest] if latest else []
+
+
+def _report(model, optimizer, scheduler, scaler, cfg, loop_config, progress: Progress, metrics: dict) -> None:
+    """Every rank reports (ray.train.report is a barrier); rank 0 attaches the checkpoint."""
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        state = {
+            "model": model_without_ddp(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "landmark_ids": torch.as_tensor(loop_config["landmark_ids"], dtype=torch.int64),
+        }
+        save_checkpoint(Path(tmp), state=state, config=loop_config["config"], progress=progress)
+        checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        checkpoint.set_metadata({"epoch": progress.epoch, "step": progress.step})
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _print_epoch(metrics: dict) -> None:
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items() if not k.startswith("skipped_")}
+    skipped = {k.removeprefix("skipped_"): v for k, v in metrics.items() if k.startswith("skipped_") and v}
+    say(f"[train] epoch {metrics['epoch']} {'done' if metrics['epoch'] else '(before training)'}: {shown}" + (f" skipped {skipped}" if skipped else ""))
