@@ -13,10 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_quickstart_streams_every_train_image_of_the_view_from_local_s3(tmp_path):
+def test_quickstart_streams_the_view_from_local_s3_and_trains_with_improving_metrics(tmp_path):
     out = tmp_path / "quickstart"
     proc = subprocess.run(
-        [sys.executable, "jobs/quickstart.py", "--set", f"run.output_dir={out}", "--set", "synthetic.num_landmarks=30"],
+        [sys.executable, "jobs/quickstart.py", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -27,3 +27,7 @@ def test_quickstart_streams_every_train_image_of_the_view_from_local_s3(tmp_path
     assert stream["test_images_streamed"] == summary["dataset"]["images"]["test"]
     assert not any(stream["skipped"].values())
     assert "[quickstart] streamed" in proc.stdout and "img/s" in proc.stdout
+    history = summary["training"]["history"]
+    assert [m["epoch"] for m in history] == list(range(summary["config"]["train"]["epochs"] + 1))
+    assert history[-1]["val_gap"] > history[0]["val_gap"] and history[-1]["val_map100"] > history[0]["val_map100"]
+    assert summary["training"]["final_checkpoint"].startswith("quickstart-gldv2/runs/quickstart/checkpoint_")

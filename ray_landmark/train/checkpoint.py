@@ -86,9 +86,29 @@ def load_latest_good(checkpoints) -> tuple[dict, dict, Progress, str] | None:
     return None
 
 
+def _latest_checkpoint_folder(run):
+    """The checkpoint folder of a run folder (``<output_dir>/<name>``) with the most steps."""
+    metas = [
+        f.path for f in run.fs.get_file_info(pafs.FileSelector(run.path, recursive=True))
+        if f.is_file and f.path.endswith("/" + META_FILE)
+    ]
+    if not metas:
+        raise CorruptCheckpoint(f"{run.uri}: neither a checkpoint folder ({STATE_FILE}) nor a run with checkpoints")
+
+    def step(meta_path: str) -> int:
+        with run.fs.open_input_stream(meta_path) as f:
+            return json.loads(f.read())["step"]
+
+    newest = max(metas, key=step).rsplit("/", 1)[0]
+    return run.child(newest[len(run.path):].strip("/"))
+
+
 def read_checkpoint_at(uri: str, storage=None, map_location="cpu") -> tuple[dict, dict, Progress]:
-    """``read_checkpoint`` of a checkpoint folder given as a path or bucket URI."""
+    """``read_checkpoint`` of a checkpoint folder given as a path or bucket URI; a run folder means its latest
+    checkpoint (what a recipe step's train.init_from names)."""
     loc = resolve(uri, storage)
+    if loc.fs.get_file_info(loc.child(STATE_FILE).path).type == pafs.FileType.NotFound:
+        loc = _latest_checkpoint_folder(loc)
     with tempfile.TemporaryDirectory() as tmp:
         pafs.copy_files(loc.path, tmp, source_filesystem=loc.fs, destination_filesystem=pafs.LocalFileSystem())
         return read_checkpoint(Path(tmp), loc.uri, map_location)
