@@ -98,7 +98,7 @@ class LossConfig(Section):
     scale: float = Field(45.0, gt=0)
     # One margin for every class; null derives per-class margins from the training set's class counts:
     # m_c = margin_a * minmax(n_c ** -margin_power) + margin_b (rare classes get the largest margins).
-    margin: float | None = Field(None, ge=0, lt=1.5)
+    margin: float | None = Field(None, ge=0)
     margin_a: float = Field(0.45, ge=0)
     margin_b: float = Field(0.05, ge=0)
     margin_power: float = Field(0.25, gt=0)

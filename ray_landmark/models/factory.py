@@ -69,7 +69,8 @@ def build_encoder(cfg: ModelConfig, image_size: int) -> nn.Module:
     raise ConfigError(f"model.arch: no builder for {type(cfg).__name__}")
 
 
-def build_loss(cfg: LossConfig, num_classes: int, class_counts: Sequence[int] | torch.Tensor | None) -> ArcFaceLoss | None:
+def build_loss(cfg: LossConfig, num_classes: int,
+               class_counts: Sequence[int] | torch.Tensor | None) -> ArcFaceLoss | None:
     if cfg.margin is not None:
         margins = torch.full((num_classes,), cfg.margin)
     elif class_counts is None:
