@@ -6,6 +6,7 @@ checkpoint history when the same name is submitted again.
 
 from __future__ import annotations
 
+import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
@@ -20,6 +21,12 @@ from ray_landmark.train.loop import train_loop_per_worker
 def fit(cfg: Config, on_step=None) -> ray.train.Result:
     """Train ``cfg`` on the Ray cluster this process is connected to. ``on_step(rank=, epoch=, step=)``, when given,
     runs in every worker after each optimizer step (fault-injection tests use it)."""
+    return build_trainer(cfg, on_step=on_step).fit()
+
+
+def build_trainer(cfg: Config, on_step=None, train_dataset: ray.data.Dataset | None = None) -> TorchTrainer:
+    """The TorchTrainer of ``cfg``; ``train_dataset`` replaces the streamed shards (the benchmarks feed in-memory
+    batches through it)."""
     if cfg.model is None or cfg.train is None:
         raise ConfigError(f"run {cfg.run.name}: training needs the 'model' and 'train' sections")
     tc = cfg.train
@@ -31,10 +38,10 @@ def fit(cfg: Config, on_step=None) -> ray.train.Result:
     evaluation = eval_stream(cfg.data, "test", test_lookup).dataset.union(
         eval_stream(cfg.data, "index", index_lookup).dataset
     )
-    datasets = {"train": train.dataset, "eval": evaluation}
+    datasets = {"train": train_dataset if train_dataset is not None else train.dataset, "eval": evaluation}
     storage = resolve(cfg.run.output_dir, cfg.run.storage)
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
@@ -56,4 +63,3 @@ def fit(cfg: Config, on_step=None) -> ray.train.Result:
         ),
         datasets=datasets,
     )
-    return trainer.fit()
