@@ -40,6 +40,8 @@ class DataConfig(Section):
     augment: bool = True
     # Rows kept in each worker's local shuffle buffer (shard order is reshuffled every epoch too).
     shuffle_buffer: int = Field(1000, ge=0)
+    # Batches each training worker prepares ahead of the one it trains on.
+    prefetch_batches: int = Field(4, ge=0)
     seed: int = 0
     # Images decoded per Ray Data task call.
     decode_batch_size: int = Field(32, gt=0)
