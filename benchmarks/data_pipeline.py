@@ -86,7 +86,7 @@ def ray_stream(cfg: DataConfig) -> tuple[float, float, str]:
     rates = []
     for _ in range(2):
         started, n = time.perf_counter(), 0
-        for batch in stream.dataset.iter_torch_batches(batch_size=BATCH, local_shuffle_buffer_size=cfg.shuffle_buffer):
+        for batch in stream.dataset.iter_torch_batches(batch_size=BATCH, prefetch_batches=cfg.prefetch_batches):
             n += len(batch["label"])
         rates.append(n / (time.perf_counter() - started))
     return rates[0], rates[1], stream.dataset.stats()

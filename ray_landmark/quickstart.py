@@ -43,7 +43,7 @@ def stream_epoch(cfg: Config, batch_size: int) -> dict:
     progress = ProgressLine(f"epoch 1 ({cfg.data.view})", total=int(classes["count"].sum()), every_s=2)
     per_class = collections.Counter()
     started = time.perf_counter()
-    for batch in stream.dataset.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=cfg.data.shuffle_buffer):
+    for batch in stream.dataset.iter_torch_batches(batch_size=batch_size, prefetch_batches=cfg.data.prefetch_batches):
         per_class.update(batch["label"].tolist())
         progress.update(len(batch["label"]))
     seconds = time.perf_counter() - started

@@ -16,7 +16,7 @@ from PIL import Image
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig, StorageConfig
 from ray_landmark.data.metadata import open_manifest, prepare_manifests
-from ray_landmark.data.pipeline import SKIP_REASONS, stream_shards, train_stream
+from ray_landmark.data.pipeline import SKIP_REASONS, stream_shards, train_stream, windowed_shuffle
 from ray_landmark.data.storage import StorageError, resolve
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -56,7 +56,7 @@ def test_train_stream_feeds_fixed_size_uint8_images_and_int64_labels(gldv2_s3, s
     stream = train_stream(cfg, manifest)
 
     label_counts = collections.Counter()
-    for batch in stream.dataset.iter_torch_batches(batch_size=16, local_shuffle_buffer_size=32):
+    for batch in stream.dataset.iter_torch_batches(batch_size=16):
         assert set(batch) == {"image", "label"}
         assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (32, 32, 3)
         assert batch["label"].dtype == torch.int64
@@ -227,3 +227,17 @@ def test_anonymous_access_reads_a_public_bucket(gldv2_local, s3):
     )
     stream = stream_shards(cfg, "test", lookup=None, augment=False, keep_ids=True, shuffle=False)
     assert stream.dataset.count() == sum(1 for _ in open(os.path.join(gldv2_local, "metadata", "test.csv"))) - 1
+
+
+@pytest.mark.parametrize("window", [0, 5, 100])
+def test_windowed_shuffle_emits_every_row_once_and_moves_rows_at_most_the_window(window):
+    rows = list(range(57))
+    chunks = list(windowed_shuffle(iter(rows), 8, window, np.random.default_rng(0)))
+    out = [r for c in chunks for r in c]
+    assert sorted(out) == rows and all(len(c) <= 8 for c in chunks)
+    if window == 0:
+        assert out == rows
+    else:
+        assert out != rows
+        # A row can only be emitted once it has been read, at most window + chunk rows ahead of it.
+        assert all(position >= row - window - 8 for position, row in enumerate(out))

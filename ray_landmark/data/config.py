@@ -38,8 +38,9 @@ class DataConfig(Section):
     view: LabelView = "gldv2c"
     image_size: int = Field(448, gt=0)
     augment: bool = True
-    # Rows kept in each worker's local shuffle buffer (shard order is reshuffled every epoch too).
-    shuffle_buffer: int = Field(1000, ge=0)
+    # Train rows are shuffled every epoch: the shard order, and each read task's raw JPEGs in a window of this many
+    # rows (about 120 KB each for GLDv2), before they are decoded.
+    shuffle_buffer: int = Field(512, ge=0)
     # Batches each training worker prepares ahead of the one it trains on.
     prefetch_batches: int = Field(4, ge=0)
     seed: int = 0

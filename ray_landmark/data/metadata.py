@@ -155,6 +155,11 @@ class LabelLookup:
         found = self.ids[pos_clipped] == ids
         return np.where(found, self.classes[pos_clipped], UNKNOWN_ID).astype(np.int64)
 
+    def class_of(self, image_id: str) -> int:
+        value = np.uint64(int(image_id, 16))
+        pos = int(np.searchsorted(self.ids, value))
+        return int(self.classes[pos]) if pos < len(self.ids) and self.ids[pos] == value else UNKNOWN_ID
+
     @property
     def nbytes(self) -> int:
         return self.ids.nbytes + self.classes.nbytes

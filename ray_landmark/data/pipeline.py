@@ -11,6 +11,7 @@ with its URI.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import tarfile
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 READ_BLOCK_ROWS = 256
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+# The label of rows read without a lookup (index and test images).
+UNLABELLED = -3
 
 # Counter keys: samples dropped by the pipeline, and rows that were read or filtered on purpose.
 SKIP_REASONS = ("not_jpeg", "empty_member", "corrupt_jpeg", "truncated_tar", "unknown_id")
@@ -72,8 +75,11 @@ class GLDv2TarDatasource(FileBasedDatasource):
 
     _FILE_EXTENSIONS = ["tar"]
 
-    def __init__(self, paths: list[str], *, location: Location, lookup_ref, counter, tries: int, shuffle):
-        super().__init__(paths, filesystem=location.fs, shuffle=shuffle, file_extensions=["tar"])
+    def __init__(
+        self, paths: list[str], *, location: Location, lookup_ref, counter, tries: int, shuffle_files, shuffle_rows: int
+    ):
+        super().__init__(paths, filesystem=location.fs, shuffle=shuffle_files, file_extensions=["tar"])
+        self._shuffle_rows = shuffle_rows
         self._location = location
         self._lookup_ref = lookup_ref
         self._counter = counter
@@ -88,69 +94,73 @@ class GLDv2TarDatasource(FileBasedDatasource):
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         lookup: LabelLookup | None = ray.get(self._lookup_ref) if self._lookup_ref is not None else None
-        uri = self._location.uri_of(path)
-        ids: list[str] = []
-        blobs: list[bytes] = []
-        counts: dict[str, int] = {}
-
-        def skip(reason: str, member: str, detail: str = "") -> None:
-            counts[reason] = counts.get(reason, 0) + 1
-            log.warning("skipped %s in %s: %s %s", member, uri, reason, detail)
-
-        def block() -> pa.Table:
-            id_array = np.array(ids)
-            if lookup is None:
-                labels = np.full(len(ids), -1, np.int64)
-                keep = np.ones(len(ids), bool)
-            else:
-                labels = lookup.classes_of(gldv2.ids_to_u64(ids)) if ids else np.zeros(0, np.int64)
-                keep = labels >= 0
-                for image_id in id_array[labels == UNKNOWN_ID]:
-                    skip("unknown_id", gldv2.member_name(image_id), "(not in the train metadata)")
-                n_filtered = int((labels == NOT_IN_VIEW).sum())
-                if n_filtered:
-                    counts[NOT_IN_VIEW_KEY] = counts.get(NOT_IN_VIEW_KEY, 0) + n_filtered
-            counts[READ] = counts.get(READ, 0) + int(keep.sum())
-            table = pa.table(
+        counts: collections.Counter = collections.Counter()
+        rows = self._labelled_members(f, self._location.uri_of(path), lookup, counts)
+        for chunk in windowed_shuffle(rows, READ_BLOCK_ROWS, self._shuffle_rows, np.random.default_rng()):
+            counts[READ] += len(chunk)
+            _report(self._counter, dict(counts))
+            counts.clear()
+            ids, blobs, labels = zip(*chunk)
+            yield pa.table(
                 {
-                    "id": pa.array(id_array[keep].tolist(), pa.string()),
-                    "jpeg": pa.array([b for b, k in zip(blobs, keep) if k], pa.binary()),
-                    "label": pa.array(labels[keep], pa.int64()),
+                    "id": pa.array(ids, pa.string()),
+                    "jpeg": pa.array(blobs, pa.binary()),
+                    "label": pa.array(labels, pa.int64()),
                 }
             )
-            ids.clear()
-            blobs.clear()
-            _report(self._counter, counts)
-            counts.clear()
-            return table
+        _report(self._counter, dict(counts))  # skips after the last chunk
+
+    @staticmethod
+    def _labelled_members(f, uri: str, lookup: LabelLookup | None, counts) -> Iterator[tuple[str, bytes, int]]:
+        """(id, JPEG bytes, class) of the tar's usable members in the view; everything else is counted."""
+
+        def skip(reason: str, member: str, detail: str = "") -> None:
+            counts[reason] += 1
+            log.warning("skipped %s in %s: %s %s", member, uri, reason, detail)
 
         try:
             with tarfile.open(fileobj=f, mode="r|") as tar:
                 for member in tar:
                     if not member.isreg():
                         continue
-                    base = os.path.basename(member.name)
-                    image_id, _, ext = base.partition(".")
+                    image_id, _, ext = os.path.basename(member.name).partition(".")
                     if ext != "jpg" or not gldv2.is_image_id(image_id):
                         skip("not_jpeg", member.name)
+                        continue
+                    label = lookup.class_of(image_id) if lookup is not None else UNLABELLED
+                    if label == NOT_IN_VIEW:
+                        counts[NOT_IN_VIEW_KEY] += 1  # filtered on purpose, before reading its bytes
                         continue
                     data = tar.extractfile(member).read()
                     if len(data) < member.size:  # tarfile returns what is there when the stream ends early
                         skip("truncated_tar", member.name)
-                        break
+                        return
                     if not data:
                         skip("empty_member", member.name)
-                        continue
-                    if not data.startswith(JPEG_MAGIC):
+                    elif not data.startswith(JPEG_MAGIC):
                         skip("not_jpeg", member.name, "(no JPEG start-of-image marker)")
-                        continue
-                    ids.append(image_id)
-                    blobs.append(data)
-                    if len(ids) == READ_BLOCK_ROWS:
-                        yield block()
+                    elif label == UNKNOWN_ID:
+                        skip("unknown_id", member.name, "(not in the train metadata)")
+                    else:
+                        yield image_id, data, label
         except tarfile.ReadError as err:  # the tar ends inside a header or a member
-            skip("truncated_tar", path, str(err))
-        yield block()
+            skip("truncated_tar", uri, str(err))
+
+
+def windowed_shuffle(rows: Iterator, chunk: int, window: int, rng: np.random.Generator) -> Iterator[list]:
+    """Lists of ``chunk`` rows. With a window, each list is drawn at random from the next ``window + chunk`` rows, so
+    a row moves up to ``window`` places; without one, rows keep their order."""
+    buffer: list = []
+    for row in rows:
+        buffer.append(row)
+        if len(buffer) >= window + chunk:
+            picked = set(rng.choice(len(buffer), chunk, replace=False).tolist()) if window else set(range(chunk))
+            yield [buffer[i] for i in rng.permutation(sorted(picked))] if window else buffer[:chunk]
+            buffer = [r for i, r in enumerate(buffer) if i not in picked]
+    if window:
+        buffer = [buffer[i] for i in rng.permutation(len(buffer))]
+    for start in range(0, len(buffer), chunk):
+        yield buffer[start : start + chunk]
 
 
 def decode_images(
@@ -203,7 +213,7 @@ def stream_shards(
     shuffle: bool,
 ) -> ShardStream:
     """The shards of ``split`` as decoded images. With a lookup, rows carry the view's class and other ids are
-    dropped; without one, every member is kept with label -1 (index and test images)."""
+    dropped; without one, every member is kept with label UNLABELLED (index and test images)."""
     loc, paths = _shard_paths(cfg, split)
     counter = SampleCounter.remote()
     datasource = GLDv2TarDatasource(
@@ -212,8 +222,10 @@ def stream_shards(
         lookup_ref=ray.put(lookup) if lookup is not None else None,
         counter=counter,
         tries=cfg.storage.retries,
-        # A new shard order every epoch (every execution); the consumer's local buffer shuffles rows.
-        shuffle=ray.data.FileShuffleConfig(seed=cfg.seed) if shuffle else None,
+        # A new shard order every epoch (every execution), and rows shuffled in a window of each tar's raw members:
+        # cheaper than a buffer of decoded images at the trainer (an S×S×3 image is several times its JPEG).
+        shuffle_files=ray.data.FileShuffleConfig(seed=cfg.seed) if shuffle else None,
+        shuffle_rows=cfg.shuffle_buffer if shuffle else 0,
     )
     dataset = ray.data.read_datasource(datasource, num_cpus=cfg.read_cpus).map_batches(
         decode_images,

@@ -118,7 +118,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         )
         losses, micro = [], 0
         for batch in train_shard.iter_torch_batches(
-            batch_size=tc.batch_size, local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            batch_size=tc.batch_size,
             prefetch_batches=cfg.data.prefetch_batches, drop_last=True, device=device,
         ):
             if epoch_step >= steps_per_epoch:
