@@ -27,5 +27,8 @@ def init_ray(local_cpus: int | None = None, progress_bars: bool = True) -> None:
             num_cpus=local_cpus or max(4, 2 * (os.cpu_count() or 1)),
             include_dashboard=False,
             runtime_env=runtime_env,
+            # Ray replaces workers idle for 1 s by default; every new one imports torch again. On 2 cores that churn
+            # took 0.2 of a core away from decoding (benchmarks/data_pipeline.py); keep idle workers for a minute.
+            _system_config={"idle_worker_killing_time_threshold_ms": 60_000},
         )
     ray.data.DataContext.get_current().enable_progress_bars = progress_bars
