@@ -7,7 +7,7 @@ Per family, at one image size (384: the only size the B6-Swin-384 hybrid accepts
 Both run in NCHW and channels_last. Each measurement runs in a fresh process, so on CPU the peak resident memory
 (ru_maxrss) belongs to that one case; on a GPU, torch.cuda.max_memory_allocated under fp16 autocast.
 torch.compile (inductor, fwd+bwd, channels_last) is run on the tiny configs: compile seconds and step time against
-eager. Writes benchmarks/results/model_cost.json and benchmarks/MODEL_COST.md.
+eager. Writes benchmarks/results/model_cost.json and its section of BENCHMARKS.md.
 
     python benchmarks/model_cost.py [--batch 2] [--steps 4] [--size 384]
 """
@@ -29,7 +29,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import REPO, machine, write_results  # noqa: E402
+from results_io import REPO, machine, update_benchmarks_md, write_results  # noqa: E402
 
 from ray_landmark.config import load_config  # noqa: E402
 from ray_landmark.models.factory import build_model  # noqa: E402
@@ -216,7 +216,7 @@ def main() -> None:
         "families": families, "compile": compiled_rows,
     }
     print(f"wrote {write_results('model_cost', payload)}")
-    (REPO / "benchmarks" / "MODEL_COST.md").write_text(markdown(payload))
+    update_benchmarks_md("model_cost", markdown(payload))
 
 
 if __name__ == "__main__":

@@ -241,3 +241,11 @@ def test_windowed_shuffle_emits_every_row_once_and_moves_rows_at_most_the_window
         assert out != rows
         # A row can only be emitted once it has been read, at most window + chunk rows ahead of it.
         assert all(position >= row - window - 8 for position, row in enumerate(out))
+
+
+def test_a_missing_manifest_says_how_to_make_one(tmp_path):
+    from ray_landmark.data.metadata import open_manifest
+
+    cfg = DataConfig(root=str(tmp_path), storage=StorageConfig(retries=1))
+    with pytest.raises(StorageError, match=rf"{tmp_path}/manifest/gldv2c/classes.parquet.*jobs/prepare_gldv2.py"):
+        open_manifest(cfg).view_classes("gldv2c")

@@ -69,7 +69,14 @@ def _to_parquet(loc: Location, df: pd.DataFrame) -> None:
 
 
 def _read_parquet(loc: Location) -> pd.DataFrame:
-    return pq.read_table(io.BytesIO(read_bytes(loc))).to_pandas()
+    try:
+        data = read_bytes(loc)
+    except StorageError as err:
+        raise StorageError(
+            f"{err}. Is the manifest there? Write it once with jobs/prepare_gldv2.py --root <data.root> --out <URI> "
+            "and set data.manifest to that URI"
+        ) from None
+    return pq.read_table(io.BytesIO(data)).to_pandas()
 
 
 def _view_tables(images: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
