@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import ray
 import ray.cloudpickle
 import ray.train
@@ -144,3 +145,26 @@ def test_load_latest_good_names_the_damaged_checkpoint(tmp_path, capsys):
 
     assert progress.epoch == 1 and name == str(tmp_path / "checkpoint_1")
     assert f"checkpoint {tmp_path / 'checkpoint_2'}: state.pt does not match the checksum" in capsys.readouterr().out
+
+
+def test_init_from_a_run_folder_reads_its_newest_checkpoint(tmp_path):
+    from ray_landmark.train.checkpoint import read_checkpoint_at
+
+    run = tmp_path / "dolg_efficientnet_b7_step1"
+    for step in (5, 10):
+        save_checkpoint(run / f"checkpoint_{step}", state={"model": {"w": torch.full((1,), step)}}, config={},
+                        progress=Progress(step // 5, step, 0))
+    state, _, progress = read_checkpoint_at(str(run))
+    assert progress.step == 10 and state["model"]["w"].item() == 10
+
+
+def test_train_dolg_refuses_another_family_before_starting_ray():
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "jobs/train_dolg.py", "--config", "configs/tiny_hybrid_swin.yaml"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "configs/tiny_hybrid_swin.yaml: model.arch must be 'dolg'" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr
