@@ -48,13 +48,17 @@ def ray_session(s3):
     ray.shutdown()
 
 
+def _synthetic_gldv2(spec: SyntheticSpec, root) -> str:
+    """Write the dataset and its manifests under ``root``; returns the root URI."""
+    write_synthetic_gldv2(spec, root, progress=None)
+    prepare_manifests(root, root.child("manifest"), progress=None)
+    return root.uri
+
+
 @pytest.fixture(scope="session")
 def gldv2_local(tmp_path_factory):
     """Synthetic GLDv2 in a local folder, with manifests; returns its root path."""
-    root = resolve(str(tmp_path_factory.mktemp("gldv2")))
-    write_synthetic_gldv2(SPEC, root, progress=None)
-    prepare_manifests(root, root.child("manifest"), progress=None)
-    return root.uri
+    return _synthetic_gldv2(SPEC, resolve(str(tmp_path_factory.mktemp("gldv2"))))
 
 
 @pytest.fixture(scope="session")
@@ -63,15 +67,9 @@ def gldv2_s3(s3):
     from ray_landmark.data.config import StorageConfig
 
     bucket = s3.create_bucket("gldv2-synthetic")
-    root = resolve(f"{bucket}/v2", StorageConfig(endpoint_url=s3.endpoint_url))
-    write_synthetic_gldv2(SPEC, root, progress=None)
-    prepare_manifests(root, root.child("manifest"), progress=None)
-    return root.uri
+    return _synthetic_gldv2(SPEC, resolve(f"{bucket}/v2", StorageConfig(endpoint_url=s3.endpoint_url)))
 
 
 @pytest.fixture(scope="session")
 def gldv2_learnable(tmp_path_factory):
-    root = resolve(str(tmp_path_factory.mktemp("gldv2_learnable")))
-    write_synthetic_gldv2(LEARNABLE_SPEC, root, progress=None)
-    prepare_manifests(root, root.child("manifest"), progress=None)
-    return root.uri
+    return _synthetic_gldv2(LEARNABLE_SPEC, resolve(str(tmp_path_factory.mktemp("gldv2_learnable"))))

@@ -192,7 +192,6 @@ class ShardStream:
 
     dataset: ray.data.Dataset
     counter: "ray.actor.ActorHandle"
-    shards: list[str]  # shard URIs
 
     def counts(self) -> dict[str, int]:
         return ray.get(self.counter.totals.remote())
@@ -234,7 +233,7 @@ def stream_shards(
         batch_format="numpy",
         num_cpus=cfg.decode_cpus,
     )
-    return ShardStream(dataset, counter, [loc.uri_of(p) for p in paths])
+    return ShardStream(dataset, counter)
 
 
 def train_stream(cfg: DataConfig, manifest: Manifest | None = None) -> ShardStream:
