@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Callable
 
 
 def say(message: str) -> None:
@@ -44,12 +45,13 @@ class ProgressLine:
             parts.append(extra)
         return " | ".join(parts)
 
-    def update(self, n: int, extra: str = "") -> None:
+    def update(self, n: int, extra: str | Callable[[], str] = "") -> None:
+        """``extra`` may be a function, called only when a line is printed (e.g. to read a GPU value lazily)."""
         self.done += n
         now = time.perf_counter()
         if now - self.last_print >= self.every_s:
             self.last_print = now
-            self.printer(self.line(extra))
+            self.printer(self.line(extra() if callable(extra) else extra))
 
     def close(self, extra: str = "") -> None:
         self.printer(self.line(extra))

@@ -11,11 +11,11 @@ one; that epoch then runs only its remaining steps, so no epoch is trained twice
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -103,10 +103,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     step = progress.step
     log = MetricsLog(run_location(cfg).child("logs")) if rank == 0 else None
     if tc.validate_before_training and resume is None:
-        metrics = {"epoch": 0, "step": 0, **validate(model, cfg, loop_config, rank, world, device, amp_dtype, memory_format)}
+        baseline = {"epoch": 0, "step": 0, **validate(model, cfg, loop_config, rank, world, device, amp_dtype, memory_format)}
         if log:
-            log.write(metrics, step=0)
-            _print_epoch(metrics)
+            log.write(baseline, step=0)
+            _print_epoch(baseline)
     metrics: dict = {}
     for epoch in range(progress.epoch, last_epoch):
         model.train()
@@ -116,19 +116,23 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             f"epoch {epoch + 1}/{last_epoch}", total=(steps_per_epoch - epoch_step) * tc.batch_size * tc.grad_accum * world,
             every_s=10, printer=(lambda s: say(f"[train] {s}")) if rank == 0 else (lambda s: None),
         )
-        losses, micro = [], 0
+        losses: list[torch.Tensor] = []  # kept on the device: .item() every step would stall the GPU
+        micro = 0
         for batch in train_shard.iter_torch_batches(
             batch_size=tc.batch_size,
             prefetch_batches=cfg.data.prefetch_batches, drop_last=True, device=device,
         ):
             if epoch_step >= steps_per_epoch:
                 break
-            images = normalize_on_device(batch["image"]).contiguous(memory_format=memory_format)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = model(images, batch["label"])["loss"] / tc.grad_accum
-            scaler.scale(loss).backward()
             micro += 1
-            losses.append(loss.item() * tc.grad_accum)
+            images = normalize_on_device(batch["image"]).contiguous(memory_format=memory_format)
+            # Gradients are all-reduced once per optimizer step, not once per micro-batch.
+            accumulating = micro % tc.grad_accum != 0 and hasattr(model, "no_sync")
+            with model.no_sync() if accumulating else contextlib.nullcontext():
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss = model(images, batch["label"])["loss"]
+                scaler.scale(loss / tc.grad_accum).backward()
+            losses.append(loss.detach())
             if micro % tc.grad_accum:
                 continue
             if tc.grad_clip:
@@ -141,15 +145,15 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             step += 1
             epoch_step += 1
             line.update(len(images) * tc.grad_accum * world,
-                        f"loss {np.mean(losses[-20:]):.3f} | lr {scheduler.get_last_lr()[0]:.2e}")
+                        lambda: f"loss {_mean(losses[-20:]):.3f} | lr {scheduler.get_last_lr()[0]:.2e}")
             if on_step is not None:
                 on_step(rank=rank, epoch=epoch, step=step)
             if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0 and epoch_step < steps_per_epoch:
                 _report(model, optimizer, scheduler, scaler, cfg, loop_config,
-                        Progress(epoch, step, epoch_step), {"epoch": epoch, "step": step, "loss": float(np.mean(losses))})
-        line.close(f"loss {np.mean(losses) if losses else float('nan'):.3f}")
+                        Progress(epoch, step, epoch_step), {"epoch": epoch, "step": step, "loss": _mean(losses)})
+        line.close(f"loss {_mean(losses):.3f}")
 
-        metrics = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)) if losses else float("nan"),
+        metrics = {"epoch": epoch + 1, "step": step, "loss": _mean(losses),
                    "lr": scheduler.get_last_lr()[0], "images_per_s": round(line.rate, 1)}
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == last_epoch:
             metrics.update(validate(model, cfg, loop_config, rank, world, device, amp_dtype, memory_format))
@@ -160,6 +164,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             _print_epoch(metrics)
         _report(model, optimizer, scheduler, scaler, cfg, loop_config, Progress(epoch + 1, step, 0), metrics)
     return metrics
+
+
+def _mean(losses: list[torch.Tensor]) -> float:
+    return torch.stack(losses).float().mean().item() if losses else float("nan")
 
 
 def run_location(cfg: Config):
