@@ -113,3 +113,21 @@ def test_label_lookup_holds_every_train_id_in_under_100_mb():
     unknown = np.array([1, 2, 3], np.uint64)
     assert set(lookup.classes_of(unknown[~np.isin(unknown, ids)])) <= {UNKNOWN_ID}
     assert NOT_IN_VIEW in lookup.classes_of(ids[classes == NOT_IN_VIEW][:5])
+
+
+def test_eval_selection_keeps_scored_queries_and_their_relevant_index_images_first(gldv2_local):
+    from ray_landmark.data.metadata import EVAL_INDEX, EVAL_QUERY
+
+    manifest = Manifest(resolve(gldv2_local + "/manifest"))
+    queries, index = manifest.eval_selection(max_queries=10, max_index=12)
+    chosen = set(gldv2.u64_to_ids(queries.ids[queries.classes == EVAL_QUERY]))
+    recognition = manifest.recognition().set_index("id")
+    assert len(chosen) == 10 and set(recognition.loc[list(chosen), "usage"]) <= {"Public", "Private"}
+    kept = set(gldv2.u64_to_ids(index.ids[index.classes == EVAL_INDEX]))
+    retrieval = manifest.retrieval().set_index("id")
+    relevant = {i for q in chosen for i in str(retrieval.loc[q, "images"]).split()}
+    assert len(kept) == 12 and (relevant <= kept or kept <= relevant)
+    all_queries, all_index = manifest.eval_selection(None, None)
+    assert (all_index.classes == EVAL_INDEX).all() and (all_queries.classes == EVAL_QUERY).sum() == (
+        recognition["usage"] != "Ignored"
+    ).sum()

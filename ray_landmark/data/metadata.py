@@ -210,7 +210,7 @@ class Manifest:
         scored = recognition.loc[recognition["usage"] != "Ignored", "id"]
         if max_queries and max_queries < len(scored):
             scored = scored.sample(max_queries, random_state=seed)
-        index_ids = self.index()["id"]
+        all_index_ids = index_ids = self.index()["id"]
         if max_index and max_index < len(index_ids):
             queries = set(scored)
             relevant = {i for q, imgs in zip(retrieval["id"], retrieval["images"]) if q in queries for i in str(imgs).split()}
@@ -218,7 +218,7 @@ class Manifest:
             index_ids = pd.concat([index_ids[index_ids.isin(relevant)], others]).iloc[:max_index]
         return (
             _selection(recognition["id"], scored, EVAL_QUERY),
-            _selection(self.index()["id"], index_ids, EVAL_INDEX),
+            _selection(all_index_ids, index_ids, EVAL_INDEX),
         )
 
 
