@@ -32,7 +32,7 @@ from ray_landmark.data.transforms import CorruptImage, ImageTransform
 
 log = logging.getLogger(__name__)
 
-# Rows per block emitted by a read task (Ray's own webdataset reader uses 512 too).
+# Rows per block emitted by a read task: about 30 MB of GLDv2's ~120 KB JPEGs.
 READ_BLOCK_ROWS = 256
 
 JPEG_MAGIC = b"\xff\xd8\xff"

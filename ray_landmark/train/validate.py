@@ -13,6 +13,8 @@ split may drop up to world_size - 1 rows of each eval set.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import ray.train
 import torch
@@ -20,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ray_landmark.config import Config
+from ray_landmark.data.config import DataConfig
 from ray_landmark.data.metadata import EVAL_QUERY, open_manifest
 from ray_landmark.data.transforms import normalize_on_device
 from ray_landmark.eval.metrics import (
@@ -55,6 +58,13 @@ def _gather(part: dict[str, np.ndarray], world: int) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts if len(p["id"])]) for k in part}
 
 
+@functools.lru_cache(maxsize=1)
+def _solutions(data: DataConfig) -> tuple[dict, dict]:
+    """The scored ground truth, read from the manifest once per worker process rather than every epoch."""
+    manifest = open_manifest(data)
+    return recognition_solution(manifest.recognition()), retrieval_solution(manifest.retrieval())
+
+
 def validate(model, cfg: Config, loop_config: dict, rank: int, world: int, device, amp_dtype, memory_format) -> dict:
     """Validation metrics on rank 0 (an empty dict on the other ranks)."""
     net = getattr(model, "module", model)  # no DDP collectives in eval: ranks may hold different batch counts
@@ -65,10 +75,11 @@ def validate(model, cfg: Config, loop_config: dict, rank: int, world: int, devic
     if rank != 0:
         return {}
 
-    manifest = open_manifest(cfg.data)
+    all_recognition, all_retrieval = _solutions(cfg.data)
     is_query = rows["split"] == EVAL_QUERY
     query_ids, index_ids = rows["id"][is_query].tolist(), rows["id"][~is_query].tolist()
-    recognition = {i: lm for i, lm in recognition_solution(manifest.recognition()).items() if i in set(query_ids)}
+    seen_queries = set(query_ids)
+    recognition = {i: lm for i, lm in all_recognition.items() if i in seen_queries}
     landmark_ids = np.asarray(loop_config["landmark_ids"])
     predictions = {
         i: (int(landmark_ids[c]), float(s))
@@ -81,7 +92,7 @@ def validate(model, cfg: Config, loop_config: dict, rank: int, world: int, devic
     seen_index = set(index_ids)
     retrieval = {
         q: relevant & seen_index
-        for q, relevant in retrieval_solution(manifest.retrieval()).items()
+        for q, relevant in all_retrieval.items()
         if q in recognition and relevant & seen_index
     }
     if retrieval:
