@@ -3,6 +3,7 @@ section of BENCHMARKS.md (regenerated between markers, so each script owns exact
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -15,8 +16,12 @@ BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
 
 def machine() -> dict:
-    import ray
     import torch
+
+    try:  # the installed version, without importing Ray: benchmarks/search.py runs where Ray is not installed
+        ray_version = importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
+        ray_version = None
 
     cpu = "unknown"
     if Path("/proc/cpuinfo").exists():
@@ -30,7 +35,7 @@ def machine() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "ray": ray.__version__,
+        "ray": ray_version,
     }
 
 
