@@ -191,7 +191,7 @@ def main() -> None:
 
         from ray_landmark.runtime import init_ray
 
-        init_ray(progress_bars=False)
+        init_ray()
         cfg = DataConfig(root=root.uri, storage=storage, view="full", image_size=args.size, shuffle_buffer=256)
         first, steady, cpu, stats = ray_stream(cfg)
         print(f"(c) Ray Data from S3: {steady:.1f} img/s (first pass {first:.1f} img/s)")

@@ -33,8 +33,9 @@ from ray_landmark.data.transforms import normalize_on_device  # noqa: E402
 from ray_landmark.local_s3 import LocalS3Server, use_test_credentials  # noqa: E402
 from ray_landmark.models.factory import build_model  # noqa: E402
 from ray_landmark.train.loop import warmup_cosine  # noqa: E402
+from ray_landmark.train.checkpoint import run_logs  # noqa: E402
 from ray_landmark.train.metrics_log import read_metrics  # noqa: E402
-from ray_landmark.train.trainer import build_trainer  # noqa: E402
+from ray_landmark.train.trainer import fit  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,8 +66,8 @@ def plain_loop(cfg, batches: list[dict], class_counts: list[int], epochs: int) -
 
 def ray_loop(cfg, name: str, train_dataset=None) -> list[float]:
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
-    build_trainer(cfg, train_dataset=train_dataset).fit()
-    history = read_metrics(resolve(cfg.run.output_dir).child(name, "logs"))
+    fit(cfg, train_dataset=train_dataset)
+    history = read_metrics(run_logs(cfg.run))
     return [m["images_per_s"] for m in history]
 
 
@@ -94,7 +95,7 @@ def main() -> None:
 
         from ray_landmark.runtime import init_ray
 
-        init_ray(progress_bars=False)
+        init_ray()
         classes = open_manifest(cfg.data).view_classes("full")
         in_memory = train_stream(cfg.data).dataset.materialize()
         batches = [

@@ -1,29 +1,37 @@
 """Write the compact GLDv2 manifests (label views, label maps, class counts, evaluation sets) once.
 
-    python jobs/prepare_gldv2.py --root s3://google-landmark --out s3://my-bucket/gldv2/manifest --anonymous
+    python jobs/prepare_gldv2.py --root s3://google-landmark --out s3://my-bucket/gldv2/manifest --anonymous \
+        [--verify-shards]
+--verify-shards lists the members of every tar (headers only) so that class counts and steps per epoch count only
+images that exist, and reports metadata rows without images and images without rows.
 """
 
 import argparse
 
 from ray_landmark.cli import run_job
 from ray_landmark.data.config import StorageConfig
+from ray_landmark.data.gldv2 import SPLITS
 from ray_landmark.data.metadata import prepare_manifests
+from ray_landmark.data.shard_members import split_image_ids
 from ray_landmark.data.storage import resolve
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", required=True, help="GLDv2 root holding metadata/ and ground_truth/ (folder or s3://)")
+    parser.add_argument("--root", required=True, help="GLDv2 root: metadata/, ground_truth/, tar shards (folder, s3://)")
     parser.add_argument("--out", help="where to write the manifests (default: <root>/manifest)")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, moto); default AWS")
     parser.add_argument("--region", default="us-east-1")
     parser.add_argument("--anonymous", action="store_true", help="read the root without credentials (public bucket)")
+    parser.add_argument("--verify-shards", action="store_true", help="count only images the tar shards hold")
     args = parser.parse_args()
     read = StorageConfig(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.anonymous)
     # Writing always needs credentials, even when the source is a public bucket.
     write = StorageConfig(endpoint_url=args.endpoint_url, region=args.region)
     out = args.out or args.root.rstrip("/") + "/manifest"
-    summary = prepare_manifests(resolve(args.root, read), resolve(out, write))
+    root = resolve(args.root, read)
+    shard_ids = {split: split_image_ids(root.child(split)) for split in SPLITS} if args.verify_shards else None
+    summary = prepare_manifests(root, resolve(out, write), shard_ids=shard_ids)
     print(f"wrote manifests to {out}: {summary}")
 
 

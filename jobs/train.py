@@ -5,19 +5,16 @@ Rerunning the same command (same run.name and run.output_dir) resumes from the l
 """
 
 from ray_landmark.cli import job_parser, load_job_config, run_job
-from ray_landmark.config_base import ConfigError
 from ray_landmark.runtime import init_ray
-from ray_landmark.train.trainer import fit
+from ray_landmark.train.trainer import fit, load_training_data
 
 
-def main(default_config: str | None = None, doc: str = __doc__, arch: str | None = None) -> None:
-    args = job_parser(doc, default_config).parse_args()
-    cfg = load_job_config(args)
-    if arch and (cfg.model is None or cfg.model.arch != arch):
-        raise ConfigError(f"{args.config}: model.arch must be '{arch}' for this job; use jobs/train.py for others")
+def main() -> None:
+    cfg = load_job_config(job_parser(__doc__).parse_args())
+    data = load_training_data(cfg)  # before Ray starts: a wrong manifest URI fails at once
     init_ray()
-    result = fit(cfg)
-    print(f"[train] finished {cfg.run.name}: {result.metrics}; final checkpoint {result.checkpoint.path}")
+    result = fit(cfg, data)
+    print(f"[train] finished {cfg.run.name}; final checkpoint {result.checkpoint.path}")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,20 @@ The B7 recipe is three configs run in order (dolg_efficientnet_b7_step1/2/3.yaml
 step's checkpoint through train.init_from.
 """
 
-import train
+from ray_landmark.cli import job_parser, load_job_config, require_arch, run_job
+from ray_landmark.runtime import init_ray
+from ray_landmark.train.trainer import fit, load_training_data
 
-from ray_landmark.cli import run_job
+
+def main() -> None:
+    args = job_parser(__doc__, default_config="configs/recipes/dolg_efficientnet_b5.yaml").parse_args()
+    cfg = load_job_config(args)
+    require_arch(cfg, "dolg", args.config, other_job="jobs/train.py")
+    data = load_training_data(cfg)
+    init_ray()
+    result = fit(cfg, data)
+    print(f"[train] finished {cfg.run.name}; final checkpoint {result.checkpoint.path}")
+
 
 if __name__ == "__main__":
-    run_job(lambda: train.main("configs/recipes/dolg_efficientnet_b5.yaml", __doc__, arch="dolg"))
+    run_job(main)

@@ -14,8 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ray_landmark.config_base import ConfigError, Section
-from ray_landmark.data.config import DataConfig, StorageConfig
-from ray_landmark.data.synthetic import SyntheticSpec
+from ray_landmark.data.config import DataConfig, StorageConfig, SyntheticSpec
 from ray_landmark.models.config import LossConfig, ModelConfig
 from ray_landmark.train.config import TrainConfig
 
@@ -39,7 +38,8 @@ class Config(Section):
     synthetic: SyntheticSpec | None = None
 
 
-def _set_dotted(tree: dict, dotted_key: str, value: Any, source: str) -> None:
+def set_dotted(tree: dict, dotted_key: str, value: Any, source: str) -> None:
+    """Set ``a.b.c`` in a nested dict, creating sections on the way."""
     node = tree
     *parents, leaf = dotted_key.split(".")
     for part in parents:
@@ -91,5 +91,5 @@ def load_config(path: str | Path, overrides: list[str] = (), cls: type[BaseModel
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value, str(path))
+        set_dotted(tree, key, value, str(path))
     return config_from_dict(tree, str(path), cls)

@@ -4,7 +4,12 @@ without importing the root config (which imports all sections)."""
 from pydantic import BaseModel, ConfigDict
 
 
-class ConfigError(ValueError):
+class JobError(Exception):
+    """A problem the user can fix (config, storage, checkpoint, embedding files): jobs end with its one-line message,
+    which names the key, file or URI and what to do."""
+
+
+class ConfigError(JobError, ValueError):
     """A config file or override that cannot be used; the message names the key and the file."""
 
 

@@ -1,17 +1,52 @@
-"""A one-line progress report with rate and ETA, for loops that Ray Data's own bars do not cover."""
+"""What a person sees while a job runs: one line per stage with rate and ETA, refreshed in place on a terminal and
+printed at most every few seconds otherwise, plus the lines Ray workers post through ``ConsoleRelay``.
+
+Ray's own output (worker logs, progress bars, scheduler warnings) goes to its log files (``runtime.init_ray``), so
+workers cannot print to the job's console directly: they post lines to a small actor, and the driver prints them.
+"""
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
-from typing import Callable
+from typing import Callable, Protocol
+
+import ray
+
+_ERASE_LINE = "\r\033[K"
 
 
-def say(message: str) -> None:
-    """One line to stdout. Ray Train V2 patches print() in its workers to go through its logger, which shows each
-    line twice on the driver; writing to the stream directly shows it once."""
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
+class Printer(Protocol):
+    def __call__(self, line: str, transient: bool = False) -> None: ...
+
+
+class _Terminal:
+    """stdout, with transient lines (progress) overwritten in place when it is a terminal."""
+
+    def __init__(self):
+        self.showing_transient = False
+
+    def write(self, line: str, transient: bool = False) -> None:
+        out = sys.stdout
+        if out.isatty():
+            out.write(_ERASE_LINE + line + ("" if transient else "\n"))
+            self.showing_transient = transient
+        else:
+            out.write(line + "\n")
+        out.flush()
+
+
+_terminal = _Terminal()
+
+
+def say(line: str, transient: bool = False) -> None:
+    """One line to the job's console (this process's stdout)."""
+    _terminal.write(line, transient)
+
+
+def interactive() -> bool:
+    return sys.stdout.isatty()
 
 
 def format_duration(seconds: float) -> str:
@@ -20,9 +55,13 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressLine:
-    """``update(n)`` after each batch; prints at most every ``every_s`` seconds, and always at ``close()``."""
+    """``update(n)`` after each batch; prints a transient line at most every ``every_s`` seconds (1 s on a terminal,
+    10 s otherwise, by default), and a permanent one at ``close()``."""
 
-    def __init__(self, label: str, total: int | None, unit: str = "img", every_s: float = 5.0, printer=print):
+    def __init__(self, label: str, total: int | None, unit: str = "img", every_s: float | None = None,
+                 printer: Printer = say, interactive_console: bool | None = None):
+        if every_s is None:
+            every_s = 1.0 if (interactive() if interactive_console is None else interactive_console) else 10.0
         self.label, self.total, self.unit, self.every_s, self.printer = label, total, unit, every_s, printer
         self.done = 0
         self.started = self.last_print = time.perf_counter()
@@ -51,7 +90,51 @@ class ProgressLine:
         now = time.perf_counter()
         if now - self.last_print >= self.every_s:
             self.last_print = now
-            self.printer(self.line(extra() if callable(extra) else extra))
+            self.printer(self.line(extra() if callable(extra) else extra), True)
 
     def close(self, extra: str = "") -> None:
-        self.printer(self.line(extra))
+        self.printer(self.line(extra), False)
+
+
+@ray.remote(num_cpus=0)
+class ConsoleRelay:
+    """Lines posted by workers, in order, until the driver drains them."""
+
+    def __init__(self):
+        self.lines: list[tuple[str, bool]] = []
+
+    def post(self, line: str, transient: bool = False) -> None:
+        self.lines.append((line, transient))
+
+    def drain(self) -> list[tuple[str, bool]]:
+        lines, self.lines = self.lines, []
+        return lines
+
+
+def relay_printer(relay) -> Printer:
+    """A printer for worker code: posts to the relay without waiting (calls from one worker keep their order)."""
+    return lambda line, transient=False: relay.post.remote(line, transient)
+
+
+def run_printing_relay(fn: Callable[[], object], relay, every_s: float = 0.5):
+    """Run ``fn()`` in a thread while printing what workers post to ``relay``; returns fn's result or raises its
+    error. KeyboardInterrupt reaches the caller (the main thread) at once."""
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = fn()
+        except BaseException as err:  # re-raised in the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(every_s)
+        for line, transient in ray.get(relay.drain.remote()):
+            say(line, transient)
+    for line, transient in ray.get(relay.drain.remote()):
+        say(line, transient)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("result")

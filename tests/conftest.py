@@ -8,7 +8,8 @@ import pytest
 
 from ray_landmark.data.metadata import prepare_manifests
 from ray_landmark.data.storage import resolve
-from ray_landmark.data.synthetic import SyntheticSpec, write_synthetic_gldv2
+from ray_landmark.data.config import SyntheticSpec
+from ray_landmark.data.synthetic import write_synthetic_gldv2
 from ray_landmark.local_s3 import LocalS3Server, use_test_credentials
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -41,7 +42,7 @@ def ray_session(s3):
 
     from ray_landmark.runtime import init_ray
 
-    init_ray(local_cpus=4, progress_bars=False)
+    init_ray(local_cpus=4)
     # A starved pipeline should fail in two minutes, not the default 30.
     ray.data.DataContext.get_current().execution_no_progress_timeout_s = 120
     yield
@@ -73,3 +74,24 @@ def gldv2_s3(s3):
 @pytest.fixture(scope="session")
 def gldv2_learnable(tmp_path_factory):
     return _synthetic_gldv2(LEARNABLE_SPEC, resolve(str(tmp_path_factory.mktemp("gldv2_learnable"))))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(ray_session, gldv2_learnable, tmp_path_factory):
+    """Two tiny models of different families trained briefly on the learnable set: name -> run folder."""
+    from pathlib import Path
+
+    from ray_landmark.config import load_config
+    from ray_landmark.train.trainer import fit
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("tiny_runs")
+    runs = {}
+    for name, config in (("dolg", "tiny_dolg.yaml"), ("effnet", "tiny_efficientnet.yaml")):
+        cfg = load_config(repo / "configs" / config, [
+            f"data.root={gldv2_learnable}", "data.augment=false", f"run.output_dir={out}", f"run.name={name}",
+            "train.epochs=2", "train.lr=3e-3", "loss.scale=16", "loss.margin=0.1", "train.cpus_per_worker=0.5",
+        ])
+        fit(cfg)
+        runs[name] = str(out / name)
+    return runs

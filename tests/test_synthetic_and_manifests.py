@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import pandas as pd
 from PIL import Image
 
 from ray_landmark.data import gldv2
-from ray_landmark.data.metadata import NOT_IN_VIEW, UNKNOWN_ID, LabelLookup, Manifest
+from ray_landmark.data.metadata import NOT_IN_VIEW, UNKNOWN_ID, LabelLookup, Manifest, prepare_manifests
 from ray_landmark.data.storage import resolve
-from ray_landmark.data.synthetic import SyntheticSpec, write_synthetic_gldv2
+from ray_landmark.data.config import SyntheticSpec
+from ray_landmark.data.synthetic import write_synthetic_gldv2
 
 
 def _members(tar_path: Path) -> dict[str, bytes]:
@@ -116,18 +118,64 @@ def test_label_lookup_holds_every_train_id_in_under_100_mb():
 
 
 def test_eval_selection_keeps_scored_queries_and_their_relevant_index_images_first(gldv2_local):
-    from ray_landmark.data.metadata import EVAL_INDEX, EVAL_QUERY
+    from ray_landmark.data.metadata import SELECTED
 
     manifest = Manifest(resolve(gldv2_local + "/manifest"))
     queries, index = manifest.eval_selection(max_queries=10, max_index=12)
-    chosen = set(gldv2.u64_to_ids(queries.ids[queries.classes == EVAL_QUERY]))
+    chosen = set(gldv2.u64_to_ids(queries.ids[queries.classes == SELECTED]))
     recognition = manifest.recognition().set_index("id")
     assert len(chosen) == 10 and set(recognition.loc[list(chosen), "usage"]) <= {"Public", "Private"}
-    kept = set(gldv2.u64_to_ids(index.ids[index.classes == EVAL_INDEX]))
+    kept = set(gldv2.u64_to_ids(index.ids[index.classes == SELECTED]))
     retrieval = manifest.retrieval().set_index("id")
     relevant = {i for q in chosen for i in str(retrieval.loc[q, "images"]).split()}
     assert len(kept) == 12 and (relevant <= kept or kept <= relevant)
     all_queries, all_index = manifest.eval_selection(None, None)
-    assert (all_index.classes == EVAL_INDEX).all() and (all_queries.classes == EVAL_QUERY).sum() == (
+    assert (all_index.classes == SELECTED).all() and (all_queries.classes == SELECTED).sum() == (
         recognition["usage"] != "Ignored"
     ).sum()
+
+
+def test_the_eval_sets_are_the_csvs_index_and_test_lists_distractors_without_a_landmark_row_included(gldv2_local):
+    root = Path(gldv2_local)
+    listed_index = set(pd.read_csv(root / gldv2.INDEX_CSV, dtype=str)["id"])
+    labelled_index = set(pd.read_csv(root / gldv2.INDEX_TO_LANDMARK_CSV, dtype=str)["id"])
+    unlisted = listed_index - labelled_index
+    assert len(unlisted) == SyntheticSpec().index_unlisted_images > 0  # the synthetic set plants such distractors
+
+    manifest = Manifest(resolve(gldv2_local + "/manifest"))
+    index = manifest.index()
+    assert set(index["id"]) == listed_index
+    assert index.set_index("id").loc[sorted(unlisted), "landmark_id"].isna().all()
+    assert set(manifest.test()["id"]) == set(pd.read_csv(root / gldv2.TEST_CSV, dtype=str)["id"])
+    _, index_selection = manifest.eval_selection(None, None)
+    assert set(gldv2.u64_to_ids(index_selection.ids)) == listed_index
+
+
+def test_verify_shards_counts_only_images_the_shards_hold(gldv2_local, tmp_path):
+    import shutil
+    import tarfile
+
+    from ray_landmark.data.shard_members import split_image_ids
+
+    root = tmp_path / "copy"
+    shutil.copytree(gldv2_local, root, ignore=shutil.ignore_patterns("manifest"))
+    shard = root / "train" / gldv2.shard_name(0)
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+    removed = {os.path.basename(name)[:-4] for name, _ in members[:3]}
+    shard.write_bytes(gldv2.pack_tar(members[3:]))
+    loc = resolve(str(root))
+
+    shard_ids = {split: split_image_ids(loc.child(split), progress=None) for split in gldv2.SPLITS}
+    assert not set(gldv2.u64_to_ids(shard_ids["train"])) & removed
+    summary = prepare_manifests(loc, loc.child("manifest"), progress=None, shard_ids=shard_ids)
+
+    assert summary["verified"]["train"] == {"rows_without_images": 3, "images_without_rows": 0}
+    assert summary["verified"]["index"] == summary["verified"]["test"] == {"rows_without_images": 0,
+                                                                           "images_without_rows": 0}
+    full = Manifest(loc.child("manifest")).view_classes("full")
+    listed = pd.read_csv(root / gldv2.TRAIN_CSV, dtype={"id": str})
+    assert full["count"].sum() == len(listed) - 3
+    unverified = prepare_manifests(loc, loc.child("manifest_csv"), progress=None)
+    assert Manifest(loc.child("manifest_csv")).view_classes("full")["count"].sum() == len(listed)
+    assert "verified" not in unverified

@@ -13,12 +13,13 @@ import ray.cloudpickle
 import ray.train
 
 from ray_landmark.config import load_config
-from ray_landmark.data.storage import resolve
+from ray_landmark.data.metadata import open_manifest
 from ray_landmark.train.checkpoint import (
     STATE_FILE,
     Progress,
     load_latest_good,
     load_model,
+    run_logs,
     save_checkpoint,
 )
 from ray_landmark.train.metrics_log import read_metrics
@@ -45,7 +46,7 @@ def _config(root: str, out: Path, name: str, *overrides: str):
 
 
 def _history(cfg) -> list[dict]:
-    return read_metrics(resolve(cfg.run.output_dir).child(cfg.run.name, "logs"))
+    return read_metrics(run_logs(cfg.run))
 
 
 class KillOnce:
@@ -78,14 +79,19 @@ def test_training_raises_validation_gap_and_map_well_above_the_untrained_model(g
     history = _history(cfg)
     untrained, trained = history[0], history[-1]
     assert untrained["epoch"] == 0 and trained["epoch"] == 10
-    assert trained["val_queries"] == untrained["val_queries"] > 30
+    # Every epoch scores the complete eval set: all scored test images and every index image, distractors included.
+    recognition = open_manifest(cfg.data).recognition()
+    index = open_manifest(cfg.data).index()
+    for m in history:
+        assert m["val_queries"] == (recognition["usage"] != "Ignored").sum()
+        assert m["val_index"] == len(index)
     # Margins well above run-to-run noise (seen here: GAP +0.2 to +0.6, mAP@100 +0.1 to +0.2 after 10 epochs).
     assert trained["val_gap"] > untrained["val_gap"] + 0.12, history
     assert trained["val_map100"] > untrained["val_map100"] + 0.06, history
     assert trained["loss"] < history[1]["loss"] / 3
     # The final checkpoint alone rebuilds the model (weights + resolved config + landmark ids).
-    model, loaded_cfg, landmark_ids = load_model(result.checkpoint.path)
-    assert loaded_cfg == cfg and len(landmark_ids) == 12
+    trained_model = load_model(result.checkpoint.path)
+    assert trained_model.config == cfg and len(trained_model.landmark_ids) == 12
     assert not any(v for k, v in result.metrics.items() if k.startswith("skipped_"))
 
 
@@ -141,9 +147,9 @@ def test_load_latest_good_names_the_damaged_checkpoint(tmp_path, capsys):
         checkpoints.append(ckpt)
     (tmp_path / "checkpoint_2" / STATE_FILE).write_bytes(b"\0" * 10)
 
-    state, _, progress, name = load_latest_good(checkpoints)
+    loaded = load_latest_good(checkpoints)
 
-    assert progress.epoch == 1 and name == str(tmp_path / "checkpoint_1")
+    assert loaded.progress.epoch == 1 and loaded.name == str(tmp_path / "checkpoint_1")
     assert f"checkpoint {tmp_path / 'checkpoint_2'}: state.pt does not match the checksum" in capsys.readouterr().out
 
 
@@ -154,8 +160,8 @@ def test_init_from_a_run_folder_reads_its_newest_checkpoint(tmp_path):
     for step in (5, 10):
         save_checkpoint(run / f"checkpoint_{step}", state={"model": {"w": torch.full((1,), step)}}, config={},
                         progress=Progress(step // 5, step, 0))
-    state, _, progress = read_checkpoint_at(str(run))
-    assert progress.step == 10 and state["model"]["w"].item() == 10
+    loaded = read_checkpoint_at(str(run))
+    assert loaded.progress.step == 10 and loaded.state["model"]["w"].item() == 10
 
 
 def test_train_dolg_refuses_another_family_before_starting_ray():
@@ -167,4 +173,19 @@ def test_train_dolg_refuses_another_family_before_starting_ray():
     )
     assert proc.returncode != 0
     assert "configs/tiny_hybrid_swin.yaml: model.arch must be 'dolg'" in proc.stderr
-    assert "Started a local Ray instance" not in proc.stderr
+    assert "Ray" not in proc.stdout + proc.stderr.replace("jobs/train.py", "")
+
+
+def test_ctrl_c_says_that_rerunning_the_same_command_resumes(gldv2_local, tmp_path, monkeypatch, capsys):
+    from ray_landmark.train import trainer
+
+    class Interrupted:
+        def fit(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "build_trainer", lambda *args, **kwargs: Interrupted())
+    cfg = _config(gldv2_local, tmp_path, "interrupted")
+    with pytest.raises(SystemExit) as exit_info:
+        fit(cfg)
+    assert exit_info.value.code == 130
+    assert f"rerun the same command to resume from the last checkpoint in {tmp_path}/interrupted" in capsys.readouterr().out

@@ -57,3 +57,29 @@ class DataConfig(Section):
     @property
     def manifest_uri(self) -> str:
         return self.manifest or self.root.rstrip("/") + "/manifest"
+
+
+class SyntheticSpec(Section):
+    """The ``synthetic`` config section: the size and look of a synthetic GLDv2."""
+
+    num_landmarks: int = Field(40, ge=2)  # landmarks in the full train set
+    clean_landmark_fraction: float = 0.5  # share of landmarks that GLDv2c keeps
+    noisy_image_fraction: float = 0.2  # share of a landmark's train images that are label noise / very hard views
+    max_images_per_landmark: int = 40
+    min_images_per_landmark: int = 3
+    tail_exponent: float = 1.0  # class size ~ rank^-exponent
+    test_landmark_images: int = 40
+    test_non_landmark_images: int = 15
+    index_images_per_test_landmark: int = 3
+    index_distractor_landmarks: int = 8  # index-only landmarks, never in train or test
+    index_distractor_images: int = 4
+    # Index images listed in metadata/index.csv with no row in index_image_to_landmark.csv, as in the real GLDv2:
+    # retrieval must still rank them (they are never relevant).
+    index_unlisted_images: int = 6
+    width: int = 96
+    height: int = 72
+    train_shards: int = 4
+    index_shards: int = 2
+    test_shards: int = 1
+    jpeg_quality: int = 90
+    seed: int = 0

@@ -5,9 +5,11 @@ Manifest layout (Parquet, under ``data.manifest``, default ``<root>/manifest``):
 * ``train_ids.parquet``: every train image id (uint64, sorted) with its landmark id.
 * ``<view>/images.parquet``: id, class, landmark_id of each image in the view (gldv2c, gldv2x, full).
 * ``<view>/classes.parquet``: class, landmark_id, count; classes are landmark ids sorted ascending -> 0..C-1.
+* ``eval/test.parquet``: every test image id of ``metadata/test.csv`` (the queries of both tracks).
+* ``eval/index.parquet``: every index image id of ``metadata/index.csv``, with its landmark id where
+  ``index_image_to_landmark.csv`` has one (distractors have none: retrieval still ranks them).
 * ``eval/recognition.parquet``: test id, landmark ids (space-separated, empty for non-landmark images), usage.
 * ``eval/retrieval.parquet``: test id, relevant index ids (space-separated, empty when none), usage.
-* ``eval/index.parquet``: index id, index landmark id.
 * ``summary.json``: row counts.
 """
 
@@ -28,14 +30,12 @@ from ray_landmark.data.config import DataConfig, LabelView
 from ray_landmark.data.storage import Location, StorageError, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
-VIEWS: tuple[LabelView, ...] = ("gldv2c", "gldv2x", "full")
 
 # Lookup codes for ids without a class: in train but left out by the chosen view, or not in train at all.
 NOT_IN_VIEW = -1
 UNKNOWN_ID = -2
-# Labels of the validation rows: test queries and index images travel in one dataset.
-EVAL_QUERY = 0
-EVAL_INDEX = 1
+# The lookup code of a selected eval image (test or index): its rows carry the split, not a class.
+SELECTED = 0
 
 
 def _read_csv(root: Location, name: str, **kwargs) -> pd.DataFrame:
@@ -88,8 +88,19 @@ def _view_tables(images: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return images[["id", "class", "landmark_id"]].sort_values("id", ignore_index=True), classes.reset_index(drop=True)
 
 
-def prepare_manifests(root: Location, out: Location, progress=print) -> dict:
-    """Read the official CSVs under ``root`` and write the manifests under ``out``; returns the summary."""
+def _keep_existing(images: pd.DataFrame, existing: np.ndarray | None) -> pd.DataFrame:
+    return images if existing is None else images[np.isin(images["id"].to_numpy(np.uint64), existing)]
+
+
+def prepare_manifests(
+    root: Location, out: Location, progress=print, shard_ids: dict[str, np.ndarray] | None = None
+) -> dict:
+    """Read the official CSVs under ``root`` and write the manifests under ``out``; returns the summary.
+
+    ``shard_ids`` (split -> sorted uint64 ids the shards hold, from ``shard_members.split_image_ids``) restricts the
+    label views to images that exist, so class counts (the dynamic margins) and steps per epoch are true; rows
+    without images and images without rows are counted in the summary. Without it, counts are the CSVs'.
+    """
     train = _read_csv(root, gldv2.TRAIN_CSV, dtype={"id": str})
     _require_columns(train, ["id", "landmark_id"], root.child(gldv2.TRAIN_CSV).uri)
     train = pd.DataFrame(
@@ -111,11 +122,15 @@ def prepare_manifests(root: Location, out: Location, progress=print) -> dict:
     all_ids = pd.concat([train, clean]).drop_duplicates("id").sort_values("id", ignore_index=True)
     _to_parquet(out.child("train_ids.parquet"), all_ids)
     summary: dict = {"source": root.uri, "train_ids": len(all_ids), "views": {}}
+    train_existing = shard_ids["train"] if shard_ids else None
     for view, images in view_images.items():
-        images, classes = _view_tables(images)
+        listed_classes = images["landmark_id"].nunique()
+        images, classes = _view_tables(_keep_existing(images, train_existing))
         _to_parquet(out.child(view, "images.parquet"), images)
         _to_parquet(out.child(view, "classes.parquet"), classes)
         summary["views"][view] = {"images": len(images), "classes": len(classes)}
+        if shard_ids:
+            summary["views"][view]["classes_without_images"] = int(listed_classes - len(classes))
         if progress:
             progress(f"manifest {view}: {len(images):,} images, {len(classes):,} classes")
 
@@ -123,8 +138,17 @@ def prepare_manifests(root: Location, out: Location, progress=print) -> dict:
     _require_columns(recognition, ["id", "landmarks", "Usage"], root.child(gldv2.RECOGNITION_GT_CSV).uri)
     retrieval = _read_csv(root, gldv2.RETRIEVAL_GT_CSV, dtype={"id": str, "images": str}, keep_default_na=False)
     _require_columns(retrieval, ["id", "images", "Usage"], root.child(gldv2.RETRIEVAL_GT_CSV).uri)
-    index = _read_csv(root, gldv2.INDEX_TO_LANDMARK_CSV, dtype={"id": str})
-    _require_columns(index, ["id", "landmark_id"], root.child(gldv2.INDEX_TO_LANDMARK_CSV).uri)
+    test_ids = _read_csv(root, gldv2.TEST_CSV, dtype={"id": str})
+    _require_columns(test_ids, ["id"], root.child(gldv2.TEST_CSV).uri)
+    index_ids = _read_csv(root, gldv2.INDEX_CSV, dtype={"id": str})
+    _require_columns(index_ids, ["id"], root.child(gldv2.INDEX_CSV).uri)
+    index_landmarks = _read_csv(root, gldv2.INDEX_TO_LANDMARK_CSV, dtype={"id": str})
+    _require_columns(index_landmarks, ["id", "landmark_id"], root.child(gldv2.INDEX_TO_LANDMARK_CSV).uri)
+    # index.csv defines the index; index_image_to_landmark.csv only labels part of it.
+    index = index_ids[["id"]].merge(index_landmarks[["id", "landmark_id"]], on="id", how="left")
+    index["landmark_id"] = index["landmark_id"].astype("Int64")
+    _to_parquet(out.child("eval", "test.parquet"), test_ids[["id"]])
+    _to_parquet(out.child("eval", "index.parquet"), index)
     _to_parquet(
         out.child("eval", "recognition.parquet"),
         pd.DataFrame({"id": recognition["id"], "landmarks": recognition["landmarks"], "usage": recognition["Usage"]}),
@@ -135,12 +159,27 @@ def prepare_manifests(root: Location, out: Location, progress=print) -> dict:
             {"id": retrieval["id"], "images": retrieval["images"].replace("None", ""), "usage": retrieval["Usage"]}
         ),
     )
-    _to_parquet(out.child("eval", "index.parquet"), index[["id", "landmark_id"]])
     summary["eval"] = {
-        "test": len(recognition),
+        "test": len(test_ids),
+        "scored_test": int((recognition["Usage"] != "Ignored").sum()),
         "non_landmark_test": int((recognition["landmarks"] == "").sum()),
         "index": len(index),
+        "index_without_landmark": int(index["landmark_id"].isna().sum()),
     }
+    if shard_ids:
+        listed = {"train": all_ids["id"].to_numpy(np.uint64), "test": gldv2.ids_to_u64(test_ids["id"]),
+                  "index": gldv2.ids_to_u64(index["id"])}
+        summary["verified"] = {
+            split: {
+                "rows_without_images": int((~np.isin(listed[split], ids)).sum()),
+                "images_without_rows": int((~np.isin(ids, listed[split])).sum()),
+            }
+            for split, ids in shard_ids.items()
+        }
+        if progress:
+            progress(f"verified against the shards: {summary['verified']}")
+    elif progress:
+        progress("class counts are from the CSVs; --verify-shards counts only images the shards hold")
     write_bytes(out.child("summary.json"), json.dumps(summary, indent=2).encode())
     return summary
 
@@ -201,30 +240,34 @@ class Manifest:
     def index(self) -> pd.DataFrame:
         return _read_parquet(self.location.child("eval", "index.parquet"))
 
-    def eval_selection(self, max_queries: int | None, max_index: int | None, seed: int = 0) -> tuple[LabelLookup, LabelLookup]:
-        """Lookups that keep a per-epoch validation subset: scored test images (Usage not Ignored) with label
-        EVAL_QUERY, and index images with label EVAL_INDEX, those relevant to the chosen queries first. Other ids map
-        to NOT_IN_VIEW and are dropped in the read tasks."""
+    def test(self) -> pd.DataFrame:
+        return _read_parquet(self.location.child("eval", "test.parquet"))
+
+    def eval_selection(
+        self, max_queries: int | None, max_index: int | None, seed: int = 0
+    ) -> tuple[LabelLookup, LabelLookup]:
+        """Lookups of a per-epoch validation subset, over every test and index id of the CSVs: scored test images
+        (Usage not Ignored) and index images (those relevant to the chosen queries first) map to SELECTED, the rest to
+        NOT_IN_VIEW, which the read tasks drop before reading their bytes."""
         recognition = self.recognition()
-        retrieval = self.retrieval()
         scored = recognition.loc[recognition["usage"] != "Ignored", "id"]
         if max_queries and max_queries < len(scored):
             scored = scored.sample(max_queries, random_state=seed)
         all_index_ids = index_ids = self.index()["id"]
         if max_index and max_index < len(index_ids):
             queries = set(scored)
-            relevant = {i for q, imgs in zip(retrieval["id"], retrieval["images"]) if q in queries for i in str(imgs).split()}
+            retrieval = self.retrieval()
+            relevant = {
+                i for q, imgs in zip(retrieval["id"], retrieval["images"]) if q in queries for i in str(imgs).split()
+            }
             others = index_ids[~index_ids.isin(relevant)].sample(frac=1.0, random_state=seed)
             index_ids = pd.concat([index_ids[index_ids.isin(relevant)], others]).iloc[:max_index]
-        return (
-            _selection(recognition["id"], scored, EVAL_QUERY),
-            _selection(all_index_ids, index_ids, EVAL_INDEX),
-        )
+        return _selection(self.test()["id"], scored), _selection(all_index_ids, index_ids)
 
 
-def _selection(all_ids: pd.Series, selected: pd.Series, label: int) -> LabelLookup:
+def _selection(all_ids: pd.Series, selected: pd.Series) -> LabelLookup:
     ids = np.sort(gldv2.ids_to_u64(all_ids))
-    classes = np.where(np.isin(ids, gldv2.ids_to_u64(selected)), label, NOT_IN_VIEW).astype(np.int32)
+    classes = np.where(np.isin(ids, gldv2.ids_to_u64(selected)), SELECTED, NOT_IN_VIEW).astype(np.int32)
     return LabelLookup(ids, classes)
 
 

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 READ_BLOCK_ROWS = 256
 
 JPEG_MAGIC = b"\xff\xd8\xff"
-# The label of rows read without a lookup (index and test images).
+# The label of rows read without a lookup (every member of the split is kept).
 UNLABELLED = -3
 
 # Counter keys: samples dropped by the pipeline, and rows that were read or filtered on purpose.
@@ -96,6 +96,7 @@ class GLDv2TarDatasource(FileBasedDatasource):
         lookup: LabelLookup | None = ray.get(self._lookup_ref) if self._lookup_ref is not None else None
         counts: collections.Counter = collections.Counter()
         rows = self._labelled_members(f, self._location.uri_of(path), lookup, counts)
+        shard = os.path.basename(path)
         for chunk in windowed_shuffle(rows, READ_BLOCK_ROWS, self._shuffle_rows, np.random.default_rng()):
             counts[READ] += len(chunk)
             _report(self._counter, dict(counts))
@@ -106,6 +107,7 @@ class GLDv2TarDatasource(FileBasedDatasource):
                     "id": pa.array(ids, pa.string()),
                     "jpeg": pa.array(blobs, pa.binary()),
                     "label": pa.array(labels, pa.int64()),
+                    "shard": pa.array([shard] * len(ids), pa.string()),  # which tar: the embedding job's unit of work
                 }
             )
         _report(self._counter, dict(counts))  # skips after the last chunk
@@ -118,6 +120,11 @@ class GLDv2TarDatasource(FileBasedDatasource):
             counts[reason] += 1
             log.warning("skipped %s in %s: %s %s", member, uri, reason, detail)
 
+        def truncated(detail: str) -> None:
+            counts["truncated_tar"] += 1
+            log.warning("shard %s is truncated: %s; the rest of the shard is lost", uri, detail)
+
+        last_id = None
         try:
             with tarfile.open(fileobj=f, mode="r|") as tar:
                 for member in tar:
@@ -127,24 +134,25 @@ class GLDv2TarDatasource(FileBasedDatasource):
                     if ext != "jpg" or not gldv2.is_image_id(image_id):
                         skip("not_jpeg", member.name)
                         continue
+                    last_id = image_id
                     label = lookup.class_of(image_id) if lookup is not None else UNLABELLED
                     if label == NOT_IN_VIEW:
                         counts[NOT_IN_VIEW_KEY] += 1  # filtered on purpose, before reading its bytes
                         continue
                     data = tar.extractfile(member).read()
                     if len(data) < member.size:  # tarfile returns what is there when the stream ends early
-                        skip("truncated_tar", member.name)
+                        truncated(f"image {image_id} was cut off")
                         return
                     if not data:
                         skip("empty_member", member.name)
                     elif not data.startswith(JPEG_MAGIC):
                         skip("not_jpeg", member.name, "(no JPEG start-of-image marker)")
                     elif label == UNKNOWN_ID:
-                        skip("unknown_id", member.name, "(not in the train metadata)")
+                        skip("unknown_id", member.name, "(no row in the split's metadata)")
                     else:
                         yield image_id, data, label
         except tarfile.ReadError as err:  # the tar ends inside a header or a member
-            skip("truncated_tar", uri, str(err))
+            truncated(f"it ends after image {last_id} ({err})" if last_id else str(err))
 
 
 def windowed_shuffle(rows: Iterator, chunk: int, window: int, rng: np.random.Generator) -> Iterator[list]:
@@ -164,9 +172,10 @@ def windowed_shuffle(rows: Iterator, chunk: int, window: int, rng: np.random.Gen
 
 
 def decode_images(
-    batch: dict[str, np.ndarray], *, image_size: int, augment: bool, keep_ids: bool, counter
+    batch: dict[str, np.ndarray], *, image_size: int, augment: bool, keep_ids: bool, split: str | None, counter
 ) -> dict[str, np.ndarray]:
-    """map_batches UDF: JPEG bytes -> fixed-size uint8 images; corrupt JPEGs are dropped and counted."""
+    """map_batches UDF: JPEG bytes -> fixed-size uint8 images; corrupt JPEGs are dropped and counted. Eval rows carry
+    their ``split`` name (test, index, train) instead of a class."""
     transform = ImageTransform(image_size, augment)
     images, keep = [], []
     for i, (image_id, data) in enumerate(zip(batch["id"], batch["jpeg"])):
@@ -177,12 +186,14 @@ def decode_images(
             log.warning("skipped %s: corrupt_jpeg %s", image_id, err)
     n_corrupt = len(batch["id"]) - len(keep)
     _report(counter, {"corrupt_jpeg": n_corrupt} if n_corrupt else {})
-    out = {
-        "image": np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8),
-        "label": np.asarray(batch["label"])[keep].astype(np.int64),
-    }
+    out = {"image": np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)}
+    if split is None:
+        out["label"] = np.asarray(batch["label"])[keep].astype(np.int64)
+    else:
+        out["split"] = np.full(len(keep), split)
     if keep_ids:
         out["id"] = np.asarray(batch["id"])[keep]
+        out["shard"] = np.asarray(batch["shard"])[keep]
     return out
 
 
@@ -197,7 +208,8 @@ class ShardStream:
         return ray.get(self.counter.totals.remote())
 
 
-def _shard_paths(cfg: DataConfig, split: str) -> tuple[Location, list[str]]:
+def shard_paths(cfg: DataConfig, split: str) -> tuple[Location, list[str]]:
+    """The split's location and the filesystem paths of its tar shards, sorted."""
     split_loc = resolve(cfg.root, cfg.storage).child(split)
     return split_loc, list_files(split_loc, ".tar", tries=cfg.storage.retries)
 
@@ -210,10 +222,15 @@ def stream_shards(
     augment: bool,
     keep_ids: bool,
     shuffle: bool,
+    split_column: bool = False,
+    only_shards: set[str] | None = None,
 ) -> ShardStream:
-    """The shards of ``split`` as decoded images. With a lookup, rows carry the view's class and other ids are
-    dropped; without one, every member is kept with label UNLABELLED (index and test images)."""
-    loc, paths = _shard_paths(cfg, split)
+    """The shards of ``split`` (or those named in ``only_shards``) as decoded images. With a lookup, only the ids it
+    selects are read (others are dropped before their bytes are read); without one, every member is kept. Rows carry
+    the lookup's class as ``label``, or with ``split_column`` the split's name as ``split``."""
+    loc, paths = shard_paths(cfg, split)
+    if only_shards is not None:
+        paths = [p for p in paths if os.path.basename(p) in only_shards]
     counter = SampleCounter.remote()
     datasource = GLDv2TarDatasource(
         paths,
@@ -228,7 +245,10 @@ def stream_shards(
     )
     dataset = ray.data.read_datasource(datasource, num_cpus=cfg.read_cpus).map_batches(
         decode_images,
-        fn_kwargs=dict(image_size=cfg.image_size, augment=augment, keep_ids=keep_ids, counter=counter),
+        fn_kwargs=dict(
+            image_size=cfg.image_size, augment=augment, keep_ids=keep_ids, split=split if split_column else None,
+            counter=counter,
+        ),
         batch_size=cfg.decode_batch_size,
         batch_format="numpy",
         num_cpus=cfg.decode_cpus,
@@ -244,7 +264,12 @@ def train_stream(cfg: DataConfig, manifest: Manifest | None = None) -> ShardStre
     )
 
 
-def eval_stream(cfg: DataConfig, split: str, lookup: LabelLookup | None = None) -> ShardStream:
-    """Resized (not augmented) images of ``split`` with their image ids; with a lookup (train images as the kNN
-    index), only the view's images, with their classes."""
-    return stream_shards(cfg, split, lookup=lookup, augment=False, keep_ids=True, shuffle=False)
+def eval_stream(
+    cfg: DataConfig, split: str, selection: LabelLookup | None = None, only_shards: set[str] | None = None
+) -> ShardStream:
+    """Resized (not augmented) images of ``split`` with their ids, shard and a ``split`` column; ``selection`` (from
+    ``Manifest.eval_selection`` or a view's label lookup) keeps only the ids it selects."""
+    return stream_shards(
+        cfg, split, lookup=selection, augment=False, keep_ids=True, shuffle=False, split_column=True,
+        only_shards=only_shards,
+    )

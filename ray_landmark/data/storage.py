@@ -16,6 +16,7 @@ from typing import Callable, TypeVar
 
 import pyarrow.fs as pafs
 
+from ray_landmark.config_base import JobError
 from ray_landmark.data.config import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ AWS_ENV_VARS = (
 )
 
 
-class StorageError(OSError):
+class StorageError(JobError, OSError):
     """A location that cannot be read or written; the message names the URI and what to check."""
 
 
@@ -108,13 +109,15 @@ def resolve(uri: str, storage: StorageConfig | None = None) -> Location:
 
 
 def with_retries(what: str, fn: Callable[[], T], tries: int, base_delay_s: float = 0.5) -> T:
-    """Run ``fn``; on OSError try again with backoff, then raise a StorageError that says ``what`` failed."""
+    """Run ``fn``; on OSError try again with backoff, then raise a StorageError that says ``what`` failed. A missing
+    file is not retried: it will not appear by waiting."""
     for attempt in range(1, tries + 1):
         try:
             return fn()
         except OSError as err:  # pyarrow raises OSError subclasses (FileNotFoundError, ...) for every I/O failure
-            if attempt == tries:
-                raise StorageError(f"{what} failed after {tries} tries: {err}") from err
+            if attempt == tries or isinstance(err, FileNotFoundError):
+                tried = f"after {attempt} tries" if attempt > 1 else "(not found)"
+                raise StorageError(f"{what} failed {tried}: {err}") from err
             log.warning("%s failed (try %d of %d): %s", what, attempt, tries, err)
             time.sleep(base_delay_s * 2 ** (attempt - 1))
     raise AssertionError("unreachable")

@@ -20,36 +20,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from pydantic import Field
-
-from ray_landmark.config_base import Section
 from ray_landmark.data import gldv2
+from ray_landmark.data.config import SyntheticSpec
 from ray_landmark.data.storage import Location, write_bytes
 
 log = logging.getLogger(__name__)
-
-
-class SyntheticSpec(Section):
-    """The ``synthetic`` config section: the size and look of a synthetic GLDv2."""
-
-    num_landmarks: int = Field(40, ge=2)  # landmarks in the full train set
-    clean_landmark_fraction: float = 0.5  # share of landmarks that GLDv2c keeps
-    noisy_image_fraction: float = 0.2  # share of a landmark's train images that are label noise / very hard views
-    max_images_per_landmark: int = 40
-    min_images_per_landmark: int = 3
-    tail_exponent: float = 1.0  # class size ~ rank^-exponent
-    test_landmark_images: int = 40
-    test_non_landmark_images: int = 15
-    index_images_per_test_landmark: int = 3
-    index_distractor_landmarks: int = 8  # index-only landmarks, never in train or test
-    index_distractor_images: int = 4
-    width: int = 96
-    height: int = 72
-    train_shards: int = 4
-    index_shards: int = 2
-    test_shards: int = 1
-    jpeg_quality: int = 90
-    seed: int = 0
 
 
 # ---------------------------------------------------------------- rendering
@@ -214,7 +189,7 @@ class _Plan:
 
         n_train = int(sizes.sum())
         n_test = spec.test_landmark_images + spec.test_non_landmark_images
-        ids = iter(_unique_ids(rng, n_train + n_test + len(index_lms)))
+        ids = iter(_unique_ids(rng, n_train + n_test + len(index_lms) + spec.index_unlisted_images))
 
         self.images: list[_Image] = []
         train_clean_rows = []
@@ -236,6 +211,8 @@ class _Plan:
             self.images.append(_Image(next(ids), "test", -1))
         for lm in index_lms:
             self.images.append(_Image(next(ids), "index", int(lm)))
+        for _ in range(spec.index_unlisted_images):
+            self.images.append(_Image(next(ids), "index", -1))
 
         train = [i for i in self.images if i.split == "train"]
         self.train = pd.DataFrame(
@@ -256,12 +233,13 @@ class _Plan:
         test = [i for i in self.images if i.split == "test"]
         self.index = pd.DataFrame({"id": [i.image_id for i in index]})
         self.test = pd.DataFrame({"id": [i.image_id for i in test]})
+        listed = [i for i in index if i.landmark >= 0]
         self.index_to_landmark = pd.DataFrame(
-            {"id": [i.image_id for i in index], "landmark_id": [int(index_lm_ids[i.landmark]) for i in index]}
+            {"id": [i.image_id for i in listed], "landmark_id": [int(index_lm_ids[i.landmark]) for i in listed]}
         )
         usage = rng.choice(["Public", "Private", "Ignored"], size=len(test), p=[0.3, 0.6, 0.1])
         index_by_lm: dict[int, list[str]] = {}
-        for i in index:
+        for i in listed:
             index_by_lm.setdefault(i.landmark, []).append(i.image_id)
         self.recognition_gt = pd.DataFrame(
             {

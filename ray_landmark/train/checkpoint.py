@@ -16,8 +16,9 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import torch
 
-from ray_landmark.data.storage import resolve
-from ray_landmark.progress import say
+from ray_landmark.config_base import JobError
+from ray_landmark.data.storage import Location, resolve
+from ray_landmark.progress import Printer, say
 
 
 STATE_FILE = "state.pt"
@@ -25,7 +26,7 @@ CONFIG_FILE = "config.json"
 META_FILE = "meta.json"
 
 
-class CorruptCheckpoint(RuntimeError):
+class CorruptCheckpoint(JobError, RuntimeError):
     """A checkpoint folder that cannot be used; the message names it and says why."""
 
 
@@ -36,6 +37,31 @@ class Progress:
     epoch: int
     step: int
     epoch_step: int
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    state: dict  # model, optimizer, scheduler, scaler state dicts and the view's landmark ids
+    config: dict  # the run's full resolved config, as saved
+    progress: Progress
+    name: str  # its URI, for messages
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    model: torch.nn.Module  # in eval mode
+    config: "Config"  # noqa: F821 (imported lazily: loading a config must not import torch models)
+    landmark_ids: torch.Tensor  # class index -> GLDv2 landmark id
+
+
+def run_location(run_config) -> Location:
+    """``<run.output_dir>/<run.name>``: a run's checkpoints (Ray Train's) and ``logs/`` (metrics, TensorBoard)."""
+    return resolve(run_config.output_dir, run_config.storage).child(run_config.name)
+
+
+def run_logs(run_config) -> Location:
+    """``<run.output_dir>/<run.name>/logs``: metrics.jsonl and TensorBoard event files."""
+    return run_location(run_config).child("logs")
 
 
 def _sha256(path: Path) -> str:
@@ -54,8 +80,8 @@ def save_checkpoint(folder: Path, *, state: dict, config: dict, progress: Progre
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
-def read_checkpoint(folder: Path, name: str, map_location="cpu") -> tuple[dict, dict, Progress]:
-    """(state, config, progress) of a checkpoint folder; ``name`` (its URI) is what errors report."""
+def read_checkpoint(folder: Path, name: str, map_location="cpu") -> LoadedCheckpoint:
+    """The checkpoint in ``folder``; ``name`` (its URI) is what errors report."""
     try:
         meta = json.loads((folder / META_FILE).read_text())
         if _sha256(folder / STATE_FILE) != meta["sha256"]:
@@ -66,11 +92,11 @@ def read_checkpoint(folder: Path, name: str, map_location="cpu") -> tuple[dict, 
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise CorruptCheckpoint(f"checkpoint {name}: unreadable ({type(err).__name__}: {err})") from None
-    return state, config, Progress(meta["epoch"], meta["step"], meta["epoch_step"])
+    return LoadedCheckpoint(state, config, Progress(meta["epoch"], meta["step"], meta["epoch_step"]), name)
 
 
-def load_latest_good(checkpoints) -> tuple[dict, dict, Progress, str] | None:
-    """The newest readable checkpoint among ``ray.train.Checkpoint`` objects; each damaged one is logged by name and
+def load_latest_good(checkpoints, printer: Printer = say) -> LoadedCheckpoint | None:
+    """The newest readable checkpoint among ``ray.train.Checkpoint`` objects; each damaged one is reported by name and
     skipped, so resuming falls back to the previous good one. None when there is none."""
     def step_of(ckpt) -> int:
         return int(ckpt.get_metadata().get("step", -1))
@@ -79,15 +105,23 @@ def load_latest_good(checkpoints) -> tuple[dict, dict, Progress, str] | None:
         name = f"s3://{ckpt.path}" if isinstance(ckpt.filesystem, pafs.S3FileSystem) else ckpt.path
         try:
             with ckpt.as_directory() as folder:
-                state, config, progress = read_checkpoint(Path(folder), name)
-            return state, config, progress, name
+                return read_checkpoint(Path(folder), name)
         except CorruptCheckpoint as err:
-            say(f"[train] {err}; falling back to the previous checkpoint")
+            printer(f"[train] WARNING {err}; falling back to the previous checkpoint")
     return None
 
 
-def _latest_checkpoint_folder(run):
-    """The checkpoint folder of a run folder (``<output_dir>/<name>``) with the most steps."""
+def checkpoint_folder(uri: str, storage=None) -> Location:
+    """A checkpoint folder as given, or the newest checkpoint of a run folder (``<output_dir>/<name>``)."""
+    loc = resolve(uri, storage)
+    if loc.fs.get_file_info(loc.child(STATE_FILE).path).type != pafs.FileType.NotFound:
+        return loc
+    if loc.fs.get_file_info(loc.path).type == pafs.FileType.NotFound:
+        raise CorruptCheckpoint(f"{loc.uri}: no such checkpoint or run folder")
+    return _latest_checkpoint_folder(loc)
+
+
+def _latest_checkpoint_folder(run: Location) -> Location:
     metas = [
         f.path for f in run.fs.get_file_info(pafs.FileSelector(run.path, recursive=True))
         if f.is_file and f.path.endswith("/" + META_FILE)
@@ -103,25 +137,40 @@ def _latest_checkpoint_folder(run):
     return run.child(newest[len(run.path):].strip("/"))
 
 
-def read_checkpoint_at(uri: str, storage=None, map_location="cpu") -> tuple[dict, dict, Progress]:
+def read_checkpoint_at(uri: str, storage=None, map_location="cpu") -> LoadedCheckpoint:
     """``read_checkpoint`` of a checkpoint folder given as a path or bucket URI; a run folder means its latest
     checkpoint (what a recipe step's train.init_from names)."""
-    loc = resolve(uri, storage)
-    if loc.fs.get_file_info(loc.child(STATE_FILE).path).type == pafs.FileType.NotFound:
-        loc = _latest_checkpoint_folder(loc)
+    loc = checkpoint_folder(uri, storage)
     with tempfile.TemporaryDirectory() as tmp:
         pafs.copy_files(loc.path, tmp, source_filesystem=loc.fs, destination_filesystem=pafs.LocalFileSystem())
         return read_checkpoint(Path(tmp), loc.uri, map_location)
 
 
-def load_model(uri: str, storage=None, map_location="cpu"):
-    """(model in eval mode, Config, landmark ids) from a checkpoint folder or URI alone: what the embedding job uses."""
+def load_model(uri: str, storage=None, map_location="cpu") -> TrainedModel:
+    """The model (eval mode), its config and label map from a checkpoint folder or URI alone."""
     from ray_landmark.config import config_from_dict
     from ray_landmark.models.factory import build_model
 
-    state, config, _ = read_checkpoint_at(uri, storage, map_location)
-    cfg = config_from_dict(config, f"{uri}/{CONFIG_FILE}")
-    landmark_ids = state["landmark_ids"]
+    checkpoint = read_checkpoint_at(uri, storage, map_location)
+    cfg = config_from_dict(checkpoint.config, f"{checkpoint.name}/{CONFIG_FILE}")
+    landmark_ids = checkpoint.state["landmark_ids"]
     model = build_model(cfg.model, cfg.loss, len(landmark_ids), cfg.data.image_size)
-    model.load_state_dict(state["model"])
-    return model.eval(), cfg, landmark_ids
+    try:
+        model.load_state_dict(checkpoint.state["model"])
+    except RuntimeError as err:  # names every missing, unexpected or misshapen tensor
+        first = str(err).strip().splitlines()
+        raise CorruptCheckpoint(
+            f"checkpoint {checkpoint.name}: its weights do not fit the model its {CONFIG_FILE} describes "
+            f"({cfg.model.arch}, {cfg.model.backbone}): {' '.join(first[:3])[:400]}"
+        ) from None
+    return TrainedModel(model.eval(), cfg, landmark_ids)
+
+
+def read_checkpoint_config(uri: str, storage=None) -> dict:
+    """Only the resolved config of a checkpoint folder or run folder (its latest checkpoint): no weights are read."""
+    loc = checkpoint_folder(uri, storage)
+    try:
+        with loc.fs.open_input_stream(loc.child(CONFIG_FILE).path) as f:
+            return json.loads(f.read())
+    except (OSError, ValueError) as err:
+        raise CorruptCheckpoint(f"checkpoint {loc.uri}: {CONFIG_FILE} unreadable ({err})") from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -21,16 +22,33 @@ import ray.train
 import ray.train.torch
 import torch
 
-from ray_landmark.config import Config, config_from_dict
+from ray_landmark.config import Config
 from ray_landmark.data.pipeline import SKIP_REASONS, counts_since
-from ray_landmark.data.storage import resolve
 from ray_landmark.data.transforms import normalize_on_device
 from ray_landmark.models.factory import build_model
 from ray_landmark.models.transfer import freeze_except, warm_start
-from ray_landmark.progress import ProgressLine, say
-from ray_landmark.train.checkpoint import Progress, load_latest_good, read_checkpoint_at, save_checkpoint
+from ray_landmark.progress import Printer, ProgressLine, relay_printer
+from ray_landmark.train.checkpoint import Progress, load_latest_good, read_checkpoint_at, run_logs, save_checkpoint
 from ray_landmark.train.metrics_log import MetricsLog
 from ray_landmark.train.validate import validate
+
+
+@dataclass(frozen=True)
+class Worker:
+    """What one training worker holds for the whole run: made once, handed to validation and checkpointing."""
+
+    inputs: "WorkerInputs"  # noqa: F821 (ray_landmark.train.trainer; importing it here would be circular)
+    rank: int
+    world: int
+    device: torch.device
+    autocast: contextlib.AbstractContextManager  # reusable: torch.autocast, or a no-op on CPU / with amp off
+    memory_format: torch.memory_format
+    raw_model: torch.nn.Module  # the model without its DDP wrapper: state dicts, evaluation
+    say: Printer  # rank 0's lines go to the driver's console; the other ranks stay silent
+
+    @property
+    def cfg(self) -> Config:
+        return self.inputs.config
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -48,73 +66,71 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _init_weights(model: torch.nn.Module, cfg: Config, rank: int) -> None:
-    """Warm start from the previous recipe step's checkpoint (train.init_from), dropping train.drop_keys."""
-    state, _, _ = read_checkpoint_at(cfg.train.init_from, cfg.run.storage)
-    report = warm_start(model, state["model"], cfg.train.drop_keys)
-    if rank == 0:
-        say(f"[train] warm start from {cfg.train.init_from}: {report.summary()}")
-
-
 def train_loop_per_worker(loop_config: dict) -> dict:
-    cfg: Config = config_from_dict(loop_config["config"], "train_loop_config")
+    inputs = loop_config["inputs"]
+    cfg: Config = inputs.config
     tc = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(tc.seed + rank)
-    on_step = loop_config.get("on_step")
+    say = relay_printer(inputs.console) if rank == 0 else (lambda line, transient=False: None)
 
-    class_counts = loop_config["class_counts"]
-    model = build_model(cfg.model, cfg.loss, len(class_counts), cfg.data.image_size, class_counts)
-    resume = load_latest_good(_reported_checkpoints())
+    model = build_model(cfg.model, cfg.loss, len(inputs.class_counts), cfg.data.image_size, inputs.class_counts)
+    resume = load_latest_good(_reported_checkpoints(), printer=say)
     if resume is None and tc.init_from:
-        _init_weights(model, cfg, rank)
+        report = warm_start(model, read_checkpoint_at(tc.init_from, cfg.run.storage).state["model"], tc.drop_keys)
+        say(f"[train] warm start from {tc.init_from}: {report.summary()}")
     freeze_except(model, tc.trainable)
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
-    model = model.to(device=device, memory_format=memory_format)
-    model = ray.train.torch.prepare_model(model)
+    raw_model = model.to(device=device, memory_format=memory_format)
+    model = ray.train.torch.prepare_model(raw_model)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_cls(params, lr=tc.lr, weight_decay=tc.weight_decay)
     # Equal shards: each rank sees train_images // world rows and drops its last partial batch.
-    batches_per_epoch = loop_config["train_images"] // world // tc.batch_size
+    batches_per_epoch = inputs.train_images // world // tc.batch_size
     steps_per_epoch = max(1, batches_per_epoch // tc.grad_accum)
     total_steps = tc.epochs * steps_per_epoch
     warmup_steps = round(tc.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup_steps, total_steps))
     amp_dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    worker = Worker(inputs, rank, world, device, autocast, memory_format, raw_model, say)
 
     progress = Progress(epoch=0, step=0, epoch_step=0)
     if resume is not None:
-        state, _, progress, name = resume
-        model_without_ddp(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if rank == 0:
-            say(f"[train] resumed from {name}: epoch {progress.epoch + 1}, step {progress.step}")
+        progress = resume.progress
+        raw_model.load_state_dict(resume.state["model"])
+        optimizer.load_state_dict(resume.state["optimizer"])
+        scheduler.load_state_dict(resume.state["scheduler"])
+        scaler.load_state_dict(resume.state["scaler"])
+        say(f"[train] resumed from {resume.name}: epoch {progress.epoch + 1}, step {progress.step}")
+
+    def report(progress: Progress, metrics: dict) -> None:
+        _report(worker, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}, progress, metrics)
 
     train_shard = ray.train.get_dataset_shard("train")
-    skip_counter = loop_config["skip_counter"]
     last_epoch = tc.stop_at or tc.epochs
     step = progress.step
-    log = MetricsLog(run_location(cfg).child("logs")) if rank == 0 else None
+    log = MetricsLog(run_logs(cfg.run)) if rank == 0 else None
     if tc.validate_before_training and resume is None:
-        baseline = {"epoch": 0, "step": 0, **validate(model, cfg, loop_config, rank, world, device, amp_dtype, memory_format)}
+        baseline = {"epoch": 0, "step": 0, **validate(worker)}
         if log:
             log.write(baseline, step=0)
-            _print_epoch(baseline)
+            say(epoch_summary(baseline))
     metrics: dict = {}
     for epoch in range(progress.epoch, last_epoch):
         model.train()
-        skipped_before = ray.get(skip_counter.totals.remote()) if rank == 0 else {}
+        skipped_before = ray.get(inputs.skip_counter.totals.remote()) if rank == 0 else {}
         epoch_step = progress.epoch_step if epoch == progress.epoch else 0
         line = ProgressLine(
-            f"epoch {epoch + 1}/{last_epoch}", total=(steps_per_epoch - epoch_step) * tc.batch_size * tc.grad_accum * world,
-            every_s=10, printer=(lambda s: say(f"[train] {s}")) if rank == 0 else (lambda s: None),
+            f"[train] epoch {epoch + 1}/{last_epoch}",
+            total=(steps_per_epoch - epoch_step) * tc.batch_size * tc.grad_accum * world,
+            printer=say, interactive_console=inputs.interactive_console,
         )
         losses: list[torch.Tensor] = []  # kept on the device: .item() every step would stall the GPU
         micro = 0
@@ -129,7 +145,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             # Gradients are all-reduced once per optimizer step, not once per micro-batch.
             accumulating = micro % tc.grad_accum != 0 and hasattr(model, "no_sync")
             with model.no_sync() if accumulating else contextlib.nullcontext():
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                with autocast:
                     loss = model(images, batch["label"])["loss"]
                 scaler.scale(loss / tc.grad_accum).backward()
             losses.append(loss.detach())
@@ -146,37 +162,27 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             epoch_step += 1
             line.update(len(images) * tc.grad_accum * world,
                         lambda: f"loss {_mean(losses[-20:]):.3f} | lr {scheduler.get_last_lr()[0]:.2e}")
-            if on_step is not None:
-                on_step(rank=rank, epoch=epoch, step=step)
+            if inputs.on_step is not None:
+                inputs.on_step(rank=rank, epoch=epoch, step=step)
             if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0 and epoch_step < steps_per_epoch:
-                _report(model, optimizer, scheduler, scaler, cfg, loop_config,
-                        Progress(epoch, step, epoch_step), {"epoch": epoch, "step": step, "loss": _mean(losses)})
+                report(Progress(epoch, step, epoch_step), {"epoch": epoch, "step": step, "loss": _mean(losses)})
         line.close(f"loss {_mean(losses):.3f}")
 
         metrics = {"epoch": epoch + 1, "step": step, "loss": _mean(losses),
                    "lr": scheduler.get_last_lr()[0], "images_per_s": round(line.rate, 1)}
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == last_epoch:
-            metrics.update(validate(model, cfg, loop_config, rank, world, device, amp_dtype, memory_format))
+            metrics.update(validate(worker))
         if log:
-            skipped = counts_since(skipped_before, ray.get(skip_counter.totals.remote()))
+            skipped = counts_since(skipped_before, ray.get(inputs.skip_counter.totals.remote()))
             metrics.update({f"skipped_{r}": skipped.get(r, 0) for r in SKIP_REASONS})
             log.write(metrics, step=step)
-            _print_epoch(metrics)
-        _report(model, optimizer, scheduler, scaler, cfg, loop_config, Progress(epoch + 1, step, 0), metrics)
+            say(epoch_summary(metrics))
+        report(Progress(epoch + 1, step, 0), metrics)
     return metrics
 
 
 def _mean(losses: list[torch.Tensor]) -> float:
     return torch.stack(losses).float().mean().item() if losses else float("nan")
-
-
-def run_location(cfg: Config):
-    """``<run.output_dir>/<run.name>``: Ray Train's checkpoints and our logs."""
-    return resolve(cfg.run.output_dir, cfg.run.storage).child(cfg.run.name)
-
-
-def model_without_ddp(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
 
 
 def _reported_checkpoints() -> list:
@@ -188,26 +194,27 @@ def _reported_checkpoints() -> list:
         return [latest] if latest else []
 
 
-def _report(model, optimizer, scheduler, scaler, cfg, loop_config, progress: Progress, metrics: dict) -> None:
+def _report(worker: Worker, state: dict, progress: Progress, metrics: dict) -> None:
     """Every rank reports (ray.train.report is a barrier); rank 0 attaches the checkpoint."""
-    if ray.train.get_context().get_world_rank() != 0:
+    if worker.rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        state = {
-            "model": model_without_ddp(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "landmark_ids": torch.as_tensor(loop_config["landmark_ids"], dtype=torch.int64),
-        }
-        save_checkpoint(Path(tmp), state=state, config=loop_config["config"], progress=progress)
+        state["landmark_ids"] = torch.as_tensor(worker.inputs.landmark_ids, dtype=torch.int64)
+        save_checkpoint(Path(tmp), state=state, config=worker.cfg.model_dump(mode="json"), progress=progress)
         checkpoint = ray.train.Checkpoint.from_directory(tmp)
         checkpoint.set_metadata({"epoch": progress.epoch, "step": progress.step})
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _print_epoch(metrics: dict) -> None:
-    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items() if not k.startswith("skipped_")}
+def epoch_summary(metrics: dict) -> str:
+    """One line a person can read: ``[train] epoch 3 done: loss 2.314 | lr 2.50e-04 | val GAP 0.412 ...``."""
+    formats = [("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("images_per_s", "{:.1f} img/s"),
+               ("val_gap", "val GAP {:.4f}"), ("val_map100", "val mAP@100 {:.4f}"),
+               ("val_queries", "{:,} queries"), ("val_index", "{:,} index images")]
+    parts = [fmt.format(metrics[key]) for key, fmt in formats if key in metrics]
     skipped = {k.removeprefix("skipped_"): v for k, v in metrics.items() if k.startswith("skipped_") and v}
-    say(f"[train] epoch {metrics['epoch']} {'done' if metrics['epoch'] else '(before training)'}: {shown}" + (f" skipped {skipped}" if skipped else ""))
+    if skipped:
+        parts.append("skipped " + ", ".join(f"{n} {reason}" for reason, n in skipped.items()))
+    state = "done" if metrics["epoch"] else "(before training)"
+    return f"[train] epoch {metrics['epoch']} {state}: " + " | ".join(parts)

@@ -1,4 +1,4 @@
-"""The driver side of training: datasets, the Ray Train TorchTrainer and where its checkpoints live.
+"""The driver side of training: what the workers get, the Ray Train TorchTrainer and where its checkpoints live.
 
 Resuming is rerunning: the run is named ``run.name`` under ``run.output_dir``, and Ray Train V2 reloads that run's
 checkpoint history when the same name is submitted again.
@@ -6,51 +6,109 @@ checkpoint history when the same name is submitted again.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
+import ray
 import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from ray_landmark.config import Config
 from ray_landmark.config_base import ConfigError
-from ray_landmark.data.metadata import open_manifest
+from ray_landmark.data.metadata import LabelLookup, open_manifest
 from ray_landmark.data.pipeline import eval_stream, train_stream
 from ray_landmark.data.storage import resolve
+from ray_landmark.progress import ConsoleRelay, interactive, run_printing_relay, say
+from ray_landmark.train.checkpoint import run_location
 from ray_landmark.train.loop import train_loop_per_worker
 
 
-def fit(cfg: Config, on_step=None) -> ray.train.Result:
-    """Train ``cfg`` on the Ray cluster this process is connected to. ``on_step(rank=, epoch=, step=)``, when given,
-    runs in every worker after each optimizer step (fault-injection tests use it)."""
-    return build_trainer(cfg, on_step=on_step).fit()
+@dataclass(frozen=True)
+class TrainingData:
+    """What training needs from the manifest, read on the driver before Ray starts (a wrong URI fails at once)."""
+
+    class_counts: list[int]
+    landmark_ids: list[int]
+    test_selection: LabelLookup
+    index_selection: LabelLookup
+
+    @property
+    def train_images(self) -> int:
+        return sum(self.class_counts)
 
 
-def build_trainer(cfg: Config, on_step=None, train_dataset: ray.data.Dataset | None = None) -> TorchTrainer:
-    """The TorchTrainer of ``cfg``; ``train_dataset`` replaces the streamed shards (the benchmarks feed in-memory
-    batches through it)."""
+@dataclass(frozen=True)
+class WorkerInputs:
+    """Everything a training worker receives besides its dataset shards."""
+
+    config: Config
+    class_counts: list[int]
+    landmark_ids: list[int]
+    train_images: int
+    skip_counter: "ray.actor.ActorHandle"  # the train stream's SampleCounter
+    console: "ray.actor.ActorHandle"  # a ConsoleRelay: rank 0's progress and epoch lines
+    interactive_console: bool  # the driver's console is a terminal: refresh progress in place, often
+    on_step: Callable | None = None  # on_step(rank=, epoch=, step=) after each optimizer step (fault-injection tests)
+
+
+def load_training_data(cfg: Config) -> TrainingData:
     if cfg.model is None or cfg.train is None:
         raise ConfigError(f"run {cfg.run.name}: training needs the 'model' and 'train' sections")
-    tc = cfg.train
     manifest = open_manifest(cfg.data)
     classes = manifest.view_classes(cfg.data.view)
-    train = train_stream(cfg.data, manifest)
-    test_lookup, index_lookup = manifest.eval_selection(cfg.data.eval_queries, cfg.data.eval_index, cfg.data.seed)
-    # Queries and index images in one dataset (labelled EVAL_QUERY / EVAL_INDEX): one split coordinator less.
-    evaluation = eval_stream(cfg.data, "test", test_lookup).dataset.union(
-        eval_stream(cfg.data, "index", index_lookup).dataset
+    test, index = manifest.eval_selection(cfg.data.eval_queries, cfg.data.eval_index, cfg.data.seed)
+    return TrainingData(classes["count"].tolist(), classes["landmark_id"].tolist(), test, index)
+
+
+class CompleteEvalSplit(ray.train.DataConfig):
+    """Splits ``train`` as Ray Train does (equal shares, for DDP's lockstep) but ``eval`` with ``equal=False``: the
+    equal split drops up to world_size - 1 rows, a different one each epoch, so epochs would not score the same set.
+    (Ray Train V2 configures one dataset per call.)"""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        if "eval" not in datasets:
+            return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+        evaluation = datasets["eval"].copy(datasets["eval"])
+        evaluation.context.execution_options = self._resolve_execution_options("eval")
+        return [{"eval": split} for split in evaluation.streaming_split(world_size, equal=False)]
+
+
+def fit(
+    cfg: Config, data: TrainingData | None = None, on_step=None, train_dataset: ray.data.Dataset | None = None
+) -> ray.train.Result:
+    """Train ``cfg`` on the Ray cluster this process is connected to, printing the workers' progress here.
+    ``train_dataset`` replaces the streamed shards (the benchmarks feed in-memory batches through it)."""
+    data = data or load_training_data(cfg)
+    console = ConsoleRelay.remote()
+    trainer = build_trainer(cfg, data, console, on_step=on_step, train_dataset=train_dataset)
+    try:
+        return run_printing_relay(trainer.fit, console)
+    except KeyboardInterrupt:
+        say(f"\n[train] interrupted; rerun the same command to resume from the last checkpoint in "
+            f"{run_location(cfg.run).uri}")
+        raise SystemExit(130) from None
+
+
+def build_trainer(
+    cfg: Config, data: TrainingData, console, on_step=None, train_dataset: ray.data.Dataset | None = None
+) -> TorchTrainer:
+    """The TorchTrainer of ``cfg``, its workers posting their lines to ``console`` (a ConsoleRelay)."""
+    tc = cfg.train
+    train = train_stream(cfg.data)
+    # Queries and index images in one dataset (rows carry their split): one split coordinator less.
+    evaluation = eval_stream(cfg.data, "test", data.test_selection).dataset.union(
+        eval_stream(cfg.data, "index", data.index_selection).dataset
     )
-    datasets = {"train": train_dataset if train_dataset is not None else train.dataset, "eval": evaluation}
     storage = resolve(cfg.run.output_dir, cfg.run.storage)
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
+    inputs = WorkerInputs(
+        config=cfg, class_counts=data.class_counts, landmark_ids=data.landmark_ids, train_images=data.train_images,
+        skip_counter=train.counter, console=console, interactive_console=interactive(), on_step=on_step,
+    )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": cfg.model_dump(mode="json"),
-            "class_counts": classes["count"].tolist(),
-            "landmark_ids": classes["landmark_id"].tolist(),
-            "train_images": int(classes["count"].sum()),
-            "skip_counter": train.counter,
-            "on_step": on_step,
-        },
+        train_loop_config={"inputs": inputs},
         scaling_config=ray.train.ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
         ),
@@ -61,5 +119,6 @@ def build_trainer(cfg: Config, on_step=None, train_dataset: ray.data.Dataset | N
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
         ),
-        datasets=datasets,
+        datasets={"train": train_dataset if train_dataset is not None else train.dataset, "eval": evaluation},
+        dataset_config=CompleteEvalSplit(),
     )
