@@ -1,30 +1,38 @@
-"""The quickstart: synthetic GLDv2 in a local S3 server (127.0.0.1), streamed through the training pipeline, then a
-tiny DOLG trained on it with 2 CPU workers, checkpointing to the same server.
+"""The quickstart: synthetic GLDv2 in a local S3 server (127.0.0.1), streamed through the training pipeline; a tiny
+DOLG and a tiny plain EfficientNet trained on it with 2 CPU workers each, checkpointing to the same server; then the
+ensemble of the two: embeddings, kNN, post-processing, metrics per model and stage, submissions and a report.
 
     python jobs/quickstart.py [--config configs/quickstart.yaml] [--set data.image_size=64]
-It writes a summary.json of what it measured to --out (runs/quickstart); checkpoints and logs go to run.output_dir on the
-local S3 server, which lives only as long as the job.
+It writes summary.json and ensemble/ (report.html, submissions, embeddings) to --out (runs/quickstart); checkpoints
+and logs go to run.output_dir on the local S3 server, which lives only as long as the job.
 """
 
 from pathlib import Path
 
 from ray_landmark import quickstart
 from ray_landmark.cli import job_parser, load_job_config, run_job
+from ray_landmark.config import load_config
+from ray_landmark.infer.config import EnsembleConfig
 from ray_landmark.local_s3 import LocalS3Server, use_test_credentials
 from ray_landmark.runtime import init_ray
 
 
 def main() -> None:
     parser = job_parser(__doc__, default_config="configs/quickstart.yaml")
-    parser.add_argument("--out", default="runs/quickstart", help="local folder for summary.json")
+    parser.add_argument("--second", default="configs/quickstart_efficientnet.yaml", help="a model of another family")
+    parser.add_argument("--ensemble", default="configs/ensemble/quickstart.yaml")
+    parser.add_argument("--out", default="runs/quickstart", help="local folder for summary.json and the ensemble")
     args = parser.parse_args()
-    server = LocalS3Server()  # picks a free port; starts below, once the config is known to be good
+    server = LocalS3Server()  # picks a free port; starts below, once the configs are known to be good
     endpoint = f"endpoint_url={server.endpoint_url}"
     cfg = load_job_config(args, [f"data.storage.{endpoint}", f"run.storage.{endpoint}"])
+    second = load_config(args.second, [f"data.storage.{endpoint}", f"run.storage.{endpoint}"])
+    ensemble_out = Path(args.out).resolve() / "ensemble"
+    ensemble = load_config(args.ensemble, [f"storage.{endpoint}", f"output_dir={ensemble_out}"], EnsembleConfig)
     use_test_credentials()
     with server:
         init_ray()
-        quickstart.run(cfg, server, Path(args.out))
+        quickstart.run(cfg, second, ensemble, server, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The quickstart: a synthetic GLDv2 in a local S3 server, streamed through the training pipeline, then a tiny DOLG
-trained on it with Ray Train, checkpointing to the same server.
+"""The quickstart: a synthetic GLDv2 in a local S3 server, streamed through the training pipeline; a tiny DOLG and a
+tiny plain EfficientNet trained on it with Ray Train, checkpointing to the same server; then the ensemble of the two:
+embeddings, kNN, post-processing, metrics per model and stage, submissions and an HTML report.
 
 It exercises the same code path as a cluster run against real S3: an endpoint URL, credentials from the environment,
 tar shards read by Ray Data tasks.
@@ -18,9 +19,13 @@ from ray_landmark.config import Config
 from ray_landmark.data.metadata import open_manifest, prepare_manifests
 from ray_landmark.data.pipeline import SKIP_REASONS, eval_stream, train_stream
 from ray_landmark.data.storage import resolve
-from ray_landmark.data.synthetic import SyntheticSpec, write_synthetic_gldv2
+from ray_landmark.infer.config import EnsembleConfig
+from ray_landmark.infer.ensemble import metrics_text, run_ensemble
+from ray_landmark.data.config import SyntheticSpec
+from ray_landmark.data.synthetic import write_synthetic_gldv2
 from ray_landmark.local_s3 import LocalS3Server
 from ray_landmark.progress import ProgressLine
+from ray_landmark.train.checkpoint import run_logs
 from ray_landmark.train.metrics_log import read_metrics
 from ray_landmark.train.trainer import fit
 
@@ -40,7 +45,7 @@ def stream_epoch(cfg: Config, batch_size: int) -> dict:
     manifest = open_manifest(cfg.data)
     classes = manifest.view_classes(cfg.data.view)
     stream = train_stream(cfg.data, manifest)
-    progress = ProgressLine(f"epoch 1 ({cfg.data.view})", total=int(classes["count"].sum()), every_s=2)
+    progress = ProgressLine(f"[quickstart] stream epoch 1 ({cfg.data.view})", total=int(classes["count"].sum()))
     per_class = collections.Counter()
     started = time.perf_counter()
     for batch in stream.dataset.iter_torch_batches(batch_size=batch_size, prefetch_batches=cfg.data.prefetch_batches):
@@ -69,30 +74,36 @@ def stream_epoch(cfg: Config, batch_size: int) -> dict:
 
 def train(cfg: Config) -> dict:
     """Train with Ray Train; the per-epoch validation history comes back from the run's metrics log."""
-    print(f"[quickstart] training {cfg.model.arch} with {cfg.train.num_workers} workers; checkpoints to {cfg.run.output_dir}")
+    print(f"[quickstart] training {cfg.run.name} ({cfg.model.arch}) with {cfg.train.num_workers} workers; "
+          f"checkpoints to {cfg.run.output_dir}")
     result = fit(cfg)
-    history = read_metrics(resolve(cfg.run.output_dir, cfg.run.storage).child(cfg.run.name, "logs"))
-    for m in history:
-        print(f"[quickstart] epoch {m['epoch']}: val GAP {m.get('val_gap', float('nan')):.3f}, "
-              f"val mAP@100 {m.get('val_map100', float('nan')):.3f}" + (f", loss {m['loss']:.3f}" if "loss" in m else ""))
+    history = read_metrics(run_logs(cfg.run))
     return {"final_checkpoint": result.checkpoint.path, "history": history}
 
 
-def run(cfg: Config, server: LocalS3Server, out_dir: Path) -> dict:
+def run(cfg: Config, second: Config, ensemble: EnsembleConfig, server: LocalS3Server, out_dir: Path) -> dict:
+    """The whole quickstart; ``second`` is a model of another family, ``ensemble`` combines the two."""
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     print(f"[quickstart] local S3 server at {server.endpoint_url}; writing synthetic GLDv2 to {cfg.data.root}")
     dataset = prepare_dataset(cfg, server)
     print(f"[quickstart] dataset: {dataset['images']} images, {dataset['landmarks']} landmarks")
-    batch_size = cfg.train.batch_size if cfg.train else 32
-    epoch = stream_epoch(cfg, batch_size)
+    epoch = stream_epoch(cfg, cfg.train.batch_size)
     print(
         f"[quickstart] streamed {epoch['train_images_streamed']}/{epoch['train_images_in_view']} train images of "
         f"{epoch['classes_streamed']}/{epoch['classes_in_view']} classes at {epoch['images_per_second']} img/s; "
         f"{epoch['test_images_streamed']} test images; skipped: {epoch['skipped']}"
     )
-    training = train(cfg) if cfg.train else None
+    training = {c.run.name: train(c) for c in (cfg, second)}
+    print(f"[quickstart] ensemble of {', '.join(m.name for m in ensemble.models)}: embeddings, kNN, post-processing")
+    scored = run_ensemble(ensemble)
+    print(metrics_text(scored["stages"]))
     summary = {
+        "gap": scored["gap"],
+        "map100": scored["map100"],
+        "models": scored["models"],
+        "report": scored["report"],
+        "ensemble": scored,
         "config": cfg.model_dump(mode="json"),
         "dataset": dataset,
         "stream": epoch,
@@ -100,6 +111,7 @@ def run(cfg: Config, server: LocalS3Server, out_dir: Path) -> dict:
         "ray": {"cluster_cpus": ray.cluster_resources().get("CPU")},
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"[quickstart] report: {scored['report']}")
     print(f"[quickstart] done in {summary['seconds']} s; summary in {out_dir / 'summary.json'}")
     return summary

@@ -69,5 +69,46 @@ def test_a_job_with_a_bad_config_stops_before_starting_ray(tmp_path):
     )
     assert proc.returncode != 0
     assert f"config error: {bad}: unknown key 'data.shufle_buffer'" in proc.stderr
-    assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+    assert "Ray" not in proc.stdout and "Ray" not in proc.stderr.replace("Ray Data", "")
     assert time.perf_counter() - started < 60
+
+
+def test_a_training_job_without_a_manifest_fails_at_once_before_starting_ray(tmp_path):
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "jobs/train.py", "--config", "configs/tiny_dolg.yaml", "--set", f"data.root={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    seconds = time.perf_counter() - started
+    assert proc.returncode != 0
+    assert f"reading {tmp_path}/manifest/gldv2c/classes.parquet failed (not found)" in proc.stderr
+    assert "jobs/prepare_gldv2.py" in proc.stderr and "try" not in proc.stderr  # no retries of a missing file
+    assert "Ray" not in proc.stdout
+    assert seconds < 30, seconds  # the Python imports; the check itself reads one file
+
+
+def test_every_ensemble_config_loads():
+    from ray_landmark.infer.config import EnsembleConfig
+
+    configs = sorted((REPO / "configs" / "ensemble").glob("*.yaml"))
+    assert {p.stem for p in configs} >= {"quickstart", "gldv2_2021"}
+    for path in configs:
+        cfg = load_config(path, cls=EnsembleConfig)
+        assert {m.family for m in cfg.models} and all("recognition" in m.tasks or "retrieval" in m.tasks
+                                                     for m in cfg.models)
+
+
+@pytest.mark.parametrize("tree, message", [
+    ({"models": []}, "models"),
+    ({"models": [{"name": "a", "checkpoint": "x", "family": "f"}] * 2}, r"the names \['a'\] appear more than once"),
+    ({"models": [{"name": "a", "checkpoint": "x", "family": "f", "tasks": ["recognition"]}]},
+     "no model is used for retrieval"),
+    ({"models": [{"name": "a", "checkpoint": "x", "family": "f"}], "recognition": {"nonlandmark": {"source": "ids"}}},
+     "a CSV URI is required"),
+])
+def test_ensemble_config_mistakes_are_named(tree, message):
+    from ray_landmark.config import config_from_dict
+    from ray_landmark.infer.config import EnsembleConfig
+
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"name": "e", "output_dir": "/tmp/e", **tree}, "e.yaml", EnsembleConfig)

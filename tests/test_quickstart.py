@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_quickstart_streams_the_view_from_local_s3_and_trains_with_improving_metrics(tmp_path):
+def test_quickstart_streams_trains_two_families_and_scores_their_ensemble(tmp_path):
     out = tmp_path / "quickstart"
     proc = subprocess.run(
         [sys.executable, "jobs/quickstart.py", "--out", str(out)],
@@ -27,7 +27,21 @@ def test_quickstart_streams_the_view_from_local_s3_and_trains_with_improving_met
     assert stream["test_images_streamed"] == summary["dataset"]["images"]["test"]
     assert not any(stream["skipped"].values())
     assert "[quickstart] streamed" in proc.stdout and "img/s" in proc.stdout
-    history = summary["training"]["history"]
+    # Output a person can read: a bounded number of lines, no progress-bar redraws when not on a terminal, and
+    # Ray's own chatter in its log files.
+    output = proc.stdout + proc.stderr
+    assert len(output.splitlines()) < 100, output
+    assert "\r" not in output and "\x1b[" not in output
+    assert "INFO" not in output and "[train] epoch 1 done: loss" in proc.stdout
+    history = summary["training"]["quickstart"]["history"]
     assert [m["epoch"] for m in history] == list(range(summary["config"]["train"]["epochs"] + 1))
     assert history[-1]["val_gap"] > history[0]["val_gap"] and history[-1]["val_map100"] > history[0]["val_map100"]
-    assert summary["training"]["final_checkpoint"].startswith("quickstart-gldv2/runs/quickstart/checkpoint_")
+    final_checkpoint = summary["training"]["quickstart"]["final_checkpoint"]
+    assert final_checkpoint.startswith("quickstart-gldv2/runs/quickstart/checkpoint_")
+    # The ensemble of the two models: metrics per model and for the ensemble, the report and the submissions.
+    assert set(summary["models"]) == {"dolg", "efficientnet"}
+    assert 0 < summary["gap"] <= 1 and 0 < summary["map100"] <= 1
+    assert all(0 < summary["models"][m]["map100"] <= 1 for m in summary["models"])
+    assert (out / "ensemble" / "report.html").is_file() and "[quickstart] report:" in proc.stdout
+    assert (out / "ensemble" / "submission_recognition.csv").is_file()
+    assert "ensemble with post-processing" in proc.stdout

@@ -1,0 +1,24 @@
+"""The ensemble: embeddings of every model (reused when they exist), kNN, the post-processing of the winning
+solution, official metrics per model, family and stage, Kaggle submissions and an HTML report.
+
+    ray job submit --working-dir . -- python jobs/ensemble.py --config configs/ensemble/gldv2_2021.yaml
+Outputs under the config's output_dir: embeddings/, submission_recognition.csv, submission_retrieval.csv,
+report.html and summary.json. Rerunning reuses every shard already embedded.
+"""
+
+from ray_landmark.cli import job_parser, load_job_config, run_job
+from ray_landmark.infer.config import EnsembleConfig
+from ray_landmark.infer.ensemble import metrics_text, run_ensemble
+from ray_landmark.runtime import init_ray
+
+
+def main() -> None:
+    cfg = load_job_config(job_parser(__doc__).parse_args(), cls=EnsembleConfig)
+    init_ray()
+    summary = run_ensemble(cfg)
+    print(metrics_text(summary["stages"]))
+    print(f"[ensemble] report: {summary['report']}; submissions: {', '.join(summary['submissions'])}")
+
+
+if __name__ == "__main__":
+    run_job(main)

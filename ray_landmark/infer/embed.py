@@ -1,0 +1,241 @@
+"""Embeddings of GLDv2 splits with a trained checkpoint: a Ray Data batch job (ray.md §4).
+
+    tar shards --read (CPU tasks)--> id, JPEG --decode + resize (CPU tasks, the validation transform)-->
+    uint8 images --Embedder actors (the model; GPU when they have one, bf16/fp16)--> id, float16 unit embedding
+    --> the driver groups rows by shard --> <out>/<split>/<shard>.parquet
+
+The unit of work is a shard: its output file is written once every row of it has been embedded, so a rerun skips the
+shards whose file exists and embeds the rest. Shards are embedded in passes of ``shards_per_pass``, which bounds what
+the driver holds (about 1 KB per 512-d image). Every image of a split is embedded exactly once: the job compares what
+it wrote with the split's list (``metadata/test.csv``, ``index.csv``, or the label view for train) and with what the
+read tasks saw, and reports skipped images by reason.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+import torch
+
+from ray_landmark.config import config_from_dict
+from ray_landmark.config_base import JobError
+from ray_landmark.data import gldv2
+from ray_landmark.data.config import DataConfig, LabelView, StorageConfig
+from ray_landmark.data.metadata import Manifest, open_manifest
+from ray_landmark.data.pipeline import READ, SKIP_REASONS, eval_stream, shard_paths
+from ray_landmark.data.storage import Location, exists, list_files, read_bytes, resolve, write_bytes
+from ray_landmark.data.transforms import normalize_on_device
+from ray_landmark.progress import Printer, ProgressLine, say
+from ray_landmark.train.checkpoint import load_model, read_checkpoint_config
+
+INFO_FILE = "_embedding.json"
+EMBEDDING_SPLITS = ("train", "index", "test")
+
+
+class EmbeddingError(JobError, ValueError):
+    """Embedding files that cannot be used as they are; the message names the file or folder."""
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """What to embed with which checkpoint, and where the parquet files go (``<out>/<split>/``)."""
+
+    checkpoint: str
+    out: str
+    splits: tuple[str, ...]
+    name: str | None = None  # in progress lines; default: the checkpoint's run name
+    view: LabelView = "gldv2c"  # the train images to embed (the kNN gallery)
+    # Where the data lives; default: the checkpoint's own data section. The image size is always the checkpoint's.
+    data: DataConfig | None = None
+    storage: StorageConfig = field(default_factory=StorageConfig)  # how to reach the checkpoint and ``out``
+    batch_size: int = 64
+    flip_tta: bool = False  # average each image's embedding with its mirror image's
+    actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    shards_per_pass: int = 32
+
+
+class Embedder:
+    """map_batches UDF: one model per actor, loaded from the checkpoint URI in the actor (not shipped by value)."""
+
+    def __init__(self, checkpoint: str, storage: StorageConfig, flip_tta: bool):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_model(checkpoint, storage).model.to(self.device, memory_format=torch.channels_last)
+        self.flip_tta = flip_tta
+        amp = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+        self.autocast = torch.autocast("cuda", dtype=amp, enabled=self.device.type == "cuda")
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = normalize_on_device(torch.from_numpy(batch["image"]).to(self.device))
+        images = images.contiguous(memory_format=torch.channels_last)
+        with self.autocast:
+            embeddings = self.model.embed(images)
+            if self.flip_tta:
+                embeddings = torch.nn.functional.normalize(embeddings + self.model.embed(images.flip(3)), dim=1)
+        return {"id": batch["id"], "split": batch["split"], "shard": batch["shard"],
+                "embedding": embeddings.float().cpu().numpy().astype(np.float16)}
+
+
+def split_image_ids(manifest: Manifest, split: str, view: LabelView) -> set[str]:
+    """The ids a split's embeddings must cover: the CSV lists for test and index, the label view for train."""
+    if split == "train":
+        return set(gldv2.u64_to_ids(manifest.view_images(view)["id"].to_numpy(np.uint64)))
+    return set(manifest.test()["id"] if split == "test" else manifest.index()["id"])
+
+
+def _shard_file(folder: Location, shard: str) -> Location:
+    return folder.child(shard.removesuffix(".tar") + ".parquet")
+
+
+def _write_parquet(loc: Location, ids: list[str], embeddings: np.ndarray) -> None:
+    """One shard's rows; written in one piece (a local file through a rename), so a file that exists is complete."""
+    flat = pa.array(embeddings.reshape(-1), pa.float16())
+    table = pa.table({"id": pa.array(ids, pa.string()),
+                      "embedding": pa.FixedSizeListArray.from_arrays(flat, embeddings.shape[1])})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    if loc.is_s3:
+        write_bytes(loc, buf.getvalue())  # an S3 PUT is atomic
+    else:
+        partial = loc.path + ".partial"
+        write_bytes(Location(partial, loc.fs, partial), buf.getvalue())
+        os.replace(partial, loc.path)
+
+
+def read_embeddings(folder: Location) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [N] str, embeddings [N, D] float16) of one split's folder; a file of another dimension or an id in two
+    files is an error naming the file."""
+    ids, parts, dim, seen = [], [], None, {}
+    for path in list_files(folder, ".parquet"):
+        uri = folder.uri_of(path)
+        table = pq.read_table(io.BytesIO(read_bytes(Location(uri, folder.fs, path))))
+        width = table.schema.field("embedding").type.list_size
+        if len(table) and dim is not None and width != dim:
+            raise EmbeddingError(f"{uri}: {width}-d embeddings where the other files of {folder.uri} hold {dim}-d")
+        dim = dim if not len(table) else width
+        for image_id in table.column("id").to_pylist():
+            if image_id in seen:
+                raise EmbeddingError(f"{uri}: image {image_id} is also in {seen[image_id]}")
+            seen[image_id] = uri
+        ids.extend(table.column("id").to_pylist())
+        values = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        parts.append(values.reshape(len(table), width))
+    embeddings = np.concatenate(parts) if parts else np.zeros((0, dim or 0), np.float16)
+    return np.asarray(ids, dtype=object), embeddings.astype(np.float16)
+
+
+def _check_info(folder: Location, info: dict) -> None:
+    """A folder holds one checkpoint's embeddings of one selection of images: refuse to mix."""
+    loc = folder.child(INFO_FILE)
+    if exists(loc):
+        old = json.loads(read_bytes(loc))
+        keys = ("checkpoint", "image_size", "flip_tta", "view")
+        if any(old.get(k) != info.get(k) for k in keys):
+            raise EmbeddingError(
+                f"{folder.uri} holds embeddings of {', '.join(f'{k}={old.get(k)}' for k in keys)}; embed "
+                f"{info['checkpoint']} into another folder, or delete this one"
+            )
+    else:
+        write_bytes(loc, json.dumps(info, indent=2).encode())
+
+
+def embed_splits(request: EmbedRequest, printer: Printer = say) -> dict[str, dict]:
+    """Embed every image of ``request.splits`` that has no output yet; returns a summary per split."""
+    cfg = config_from_dict(read_checkpoint_config(request.checkpoint, request.storage), f"{request.checkpoint}")
+    data = (request.data or cfg.data).model_copy(update={"image_size": cfg.data.image_size})
+    manifest = open_manifest(data)
+    out = resolve(request.out, request.storage)
+    name = request.name or cfg.run.name
+
+    pending: list[tuple[str, str]] = []  # (split, shard)
+    for split in request.splits:
+        info = {"checkpoint": request.checkpoint, "arch": cfg.model.arch, "image_size": data.image_size,
+                "flip_tta": request.flip_tta, "view": request.view if split == "train" else None, "split": split}
+        _check_info(out.child(split), info)
+        _, paths = shard_paths(data, split)
+        pending += [(split, os.path.basename(p)) for p in paths
+                    if not exists(_shard_file(out.child(split), os.path.basename(p)))]
+    expected = {split: split_image_ids(manifest, split, request.view) for split in request.splits}
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # split -> reason -> images
+    if pending:
+        printer(f"[embed] {name}: {len(pending)} shards to embed ({', '.join(request.splits)}), "
+                f"{request.actors} model actor(s), image size {data.image_size}")
+        line = ProgressLine(f"[embed] {name}", total=None, printer=printer)
+        for start in range(0, len(pending), request.shards_per_pass):
+            group = pending[start:start + request.shards_per_pass]
+            for split, split_counts in _embed_pass(request, data, manifest, out, group, line).items():
+                for key, n in split_counts.items():
+                    counts[split][key] += n
+        line.close()
+    return {split: _verify(out.child(split), expected[split], counts[split], split, printer)
+            for split in request.splits}
+
+
+def _embed_pass(request: EmbedRequest, data: DataConfig, manifest: Manifest, out: Location,
+                group: list[tuple[str, str]], line: ProgressLine) -> dict[str, int]:
+    """Embed the shards of ``group`` in one Ray Data pipeline, then write one file per shard."""
+    streams = {}
+    for split in sorted({s for s, _ in group}):
+        selection = manifest.label_lookup(request.view) if split == "train" else None
+        streams[split] = eval_stream(data, split, selection, only_shards={sh for s, sh in group if s == split})
+    first, *others = [s.dataset for s in streams.values()]
+    dataset = first.union(*others) if others else first
+    dataset = dataset.map_batches(
+        Embedder,
+        # A URI, not the model: each actor loads it (ray.md §4). Ray Data keeps these small arguments in the object
+        # store and logs a warning about restarts (ray#53727); they stay in scope for the whole pass.
+        fn_constructor_kwargs={"checkpoint": request.checkpoint, "storage": request.storage,
+                               "flip_tta": request.flip_tta},
+        batch_size=request.batch_size,
+        batch_format="numpy",
+        num_gpus=request.gpus_per_actor or None,
+        num_cpus=request.cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=request.actors),
+    )
+    rows: dict[tuple[str, str], tuple[list, list]] = {key: ([], []) for key in group}
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for split, shard, image_id, embedding in zip(batch["split"], batch["shard"], batch["id"], batch["embedding"]):
+            ids, embeddings = rows[(str(split), str(shard))]
+            ids.append(str(image_id))
+            embeddings.append(embedding)
+        line.update(len(batch["id"]))
+    counts = {split: stream.counts() for split, stream in streams.items()}
+    for split, split_counts in counts.items():
+        received = sum(len(ids) for (s, _), (ids, _) in rows.items() if s == split)
+        good = split_counts.get(READ, 0) - split_counts.get("corrupt_jpeg", 0)
+        if received != good:  # every image the read tasks handed on is either embedded or counted as corrupt
+            raise EmbeddingError(f"{split}: {received} images embedded but {good} were read and decodable; "
+                                 f"rows were lost in the pipeline, rerun to embed those shards again")
+    dim = next((len(e[0]) for _, e in rows.values() if e), 1)
+    for (split, shard), (ids, embeddings) in rows.items():
+        _write_parquet(_shard_file(out.child(split), shard), ids,
+                       np.stack(embeddings) if embeddings else np.zeros((0, dim), np.float16))
+    return counts
+
+
+def _verify(folder: Location, expected: set[str], counts: dict[str, int], split: str, printer: Printer) -> dict:
+    """Compare what the split's folder holds with the images it must cover; report by reason."""
+    ids, embeddings = read_embeddings(folder)
+    embedded = set(ids)
+    missing, unlisted = expected - embedded, embedded - expected
+    skipped = {r: counts.get(r, 0) for r in SKIP_REASONS if counts.get(r, 0)}
+    summary = {"split": split, "folder": folder.uri, "embedded": len(ids), "listed": len(expected),
+               "listed_but_not_embedded": len(missing), "embedded_but_not_listed": len(unlisted),
+               "dim": int(embeddings.shape[1]) if len(ids) else None, "skipped_this_run": skipped,
+               "read_this_run": counts.get(READ, 0)}
+    printer(f"[embed] {split}: {len(ids):,} images embedded of {len(expected):,} listed"
+            + (f"; {len(missing):,} listed images not in the shards or unreadable, e.g. {min(missing)}" if missing
+               else "")
+            + (f"; skipped {skipped}" if skipped else "") + f" -> {folder.uri}")
+    return summary

@@ -1,0 +1,158 @@
+"""The inference half end to end on a real local Ray: embedding every image once, resuming, the ensemble's metrics,
+submissions and report; and the bad inputs that must never give a silently wrong metric."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ray_landmark.config import config_from_dict
+from ray_landmark.config_base import JobError
+from ray_landmark.data import gldv2
+from ray_landmark.data.metadata import open_manifest
+from ray_landmark.data.storage import list_files, resolve
+from ray_landmark.infer.config import EnsembleConfig
+from ray_landmark.infer.embed import EmbeddingError, EmbedRequest, _write_parquet, embed_splits, read_embeddings
+from ray_landmark.infer.ensemble import load_split, run_ensemble
+from ray_landmark.train.checkpoint import CorruptCheckpoint, load_model, read_checkpoint_config
+
+
+def _ensemble_config(tmp_path, runs, **extra) -> EnsembleConfig:
+    tree = {"name": "test", "output_dir": str(tmp_path / "ensemble"), "report": {"queries": 6, "results": 5},
+            "models": [{"name": "dolg", "checkpoint": runs["dolg"], "family": "dolg"},
+                       {"name": "effnet", "checkpoint": runs["effnet"], "family": "efficientnet"}], **extra}
+    return config_from_dict(tree, "test", EnsembleConfig)
+
+
+@pytest.mark.slow
+def test_embed_writes_every_image_of_each_split_once_and_a_rerun_embeds_only_missing_shards(
+    tiny_checkpoints, gldv2_learnable, tmp_path
+):
+    request = EmbedRequest(checkpoint=tiny_checkpoints["dolg"], out=str(tmp_path / "emb"),
+                           splits=("test", "index", "train"), batch_size=16)
+    lines: list[str] = []
+    summary = embed_splits(request, printer=lambda line, transient=False: lines.append(line))
+
+    manifest = open_manifest(config_from_dict(read_checkpoint_config(request.checkpoint), "ckpt").data)
+    expected = {
+        "test": set(manifest.test()["id"]),
+        "index": set(manifest.index()["id"]),  # distractors without a landmark row included
+        "train": set(gldv2.u64_to_ids(manifest.view_images("gldv2c")["id"])),
+    }
+    first = {}
+    for split, ids in expected.items():
+        got_ids, embeddings = read_embeddings(resolve(str(tmp_path / "emb" / split)))
+        assert len(got_ids) == len(set(got_ids)) == len(ids) and set(got_ids) == ids
+        assert embeddings.dtype == np.float16 and embeddings.shape[1] == 512
+        assert np.allclose(np.linalg.norm(embeddings.astype(np.float32), axis=1), 1, atol=1e-2)
+        assert summary[split]["embedded"] == len(ids) and summary[split]["listed_but_not_embedded"] == 0
+        first[split] = dict(zip(got_ids, embeddings))
+
+    # A half-done job: one index shard's output is gone; the rerun embeds that shard alone.
+    index_files = list_files(resolve(str(tmp_path / "emb" / "index")), ".parquet")
+    resolve(index_files[0]).fs.delete_file(index_files[0])
+    lines.clear()
+    embed_splits(request, printer=lambda line, transient=False: lines.append(line))
+    assert any("1 shards to embed" in line for line in lines), lines
+    got_ids, embeddings = read_embeddings(resolve(str(tmp_path / "emb" / "index")))
+    assert set(got_ids) == expected["index"]
+    # The same vectors up to float16 rounding (batches are composed differently in the two runs).
+    assert all(np.allclose(first["index"][i], e, atol=2e-3) for i, e in zip(got_ids, embeddings))
+
+    # Nothing left to do: no pipeline runs at all.
+    lines.clear()
+    embed_splits(request, printer=lambda line, transient=False: lines.append(line))
+    assert not any("shards to embed" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_ensemble_scores_every_stage_and_writes_submissions_report_and_summary(tiny_checkpoints, tmp_path):
+    cfg = _ensemble_config(tmp_path, tiny_checkpoints)
+    summary = run_ensemble(cfg, printer=lambda line, transient=False: None)
+
+    out = tmp_path / "ensemble"
+    stages = [row["what"] for row in summary["stages"]]
+    assert stages[:2] == ["dolg (dolg)", "effnet (efficientnet)"] and stages[-1] == "ensemble with post-processing"
+    for key in ("gap", "map100"):
+        assert 0 <= summary[key] <= 1 and summary["final"][key] == summary[key]
+        assert all(0 <= summary["models"][m][key] <= 1 for m in ("dolg", "effnet"))
+    assert {"gap_public", "gap_private", "map100_public", "map100_private", "top1", "mp10"} <= set(summary["final"])
+    assert any("Public non-landmark test images" in note for note in summary["notes"])
+
+    test_ids = pd.read_csv(out / "submission_recognition.csv", dtype=str, keep_default_na=False)
+    listed = open_manifest(config_from_dict(read_checkpoint_config(cfg.models[0].checkpoint), "c").data).test()
+    assert list(test_ids["id"]) == list(listed["id"])
+    assert test_ids["landmarks"].str.fullmatch(r"\d+ -?[0-9.e-]+").all()
+    retrieval = pd.read_csv(out / "submission_retrieval.csv", dtype=str, keep_default_na=False)
+    assert list(retrieval["id"]) == list(listed["id"])
+    assert retrieval["images"].str.split().str.len().between(1, 100).all()
+    report = (out / "report.html").read_text()
+    assert report.count('<div class="query">') == 6 and report.count("data:image/jpeg") >= 6 * 6
+    assert "ensemble with post-processing" in report and "http://" not in report
+
+
+def test_embedding_files_with_a_duplicate_id_or_another_dimension_are_errors_naming_the_file(tmp_path):
+    folder = resolve(str(tmp_path / "test"))
+    unit = np.eye(4, dtype=np.float16)
+    _write_parquet(folder.child("images_000.parquet"), ["a" * 16, "b" * 16], unit[:2])
+    _write_parquet(folder.child("images_001.parquet"), ["c" * 16, "a" * 16], unit[2:])
+    with pytest.raises(EmbeddingError, match=r"images_001.parquet: image aaaaaaaaaaaaaaaa is also in .*images_000"):
+        read_embeddings(folder)
+    _write_parquet(folder.child("images_001.parquet"), ["c" * 16], np.ones((1, 8), np.float16))
+    with pytest.raises(EmbeddingError, match=r"images_001.parquet: 8-d embeddings where .* hold 4-d"):
+        read_embeddings(folder)
+
+
+def test_models_whose_ids_differ_are_an_error_and_invalid_rows_are_dropped_for_all_models_and_counted(tmp_path):
+    runs = {"dolg": "unused", "effnet": "unused"}
+    cfg = _ensemble_config(tmp_path, runs)
+    emb = tmp_path / "ensemble" / "embeddings"
+    ids = [f"{i:016x}" for i in range(4)]
+    rng = np.random.default_rng(0)
+    good = rng.normal(size=(4, 8)).astype(np.float16)
+    bad = good.copy()
+    bad[1] = 0  # a zero vector
+    _write_parquet(resolve(str(emb / "dolg" / "test" / "images_000.parquet")), ids, good)
+    _write_parquet(resolve(str(emb / "effnet" / "test" / "images_000.parquet")), ids, bad)
+    split = load_split(cfg, "test")
+    assert split.excluded == 1 and list(split.ids) == [ids[0], ids[2], ids[3]]
+    assert all(len(e) == 3 for e in split.by_model.values())
+
+    _write_parquet(resolve(str(emb / "effnet" / "test" / "images_000.parquet")), ids[:3], good[:3])
+    with pytest.raises(EmbeddingError, match=r"embeddings/effnet/test: 1 image ids of split test differ"):
+        load_split(cfg, "test")
+
+
+@pytest.mark.slow
+def test_a_checkpoint_whose_config_does_not_match_its_weights_is_an_error_naming_it(tiny_checkpoints, tmp_path):
+    import json
+    import shutil
+
+    from ray_landmark.train.checkpoint import CONFIG_FILE, META_FILE, checkpoint_folder
+
+    source = checkpoint_folder(tiny_checkpoints["dolg"])
+    copy = tmp_path / "ckpt"
+    shutil.copytree(source.path, copy)
+    config = json.loads((copy / CONFIG_FILE).read_text())
+    config["model"]["embedding_dim"] = 256  # the weights are 512-d
+    (copy / CONFIG_FILE).write_text(json.dumps(config))
+    assert (copy / META_FILE).exists()
+    with pytest.raises(CorruptCheckpoint, match=rf"checkpoint {copy}: its weights do not fit the model"):
+        load_model(str(copy))
+
+
+def test_an_empty_nonlandmark_id_list_is_an_error_naming_it(tmp_path):
+    from ray_landmark.infer.ensemble import Tables, _nonlandmark_groups
+
+    ids_csv = tmp_path / "n.csv"
+    ids_csv.write_text("id\nffffffffffffffff\n")
+    cfg = _ensemble_config(tmp_path, {"dolg": "x", "effnet": "y"},
+                           recognition={"nonlandmark": {"source": "ids", "ids": str(ids_csv)}})
+    tables = Tables(pd.DataFrame({"id": ["a"], "landmarks": [""], "usage": ["Public"]}), pd.DataFrame(), ["a"],
+                    pd.Series(dtype=np.int64))
+    with pytest.raises(JobError, match=rf"recognition.nonlandmark.ids {ids_csv}: none of its ids"):
+        _nonlandmark_groups(cfg, tables, np.asarray(["a"], dtype=object))
+    cross = _ensemble_config(tmp_path, {"dolg": "x", "effnet": "y"})
+    with pytest.raises(JobError, match="the Private split has no embedded non-landmark test image"):
+        _nonlandmark_groups(cross, tables, np.asarray(["a"], dtype=object))
