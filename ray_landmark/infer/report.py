@@ -254,19 +254,10 @@ def render_report(
     return f'<!DOCTYPE html>\n<html lang="en"><head>{head}</head><body>\n' + "\n".join(body) + "\n</body></html>\n"
 
 
-def write_report(
-    path_or_location: str | Location,
-    *,
-    title: str,
-    metrics: list[dict],
-    notes: list[str],
-    gallery: list[GalleryEntry],
-    info: Mapping[str, object] | None = None,
-    thumb_px: int = THUMB_PX,
-) -> Location:
-    """Write the report page (see ``render_report``) to a file or bucket key and return where it went."""
+def write_report(path_or_location: str | Location, **report) -> Location:
+    """Write ``render_report(**report)`` to a file or bucket key and return where it went."""
     loc = resolve(path_or_location) if isinstance(path_or_location, str) else path_or_location
-    page = render_report(title=title, metrics=metrics, notes=notes, gallery=gallery, info=info, thumb_px=thumb_px)
+    page = render_report(**report)
     write_bytes(loc, page.encode("utf-8"))
-    log.info("report: %s (%d queries, %.1f MB)", loc.uri, len(gallery), len(page) / 1e6)
+    log.info("report: %s (%.1f MB)", loc.uri, len(page) / 1e6)
     return loc
