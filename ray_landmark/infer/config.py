@@ -27,7 +27,7 @@ class EmbedSettings(Section):
     flip_tta: bool = False
     actors: int = Field(1, ge=1)  # model replicas: one per GPU on a cluster
     gpus_per_actor: float = Field(0.0, ge=0)
-    cpus_per_actor: float = Field(1.0, gt=0)
+    cpus_per_actor: float = Field(2.0, gt=0)  # torch threads of a CPU-only actor (see infer.embed.EmbedRequest)
     shards_per_pass: int = Field(32, ge=1)
 
 
