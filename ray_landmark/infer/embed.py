@@ -115,6 +115,12 @@ def _write_parquet(loc: Location, ids: list[str], embeddings: np.ndarray) -> Non
         os.replace(partial, loc.path)
 
 
+def _rows(loc: Location) -> int:
+    """Rows of a parquet file, from its footer."""
+    with loc.fs.open_input_file(loc.path) as f:
+        return pq.read_metadata(f).num_rows
+
+
 def read_embeddings(folder: Location) -> tuple[np.ndarray, np.ndarray]:
     """(ids [N] str, embeddings [N, D] float16) of one split's folder; a file of another dimension or an id in two
     files is an error naming the file."""
@@ -161,19 +167,22 @@ def embed_splits(request: EmbedRequest, printer: Printer = say) -> dict[str, dic
     name = request.name or cfg.run.name
 
     pending: list[tuple[str, str]] = []  # (split, shard)
+    expected = {split: split_image_ids(manifest, split, request.view) for split in request.splits}
+    remaining = 0  # images still to embed, for the ETA: listed minus those in the files already written
     for split in request.splits:
         info = {"checkpoint": request.checkpoint, "arch": cfg.model.arch, "image_size": data.image_size,
                 "flip_tta": request.flip_tta, "view": request.view if split == "train" else None, "split": split}
         _check_info(out.child(split), info)
         _, paths = shard_paths(data, split)
-        pending += [(split, os.path.basename(p)) for p in paths
-                    if not exists(_shard_file(out.child(split), os.path.basename(p)))]
-    expected = {split: split_image_ids(manifest, split, request.view) for split in request.splits}
+        files = {os.path.basename(p): _shard_file(out.child(split), os.path.basename(p)) for p in paths}
+        done = {shard for shard, file in files.items() if exists(file)}
+        pending += [(split, shard) for shard in files if shard not in done]
+        remaining += max(0, len(expected[split]) - sum(_rows(files[shard]) for shard in done))
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # split -> reason -> images
     if pending:
         printer(f"[embed] {name}: {len(pending)} shards to embed ({', '.join(request.splits)}), "
                 f"{request.actors} model actor(s), image size {data.image_size}")
-        line = ProgressLine(f"[embed] {name}", total=None, printer=printer)
+        line = ProgressLine(f"[embed] {name}", total=remaining or None, printer=printer)
         for start in range(0, len(pending), request.shards_per_pass):
             group = pending[start:start + request.shards_per_pass]
             for split, split_counts in _embed_pass(request, data, manifest, out, group, line).items():
