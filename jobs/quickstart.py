@@ -1,6 +1,7 @@
 """The quickstart: synthetic GLDv2 in a local S3 server (127.0.0.1), streamed through the training pipeline; a tiny
 DOLG and a tiny plain EfficientNet trained on it with 2 CPU workers each, checkpointing to the same server; then the
-ensemble of the two: embeddings, kNN, post-processing, metrics per model and stage, submissions and a report.
+ensemble of the two: embeddings, kNN, post-processing, metrics per model and stage, submissions and a report; with
+--tune, then a 3-trial Ray Tune sweep of the tiny DOLG on the same data.
 
     python jobs/quickstart.py [--config configs/quickstart.yaml] [--set data.image_size=64]
 It writes summary.json and ensemble/ (report.html, submissions, embeddings) to --out (runs/quickstart); checkpoints
@@ -15,6 +16,7 @@ from ray_landmark.config import load_config
 from ray_landmark.infer.config import EnsembleConfig
 from ray_landmark.local_s3 import LocalS3Server, use_test_credentials
 from ray_landmark.runtime import init_ray
+from ray_landmark.tune.config import load_sweep
 
 
 def main() -> None:
@@ -22,6 +24,8 @@ def main() -> None:
     parser.add_argument("--second", default="configs/quickstart_efficientnet.yaml", help="a model of another family")
     parser.add_argument("--ensemble", default="configs/ensemble/quickstart.yaml")
     parser.add_argument("--out", default="runs/quickstart", help="local folder for summary.json and the ensemble")
+    parser.add_argument("--tune", action="store_true",
+                        help="then a 3-trial sweep of the tiny DOLG on the same data (configs/tune_tiny.yaml)")
     args = parser.parse_args()
     server = LocalS3Server()  # picks a free port; starts below, once the configs are known to be good
     endpoint = f"endpoint_url={server.endpoint_url}"
@@ -29,10 +33,12 @@ def main() -> None:
     second = load_config(args.second, [f"data.storage.{endpoint}", f"run.storage.{endpoint}"])
     ensemble_out = Path(args.out).resolve() / "ensemble"
     ensemble = load_config(args.ensemble, [f"storage.{endpoint}", f"output_dir={ensemble_out}"], EnsembleConfig)
+    sweep = load_sweep("configs/tune_tiny.yaml", [f"output_dir={Path(args.out).resolve() / 'sweeps'}"],
+                       [f"data.storage.{endpoint}"]) if args.tune else None
     use_test_credentials()
     with server:
         init_ray()
-        quickstart.run(cfg, second, ensemble, server, Path(args.out))
+        quickstart.run(cfg, second, ensemble, server, Path(args.out), sweep)
 
 
 if __name__ == "__main__":

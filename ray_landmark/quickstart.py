@@ -28,6 +28,7 @@ from ray_landmark.progress import ProgressLine
 from ray_landmark.train.checkpoint import run_logs
 from ray_landmark.train.metrics_log import read_metrics
 from ray_landmark.train.trainer import fit
+from ray_landmark.tune.sweep import run_sweep
 
 
 def prepare_dataset(cfg: Config, server: LocalS3Server) -> dict:
@@ -81,8 +82,10 @@ def train(cfg: Config) -> dict:
     return {"final_checkpoint": result.checkpoint.path, "history": history}
 
 
-def run(cfg: Config, second: Config, ensemble: EnsembleConfig, server: LocalS3Server, out_dir: Path) -> dict:
-    """The whole quickstart; ``second`` is a model of another family, ``ensemble`` combines the two."""
+def run(cfg: Config, second: Config, ensemble: EnsembleConfig, server: LocalS3Server, out_dir: Path,
+        sweep: tuple | None = None) -> dict:
+    """The whole quickstart; ``second`` is a model of another family, ``ensemble`` combines the two, ``sweep`` (a
+    SweepConfig and its base, optional) is run last."""
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     print(f"[quickstart] local S3 server at {server.endpoint_url}; writing synthetic GLDv2 to {cfg.data.root}")
@@ -109,8 +112,10 @@ def run(cfg: Config, second: Config, ensemble: EnsembleConfig, server: LocalS3Se
         "stream": epoch,
         "training": training,
         "ray": {"cluster_cpus": ray.cluster_resources().get("CPU")},
-        "seconds": round(time.perf_counter() - started, 1),
     }
+    if sweep:
+        summary["sweep"] = run_sweep(*sweep)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"[quickstart] report: {scored['report']}")
     print(f"[quickstart] done in {summary['seconds']} s; summary in {out_dir / 'summary.json'}")

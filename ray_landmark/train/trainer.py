@@ -75,13 +75,15 @@ class CompleteEvalSplit(ray.train.DataConfig):
 
 
 def fit(
-    cfg: Config, data: TrainingData | None = None, on_step=None, train_dataset: ray.data.Dataset | None = None
+    cfg: Config, data: TrainingData | None = None, on_step=None, train_dataset: ray.data.Dataset | None = None,
+    callbacks: list | None = None,
 ) -> ray.train.Result:
     """Train ``cfg`` on the Ray cluster this process is connected to, printing the workers' progress here.
-    ``train_dataset`` replaces the streamed shards (the benchmarks feed in-memory batches through it)."""
+    ``train_dataset`` replaces the streamed shards (the benchmarks feed in-memory batches through it); ``callbacks``
+    are Ray Train UserCallbacks (a sweep's TuneReportCallback)."""
     data = data or load_training_data(cfg)
     console = ConsoleRelay.remote()
-    trainer = build_trainer(cfg, data, console, on_step=on_step, train_dataset=train_dataset)
+    trainer = build_trainer(cfg, data, console, on_step=on_step, train_dataset=train_dataset, callbacks=callbacks)
     try:
         return run_printing_relay(trainer.fit, console)
     except KeyboardInterrupt:
@@ -91,7 +93,8 @@ def fit(
 
 
 def build_trainer(
-    cfg: Config, data: TrainingData, console, on_step=None, train_dataset: ray.data.Dataset | None = None
+    cfg: Config, data: TrainingData, console, on_step=None, train_dataset: ray.data.Dataset | None = None,
+    callbacks: list | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer of ``cfg``, its workers posting their lines to ``console`` (a ConsoleRelay)."""
     tc = cfg.train
@@ -118,6 +121,7 @@ def build_trainer(
             storage_filesystem=storage.fs,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            callbacks=callbacks,
         ),
         datasets={"train": train_dataset if train_dataset is not None else train.dataset, "eval": evaluation},
         dataset_config=CompleteEvalSplit(),

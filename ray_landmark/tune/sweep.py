@@ -1,0 +1,240 @@
+"""A Ray Tune sweep over any values of a training config (ray.md §3's Train-inside-Tune pattern).
+
+Each trial is a function that builds its own config (base + sampled values) and runs the project's ordinary training
+(``train.trainer.fit``) under a stable Train run name, ``trial_<id>``, so a failed trial resumes from its checkpoint.
+``TuneReportCallback`` forwards every epoch's report to Tune, where ASHA stops the weaker trials early. Rerunning the
+same sweep restores it (``Tuner.restore``). At the end: ``trials.csv``, ``trials.md``, ``metric_vs_params.png`` and
+``best_config.yaml`` (a config ``jobs/train.py`` takes as it is) in ``<output_dir>/<name>/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import os
+
+import pandas as pd
+import ray
+import ray.data
+import ray.tune
+import yaml
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
+
+from ray_landmark.config import Config, config_from_dict, set_dotted
+from ray_landmark.data.storage import Location, resolve, write_bytes
+from ray_landmark.progress import Printer, say
+from ray_landmark.train.trainer import fit
+from ray_landmark.tune.config import Distribution, SweepConfig
+
+TRIALS_FOLDER = "trials"  # the trials' Train runs: <output_dir>/<name>/trials/trial_<id>/
+
+
+def sweep_location(sweep: SweepConfig) -> Location:
+    return resolve(sweep.output_dir, sweep.storage).child(sweep.name)
+
+
+def _search_space(space: dict[str, Distribution]) -> dict:
+    samplers = {"grid": ray.tune.grid_search, "choice": ray.tune.choice,
+                "uniform": lambda v: ray.tune.uniform(*v), "loguniform": lambda v: ray.tune.loguniform(*v)}
+    return {key: samplers[d.kind](d.values) for key, d in space.items()}
+
+
+def trial_config(sweep: SweepConfig, base: Config, params: dict, trial_name: str) -> Config:
+    """The config of one trial: the base with the sampled values, the sweep's horizon, validation every epoch (ASHA
+    compares trials at epoch ends), and its own run folder."""
+    tree = copy.deepcopy(base.model_dump(mode="json"))
+    for key, value in params.items():
+        set_dotted(tree, key, value, sweep.name)
+    set_dotted(tree, "train.epochs", sweep.settings.epochs, sweep.name)
+    set_dotted(tree, "train.stop_at", None, sweep.name)
+    set_dotted(tree, "train.eval_every", 1, sweep.name)
+    set_dotted(tree, "train.checkpoint_every_steps", None, sweep.name)  # only epoch reports, each with the metric
+    if sweep.init_from:
+        set_dotted(tree, "train.init_from", sweep.init_from, sweep.name)
+    tree["run"] = {"name": trial_name, "output_dir": sweep_location(sweep).child(TRIALS_FOLDER).uri,
+                   "storage": sweep.storage.model_dump(mode="json")}
+    return config_from_dict(tree, f"{sweep.name} trial {trial_name}")
+
+
+def _trainable(sweep: SweepConfig, base: Config):
+    def run_trial(params: dict) -> None:
+        cfg = trial_config(sweep, base, params, f"trial_{ray.tune.get_context().get_trial_id()}")
+        if sweep.settings.data_cpus_per_trial:
+            # Each trial builds its own pipelines (the image size may differ): cap them so that concurrent trials'
+            # decode tasks share the CPUs instead of starving each other.
+            limits = ray.data.ExecutionResources(cpu=sweep.settings.data_cpus_per_trial)
+            ray.data.DataContext.get_current().execution_options.resource_limits = limits
+        fit(cfg, callbacks=[TuneReportCallback()])
+
+    # A trial's own actor only drives Ray Train: a sliver of a CPU, so the CPUs stay with training and decoding.
+    return ray.tune.with_resources(run_trial, {"CPU": 0.1})
+
+
+class TrialEvents(ray.tune.Callback):
+    """One line per trial event instead of Tune's status table."""
+
+    def __init__(self, metric: str, epochs: int, printer: Printer):
+        self.metric, self.epochs, self.printer = metric, epochs, printer
+
+    def _params(self, trial) -> str:
+        return ", ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.printer(f"[tune] {trial.trial_id} started: {self._params(trial)}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        shown = f"{value:.4f}" if isinstance(value, float) else value
+        self.printer(f"[tune] {trial.trial_id} epoch {result.get('epoch')}/{self.epochs}: {self.metric} {shown}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        epochs = (trial.last_result or {}).get("epoch", 0)
+        state = "finished" if epochs >= self.epochs else f"stopped early by ASHA after {epochs} epochs"
+        self.printer(f"[tune] {trial.trial_id} {state}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.printer(f"[tune] {trial.trial_id} FAILED: {trial.error_file or 'see its log'}; the sweep goes on")
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def run_sweep(sweep: SweepConfig, base: Config, printer: Printer = say) -> dict:
+    """Run (or resume) the sweep on the connected Ray cluster; write its table, plot and best config."""
+    location = sweep_location(sweep)
+    settings = sweep.settings
+    trainable = _trainable(sweep, base)
+    # Tune's new output engine prints its own boxes and tables whatever the verbosity; the legacy one is silent at
+    # verbose=0, and TrialEvents prints a line per event instead.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    parent = resolve(sweep.output_dir, sweep.storage)
+    run_config = ray.tune.RunConfig(
+        name=sweep.name, storage_path=parent.path, storage_filesystem=parent.fs, verbose=0,
+        callbacks=[TrialEvents(settings.metric, settings.epochs, printer)],
+        failure_config=ray.tune.FailureConfig(max_failures=0),
+    )
+    if ray.tune.Tuner.can_restore(location.path, storage_filesystem=location.fs):
+        printer(f"[tune] resuming the sweep in {location.uri}")
+        tuner = ray.tune.Tuner.restore(location.path, trainable, resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=location.fs)
+    else:
+        concurrent = settings.max_concurrent_trials or _default_concurrency(base)
+        printer(f"[tune] sweep {sweep.name}: {', '.join(sweep.space)}; {settings.num_samples} samples, "
+                f"{concurrent} at a time, ASHA on {settings.metric} ({settings.mode}) -> {location.uri}")
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=_search_space(sweep.space),
+            tune_config=ray.tune.TuneConfig(
+                metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples,
+                search_alg=BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrent),
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=settings.epochs,
+                                        grace_period=settings.grace_period,
+                                        reduction_factor=settings.reduction_factor),
+            ),
+            run_config=run_config,
+        )
+    results = tuner.fit()
+    table = trials_table(results, sweep)
+    return write_outputs(sweep, base, table, printer)
+
+
+def _default_concurrency(base: Config) -> int:
+    """Tune does not reserve the Train workers' GPUs (ray.md §3.3): run as many trials as the GPUs hold."""
+    if not base.train.use_gpu:
+        return 1
+    return max(1, int(ray.cluster_resources().get("GPU", 0)) // max(1, base.train.num_workers))
+
+
+def trials_table(results, sweep: SweepConfig) -> pd.DataFrame:
+    """One row per trial: its values, best metric, epochs run and whether it finished, stopped early or failed."""
+    settings = sweep.settings
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        values = history[settings.metric].dropna() if settings.metric in history else pd.Series(dtype=float)
+        best = (values.max() if settings.mode == "max" else values.min()) if len(values) else math.nan
+        epochs = int(history["epoch"].max()) if "epoch" in history and len(history) else 0
+        status = "failed" if result.error else ("finished" if epochs >= settings.epochs else "stopped early")
+        rows.append({"trial": result.metrics.get("trial_id") if result.metrics else result.path.rsplit("/", 1)[-1], **{k: result.config.get(k) for k in sweep.space},
+                     f"best_{settings.metric}": best, "epochs": epochs, "status": status})
+    table = pd.DataFrame(rows)
+    return table.sort_values(f"best_{settings.metric}", ascending=settings.mode == "min", na_position="last",
+                             ignore_index=True)
+
+
+def write_outputs(sweep: SweepConfig, base: Config, table: pd.DataFrame, printer: Printer) -> dict:
+    location = sweep_location(sweep)
+    metric = f"best_{sweep.settings.metric}"
+    write_bytes(location.child("trials.csv"), table.to_csv(index=False).encode())
+    write_bytes(location.child("trials.md"), _markdown(table).encode())
+    write_bytes(location.child("metric_vs_params.png"), _plot(table, list(sweep.space), metric))
+    printer("[tune] trials:\n" + table.to_string(index=False))
+    scored = table[table[metric].notna()]
+    summary = {"location": location.uri, "trials": len(table), "failed": int((table["status"] == "failed").sum()),
+               "stopped_early": int((table["status"] == "stopped early").sum())}
+    if len(scored):
+        best = scored.iloc[0]
+        params = {k: _plain(best[k]) for k in sweep.space}
+        best_cfg = best_config(sweep, base, params)
+        header = (f"# Best trial {best['trial']} of sweep {sweep.name}: {metric} {best[metric]:.4f} after "
+                  f"{best['epochs']} epochs, with {params}.\n# Train it: python jobs/train.py --config <this file>\n")
+        write_bytes(location.child("best_config.yaml"),
+                    (header + yaml.safe_dump(best_cfg.model_dump(mode="json"), sort_keys=False)).encode())
+        summary.update(best_trial=str(best["trial"]), best_params=params, best_metric=float(best[metric]),
+                       best_config=location.child("best_config.yaml").uri)
+        printer(f"[tune] best: {best['trial']} {metric} {best[metric]:.4f} {params}; config: "
+                f"{summary['best_config']}")
+    return summary
+
+
+def best_config(sweep: SweepConfig, base: Config, params: dict) -> Config:
+    """The base recipe with the best values (and the sweep's warm start): its own epochs, a run name of its own."""
+    tree = copy.deepcopy(base.model_dump(mode="json"))
+    for key, value in params.items():
+        set_dotted(tree, key, value, sweep.name)
+    if sweep.init_from:
+        set_dotted(tree, "train.init_from", sweep.init_from, sweep.name)
+    tree["run"]["name"] = f"{base.run.name}_{sweep.name}_best"
+    return config_from_dict(tree, f"{sweep.name} best config")
+
+
+def _plain(value):
+    """numpy scalars -> Python values, for YAML."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    rows = [[_short(v) if not (isinstance(v, float) and math.isnan(v)) else "" for v in row]
+            for row in table.itertuples(index=False)]
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def _plot(table: pd.DataFrame, params: list[str], metric: str) -> bytes:
+    """One panel per swept value: the trials' best metric against it (failed trials left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.2), squeeze=False)
+    for ax, param in zip(axes[0], params):
+        scored = table[table[metric].notna()]
+        numeric = pd.api.types.is_numeric_dtype(scored[param])
+        x = scored[param] if numeric else scored[param].astype(str)
+        colors = ["tab:blue" if s == "finished" else "tab:orange" for s in scored["status"]]
+        ax.scatter(x, scored[metric], c=colors)
+        ax.set_xlabel(param)
+        ax.set_ylabel(metric)
+        if numeric and param in table and (scored[param] > 0).all() and scored[param].max() / scored[param].min() > 20:
+            ax.set_xscale("log")
+    fig.suptitle("blue: finished, orange: stopped early by ASHA", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,97 @@
+"""Sweeps with Ray Tune: every key and value of the space is checked before a trial starts; a 3-trial CPU sweep,
+interrupted and resumed, stops weak trials early and writes the table, the plot and a best config that trains."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ray_landmark.config import load_config
+from ray_landmark.config_base import ConfigError
+from ray_landmark.tune.config import load_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sweep_file(tmp_path, space: str, base_overrides: str = "[]") -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"name: s\nbase: {REPO / 'configs' / 'tiny_dolg.yaml'}\nbase_overrides: {base_overrides}\n"
+                    f"output_dir: {tmp_path}\nspace:\n{space}\nsettings: {{epochs: 2}}\n")
+    return path
+
+
+@pytest.mark.parametrize("space, message", [
+    ("  loss.scael: {grid: [16, 30]}", r"space key 'loss.scael' is not a value of the base config"),
+    ("  loss.scale: {grid: [16, -1]}", r"space 'loss.scale' value -1: key 'loss.scale'"),
+    ("  data.image_size: {choice: [64, 0]}", r"space 'data.image_size' value 0"),
+    ("  train.lr: {loguniform: [0, 0.1]}", r"loguniform: bounds must be positive"),
+    ("  train.lr: {uniform: [0.1, 0.01]}", r"low must be below high"),
+    ("  train.lr: {uniform: [0.01, 0.1], choice: [1]}", r"give exactly one of"),
+    ("  model.fusion: {grid: [exact, fancy]}", r"space 'model.fusion' value 'fancy'"),
+])
+def test_a_space_the_base_config_rejects_is_an_error_naming_the_key(tmp_path, space, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(_sweep_file(tmp_path, space))
+
+
+def test_every_sweep_config_loads_with_its_base():
+    for path in sorted(REPO.glob("configs/tune_*.yaml")):
+        sweep, base = load_sweep(path)
+        assert sweep.space and base.model is not None
+
+
+def _tune(config: Path, root: str, out: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "jobs/tune.py", "--config", str(config), "--set", f"output_dir={out}",
+         "--set-base", f"data.root={root}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+@pytest.mark.slow
+def test_a_three_trial_sweep_interrupted_and_rerun_resumes_stops_weak_trials_and_writes_a_trainable_best_config(
+    gldv2_learnable, tmp_path
+):
+    config, out = REPO / "configs" / "tune_tiny.yaml", tmp_path / "sweeps"
+    first = _tune(config, gldv2_learnable, out)
+    lines = []
+    for line in first.stdout:  # interrupt (Ctrl-C) once the first trial is done
+        lines.append(line)
+        if " finished" in line or "stopped early" in line:
+            first.send_signal(signal.SIGINT)
+            break
+    first_output = "".join(lines) + first.communicate(timeout=300)[0]
+    assert "[tune]" in first_output and "started" in first_output, first_output[-3000:]
+    done_first = {line.split()[1] for line in first_output.splitlines()
+                  if line.startswith("[tune] ") and (" finished" in line or "stopped early" in line)}
+
+    second = _tune(config, gldv2_learnable, out)
+    output = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, output[-3000:]
+    assert "resuming the sweep" in output
+    restarted = {line.split()[1] for line in output.splitlines() if line.startswith("[tune] ") and " started" in line}
+    assert not restarted & done_first, (restarted, done_first)  # finished trials are not run again
+
+    sweep = out / "tune_tiny"
+    table = pd.read_csv(sweep / "trials.csv")
+    assert len(table) == 3 and set(table["status"]) <= {"finished", "stopped early"}
+    assert (table["status"] == "stopped early").sum() >= 1  # ASHA
+    assert (table["epochs"] <= 3).all() and table["best_val_map100"].notna().all()
+    assert (sweep / "trials.md").read_text().count("\n") == 2 + 3
+    assert (sweep / "metric_vs_params.png").read_bytes().startswith(b"\x89PNG")
+    assert not any("Tune" in line and "│" in line for line in output.splitlines())  # no Tune status tables
+
+    best = sweep / "best_config.yaml"
+    cfg = load_config(best)
+    assert cfg.train.lr == table.iloc[0]["train.lr"] == 3e-3 and cfg.loss.margin == table.iloc[0]["loss.margin"]
+    train = subprocess.run(
+        [sys.executable, "jobs/train.py", "--config", str(best), "--set", f"run.output_dir={tmp_path / 'best'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "[train] finished" in train.stdout
