@@ -18,7 +18,7 @@ from ray_landmark.data.storage import resolve
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", required=True, help="GLDv2 root: metadata/, ground_truth/, tar shards (folder, s3://)")
+    parser.add_argument("--root", required=True, help="GLDv2 root: metadata/, ground_truth/, shards (folder, s3://)")
     parser.add_argument("--out", help="where to write the manifests (default: <root>/manifest)")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, moto); default AWS")
     parser.add_argument("--region", default="us-east-1")

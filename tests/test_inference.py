@@ -156,3 +156,29 @@ def test_an_empty_nonlandmark_id_list_is_an_error_naming_it(tmp_path):
     cross = _ensemble_config(tmp_path, {"dolg": "x", "effnet": "y"})
     with pytest.raises(JobError, match="the Private split has no embedded non-landmark test image"):
         _nonlandmark_groups(cross, tables, np.asarray(["a"], dtype=object))
+
+
+def test_each_task_compares_models_families_of_several_models_and_the_ensemble_of_that_tasks_models(tmp_path):
+    from ray_landmark.infer.ensemble import SplitEmbeddings, candidates
+
+    tree = {"name": "t", "output_dir": str(tmp_path), "models": [
+        {"name": "d1", "checkpoint": "x", "family": "dolg"},
+        {"name": "d2", "checkpoint": "x", "family": "dolg"},
+        {"name": "e1", "checkpoint": "x", "family": "effnet", "tasks": ["recognition"]},
+        {"name": "e2", "checkpoint": "x", "family": "effnet", "tasks": ["retrieval"]},
+    ]}
+    cfg = config_from_dict(tree, "t", EnsembleConfig)
+    rng = np.random.default_rng(0)
+    models = ("d1", "d2", "e1", "e2")
+    splits = {s: SplitEmbeddings(np.arange(5).astype(str), {m: rng.normal(size=(5, 4)) for m in models}, 0)
+              for s in ("test", "index", "train")}
+    rows = {c.what: c for c in candidates(cfg, splits)}
+    assert set(rows) == {
+        "d1 (dolg)", "d2 (dolg)", "e1 (effnet)", "e2 (effnet)",
+        "family dolg for recognition (2 models)", "family dolg for retrieval (2 models)",
+        "ensemble for recognition, no post-processing (3 models)",
+        "ensemble for retrieval, no post-processing (3 models)",
+    }
+    assert rows["e1 (effnet)"].recognition and not rows["e1 (effnet)"].retrieval
+    ensemble = rows["ensemble for recognition, no post-processing (3 models)"]
+    assert ensemble.test.shape == (5, 8) and np.allclose(np.linalg.norm(ensemble.test, axis=1), 1, atol=1e-5)

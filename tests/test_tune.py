@@ -95,3 +95,22 @@ def test_a_three_trial_sweep_interrupted_and_rerun_resumes_stops_weak_trials_and
     )
     assert train.returncode == 0, train.stderr[-3000:]
     assert "[train] finished" in train.stdout
+
+
+def test_the_table_records_finished_stopped_and_failed_trials_best_first(tmp_path):
+    from types import SimpleNamespace
+
+    from ray_landmark.tune.sweep import trials_table
+
+    sweep, _ = load_sweep(_sweep_file(tmp_path, "  train.lr: {grid: [0.1, 0.2, 0.3]}"))
+
+    def result(trial, lr, maps, error=None):
+        history = pd.DataFrame({"epoch": range(1, len(maps) + 1), "val_map100": maps})
+        return SimpleNamespace(metrics_dataframe=history if maps else None, error=error, config={"train.lr": lr},
+                               metrics={"trial_id": trial} if maps else {}, path=f"/x/run_trial_{trial}")
+
+    table = trials_table([result("a", 0.1, [0.2, 0.3]), result("b", 0.2, [0.4]),
+                          result("c", 0.3, [], RuntimeError("crashed"))], sweep)
+    assert list(table["trial"]) == ["b", "a", "run_trial_c"]
+    assert list(table["status"]) == ["stopped early", "finished", "failed"]
+    assert list(table["epochs"]) == [1, 2, 0] and table["best_val_map100"].iloc[:2].tolist() == [0.4, 0.3]

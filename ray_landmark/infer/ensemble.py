@@ -56,7 +56,8 @@ def embed_models(cfg: EnsembleConfig, data: DataConfig, printer: Printer = say) 
     return {
         model.name: embed_splits(
             EmbedRequest(checkpoint=model.checkpoint, out=embeddings_folder(cfg, model).uri, splits=SPLITS,
-                         name=model.name, view=cfg.gallery_view, data=data, storage=cfg.storage, **cfg.embed.model_dump()),
+                         name=model.name, view=cfg.gallery_view, data=data, storage=cfg.storage,
+                         **cfg.embed.model_dump()),
             printer,
         )
         for model in cfg.models
@@ -113,29 +114,29 @@ class Candidate:
     retrieval: bool
 
 
-def _combined(cfg: EnsembleConfig, splits: dict[str, SplitEmbeddings], models: list[EnsembleModel]) -> dict:
+def _combined(splits: dict[str, SplitEmbeddings], models: list[EnsembleModel]) -> dict[str, np.ndarray]:
     return {s: pp.combine_families([(m.family, splits[s].by_model[m.name].astype(np.float32)) for m in models])
             for s in SPLITS}
 
 
 def candidates(cfg: EnsembleConfig, splits: dict[str, SplitEmbeddings]) -> list[Candidate]:
+    """Each model alone, each family of several models and the ensemble: the stages the metrics table compares.
+    A family or ensemble row of a task combines only the models used for that task."""
     rows = []
     for m in cfg.models:
         e = {s: pp.l2_normalize(splits[s].by_model[m.name].astype(np.float32)) for s in SPLITS}
         rows.append(Candidate(f"{m.name} ({m.family})", "model", e["test"], e["index"], e["train"],
                               "recognition" in m.tasks, "retrieval" in m.tasks))
-    families = sorted({m.family for m in cfg.models})
-    for family in families:
-        members = [m for m in cfg.models if m.family == family]
-        if len(members) > 1:
-            e = _combined(cfg, splits, members)
-            rows.append(Candidate(f"family {family} ({len(members)} models)", "family", e["test"], e["index"],
-                                  e["train"], True, True))
     for task in ("recognition", "retrieval"):
-        members = [m for m in cfg.models if task in m.tasks]
-        e = _combined(cfg, splits, members)
-        rows.append(Candidate(f"ensemble for {task}, no post-processing ({len(members)} models)", "ensemble",
-                              e["test"], e["index"], e["train"], task == "recognition", task == "retrieval"))
+        used = [m for m in cfg.models if task in m.tasks]
+        groups = [(f"family {f} for {task}", "family", [m for m in used if m.family == f])
+                  for f in sorted({m.family for m in used})]
+        groups = [g for g in groups if len(g[2]) > 1]
+        groups.append((f"ensemble for {task}, no post-processing", "ensemble", used))
+        for what, kind, members in groups:
+            e = _combined(splits, members)
+            rows.append(Candidate(f"{what} ({len(members)} models)", kind, e["test"], e["index"], e["train"],
+                                  task == "recognition", task == "retrieval"))
     return rows
 
 

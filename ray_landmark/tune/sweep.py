@@ -159,7 +159,8 @@ def trials_table(results, sweep: SweepConfig) -> pd.DataFrame:
         best = (values.max() if settings.mode == "max" else values.min()) if len(values) else math.nan
         epochs = int(history["epoch"].max()) if "epoch" in history and len(history) else 0
         status = "failed" if result.error else ("finished" if epochs >= settings.epochs else "stopped early")
-        rows.append({"trial": result.metrics.get("trial_id") if result.metrics else result.path.rsplit("/", 1)[-1], **{k: result.config.get(k) for k in sweep.space},
+        trial = result.metrics.get("trial_id") if result.metrics else result.path.rsplit("/", 1)[-1]
+        rows.append({"trial": trial, **{k: result.config.get(k) for k in sweep.space},
                      f"best_{settings.metric}": best, "epochs": epochs, "status": status})
     table = pd.DataFrame(rows)
     return table.sort_values(f"best_{settings.metric}", ascending=settings.mode == "min", na_position="last",
