@@ -88,7 +88,7 @@ def test_a_three_trial_sweep_interrupted_and_rerun_resumes_stops_weak_trials_and
 
     best = sweep / "best_config.yaml"
     cfg = load_config(best)
-    assert cfg.train.lr == table.iloc[0]["train.lr"] == 3e-3 and cfg.loss.margin == table.iloc[0]["loss.margin"]
+    assert cfg.train.lr == table.iloc[0]["train.lr"] and cfg.loss.margin == table.iloc[0]["loss.margin"]
     train = subprocess.run(
         [sys.executable, "jobs/train.py", "--config", str(best), "--set", f"run.output_dir={tmp_path / 'best'}"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
