@@ -159,7 +159,7 @@ def test_an_empty_nonlandmark_id_list_is_an_error_naming_it(tmp_path):
 
 
 def test_each_task_compares_models_families_of_several_models_and_the_ensemble_of_that_tasks_models(tmp_path):
-    from ray_landmark.infer.ensemble import SplitEmbeddings, candidates
+    from ray_landmark.infer.ensemble import SplitEmbeddings, stages
 
     tree = {"name": "t", "output_dir": str(tmp_path), "models": [
         {"name": "d1", "checkpoint": "x", "family": "dolg"},
@@ -172,13 +172,14 @@ def test_each_task_compares_models_families_of_several_models_and_the_ensemble_o
     models = ("d1", "d2", "e1", "e2")
     splits = {s: SplitEmbeddings(np.arange(5).astype(str), {m: rng.normal(size=(5, 4)) for m in models}, 0)
               for s in ("test", "index", "train")}
-    rows = {c.what: c for c in candidates(cfg, splits)}
+    rows = {stage.what: stage for stage in stages(cfg)}
     assert set(rows) == {
         "d1 (dolg)", "d2 (dolg)", "e1 (effnet)", "e2 (effnet)",
         "family dolg for recognition (2 models)", "family dolg for retrieval (2 models)",
         "ensemble for recognition, no post-processing (3 models)",
         "ensemble for retrieval, no post-processing (3 models)",
     }
-    assert rows["e1 (effnet)"].recognition and not rows["e1 (effnet)"].retrieval
-    ensemble = rows["ensemble for recognition, no post-processing (3 models)"]
-    assert ensemble.test.shape == (5, 8) and np.allclose(np.linalg.norm(ensemble.test, axis=1), 1, atol=1e-5)
+    assert rows["e1 (effnet)"].tasks == ("recognition",)
+    assert [m.name for m in rows["ensemble for retrieval, no post-processing (3 models)"].members] == ["d1", "d2", "e2"]
+    test = rows["ensemble for recognition, no post-processing (3 models)"].embeddings(splits, "test")
+    assert test.shape == (5, 8) and np.allclose(np.linalg.norm(test, axis=1), 1, atol=1e-5)

@@ -56,6 +56,9 @@ class RecognitionSettings(Section):
 
 class RetrievalSettings(Section):
     per_model: int = Field(750, ge=1)  # index images kept per query and model before the scores are summed
+    # Nearest index images re-ranked per query and model before the cut to per_model: wider, so that a same-label
+    # image just below the cut can move up (its boost c_j is up to label_k).
+    rerank_pool: int = Field(3000, ge=1)
     out_k: int = Field(100, ge=1)
     label_k: int = Field(3, ge=1)  # train neighbours that label queries and index images
     same_factor: float = 1.0  # s += same_factor * c_j when the labels agree
@@ -81,8 +84,10 @@ class EnsembleConfig(Section):
     recognition: RecognitionSettings = RecognitionSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
     report: ReportSettings = ReportSettings()
-    # Run the search and post-processing as a Ray task with a GPU (a cluster's head node has none).
+    # The search and post-processing run as one Ray task: a GPU for it (a cluster's head node has none), and the CPUs
+    # whose threads torch and faiss may use.
     score_gpus: float = Field(0.0, ge=0)
+    score_cpus: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _unique_names_and_both_tasks(self):

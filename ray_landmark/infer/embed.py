@@ -17,7 +17,7 @@ import io
 import json
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +35,7 @@ from ray_landmark.data.pipeline import READ, SKIP_REASONS, eval_stream, shard_pa
 from ray_landmark.data.storage import Location, exists, list_files, read_bytes, resolve, write_bytes
 from ray_landmark.data.transforms import normalize_on_device
 from ray_landmark.progress import Printer, ProgressLine, say
-from ray_landmark.train.checkpoint import load_model, read_checkpoint_config
+from ray_landmark.train.checkpoint import checkpoint_folder, load_model, read_checkpoint_config
 
 INFO_FILE = "_embedding.json"
 EMBEDDING_SPLITS = ("train", "index", "test")
@@ -121,26 +121,46 @@ def _rows(loc: Location) -> int:
         return pq.read_metadata(f).num_rows
 
 
-def read_embeddings(folder: Location) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [N] str, embeddings [N, D] float16) of one split's folder; a file of another dimension or an id in two
-    files is an error naming the file."""
-    ids, parts, dim, seen = [], [], None, {}
+def _tables(folder: Location, columns: list[str] | None = None):
+    """(uri, table) of each parquet file of a split's folder, ``columns`` only."""
     for path in list_files(folder, ".parquet"):
         uri = folder.uri_of(path)
-        table = pq.read_table(io.BytesIO(read_bytes(Location(uri, folder.fs, path))))
-        width = table.schema.field("embedding").type.list_size
-        if len(table) and dim is not None and width != dim:
-            raise EmbeddingError(f"{uri}: {width}-d embeddings where the other files of {folder.uri} hold {dim}-d")
-        dim = dim if not len(table) else width
+        yield uri, pq.read_table(io.BytesIO(read_bytes(Location(uri, folder.fs, path))), columns=columns)
+
+
+def _unique_ids(tables) -> tuple[np.ndarray, list]:
+    """The ids of (uri, table) pairs, an id in two files being an error naming both; also the tables."""
+    ids, seen, kept = [], {}, []
+    for uri, table in tables:
         for image_id in table.column("id").to_pylist():
             if image_id in seen:
                 raise EmbeddingError(f"{uri}: image {image_id} is also in {seen[image_id]}")
             seen[image_id] = uri
-        ids.extend(table.column("id").to_pylist())
+            ids.append(image_id)
+        kept.append((uri, table))
+    return np.asarray(ids, dtype=object), kept
+
+
+def read_ids(folder: Location) -> np.ndarray:
+    """The image ids of one split's folder (the embeddings are not read)."""
+    return _unique_ids(_tables(folder, ["id"]))[0]
+
+
+def read_embeddings(folder: Location) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [N] str, embeddings [N, D] float16) of one split's folder; a file of another dimension or an id in two
+    files is an error naming the file."""
+    ids, tables = _unique_ids(_tables(folder))
+    parts, dim = [], None
+    for uri, table in tables:
+        if not len(table):
+            continue  # a shard with no image of the split
+        width = table.schema.field("embedding").type.list_size
+        if dim is not None and width != dim:
+            raise EmbeddingError(f"{uri}: {width}-d embeddings where the other files of {folder.uri} hold {dim}-d")
+        dim = width
         values = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        parts.append(values.reshape(len(table), width))
-    embeddings = np.concatenate(parts) if parts else np.zeros((0, dim or 0), np.float16)
-    return np.asarray(ids, dtype=object), embeddings.astype(np.float16)
+        parts.append(values.reshape(len(table), width).astype(np.float16, copy=False))
+    return ids, (np.concatenate(parts) if parts else np.zeros((0, dim or 0), np.float16))
 
 
 def _check_info(folder: Location, info: dict) -> None:
@@ -160,6 +180,9 @@ def _check_info(folder: Location, info: dict) -> None:
 
 def embed_splits(request: EmbedRequest, printer: Printer = say) -> dict[str, dict]:
     """Embed every image of ``request.splits`` that has no output yet; returns a summary per split."""
+    # A run folder means its newest checkpoint: resolved once, so that every actor and pass (and a rerun, through
+    # the folder's _embedding.json) embeds with the same one, even while training writes newer ones.
+    request = replace(request, checkpoint=checkpoint_folder(request.checkpoint, request.storage).uri)
     cfg = config_from_dict(read_checkpoint_config(request.checkpoint, request.storage), f"{request.checkpoint}")
     data = (request.data or cfg.data).model_copy(update={"image_size": cfg.data.image_size})
     manifest = open_manifest(data)
@@ -237,13 +260,13 @@ def _embed_pass(request: EmbedRequest, data: DataConfig, manifest: Manifest, out
 
 def _verify(folder: Location, expected: set[str], counts: dict[str, int], split: str, printer: Printer) -> dict:
     """Compare what the split's folder holds with the images it must cover; report by reason."""
-    ids, embeddings = read_embeddings(folder)
+    ids = read_ids(folder)
     embedded = set(ids)
     missing, unlisted = expected - embedded, embedded - expected
     skipped = {r: counts.get(r, 0) for r in SKIP_REASONS if counts.get(r, 0)}
     summary = {"split": split, "folder": folder.uri, "embedded": len(ids), "listed": len(expected),
                "listed_but_not_embedded": len(missing), "embedded_but_not_listed": len(unlisted),
-               "dim": int(embeddings.shape[1]) if len(ids) else None, "skipped_this_run": skipped,
+               "skipped_this_run": skipped,
                "read_this_run": counts.get(READ, 0)}
     printer(f"[embed] {split}: {len(ids):,} images embedded of {len(expected):,} listed"
             + (f"; {len(missing):,} listed images not in the shards or unreadable, e.g. {min(missing)}" if missing

@@ -91,52 +91,55 @@ def load_split(cfg: EnsembleConfig, split: str) -> SplitEmbeddings:
             raise EmbeddingError(f"{folder.uri}: {len(differ)} image ids of split {split} differ from the other "
                                  f"models' (e.g. {differ[0]}); rerun the ensemble to embed the missing shards")
     ids = np.asarray(sorted(reference), dtype=object)
-    by_model = {name: embeddings[position.loc[ids].to_numpy()] for name, (_, position, embeddings) in loaded.items()}
+    order = {name: position.loc[ids].to_numpy() for name, (_, position, _) in loaded.items()}
     bad = np.zeros(len(ids), bool)
-    for embeddings in by_model.values():
-        bad |= pp.invalid_rows(embeddings.astype(np.float32))
-    return SplitEmbeddings(ids[~bad], {n: e[~bad] for n, e in by_model.items()}, int(bad.sum()))
+    for name, (_, _, embeddings) in loaded.items():
+        bad |= _invalid_rows(embeddings)[order[name]]
+    # One reordered copy per model, bad rows left out.
+    by_model = {name: embeddings[order[name][~bad]] for name, (_, _, embeddings) in loaded.items()}
+    return SplitEmbeddings(ids[~bad], by_model, int(bad.sum()))
+
+
+def _invalid_rows(embeddings: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """pp.invalid_rows over float32 chunks, not a float32 copy of the whole split."""
+    return np.concatenate([pp.invalid_rows(embeddings[i:i + chunk].astype(np.float32))
+                           for i in range(0, len(embeddings), chunk)] or [np.zeros(0, bool)])
 
 
 # ---------------------------------------------------------------- scoring
 
 
-@dataclass
-class Candidate:
-    """A row of the metrics table: one model, one family average or the ensemble, as embeddings per split."""
+TASKS = ("recognition", "retrieval")
+TASK_SPLITS = {"recognition": ("test", "train"), "retrieval": ("test", "index")}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A row of the metrics table: one model, one family of several models or the ensemble, for its tasks."""
 
     what: str
     kind: str  # model, family, ensemble
-    test: np.ndarray
-    index: np.ndarray
-    train: np.ndarray
-    recognition: bool
-    retrieval: bool
+    tasks: tuple[str, ...]
+    members: tuple[EnsembleModel, ...]
+
+    def embeddings(self, splits: dict[str, SplitEmbeddings], split: str) -> np.ndarray:
+        """Unit rows of one split: the model's own, or the family-averaged concatenation (§5 step 1). Built when
+        needed and dropped after: at GLDv2 scale one stage's train matrix is gigabytes."""
+        return pp.combine_families([(m.family, splits[split].by_model[m.name].astype(np.float32))
+                                    for m in self.members])
 
 
-def _combined(splits: dict[str, SplitEmbeddings], models: list[EnsembleModel]) -> dict[str, np.ndarray]:
-    return {s: pp.combine_families([(m.family, splits[s].by_model[m.name].astype(np.float32)) for m in models])
-            for s in SPLITS}
-
-
-def candidates(cfg: EnsembleConfig, splits: dict[str, SplitEmbeddings]) -> list[Candidate]:
+def stages(cfg: EnsembleConfig) -> list[Stage]:
     """Each model alone, each family of several models and the ensemble: the stages the metrics table compares.
     A family or ensemble row of a task combines only the models used for that task."""
-    rows = []
-    for m in cfg.models:
-        e = {s: pp.l2_normalize(splits[s].by_model[m.name].astype(np.float32)) for s in SPLITS}
-        rows.append(Candidate(f"{m.name} ({m.family})", "model", e["test"], e["index"], e["train"],
-                              "recognition" in m.tasks, "retrieval" in m.tasks))
-    for task in ("recognition", "retrieval"):
-        used = [m for m in cfg.models if task in m.tasks]
-        groups = [(f"family {f} for {task}", "family", [m for m in used if m.family == f])
-                  for f in sorted({m.family for m in used})]
-        groups = [g for g in groups if len(g[2]) > 1]
-        groups.append((f"ensemble for {task}, no post-processing", "ensemble", used))
-        for what, kind, members in groups:
-            e = _combined(splits, members)
-            rows.append(Candidate(f"{what} ({len(members)} models)", kind, e["test"], e["index"], e["train"],
-                                  task == "recognition", task == "retrieval"))
+    rows = [Stage(f"{m.name} ({m.family})", "model", tuple(m.tasks), (m,)) for m in cfg.models]
+    for task in TASKS:
+        used = tuple(m for m in cfg.models if task in m.tasks)
+        for family in sorted({m.family for m in used}):
+            members = tuple(m for m in used if m.family == family)
+            if len(members) > 1:
+                rows.append(Stage(f"family {family} for {task} ({len(members)} models)", "family", (task,), members))
+        rows.append(Stage(f"ensemble for {task}, no post-processing ({len(used)} models)", "ensemble", (task,), used))
     return rows
 
 
@@ -199,21 +202,22 @@ def _nonlandmark_groups(cfg: EnsembleConfig, tables: Tables, test_ids: np.ndarra
     return groups
 
 
-def recognize_with_reranking(cfg: EnsembleConfig, tables: Tables, ensemble: Candidate, test_ids: np.ndarray,
-                             gallery_labels: np.ndarray, device: str) -> tuple[dict, list[str]]:
-    """solution.md §5 recognition step 3 on the ensemble embedding; returns predictions and what N was."""
+def recognize_with_reranking(cfg: EnsembleConfig, tables: Tables, test: np.ndarray, train: np.ndarray,
+                             test_ids: np.ndarray, gallery_labels: np.ndarray, device: str) -> tuple[dict, list[str]]:
+    """solution.md §5 recognition step 3 on the ensemble embedding (``test``, ``train``: its unit rows); returns the
+    predictions and what N was."""
     rc = cfg.recognition
-    scores, indices = knn(ensemble.test, ensemble.train, rc.neighbours, device=device)
+    scores, indices = knn(test, train, rc.neighbours, device=device)
     landmarks = np.zeros(len(test_ids), np.int64)
     confidence = np.zeros(len(test_ids), np.float32)
     notes = []
     for description, queries, n_rows in _nonlandmark_groups(cfg, tables, test_ids):
         if not len(queries):
             continue
-        n_embeddings = ensemble.test[n_rows]
-        bias = pp.nonlandmark_bias(knn(ensemble.train, n_embeddings, rc.gallery_nonlandmark_k, device=device)[0],
+        n_embeddings = test[n_rows]
+        bias = pp.nonlandmark_bias(knn(train, n_embeddings, rc.gallery_nonlandmark_k, device=device)[0],
                                    rc.gallery_nonlandmark_k)
-        query_n, _ = knn(ensemble.test[queries], n_embeddings, rc.query_nonlandmark_k, device=device)
+        query_n, _ = knn(test[queries], n_embeddings, rc.query_nonlandmark_k, device=device)
         landmarks[queries], confidence[queries] = pp.recognize(
             scores[queries], indices[queries], gallery_labels, bias, query_n, rc.top_k, rc.query_nonlandmark_k)
         notes.append(f"non-landmark set for {description}")
@@ -225,53 +229,74 @@ def recognize_with_reranking(cfg: EnsembleConfig, tables: Tables, ensemble: Cand
 
 def retrieve_with_reranking(cfg: EnsembleConfig, splits: dict[str, SplitEmbeddings], gallery_labels: np.ndarray,
                             device: str) -> tuple[np.ndarray, np.ndarray]:
-    """solution.md §5 retrieval steps 1-4: per model, top per_model index images, soft re-ranked by the labels of
-    the query and the index images (top label_k train neighbours), weighted, summed over models, top out_k."""
+    """solution.md §5 retrieval steps 1-4: per model, the query's ``rerank_pool`` nearest index images are soft
+    re-ranked by the labels of the query and the index images (top label_k train neighbours) and cut to per_model;
+    weighted, summed over models, top out_k. The pool is wider than per_model so that a same-label image just below
+    the cut can move up into it (c_j adds up to label_k)."""
     rt = cfg.retrieval
     reranked = []
     for model in (m for m in cfg.models if "retrieval" in m.tasks):
-        e = {s: pp.l2_normalize(splits[s].by_model[model.name].astype(np.float32)) for s in SPLITS}
-        scores, indices = knn(e["test"], e["index"], rt.per_model, device=device)
-        query_labels, _ = pp.label_by_neighbours(*knn(e["test"], e["train"], rt.label_k, device=device),
+        stage = Stage(model.name, "model", ("retrieval",), (model,))
+        test, index, train = (stage.embeddings(splits, s) for s in ("test", "index", "train"))
+        scores, indices = knn(test, index, max(rt.rerank_pool, rt.per_model), device=device)
+        query_labels, _ = pp.label_by_neighbours(*knn(test, train, rt.label_k, device=device),
                                                  gallery_labels, top_k=rt.label_k)
         index_labels, index_confidence = pp.label_by_neighbours(
-            *knn(e["index"], e["train"], rt.label_k, device=device), gallery_labels, top_k=rt.label_k)
+            *knn(index, train, rt.label_k, device=device), gallery_labels, top_k=rt.label_k)
+        del train
         scores, indices = pp.soft_rerank(scores, indices, query_labels, index_labels, index_confidence,
                                          rt.same_factor, rt.other_factor)
-        reranked.append((scores * model.weight, indices))
+        reranked.append((scores[:, :rt.per_model] * model.weight, indices[:, :rt.per_model]))
     return pp.fuse_models(reranked, rt.per_model, rt.out_k)
+
+
+def _use_cpus(cpus: int) -> None:
+    """Ray sets one thread for a 1-CPU task: let torch and faiss use the CPUs the task holds."""
+    torch.set_num_threads(cpus)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(cpus)
+    except ImportError:
+        pass  # the torch backend needs nothing else
 
 
 def score(cfg: EnsembleConfig, data: DataConfig) -> dict:
     """Everything after the embeddings: metrics per stage, predictions, submissions. Runs where it is called (a Ray
-    task in ``run_ensemble``); writes the submissions and returns what the report needs."""
+    task in ``run_ensemble``); writes the submissions and returns what the report needs. Each stage's embeddings are
+    built when its metrics are computed and dropped after, so memory holds the models' float16 rows and one stage."""
     device = _device()
+    _use_cpus(max(1, int(cfg.score_cpus)))
     tables = Tables.read(data, cfg.gallery_view)
     splits = {s: load_split(cfg, s) for s in SPLITS}
     test_ids, index_ids, train_ids = (splits[s].ids for s in SPLITS)
-    unknown = [i for i in train_ids if i not in tables.gallery_landmarks.index]
-    if unknown:
-        raise EmbeddingError(f"train embeddings hold {len(unknown)} images outside the {cfg.gallery_view} view "
-                             f"(e.g. {unknown[0]}): embed the train split with view {cfg.gallery_view}")
+    known = tables.gallery_landmarks.index
+    outside = ~pd.Index(train_ids).isin(known)
+    if outside.any():
+        raise EmbeddingError(f"train embeddings hold {int(outside.sum())} images outside the {cfg.gallery_view} view "
+                             f"(e.g. {train_ids[outside][0]}): embed the train split with view {cfg.gallery_view}")
     gallery_labels = tables.gallery_landmarks.loc[list(train_ids)].to_numpy(np.int64)
 
     rows: list[dict] = []
-    stages = candidates(cfg, splits)
-    for c in stages:
-        row: dict = {"what": c.what, "kind": c.kind}
-        if c.recognition:
-            s, i = knn(c.test, c.train, cfg.recognition.neighbours, device=device)
+    for stage in stages(cfg):
+        row: dict = {"what": stage.what, "kind": stage.kind}
+        if "recognition" in stage.tasks:
+            test, train = (stage.embeddings(splits, s) for s in TASK_SPLITS["recognition"])
+            s, i = knn(test, train, cfg.recognition.neighbours, device=device)
             landmarks, confidence = pp.recognize(s, i, gallery_labels, top_k=cfg.recognition.top_k)
             row.update(recognition_metrics(_recognition_predictions(test_ids, landmarks, confidence),
                                            tables.recognition))
-        if c.retrieval:
-            _, i = knn(c.test, c.index, cfg.retrieval.out_k, device=device)
+            if stage.kind == "ensemble":
+                recognized, notes = recognize_with_reranking(cfg, tables, test, train, test_ids, gallery_labels,
+                                                             device)
+            del train
+        if "retrieval" in stage.tasks:
+            test, index = (stage.embeddings(splits, s) for s in TASK_SPLITS["retrieval"])
+            _, i = knn(test, index, cfg.retrieval.out_k, device=device)
             row.update(retrieval_metrics(dict(zip(test_ids, pp.ranked_ids(i, index_ids))), tables.retrieval))
         rows.append(row)
 
-    ensemble = next(c for c in stages if c.kind == "ensemble" and c.recognition)
-    recognized, notes = recognize_with_reranking(cfg, tables, ensemble, test_ids, gallery_labels, device)
-    fused_scores, fused = retrieve_with_reranking(cfg, splits, gallery_labels, device)
+    _, fused = retrieve_with_reranking(cfg, splits, gallery_labels, device)
     retrieved = dict(zip(test_ids, pp.ranked_ids(fused, index_ids)))
     final = {"what": "ensemble with post-processing", "kind": "final",
              **recognition_metrics(recognized, tables.recognition), **retrieval_metrics(retrieved, tables.retrieval)}
@@ -337,7 +362,7 @@ def run_ensemble(cfg: EnsembleConfig, printer: Printer = say) -> dict:
     data = data_config(cfg)
     embedded = embed_models(cfg, data, printer)
     printer(f"[ensemble] scoring {len(cfg.models)} models" + (" on a GPU" if cfg.score_gpus else ""))
-    task = ray.remote(score).options(num_gpus=cfg.score_gpus, num_cpus=1, max_retries=0)
+    task = ray.remote(score).options(num_gpus=cfg.score_gpus, num_cpus=cfg.score_cpus, max_retries=0)
     scored = ray.get(task.remote(cfg, data))
     out = resolve(cfg.output_dir, cfg.storage)
     tables = Tables.read(data, cfg.gallery_view)

@@ -131,7 +131,9 @@ def run_sweep(sweep: SweepConfig, base: Config, printer: Printer = say) -> dict:
             tune_config=ray.tune.TuneConfig(
                 metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples,
                 search_alg=BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrent),
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=settings.epochs,
+                # Epochs, not Tune's iteration count: a trial resumed from its Train checkpoint goes on counting
+                # its epochs, while Tune's count would restart.
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=settings.epochs,
                                         grace_period=settings.grace_period,
                                         reduction_factor=settings.reduction_factor),
             ),
