@@ -21,28 +21,15 @@ class Printer(Protocol):
     def __call__(self, line: str, transient: bool = False) -> None: ...
 
 
-class _Terminal:
-    """stdout, with transient lines (progress) overwritten in place when it is a terminal."""
-
-    def __init__(self):
-        self.showing_transient = False
-
-    def write(self, line: str, transient: bool = False) -> None:
-        out = sys.stdout
-        if out.isatty():
-            out.write(_ERASE_LINE + line + ("" if transient else "\n"))
-            self.showing_transient = transient
-        else:
-            out.write(line + "\n")
-        out.flush()
-
-
-_terminal = _Terminal()
-
-
 def say(line: str, transient: bool = False) -> None:
-    """One line to the job's console (this process's stdout)."""
-    _terminal.write(line, transient)
+    """One line to the job's console (this process's stdout); on a terminal a transient line (progress) is
+    overwritten in place by the next one."""
+    out = sys.stdout
+    if out.isatty():
+        out.write(_ERASE_LINE + line + ("" if transient else "\n"))
+    else:
+        out.write(line + "\n")
+    out.flush()
 
 
 def interactive() -> bool:

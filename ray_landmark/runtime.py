@@ -24,9 +24,9 @@ def _quiet_ray_console() -> None:
     log_once("ray_data_progress_manager_disabled")  # its "progress bars disabled" warning: they are, on purpose
 
 
-def init_ray(local_cpus: int | None = None) -> str:
-    """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), or start a local Ray; returns the folder of
-    Ray's logs.
+def init_ray(local_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), or start a local Ray, and say where Ray's
+    logs are.
 
     A local Ray gets more logical CPUs than cores: training workers hold theirs for the whole run, and Ray Data's
     read and decode tasks must still be schedulable beside them (ray.md §0.6). AWS settings of this process go to every
@@ -36,7 +36,7 @@ def init_ray(local_cpus: int | None = None) -> str:
     """
     if ray.is_initialized():
         _quiet_ray_console()
-        return ""
+        return
     common = dict(runtime_env={"env_vars": worker_env_vars()}, log_to_driver=False, logging_level=logging.WARNING)
     if os.environ.get("RAY_ADDRESS"):
         context = ray.init(**common)
@@ -53,4 +53,3 @@ def init_ray(local_cpus: int | None = None) -> str:
     logs = os.path.join(context.address_info.get("session_dir", ""), "logs")
     say(f"[ray] {'joined ' + os.environ['RAY_ADDRESS'] if os.environ.get('RAY_ADDRESS') else 'local Ray started'}; "
         f"Ray's logs: {logs}")
-    return logs

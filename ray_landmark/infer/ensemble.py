@@ -333,10 +333,12 @@ def metrics_text(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _gallery(cfg: EnsembleConfig, data: DataConfig, tables: Tables, scored: dict) -> list[GalleryEntry]:
+def _gallery(cfg: EnsembleConfig, data: DataConfig, scored: dict) -> list[GalleryEntry]:
     """Sampled scored test queries, landmark and non-landmark alike, with their thumbnails."""
-    truth = tables.recognition[tables.recognition["usage"] != "Ignored"].set_index("id")
-    relevant = tables.retrieval.set_index("id")["images"].fillna("").str.split()
+    manifest = open_manifest(data)
+    recognition = manifest.recognition()
+    truth = recognition[recognition["usage"] != "Ignored"].set_index("id")
+    relevant = manifest.retrieval().set_index("id")["images"].fillna("").str.split()
     chosen = [i for i in truth.index if i in scored["recognized"]]
     rng = np.random.default_rng(cfg.report.seed)
     chosen = sorted(rng.choice(chosen, size=min(cfg.report.queries, len(chosen)), replace=False).tolist())
@@ -365,11 +367,10 @@ def run_ensemble(cfg: EnsembleConfig, printer: Printer = say) -> dict:
     task = ray.remote(score).options(num_gpus=cfg.score_gpus, num_cpus=cfg.score_cpus, max_retries=0)
     scored = ray.get(task.remote(cfg, data))
     out = resolve(cfg.output_dir, cfg.storage)
-    tables = Tables.read(data, cfg.gallery_view)
     report = out.child("report.html")
     metric_rows = [{"what": r["what"], **{c: r.get(c) for c in TABLE_COLUMNS}} for r in scored["rows"]]
     write_report(report, title=f"Ensemble {cfg.name}", metrics=metric_rows, notes=scored["notes"],
-                 gallery=_gallery(cfg, data, tables, scored),
+                 gallery=_gallery(cfg, data, scored),
                  info={"output": out.uri, "models": ", ".join(m.name for m in cfg.models)})
     final = scored["rows"][-1]
     summary = {

@@ -27,7 +27,7 @@ from ray_landmark.data.pipeline import SKIP_REASONS, counts_since
 from ray_landmark.data.transforms import normalize_on_device
 from ray_landmark.models.factory import build_model
 from ray_landmark.models.transfer import freeze_except, warm_start
-from ray_landmark.progress import Printer, ProgressLine, relay_printer
+from ray_landmark.progress import ProgressLine, relay_printer
 from ray_landmark.train.checkpoint import Progress, load_latest_good, read_checkpoint_at, run_logs, save_checkpoint
 from ray_landmark.train.metrics_log import MetricsLog
 from ray_landmark.train.validate import validate
@@ -44,7 +44,6 @@ class Worker:
     autocast: contextlib.AbstractContextManager  # reusable: torch.autocast, or a no-op on CPU / with amp off
     memory_format: torch.memory_format
     raw_model: torch.nn.Module  # the model without its DDP wrapper: state dicts, evaluation
-    say: Printer  # rank 0's lines go to the driver's console; the other ranks stay silent
 
     @property
     def cfg(self) -> Config:
@@ -98,7 +97,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     amp_dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    worker = Worker(inputs, rank, world, device, autocast, memory_format, raw_model, say)
+    worker = Worker(inputs, rank, world, device, autocast, memory_format, raw_model)
 
     progress = Progress(epoch=0, step=0, epoch_step=0)
     if resume is not None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, model_validator
 
 from ray_landmark.config import Config, config_from_dict, load_config, set_dotted
@@ -93,15 +92,17 @@ def load_sweep(
     for key, distribution in sweep.space.items():
         if not _has_key(tree, key):
             raise ConfigError(f"{path}: space key '{key}' is not a value of the base config {sweep.base}")
-        probes = distribution.values
-        for value in probes:
-            trial_tree = yaml.safe_load(yaml.safe_dump(tree))  # a deep copy of plain data
-            set_dotted(trial_tree, key, value, str(path))
-            try:
-                config_from_dict(trial_tree, f"{path}: space '{key}' value {value!r}")
-            except ConfigError as err:
-                raise ConfigError(str(err)) from None
+        for value in distribution.values:
+            config_from_dict(with_values(base, {key: value}, str(path)), f"{path}: space '{key}' value {value!r}")
     return sweep, base
+
+
+def with_values(base: Config, values: dict[str, Any], source: str) -> dict:
+    """The base config as a new plain tree with ``values`` (dotted keys) set."""
+    tree = base.model_dump(mode="json")
+    for key, value in values.items():
+        set_dotted(tree, key, value, source)
+    return tree
 
 
 def _has_key(tree: dict, dotted: str) -> bool:

@@ -3,13 +3,13 @@
 Each trial is a function that builds its own config (base + sampled values) and runs the project's ordinary training
 (``train.trainer.fit``) under a stable Train run name, ``trial_<id>``, so a failed trial resumes from its checkpoint.
 ``TuneReportCallback`` forwards every epoch's report to Tune, where ASHA stops the weaker trials early. Rerunning the
-same sweep restores it (``Tuner.restore``). At the end: ``trials.csv``, ``trials.md``, ``metric_vs_params.png`` and
+same sweep restores it (``Tuner.restore``); Tune does not save ASHA's rungs, so after a resume the remaining trials
+are compared only with the trials run since. At the end: ``trials.csv``, ``trials.md``, ``metric_vs_params.png`` and
 ``best_config.yaml`` (a config ``jobs/train.py`` takes as it is) in ``<output_dir>/<name>/``.
 """
 
 from __future__ import annotations
 
-import copy
 import io
 import math
 import os
@@ -23,11 +23,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from ray_landmark.config import Config, config_from_dict, set_dotted
+from ray_landmark.config import Config, config_from_dict
 from ray_landmark.data.storage import Location, resolve, write_bytes
 from ray_landmark.progress import Printer, say
 from ray_landmark.train.trainer import fit
-from ray_landmark.tune.config import Distribution, SweepConfig
+from ray_landmark.tune.config import Distribution, SweepConfig, with_values
 
 TRIALS_FOLDER = "trials"  # the trials' Train runs: <output_dir>/<name>/trials/trial_<id>/
 
@@ -45,18 +45,18 @@ def _search_space(space: dict[str, Distribution]) -> dict:
 def trial_config(sweep: SweepConfig, base: Config, params: dict, trial_name: str) -> Config:
     """The config of one trial: the base with the sampled values, the sweep's horizon, validation every epoch (ASHA
     compares trials at epoch ends), and its own run folder."""
-    tree = copy.deepcopy(base.model_dump(mode="json"))
-    for key, value in params.items():
-        set_dotted(tree, key, value, sweep.name)
-    set_dotted(tree, "train.epochs", sweep.settings.epochs, sweep.name)
-    set_dotted(tree, "train.stop_at", None, sweep.name)
-    set_dotted(tree, "train.eval_every", 1, sweep.name)
-    set_dotted(tree, "train.checkpoint_every_steps", None, sweep.name)  # only epoch reports, each with the metric
-    if sweep.init_from:
-        set_dotted(tree, "train.init_from", sweep.init_from, sweep.name)
+    tree = with_values(base, {
+        **params, **_warm_start(sweep),
+        "train.epochs": sweep.settings.epochs, "train.stop_at": None, "train.eval_every": 1,
+        "train.checkpoint_every_steps": None,  # only epoch reports, each with the metric
+    }, sweep.name)
     tree["run"] = {"name": trial_name, "output_dir": sweep_location(sweep).child(TRIALS_FOLDER).uri,
                    "storage": sweep.storage.model_dump(mode="json")}
     return config_from_dict(tree, f"{sweep.name} trial {trial_name}")
+
+
+def _warm_start(sweep: SweepConfig) -> dict:
+    return {"train.init_from": sweep.init_from} if sweep.init_from else {}
 
 
 def _trainable(sweep: SweepConfig, base: Config):
@@ -196,11 +196,7 @@ def write_outputs(sweep: SweepConfig, base: Config, table: pd.DataFrame, printer
 
 def best_config(sweep: SweepConfig, base: Config, params: dict) -> Config:
     """The base recipe with the best values (and the sweep's warm start): its own epochs, a run name of its own."""
-    tree = copy.deepcopy(base.model_dump(mode="json"))
-    for key, value in params.items():
-        set_dotted(tree, key, value, sweep.name)
-    if sweep.init_from:
-        set_dotted(tree, "train.init_from", sweep.init_from, sweep.name)
+    tree = with_values(base, {**params, **_warm_start(sweep)}, sweep.name)
     tree["run"]["name"] = f"{base.run.name}_{sweep.name}_best"
     return config_from_dict(tree, f"{sweep.name} best config")
 
