@@ -13,6 +13,7 @@ import pytest
 
 from ray_landmark.config import load_config
 from ray_landmark.config_base import ConfigError
+from ray_landmark.train.trainer import fit
 from ray_landmark.tune.config import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def _tune(config: Path, root: str, out: Path) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_a_three_trial_sweep_interrupted_and_rerun_resumes_stops_weak_trials_and_writes_a_trainable_best_config(
-    gldv2_learnable, tmp_path
+    gldv2_learnable, ray_session, tmp_path
 ):
     config, out = REPO / "configs" / "tune_tiny.yaml", tmp_path / "sweeps"
     first = _tune(config, gldv2_learnable, out)
@@ -69,7 +70,7 @@ def test_a_three_trial_sweep_interrupted_and_rerun_resumes_stops_weak_trials_and
             first.send_signal(signal.SIGINT)
             break
     first_output = "".join(lines) + first.communicate(timeout=300)[0]
-    assert "[tune]" in first_output and "started" in first_output, first_output[-3000:]
+    assert done == 2, first_output[-3000:]  # the first run got as far as two trials
     done_first = {line.split()[1] for line in first_output.splitlines()
                   if line.startswith("[tune] ") and (" finished" in line or "stopped early" in line)}
 
@@ -83,8 +84,8 @@ def test_a_three_trial_sweep_interrupted_and_rerun_resumes_stops_weak_trials_and
     sweep = out / "tune_tiny"
     table = pd.read_csv(sweep / "trials.csv")
     assert len(table) == 3 and set(table["status"]) <= {"finished", "stopped early"}
-    assert (table["status"] == "stopped early").sum() >= 1  # ASHA
-    assert (table["epochs"] <= 3).all() and table["best_val_map100"].notna().all()
+    assert (table["status"] == "stopped early").sum() >= 1, first_output[-2000:] + output[-2000:]  # ASHA
+    assert (table["epochs"] <= 4).all() and table["best_val_gap"].notna().all()
     assert (sweep / "trials.md").read_text().count("\n") == 2 + 3
     assert (sweep / "metric_vs_params.png").read_bytes().startswith(b"\x89PNG")
     assert not any("Tune" in line and "│" in line for line in output.splitlines())  # no Tune status tables
@@ -92,12 +93,9 @@ def test_a_three_trial_sweep_interrupted_and_rerun_resumes_stops_weak_trials_and
     best = sweep / "best_config.yaml"
     cfg = load_config(best)
     assert cfg.train.lr == table.iloc[0]["train.lr"] and cfg.loss.margin == table.iloc[0]["loss.margin"]
-    train = subprocess.run(
-        [sys.executable, "jobs/train.py", "--config", str(best), "--set", f"run.output_dir={tmp_path / 'best'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert train.returncode == 0, train.stderr[-3000:]
-    assert "[train] finished" in train.stdout
+    # It trains (one epoch here, on the session's Ray).
+    result = fit(load_config(best, [f"run.output_dir={tmp_path / 'best'}", "train.epochs=1"]))
+    assert result.metrics["epoch"] == 1 and result.checkpoint is not None
 
 
 def test_the_table_records_finished_stopped_and_failed_trials_best_first(tmp_path):
