@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -9,8 +10,11 @@ import ray
 import ray.data
 from ray.util.debug import log_once
 
-from ray_landmark.data.storage import worker_env_vars
+from ray_landmark.data.storage import aws_settings
 from ray_landmark.progress import say
+
+# Set by Ray's job supervisor in a submitted job's driver: the job's own runtime env, as JSON.
+_SUBMITTED_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def _quiet_ray_console() -> None:
@@ -28,20 +32,27 @@ def init_ray(local_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), or start a local Ray, and say where Ray's
     logs are.
 
+    Storage credentials never go into a runtime env, which Ray stores and shows (job info, dashboard). A local Ray's
+    workers are children of the Ray that this process starts and inherit its environment, credentials included. A
+    cluster's workers get theirs from their instance role or their node's environment (cluster.yaml, k8s/); a job
+    joining one forwards only where storage is (region, endpoint: ``storage.aws_settings``), since a pickled
+    filesystem does not carry environment settings (ray.md §0.12).
+
     A local Ray gets more logical CPUs than cores: training workers hold theirs for the whole run, and Ray Data's
-    read and decode tasks must still be schedulable beside them (ray.md §0.6). AWS settings of this process go to every
-    worker through the runtime env, since a pickled filesystem does not carry environment credentials. Workers'
-    output stays in Ray's log files (log_to_driver off): jobs print what a person needs through
-    ``progress.ConsoleRelay``.
+    read and decode tasks must still be schedulable beside them (ray.md §0.6). Workers' output stays in Ray's log
+    files (log_to_driver off): jobs print what a person needs through ``progress.ConsoleRelay``.
     """
     if ray.is_initialized():
         _quiet_ray_console()
         return
-    common = dict(runtime_env={"env_vars": worker_env_vars()}, log_to_driver=False, logging_level=logging.WARNING)
+    common = dict(log_to_driver=False, logging_level=logging.WARNING)
     if os.environ.get("RAY_ADDRESS"):
-        context = ray.init(**common)
+        context = ray.init(runtime_env=cluster_runtime_env(), **common)
     else:
         context = ray.init(
+            # "local": a new Ray of this job's own. Without it, ray.init() joins the last cluster that `ray start`
+            # began on this machine (/tmp/ray/ray_current_cluster), which RAY_ADDRESS did not name.
+            address="local",
             num_cpus=local_cpus or max(4, 2 * (os.cpu_count() or 1)),
             include_dashboard=False,
             # Ray replaces workers idle for 1 s by default; every new one imports torch again. On 2 cores that churn
@@ -53,3 +64,12 @@ def init_ray(local_cpus: int | None = None) -> None:
     logs = os.path.join(context.address_info.get("session_dir", ""), "logs")
     say(f"[ray] {'joined ' + os.environ['RAY_ADDRESS'] if os.environ.get('RAY_ADDRESS') else 'local Ray started'}; "
         f"Ray's logs: {logs}")
+
+
+def cluster_runtime_env() -> dict:
+    """The runtime env a job adds when it joins a cluster: the storage settings of its environment, less those the
+    submitted job's runtime env already sets (they reach every worker of the job anyway, and Ray refuses a key
+    set twice)."""
+    submitted = json.loads(os.environ.get(_SUBMITTED_JOB_CONFIG, "{}")).get("runtime_env") or {}
+    env_vars = {k: v for k, v in aws_settings().items() if k not in (submitted.get("env_vars") or {})}
+    return {"env_vars": env_vars} if env_vars else {}

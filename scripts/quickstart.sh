@@ -3,5 +3,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_venv.sh local
-export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
+# Ray's token authentication on, as Ray 2.60 turns it on for a local Ray anyway; set here so that Ray does not
+# warn about it. The token is ~/.ray/auth_token, created on first use.
+export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token
 exec .venv/bin/python jobs/quickstart.py "$@"

@@ -13,7 +13,9 @@ from ray_landmark.data.synthetic import write_synthetic_gldv2
 from ray_landmark.local_s3 import LocalS3Server, use_test_credentials
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray's token authentication on, as Ray 2.60 turns it on for a local ray.init anyway; set here so that Ray does not
+# warn about it (tests/test_cluster.py gives the cluster it starts a token of its own).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # No instance-metadata probing on a machine that is not in a cloud.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")

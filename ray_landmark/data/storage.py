@@ -2,7 +2,8 @@
 
 A location is a URI: ``/abs/or/relative/path``, ``file:///path`` or ``s3://bucket/prefix``. pyarrow's filesystems do the
 I/O because Ray Data and Ray Train take them directly. Credentials are never in a config: pyarrow and boto3 read them
-from the environment or the instance role, and ``worker_env_vars`` carries the environment's to the Ray workers.
+from the environment or the instance role of the process that does the I/O (``runtime.init_ray`` says how Ray workers
+get them).
 """
 
 from __future__ import annotations
@@ -22,16 +23,10 @@ from ray_landmark.data.config import StorageConfig
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# What the Ray workers need to reach the same storage as the driver (ray.md: not carried by a pickled filesystem).
-AWS_ENV_VARS = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_ENDPOINT_URL",
-    "AWS_PROFILE",
-)
+# Where object storage is, which a job may show: the only AWS settings it forwards to a cluster's workers. Credentials
+# (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) never travel: Ray stores a runtime env and shows it
+# (job info, dashboard). AWS_PROFILE neither: a profile name fails on a node whose ~/.aws does not define it.
+AWS_SETTINGS_VARS = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL")
 
 
 class StorageError(JobError, OSError):
@@ -60,9 +55,9 @@ class Location:
         return self.uri.startswith("s3://")
 
 
-def worker_env_vars() -> dict[str, str]:
-    """The AWS settings of this process, to pass as ``runtime_env={"env_vars": ...}`` to Ray."""
-    return {k: os.environ[k] for k in AWS_ENV_VARS if k in os.environ}
+def aws_settings() -> dict[str, str]:
+    """The region and endpoint settings of this process's environment (no credentials)."""
+    return {k: os.environ[k] for k in AWS_SETTINGS_VARS if k in os.environ}
 
 
 def s3_filesystem(storage: StorageConfig) -> pafs.S3FileSystem:
