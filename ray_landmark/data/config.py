@@ -37,6 +37,11 @@ class DataConfig(Section):
     manifest_storage: StorageConfig | None = None
     view: LabelView = "gldv2c"
     image_size: int = Field(448, gt=0)
+    # How a JPEG becomes an image_size² image, at training and evaluation alike. fast: decode at 1/2, 1/4 or 1/8 scale
+    # where both sides stay >= image_size (libjpeg's draft mode), then resize bilinearly with antialiasing. original:
+    # decode the full JPEG and resize bilinearly without antialiasing, the pixels of the 2021 solution (OpenCV's
+    # imread and INTER_LINEAR resize; here PIL or torchvision decode and torch resizes): for the released weights.
+    preprocessing: Literal["fast", "original"] = "fast"
     augment: bool = True
     # Train rows are shuffled every epoch: the shard order, and each read task's raw JPEGs in a window of this many
     # rows (about 120 KB each for GLDv2), before they are decoded.
@@ -44,7 +49,14 @@ class DataConfig(Section):
     # Batches each training worker prepares ahead of the one it trains on.
     prefetch_batches: int = Field(4, ge=0)
     seed: int = 0
-    # Images decoded per Ray Data task call.
+    # Where JPEGs become images (decode, resize, augment):
+    #   cpu: Ray Data CPU tasks; the stream carries decoded S×S images.
+    #   gpu: each training or embedding worker on its GPU (nvjpeg); the stream carries JPEG bytes. Needs GPU workers.
+    #   worker: each worker on its own device, GPU or CPU: gpu's code path, also on CPU-only workers (CI, tests).
+    #   auto: gpu on workers with a GPU, cpu otherwise.
+    # See ray_landmark/data/worker_decode.py for what decoding in the worker costs in device memory.
+    decode: Literal["cpu", "gpu", "worker", "auto"] = "cpu"
+    # Images decoded per Ray Data task call (data.decode: cpu).
     decode_batch_size: int = Field(32, gt=0)
     # CPUs reserved per read task (one task streams one tar); below 1 lets more S3 streams run at once.
     read_cpus: float = Field(0.25, gt=0)

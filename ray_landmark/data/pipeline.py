@@ -3,6 +3,10 @@
     tar shards --read (one task per tar: raw member bytes, label joined by id, view filter)-->
     id, jpeg, label --decode + augment (CPU tasks)--> image uint8[S,S,3], label int64 --> get_dataset_shard
 
+With ``data.decode: gpu`` (or ``worker``, or ``auto`` on GPU workers) the stream stops after the read stage and each
+training or embedding worker decodes its own batches on its device (``worker_decode.py``): ``train_batches`` and
+``images_on_device`` below give the workers the same images either way.
+
 Bad input never stops an epoch: a member that is not a JPEG, an empty one, a corrupt JPEG, the cut-off end of a
 truncated tar and ids missing from the metadata are each skipped, logged and counted by reason in ``SampleCounter``,
 a small actor that the training loop reads once per epoch. A shard that cannot be opened is retried, then fails the job
@@ -22,13 +26,16 @@ import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
+import torch
 from ray.data.datasource import FileBasedDatasource
 
+from ray_landmark.config_base import ConfigError, JobError
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig
 from ray_landmark.data.metadata import NOT_IN_VIEW, UNKNOWN_ID, LabelLookup, Manifest, open_manifest
 from ray_landmark.data.storage import Location, list_files, resolve, with_retries
-from ray_landmark.data.transforms import CorruptImage, ImageTransform
+from ray_landmark.data.transforms import CorruptImage, Preprocessing, TrainAugmentation, augment_hwc, decode_resized
+from ray_landmark.data.worker_decode import CorruptBatch, TrainBatchDecoder, WorkerDecoder
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +67,7 @@ class SampleCounter:
         return dict(self.counts)
 
 
-def _report(counter, counts: dict[str, int]) -> None:
+def report_counts(counter, counts: dict[str, int]) -> None:
     # Waiting for the actor keeps the totals exact when the consumer reads them right after the last batch.
     if counts:
         ray.get(counter.add.remote(counts))
@@ -71,14 +78,17 @@ def counts_since(before: dict[str, int], after: dict[str, int]) -> dict[str, int
 
 
 class GLDv2TarDatasource(FileBasedDatasource):
-    """Raw JPEG bytes of the members of GLDv2 tars, one read task per tar, with the label joined by image id."""
+    """Raw JPEG bytes of the members of GLDv2 tars, one read task per tar, with the label joined by image id, or with
+    ``split_name`` that name as ``split`` instead (eval rows)."""
 
     _FILE_EXTENSIONS = ["tar"]
 
     def __init__(
-        self, paths: list[str], *, location: Location, lookup_ref, counter, tries: int, shuffle_files, shuffle_rows: int
+        self, paths: list[str], *, location: Location, lookup_ref, counter, tries: int, shuffle_files, shuffle_rows: int,
+        split_name: str | None = None,
     ):
         super().__init__(paths, filesystem=location.fs, shuffle=shuffle_files, file_extensions=["tar"])
+        self._split_name = split_name
         self._shuffle_rows = shuffle_rows
         self._location = location
         self._lookup_ref = lookup_ref
@@ -99,18 +109,19 @@ class GLDv2TarDatasource(FileBasedDatasource):
         shard = os.path.basename(path)
         for chunk in windowed_shuffle(rows, READ_BLOCK_ROWS, self._shuffle_rows, np.random.default_rng()):
             counts[READ] += len(chunk)
-            _report(self._counter, dict(counts))
+            report_counts(self._counter, dict(counts))
             counts.clear()
             ids, blobs, labels = zip(*chunk)
             yield pa.table(
                 {
                     "id": pa.array(ids, pa.string()),
                     "jpeg": pa.array(blobs, pa.binary()),
-                    "label": pa.array(labels, pa.int64()),
+                    **({"label": pa.array(labels, pa.int64())} if self._split_name is None
+                       else {"split": pa.array([self._split_name] * len(ids), pa.string())}),
                     "shard": pa.array([shard] * len(ids), pa.string()),  # which tar: the embedding job's unit of work
                 }
             )
-        _report(self._counter, dict(counts))  # skips after the last chunk
+        report_counts(self._counter, dict(counts))  # skips after the last chunk
 
     @staticmethod
     def _labelled_members(f, uri: str, lookup: LabelLookup | None, counts) -> Iterator[tuple[str, bytes, int]]:
@@ -172,25 +183,26 @@ def windowed_shuffle(rows: Iterator, chunk: int, window: int, rng: np.random.Gen
 
 
 def decode_images(
-    batch: dict[str, np.ndarray], *, image_size: int, augment: bool, keep_ids: bool, split: str | None, counter
+    batch: dict[str, np.ndarray], *, image_size: int, preprocessing: Preprocessing, augment: bool, keep_ids: bool,
+    counter,
 ) -> dict[str, np.ndarray]:
     """map_batches UDF: JPEG bytes -> fixed-size uint8 images; corrupt JPEGs are dropped and counted. Eval rows carry
     their ``split`` name (test, index, train) instead of a class."""
-    transform = ImageTransform(image_size, augment)
     images, keep = [], []
     for i, (image_id, data) in enumerate(zip(batch["id"], batch["jpeg"])):
         try:
-            images.append(transform(data))
+            images.append(decode_resized(data, image_size, preprocessing))
             keep.append(i)
         except CorruptImage as err:
             log.warning("skipped %s: corrupt_jpeg %s", image_id, err)
     n_corrupt = len(batch["id"]) - len(keep)
-    _report(counter, {"corrupt_jpeg": n_corrupt} if n_corrupt else {})
-    out = {"image": np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)}
-    if split is None:
+    report_counts(counter, {"corrupt_jpeg": n_corrupt} if n_corrupt else {})
+    stacked = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
+    out = {"image": augment_hwc(stacked, TrainAugmentation()) if augment and images else stacked}
+    if "label" in batch:
         out["label"] = np.asarray(batch["label"])[keep].astype(np.int64)
     else:
-        out["split"] = np.full(len(keep), split)
+        out["split"] = np.asarray(batch["split"])[keep]
     if keep_ids:
         out["id"] = np.asarray(batch["id"])[keep]
         out["shard"] = np.asarray(batch["shard"])[keep]
@@ -224,10 +236,12 @@ def stream_shards(
     shuffle: bool,
     split_column: bool = False,
     only_shards: set[str] | None = None,
+    worker_decode: bool = False,
 ) -> ShardStream:
-    """The shards of ``split`` (or those named in ``only_shards``) as decoded images. With a lookup, only the ids it
-    selects are read (others are dropped before their bytes are read); without one, every member is kept. Rows carry
-    the lookup's class as ``label``, or with ``split_column`` the split's name as ``split``."""
+    """The shards of ``split`` (or those named in ``only_shards``) as decoded images, or with ``worker_decode`` as
+    the read stage's rows (``id``, ``jpeg`` bytes, ``shard``) for the consuming workers to decode. With a lookup, only
+    the ids it selects are read (others are dropped before their bytes are read); without one, every member is kept.
+    Rows carry the lookup's class as ``label``, or with ``split_column`` the split's name as ``split``."""
     loc, paths = shard_paths(cfg, split)
     if only_shards is not None:
         paths = [p for p in paths if os.path.basename(p) in only_shards]
@@ -242,34 +256,105 @@ def stream_shards(
         # cheaper than a buffer of decoded images at the trainer (an S×S×3 image is several times its JPEG).
         shuffle_files=ray.data.FileShuffleConfig(seed=cfg.seed) if shuffle else None,
         shuffle_rows=cfg.shuffle_buffer if shuffle else 0,
+        split_name=split if split_column else None,
     )
-    dataset = ray.data.read_datasource(datasource, num_cpus=cfg.read_cpus).map_batches(
-        decode_images,
-        fn_kwargs=dict(
-            image_size=cfg.image_size, augment=augment, keep_ids=keep_ids, split=split if split_column else None,
-            counter=counter,
-        ),
-        batch_size=cfg.decode_batch_size,
-        batch_format="numpy",
-        num_cpus=cfg.decode_cpus,
-    )
+    dataset = ray.data.read_datasource(datasource, num_cpus=cfg.read_cpus)
+    if not worker_decode:  # else the read stage's rows go to the workers as they are
+        dataset = dataset.map_batches(
+            decode_images,
+            fn_kwargs=dict(
+                image_size=cfg.image_size, preprocessing=cfg.preprocessing, augment=augment, keep_ids=keep_ids,
+                counter=counter,
+            ),
+            batch_size=cfg.decode_batch_size,
+            batch_format="numpy",
+            num_cpus=cfg.decode_cpus,
+        )
     return ShardStream(dataset, counter)
 
 
-def train_stream(cfg: DataConfig, manifest: Manifest | None = None) -> ShardStream:
-    """Augmented, shuffled train images of ``cfg.view`` with their class ids."""
+def train_stream(cfg: DataConfig, manifest: Manifest | None = None, worker_decode: bool = False) -> ShardStream:
+    """Augmented, shuffled train images of ``cfg.view`` with their class ids (their JPEGs with ``worker_decode``)."""
     manifest = manifest or open_manifest(cfg)
     return stream_shards(
-        cfg, "train", lookup=manifest.label_lookup(cfg.view), augment=cfg.augment, keep_ids=False, shuffle=True
+        cfg, "train", lookup=manifest.label_lookup(cfg.view), augment=cfg.augment, keep_ids=False, shuffle=True,
+        worker_decode=worker_decode,
     )
 
 
 def eval_stream(
-    cfg: DataConfig, split: str, selection: LabelLookup | None = None, only_shards: set[str] | None = None
+    cfg: DataConfig, split: str, selection: LabelLookup | None = None, only_shards: set[str] | None = None,
+    worker_decode: bool = False,
 ) -> ShardStream:
-    """Resized (not augmented) images of ``split`` with their ids, shard and a ``split`` column; ``selection`` (from
-    ``Manifest.eval_selection`` or a view's label lookup) keeps only the ids it selects."""
+    """Resized (not augmented) images of ``split`` (their JPEGs with ``worker_decode``) with their ids, shard and a
+    ``split`` column; ``selection`` (from ``Manifest.eval_selection`` or a view's label lookup) keeps only the ids it
+    selects."""
     return stream_shards(
         cfg, split, lookup=selection, augment=False, keep_ids=True, shuffle=False, split_column=True,
-        only_shards=only_shards,
+        only_shards=only_shards, worker_decode=worker_decode,
     )
+
+
+# ---------------------------------------------------------------- the consuming workers' side
+
+
+def decodes_in_worker(cfg: DataConfig, worker_has_gpu: bool, gpu_setting: str = "train.use_gpu: true") -> bool:
+    """``data.decode`` for workers with or without a GPU: True when the workers decode their own batches."""
+    if cfg.decode == "gpu" and not worker_has_gpu:
+        raise ConfigError(f"data.decode: gpu needs workers with a GPU ({gpu_setting}); use data.decode: worker to "
+                          f"decode on the workers' CPUs, or cpu to decode in Ray Data tasks")
+    return cfg.decode in ("gpu", "worker") or (cfg.decode == "auto" and worker_has_gpu)
+
+
+def _log_corrupt(ids: np.ndarray, corrupt: list[tuple[int, str]]) -> None:
+    for position, error in corrupt:
+        log.warning("skipped %s: corrupt_jpeg %s", ids[position], error)
+
+
+def train_batches(
+    shard, cfg: DataConfig, *, batch_size: int, device: torch.device, counter
+) -> Iterator[dict[str, torch.Tensor]]:
+    """A training worker's batches from its dataset shard (a ``DataIterator``): ``image`` uint8 N×S×S×3 and ``label``
+    int64 on ``device``, N = ``batch_size``, the last partial batch dropped. With decoding in the worker, the JPEGs are
+    decoded and augmented on ``device`` and the corrupt ones reported to ``counter`` (the stream's SampleCounter)."""
+    if not decodes_in_worker(cfg, device.type == "cuda"):
+        yield from shard.iter_torch_batches(
+            batch_size=batch_size, prefetch_batches=cfg.prefetch_batches, drop_last=True, device=device
+        )
+        return
+    decoder = TrainBatchDecoder(cfg.image_size, cfg.preprocessing, device, augment=cfg.augment)
+    for batch in shard.iter_batches(
+        batch_size=batch_size, prefetch_batches=cfg.prefetch_batches, drop_last=True, batch_format="numpy"
+    ):
+        try:
+            images, labels, decoded = decoder(batch["jpeg"], batch["label"])
+        except CorruptBatch as err:
+            raise JobError(f"{err} (images {', '.join(batch['id'][:3])}, ...): check the train shards under "
+                           f"{cfg.root}") from None
+        _log_corrupt(batch["id"], decoded.corrupt)
+        if decoded.corrupt:
+            report_counts(counter, {"corrupt_jpeg": len(decoded.corrupt)})
+        yield {"image": images, "label": labels}
+
+
+def images_on_device(
+    batch: dict[str, np.ndarray], device: torch.device, decoder: WorkerDecoder | None
+) -> tuple[dict, list[int]]:
+    """An eval batch (numpy columns) with its ``image`` as uint8 N×S×S×3 on ``device``: decoded by Ray Data and moved
+    there, or with a ``decoder`` decoded there from ``jpeg``, the rows of corrupt JPEGs dropped and logged. Also the
+    positions of those rows in the input batch, for the caller to count."""
+    if decoder is None:
+        return {**batch, "image": torch.from_numpy(batch["image"]).to(device)}, []
+    decoded = decoder.decode(batch["jpeg"])
+    _log_corrupt(batch["id"], decoded.corrupt)
+    rows = {key: np.asarray(values)[decoded.kept] for key, values in batch.items() if key != "jpeg"}
+    return {**rows, "image": decoded.images.permute(0, 2, 3, 1)}, [position for position, _ in decoded.corrupt]
+
+
+def eval_batches(shard, cfg: DataConfig, *, batch_size: int, device: torch.device) -> Iterator[dict]:
+    """A worker's eval batches (``images_on_device``) from its dataset shard; corrupt JPEGs are logged (the Ray Data
+    decode tasks count theirs in a counter that training does not read, so neither path counts them)."""
+    decoder = WorkerDecoder(cfg.image_size, cfg.preprocessing, device) if decodes_in_worker(
+        cfg, device.type == "cuda") else None
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        yield images_on_device(batch, device, decoder)[0]

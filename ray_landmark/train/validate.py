@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ray_landmark.data.config import DataConfig
 from ray_landmark.data.metadata import open_manifest
+from ray_landmark.data.pipeline import eval_batches
 from ray_landmark.data.transforms import normalize_on_device
 from ray_landmark.eval.metrics import (
     global_average_precision,
@@ -40,9 +41,9 @@ def _embed_shard(worker) -> dict[str, np.ndarray]:
     parts = {"id": [], "split": [], "embedding": [], "class": [], "score": []}
     net = worker.raw_model
     batch_size = 2 * worker.cfg.train.batch_size
-    for batch in ray.train.get_dataset_shard("eval").iter_batches(batch_size=batch_size, batch_format="numpy"):
-        images = torch.from_numpy(batch["image"]).to(worker.device)
-        images = normalize_on_device(images).contiguous(memory_format=worker.memory_format)
+    shard = ray.train.get_dataset_shard("eval")
+    for batch in eval_batches(shard, worker.cfg.data, batch_size=batch_size, device=worker.device):
+        images = normalize_on_device(batch["image"]).contiguous(memory_format=worker.memory_format)
         with worker.autocast:
             out = net(images)
         score, cls = out["cosine"].float().max(dim=1)

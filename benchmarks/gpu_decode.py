@@ -1,0 +1,272 @@
+"""Decoding and augmenting on the GPU (``data.decode: gpu``) against a torch DataLoader of PIL workers, and the DOLG-B5
+training step fed by GPU decoding against synthetic in-memory batches. One short script for one GPU (about 3 minutes
+on an H200), with neither Ray nor pydantic: the GPU machines we measure on have neither.
+
+1. images/s of ``worker_decode.TrainBatchDecoder`` on the GPU (nvjpeg decode of a list of JPEGs, resize, the train
+   augmentation with each image's own parameters; what a training worker runs with ``data.decode: gpu``), for both
+   ``data.preprocessing`` modes and without the augmentation, against
+2. a torch DataLoader whose N workers decode, resize and augment with PIL (``transforms.ImageTransform``, what the
+   Ray Data decode tasks and the published solution run), for N = 4, 8, 16;
+3. the DOLG-B5 training step at 768 px, batch 10, bf16, channels_last, 81,313 classes, fed by GPU decoding of JPEG
+   bytes held in host memory, against the same step on one synthetic uint8 batch already on the GPU:
+   ``ratios.gpu_fed_vs_inmemory`` (target >= 0.95).
+
+The JPEGs are synthetic 800×600 "photos" (smooth colour fields, edges and grain, quality 90, about GLDv2's ~80 KB);
+their mean size is recorded. The DOLG-B5 network is built here from ``ray_landmark.models.layers`` and timm's
+``tf_efficientnet_b5`` feature extractor (the project's factory needs the pydantic config classes): the same modules
+and shapes as recipe ``dolg_efficientnet_b5`` with ``fusion: published``; its parameter count is recorded to compare
+with that recipe's 158.8 M. Results go to benchmarks/results/gpu_decode.json with the card's name, and BENCHMARKS.md.
+
+    python benchmarks/gpu_decode.py            # on one GPU
+    python benchmarks/gpu_decode.py --tiny     # a smoke run on the CPU at toy size (the tests run it); writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import machine, update_benchmarks_md, write_results  # noqa: E402
+
+from ray_landmark.data.transforms import ImageTransform, normalize_on_device  # noqa: E402
+from ray_landmark.data.worker_decode import TrainBatchDecoder  # noqa: E402
+from ray_landmark.models.layers import GeM, MultiAtrous, OrthogonalFusion, SpatialAttention, make_neck  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FULL = dict(device="cuda", photo=(800, 600), unique_photos=256, size=768, decode_batch=128, decode_batches=24,
+            loader_workers=(4, 8, 16), loader_seconds=6.0, backbone="tf_efficientnet_b5", dilations=(6, 12, 18),
+            classes=81_313, batch=10, steps=20, warmup=5)
+TINY = dict(device="cpu", photo=(160, 120), unique_photos=16, size=64, decode_batch=8, decode_batches=2,
+            loader_workers=(1,), loader_seconds=0.5, backbone="test_efficientnet", dilations=(1, 2, 3), classes=100,
+            batch=4, steps=1, warmup=1)
+LOADER_BATCH = 32
+
+
+def synthetic_photos(n: int, width: int, height: int, seed: int = 0) -> list[bytes]:
+    """JPEGs (q90) with what makes a photo costly to decode: smooth colour fields, sharp edges and sensor grain."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    photos = []
+    for _ in range(n):
+        field = np.stack([80 + 60 * np.sin(x / rng.uniform(20, 200) + y / rng.uniform(20, 200) + rng.uniform(0, 6))
+                          for _ in range(3)], axis=-1)
+        for _ in range(6):  # a few hard-edged blocks ("buildings")
+            x0, y0 = rng.integers(0, width), rng.integers(0, height)
+            field[y0:y0 + rng.integers(20, height // 2), x0:x0 + rng.integers(20, width // 2)] += rng.uniform(
+                -60, 60, 3)
+        pixels = np.clip(field + rng.normal(0, 6, field.shape), 0, 255).astype(np.uint8)
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+        photos.append(out.getvalue())
+    return photos
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def worker_decode_rate(jpegs: list[bytes], size: int, preprocessing: str, augment: bool, batch: int, batches: int,
+                       device: torch.device) -> float:
+    """Images/s of decode + resize (+ augment) of batches of JPEG bytes on ``device``, after one warm-up batch."""
+    decoder = TrainBatchDecoder(size, preprocessing, device, augment=augment)
+    labels = np.zeros(batch, np.int64)
+
+    def chunk(i: int) -> list[bytes]:
+        return [jpegs[(i * batch + j) % len(jpegs)] for j in range(batch)]
+
+    decoder(chunk(0), labels)
+    _sync(device)
+    started = time.perf_counter()
+    for i in range(batches):
+        decoder(chunk(i + 1), labels)
+    _sync(device)
+    return batch * batches / (time.perf_counter() - started)
+
+
+class InMemoryJpegs(torch.utils.data.Dataset):
+    """``length`` items cycling over the JPEGs, each decoded, resized and augmented with PIL in a loader worker."""
+
+    def __init__(self, jpegs: list[bytes], size: int, length: int):
+        self.jpegs, self.length, self.transform = jpegs, length, ImageTransform(size, augment=True)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.transform(self.jpegs[i % len(self.jpegs)])), 0
+
+
+def dataloader_rate(jpegs: list[bytes], size: int, workers: int, seconds: float) -> float:
+    """Images/s of a DataLoader with ``workers`` PIL workers (one thread each, as DataLoader sets), timed after their
+    first batches (worker start-up)."""
+    per_worker = max(4 * LOADER_BATCH, int(seconds * 60))  # ~60 images/s a core at 768 px: about ``seconds`` long
+    loader = torch.utils.data.DataLoader(InMemoryJpegs(jpegs, size, workers * per_worker), batch_size=LOADER_BATCH,
+                                         num_workers=workers, prefetch_factor=2)
+    n, started = 0, None
+    for i, (images, _) in enumerate(loader):
+        if i == 2 * workers:  # every worker has delivered its first batches: start the clock
+            n, started = 0, time.perf_counter()
+        n += len(images)
+    return n / (time.perf_counter() - started)
+
+
+class DolgNet(nn.Module):
+    """DOLG-EfficientNet (solution.md §2.1) with its sub-center ArcFace loss, from plain arguments."""
+
+    def __init__(self, backbone: str, dilations: tuple[int, ...], classes: int, subcenters: int = 3,
+                 scale: float = 30.0, margin: float = 0.3):
+        super().__init__()
+        # The stride-16 and stride-32 levels; features_only builds no conv_head, as DOLG does not use it.
+        self.backbone = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(3, 4))
+        local_chs, global_chs = self.backbone.feature_info.channels()
+        self.local_branch = nn.Sequential(MultiAtrous(local_chs, dilations, out_chs=1024), SpatialAttention(1024))
+        self.global_branch = nn.Sequential(nn.Conv2d(global_chs, 1024, 1), nn.BatchNorm2d(1024, eps=1e-3),
+                                           nn.SiLU(inplace=True), GeM())
+        self.fusion = OrthogonalFusion("published")
+        self.neck = make_neck(2048, 512, "linear_bn_prelu")
+        self.head = nn.Parameter(torch.randn(classes * subcenters, 512) * 0.01)
+        self.classes, self.subcenters, self.scale, self.margin = classes, subcenters, scale, margin
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        local_map, global_map = self.backbone(images)
+        embeddings = self.neck(self.fusion(self.local_branch(local_map), self.global_branch(global_map)))
+        cosine = F.linear(F.normalize(embeddings), F.normalize(self.head))
+        cosine = cosine.view(-1, self.classes, self.subcenters).amax(dim=2).float()
+        target = cosine.gather(1, labels[:, None]).clamp(-1 + 1e-6, 1 - 1e-6)
+        logits = cosine.scatter(1, labels[:, None], torch.cos(torch.acos(target) + self.margin))
+        return F.cross_entropy(self.scale * logits, labels)
+
+
+def training_rate(net: nn.Module, next_batch, batch: int, steps: int, warmup: int, device: torch.device) -> float:
+    """Images/s of forward + loss + backward + Adam step, each step's uint8 NHWC batch from ``next_batch()``."""
+    amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-5)
+
+    def step() -> None:
+        images_u8, labels = next_batch()
+        images = normalize_on_device(images_u8).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = net(images, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return batch * steps / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a CPU smoke run at toy size; writes no results")
+    args = parser.parse_args()
+    p = TINY if args.tiny else FULL
+    device = torch.device(p["device"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    width, height = p["photo"]
+    size = p["size"]
+    jpegs = synthetic_photos(p["unique_photos"], width, height)
+    print(f"{len(jpegs)} synthetic {width}x{height} JPEGs, mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} KB")
+
+    loaders = {}  # first: the loaders' worker processes are forked before this process uses the GPU
+    for workers in p["loader_workers"]:
+        loaders[workers] = round(dataloader_rate(jpegs, size, workers, p["loader_seconds"]), 1)
+        print(f"DataLoader, {workers} PIL workers: {loaders[workers]} img/s")
+    decode = {}
+    for name, preprocessing, augment in [("decode_resize", "fast", False), ("decode_resize_augment", "fast", True),
+                                         ("decode_resize_augment_original", "original", True)]:
+        decode[name] = round(worker_decode_rate(jpegs, size, preprocessing, augment, p["decode_batch"],
+                                                p["decode_batches"], device), 1)
+        print(f"{device.type} decode ({name}): {decode[name]} img/s")
+
+    net = DolgNet(p["backbone"], p["dilations"], p["classes"]).to(device, memory_format=torch.channels_last).train()
+    params_m = round(sum(t.numel() for t in net.parameters()) / 1e6, 1)
+    batch = p["batch"]
+    labels = torch.randint(0, p["classes"], (batch,), device=device)
+    in_memory_images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)
+    in_memory = training_rate(net, lambda: (in_memory_images, labels), batch, p["steps"], p["warmup"], device)
+    print(f"DOLG step, synthetic in-memory batches: {in_memory:.1f} img/s")
+    decoder = TrainBatchDecoder(size, "fast", device, augment=True)
+    host_labels = np.zeros(batch, np.int64)
+    position = 0
+
+    def decoded_batch():
+        nonlocal position
+        chunk = [jpegs[(position + j) % len(jpegs)] for j in range(batch)]
+        position += batch
+        images, _, _ = decoder(chunk, host_labels)
+        return images, labels
+
+    gpu_fed = training_rate(net, decoded_batch, batch, p["steps"], p["warmup"], device)
+    print(f"DOLG step, fed by {device.type} decoding: {gpu_fed:.1f} img/s")
+
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({machine()['cpu']})"
+    best_loader = max(loaders.values())
+    payload = {
+        "benchmark": "gpu_decode", "card": card, "machine": machine(),
+        "setup": {"jpegs": f"{len(jpegs)} synthetic {width}x{height} q90, cycled",
+                  "mean_jpeg_kb": round(float(np.mean([len(j) for j in jpegs])) / 1e3, 1), "output_px": size,
+                  "decode_batch": p["decode_batch"], "loader_batch": LOADER_BATCH,
+                  "training": {"network": f"DOLG ({p['backbone']}, fusion published)", "params_m": params_m,
+                               "batch": batch, "classes": p["classes"], "steps": p["steps"], "warmup": p["warmup"],
+                               "amp": "bf16" if device.type == "cuda" else "off", "channels_last": True}},
+        "images_per_second": {
+            "worker_decode": decode,
+            "dataloader_pil_workers": {str(w): r for w, r in loaders.items()},
+            "training_step_in_memory_batches": round(in_memory, 1),
+            "training_step_fed_by_worker_decode": round(gpu_fed, 1),
+        },
+        "ratios": {
+            "gpu_fed_vs_inmemory": round(gpu_fed / in_memory, 3),
+            "worker_decode_augment_vs_best_dataloader": round(decode["decode_resize_augment"] / best_loader, 2),
+        },
+        "targets": {"gpu_fed_vs_inmemory": ">= 0.95"},
+    }
+    print(json.dumps(payload, indent=2))
+    if args.tiny:
+        return
+    path = write_results("gpu_decode", payload)
+    r = payload["images_per_second"]
+    update_benchmarks_md(
+        "gpu_decode",
+        f"""## Decoding on the GPU (`benchmarks/gpu_decode.py`): {card}
+
+{len(jpegs)} synthetic {width}×{height} JPEGs (q90, mean {payload['setup']['mean_jpeg_kb']} KB) → {size} px.
+
+| decoder | images/s |
+|---|---|
+| GPU: decode + resize (`data.decode: gpu`, batches of {p['decode_batch']}) | {decode['decode_resize']} |
+| GPU: decode + resize + train augmentation | {decode['decode_resize_augment']} |
+| GPU: the same with `data.preprocessing: original` | {decode['decode_resize_augment_original']} |
+""" + "\n".join(f"| DataLoader, {w} PIL workers: decode + resize + augmentation | {rate} |"
+                for w, rate in loaders.items()) + f"""
+
+DOLG-B5 ({params_m} M parameters) training step at {size} px, batch {batch}, bf16, channels_last: fed by GPU decoding
+{r['training_step_fed_by_worker_decode']} images/s, on one synthetic batch already on the GPU
+{r['training_step_in_memory_batches']} images/s: `gpu_fed_vs_inmemory` = **{payload['ratios']['gpu_fed_vs_inmemory']}**
+(target ≥ 0.95). Raw numbers: `{path.relative_to(REPO)}`.
+""",
+    )
+
+
+if __name__ == "__main__":
+    main()
