@@ -29,6 +29,9 @@ class EmbedSettings(Section):
     gpus_per_actor: float = Field(0.0, ge=0)
     cpus_per_actor: float = Field(2.0, gt=0)  # torch threads of a CPU-only actor (see infer.embed.EmbedRequest)
     shards_per_pass: int = Field(32, ge=1)
+    # torch.compile of the encoder, the setting as train.compile: auto = on where the actor has a GPU.
+    compile: Literal["auto"] | bool = "auto"
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
 
 
 class NonLandmarkSet(Section):

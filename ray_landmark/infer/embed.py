@@ -9,6 +9,9 @@ shards whose file exists and embeds the rest. Shards are embedded in passes of `
 the driver holds (about 1 KB per 512-d image). Every image of a split is embedded exactly once: the job compares what
 it wrote with the split's list (``metadata/test.csv``, ``index.csv``, or the label view for train) and with what the
 read tasks saw, and reports skipped images by reason.
+
+On a GPU each actor compiles its model's encoder (``embed.compile``, as ``train.compile``) and pads short batches to
+``batch_size``, so it compiles once.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -31,11 +34,15 @@ from ray_landmark.config_base import JobError
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig, LabelView, StorageConfig
 from ray_landmark.data.metadata import Manifest, open_manifest
-from ray_landmark.data.pipeline import READ, SKIP_REASONS, eval_stream, shard_paths
+from ray_landmark.data.pipeline import (
+    READ, SKIP_REASONS, decodes_in_worker, eval_stream, images_on_device, report_counts, shard_paths,
+)
 from ray_landmark.data.storage import Location, exists, list_files, read_bytes, resolve, write_bytes
 from ray_landmark.data.transforms import normalize_on_device
+from ray_landmark.data.worker_decode import WorkerDecoder
 from ray_landmark.progress import Printer, ProgressLine, say
 from ray_landmark.train.checkpoint import checkpoint_folder, load_model, read_checkpoint_config
+from ray_landmark.train.torch_compile import compile_for_embedding, compile_wanted
 
 INFO_FILE = "_embedding.json"
 EMBEDDING_SPLITS = ("train", "index", "test")
@@ -54,7 +61,8 @@ class EmbedRequest:
     splits: tuple[str, ...]
     name: str | None = None  # in progress lines; default: the checkpoint's run name
     view: LabelView = "gldv2c"  # the train images to embed (the kNN gallery)
-    # Where the data lives; default: the checkpoint's own data section. The image size is always the checkpoint's.
+    # Where the data lives; default: the checkpoint's own data section. The image size and preprocessing are always
+    # the checkpoint's: the pixels its model was trained on.
     data: DataConfig | None = None
     storage: StorageConfig = field(default_factory=StorageConfig)  # how to reach the checkpoint and ``out``
     batch_size: int = 64
@@ -65,28 +73,54 @@ class EmbedRequest:
     # fusing decoding into the model actor (it fuses stages with equal resources), which ran 3.4x slower.
     cpus_per_actor: float = 2.0
     shards_per_pass: int = 32
+    # torch.compile of the encoder, the setting as train.compile (train/torch_compile.py): auto = on a GPU.
+    compile: bool | str = "auto"
+    compile_backend: str = "inductor"
 
 
 class Embedder:
     """map_batches UDF: one model per actor, loaded from the checkpoint URI in the actor (not shipped by value)."""
 
-    def __init__(self, checkpoint: str, storage: StorageConfig, flip_tta: bool):
+    def __init__(self, checkpoint: str, storage: StorageConfig, flip_tta: bool, decode: DataConfig | None = None,
+                 counters: dict | None = None, compile: bool | str = "auto", compile_backend: str = "inductor",
+                 batch_size: int = 64):
+        """``decode``: the data config to decode JPEGs with on this actor's device (data.decode), reporting corrupt
+        ones to ``counters`` (split -> its stream's SampleCounter); None when Ray Data tasks decode. ``compile``:
+        as ``EmbedRequest.compile``; a compiled model gets every batch padded to ``batch_size``."""
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(checkpoint, storage).model.to(self.device, memory_format=torch.channels_last)
+        self.pad_to = None
+        if compile_wanted(compile, self.device):
+            compile_for_embedding(self.model, compile_backend)
+            self.pad_to = batch_size
         self.flip_tta = flip_tta
         amp = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
         self.autocast = torch.autocast("cuda", dtype=amp, enabled=self.device.type == "cuda")
+        self.decoder = WorkerDecoder(decode.image_size, decode.preprocessing, self.device) if decode else None
+        self.counters = counters
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = normalize_on_device(torch.from_numpy(batch["image"]).to(self.device))
-        images = images.contiguous(memory_format=torch.channels_last)
+        splits = batch["split"]
+        batch, corrupt = images_on_device(batch, self.device, self.decoder)
+        for split, n in Counter(str(splits[position]) for position in corrupt).items():
+            report_counts(self.counters[split], {"corrupt_jpeg": n})
+        images = normalize_on_device(batch["image"])
         with self.autocast:
-            embeddings = self.model.embed(images)
+            embeddings = self._embed(images)
             if self.flip_tta:
-                embeddings = torch.nn.functional.normalize(embeddings + self.model.embed(images.flip(3)), dim=1)
+                embeddings = torch.nn.functional.normalize(embeddings + self._embed(images.flip(3)), dim=1)
         return {"id": batch["id"], "split": batch["split"], "shard": batch["shard"],
                 "embedding": embeddings.float().cpu().numpy().astype(np.float16)}
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit embeddings of normalised images. A compiled model sees one shape only (one compile): a short batch
+        (a block's last rows, or corrupt JPEGs dropped) is padded with zero images, whose rows are then dropped;
+        in evaluation mode every image is embedded on its own, so the padding changes no other row."""
+        rows = len(images)
+        if self.pad_to and rows < self.pad_to:
+            images = torch.cat([images, images.new_zeros((self.pad_to - rows, *images.shape[1:]))])
+        return self.model.embed(images.contiguous(memory_format=torch.channels_last))[:rows]
 
 
 def split_image_ids(manifest: Manifest, split: str, view: LabelView) -> set[str]:
@@ -184,7 +218,8 @@ def embed_splits(request: EmbedRequest, printer: Printer = say) -> dict[str, dic
     # the folder's _embedding.json) embeds with the same one, even while training writes newer ones.
     request = replace(request, checkpoint=checkpoint_folder(request.checkpoint, request.storage).uri)
     cfg = config_from_dict(read_checkpoint_config(request.checkpoint, request.storage), f"{request.checkpoint}")
-    data = (request.data or cfg.data).model_copy(update={"image_size": cfg.data.image_size})
+    data = (request.data or cfg.data).model_copy(
+        update={"image_size": cfg.data.image_size, "preprocessing": cfg.data.preprocessing})
     manifest = open_manifest(data)
     out = resolve(request.out, request.storage)
     name = request.name or cfg.run.name
@@ -224,7 +259,10 @@ def _embed_pass(request: EmbedRequest, data: DataConfig, selections: dict, out: 
                 group: list[tuple[str, str]], line: ProgressLine) -> dict[str, dict[str, int]]:
     """Embed the shards of ``group`` in one Ray Data pipeline, then write one file per shard; returns the read
     tasks' counts per split."""
-    streams = {split: eval_stream(data, split, selections[split], only_shards={sh for s, sh in group if s == split})
+    # JPEG bytes when the model actors decode them (data.decode), else decoded images.
+    worker_decode = decodes_in_worker(data, request.gpus_per_actor > 0, "--gpus-per-actor above 0")
+    streams = {split: eval_stream(data, split, selections[split], only_shards={sh for s, sh in group if s == split},
+                                  worker_decode=worker_decode)
                for split in sorted({s for s, _ in group})}
     first, *others = [s.dataset for s in streams.values()]
     dataset = first.union(*others) if others else first
@@ -233,7 +271,10 @@ def _embed_pass(request: EmbedRequest, data: DataConfig, selections: dict, out: 
         # A URI, not the model: each actor loads it (ray.md §4). Ray Data keeps these small arguments in the object
         # store and logs a warning about restarts (ray#53727); they stay in scope for the whole pass.
         fn_constructor_kwargs={"checkpoint": request.checkpoint, "storage": request.storage,
-                               "flip_tta": request.flip_tta},
+                               "flip_tta": request.flip_tta, "decode": data if worker_decode else None,
+                               "counters": {split: stream.counter for split, stream in streams.items()},
+                               "compile": request.compile, "compile_backend": request.compile_backend,
+                               "batch_size": request.batch_size},
         batch_size=request.batch_size,
         batch_format="numpy",
         num_gpus=request.gpus_per_actor or None,
