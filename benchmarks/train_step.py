@@ -32,9 +32,9 @@ from ray_landmark.data.synthetic import SyntheticSpec, write_synthetic_gldv2  # 
 from ray_landmark.data.transforms import normalize_on_device  # noqa: E402
 from ray_landmark.local_s3 import LocalS3Server, use_test_credentials  # noqa: E402
 from ray_landmark.models.factory import build_model  # noqa: E402
-from ray_landmark.train.loop import warmup_cosine  # noqa: E402
 from ray_landmark.train.checkpoint import run_logs  # noqa: E402
 from ray_landmark.train.metrics_log import read_metrics  # noqa: E402
+from ray_landmark.train.optim import build_optimizer, build_scheduler  # noqa: E402
 from ray_landmark.train.trainer import fit  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,9 +46,8 @@ def plain_loop(cfg, batches: list[dict], class_counts: list[int], epochs: int) -
     tc = cfg.train
     model = build_model(cfg.model, cfg.loss, len(class_counts), cfg.data.image_size, class_counts)
     model = model.to(memory_format=torch.channels_last).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    total = epochs * len(batches)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, 0, total))
+    optimizer = build_optimizer(model.parameters(), tc)
+    scheduler = build_scheduler(optimizer, tc.model_copy(update={"warmup_epochs": 0, "epochs": epochs}), len(batches))
     rates = []
     for _ in range(epochs):
         started, n = time.perf_counter(), 0

@@ -1,6 +1,6 @@
 """Train any model config on the Ray cluster (or a local Ray when RAY_ADDRESS is unset).
 
-    ray job submit --working-dir . -- python jobs/train.py --config configs/recipes/dolg_efficientnet_b5.yaml
+    ray job submit --working-dir . -- python jobs/train.py --config configs/recipes/dolg_efficientnet_b5_step1.yaml
 Rerunning the same command (same run.name and run.output_dir) resumes from the latest checkpoint.
 """
 

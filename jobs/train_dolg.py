@@ -1,8 +1,8 @@
-"""Train a DOLG-EfficientNet (default: DOLG-B5 at 768 px on GLDv2x, the published recipe) on the Ray cluster.
+"""Train a DOLG-EfficientNet on the Ray cluster (default: step 1 of DOLG-B5's chain, 256 px on GLDv2c).
 
-    ray job submit --working-dir . -- python jobs/train_dolg.py --config configs/recipes/dolg_efficientnet_b5.yaml
-The B7 recipe is three configs run in order (dolg_efficientnet_b7_step1/2/3.yaml); each starts from the previous
-step's checkpoint through train.init_from.
+    ray job submit --working-dir . -- python jobs/train_dolg.py --config configs/recipes/dolg_efficientnet_b5_step1.yaml
+Each published DOLG is a chain of such configs, each starting from the previous step's checkpoint through
+train.init_from; jobs/train_chain.py --chain configs/chains/dolg_efficientnet_b5.yaml runs one whole.
 """
 
 from ray_landmark.cli import job_parser, load_job_config, require_arch, run_job
@@ -11,7 +11,7 @@ from ray_landmark.train.trainer import fit, load_training_data
 
 
 def main() -> None:
-    args = job_parser(__doc__, default_config="configs/recipes/dolg_efficientnet_b5.yaml").parse_args()
+    args = job_parser(__doc__, default_config="configs/recipes/dolg_efficientnet_b5_step1.yaml").parse_args()
     cfg = load_job_config(args)
     require_arch(cfg, "dolg", args.config, other_job="jobs/train.py")
     data = load_training_data(cfg)

@@ -27,6 +27,31 @@ def test_gpu_check_runs_on_cpu_at_toy_size(tmp_path):
     assert payload["setup"]["image_size"] == 32
 
 
+# Runs a script with Ray and pydantic unimportable, as on the GPU machines we measure on.
+WITHOUT_RAY_OR_PYDANTIC = """
+import runpy, sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("ray", "pydantic"):
+            raise ImportError(name + " is not installed on the GPU machines")
+sys.meta_path.insert(0, Refuse())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_gpu_decode_benchmark_runs_on_cpu_at_toy_size_without_ray_or_pydantic():
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_RAY_OR_PYDANTIC, "benchmarks/gpu_decode.py", "--tiny"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = json.loads(proc.stdout[proc.stdout.index("{"):])
+    rates = payload["images_per_second"]
+    assert all(rate > 0 for rate in rates["worker_decode"].values()) and rates["dataloader_pil_workers"]["1"] > 0
+    assert payload["ratios"]["gpu_fed_vs_inmemory"] > 0 and payload["card"].startswith("CPU")
+
+
 @pytest.mark.slow
 def test_search_benchmark_runs_at_toy_size():
     proc = subprocess.run(
@@ -36,3 +61,45 @@ def test_search_benchmark_runs_at_toy_size():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "search_vs_gemm" in proc.stdout and "| cpu | faiss | 1,500 |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_compile_runs_without_ray_or_pydantic_at_toy_size():
+    """The GPU machine has neither: the script must not import them (the model code's config classes included), and
+    the sections it reads from the configs with PyYAML alone must be those that the pydantic sections read."""
+    script = """
+import contextlib, dataclasses, io, json, runpy, sys
+sys.modules.update({"pydantic": None, "ray": None})  # importing either now fails
+benchmark = runpy.run_path("benchmarks/gpu_compile.py")
+sys.argv = ["gpu_compile.py", "--tiny", "--device", "cpu", "--backend", "aot_eager", "--steps", "3", "--warmup", "1",
+            "--classes", "10", "--batch-size", "2"]
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    benchmark["main"]()
+payload = json.loads(out.getvalue()[out.getvalue().index("{"):])
+cases = {config: dataclasses.asdict(benchmark["read_case"](config))
+         for config in [*benchmark["CASES"].values(), *benchmark["TINY_CASES"].values()]}
+print(json.dumps({"payload": payload, "markdown": benchmark["_markdown"](payload, "results.json"), "cases": cases}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    payload = result["payload"]
+    assert set(payload["ratios"]["compiled_vs_eager"]) == {"tiny_dolg", "tiny_hybrid_swin"}
+    for model in payload["models"].values():
+        assert model["loss_agreement"]["ok"] and len(model["runs"]["compiled_model"]["losses"]) == 3
+    assert "| tiny_dolg | 64 | 2 | compiled_model |" in result["markdown"]
+
+    from ray_landmark.config import load_config
+
+    assert len(result["cases"]) == 4
+    for config, case in result["cases"].items():
+        cfg = load_config(REPO / config)
+        expected = cfg.model.model_dump(mode="json")
+        expected["pretrained"] = False
+        if cfg.model.arch == "hybrid_swin":
+            expected["swin_kwargs"] = {**expected["swin_kwargs"], "drop_path_rate": 0.0}
+        assert json.loads(json.dumps(case["model"])) == expected, config
+        assert case["loss"] == cfg.loss.model_dump(mode="json"), config
+        assert (case["image_size"], case["batch_size"], case["lr"]) == (
+            cfg.data.image_size, cfg.train.batch_size, cfg.train.lr)

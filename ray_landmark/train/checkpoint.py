@@ -3,6 +3,9 @@
 A checkpoint folder holds ``state.pt`` (model, optimizer, grad scaler, scheduler, counters, the view's landmark ids),
 ``config.json`` (the full resolved run config) and ``meta.json`` (epoch, step and the SHA-256 of ``state.pt``, so that
 a truncated or altered file is caught before torch reads it).
+
+The model's state dict is the same with and without ``train.compile`` (the model is compiled in place, so no key
+carries a ``_orig_mod.`` prefix): a checkpoint resumes, warm-starts or loads whichever way it was written.
 """
 
 from __future__ import annotations
@@ -154,7 +157,9 @@ def load_model(uri: str, storage=None, map_location="cpu") -> TrainedModel:
     checkpoint = read_checkpoint_at(uri, storage, map_location)
     cfg = config_from_dict(checkpoint.config, f"{checkpoint.name}/{CONFIG_FILE}")
     landmark_ids = checkpoint.state["landmark_ids"]
-    model = build_model(cfg.model, cfg.loss, len(landmark_ids), cfg.data.image_size)
+    # The checkpoint holds every weight: no ImageNet download (that needs internet) for weights overwritten at once.
+    model = build_model(cfg.model.model_copy(update={"pretrained": False}), cfg.loss, len(landmark_ids),
+                        cfg.data.image_size)
     try:
         model.load_state_dict(checkpoint.state["model"])
     except RuntimeError as err:  # names every missing, unexpected or misshapen tensor
@@ -174,3 +179,16 @@ def read_checkpoint_config(uri: str, storage=None) -> dict:
             return json.loads(f.read())
     except (OSError, ValueError) as err:
         raise CorruptCheckpoint(f"checkpoint {loc.uri}: {CONFIG_FILE} unreadable ({err})") from None
+
+
+def finished_epochs(run_config) -> int:
+    """Epochs completed by a run (``<run.output_dir>/<run.name>``) per its latest checkpoint; 0 when it has none."""
+    run = run_location(run_config)
+    if run.fs.get_file_info(run.path).type == pafs.FileType.NotFound:
+        return 0
+    try:
+        latest = _latest_checkpoint_folder(run)
+    except CorruptCheckpoint:  # a run folder without checkpoints yet
+        return 0
+    with latest.fs.open_input_stream(latest.child(META_FILE).path) as f:
+        return int(json.loads(f.read())["epoch"])

@@ -17,12 +17,23 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    optimizer: Literal["adam", "adamw"] = "adam"
+    # adam (the 2021 models; coupled weight decay), adamw (decoupled) or sgd with momentum (2020 2nd-place B5).
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    # After the linear warm-up: cosine decay to 0 over `epochs`, or the constant lr (2020 2nd-place B5).
+    schedule: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: float = Field(1.0, ge=0)
+    # The warm-up's first lr as a fraction of lr: ~0 for the 2021 models, 0.1 for the 2020 3rd-place recipe (its
+    # warm-up ends at 10x its base lr, so lr here is that peak).
+    warmup_start: float = Field(0.0, ge=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
     seed: int = 0
     amp: bool = True
     channels_last: bool = True
+    # torch.compile of the model (train/torch_compile.py): auto = on when the worker has a GPU. compile_backend
+    # aot_eager traces the same graphs without generating code (CPU tests, telling inductor problems apart).
+    compile: Literal["auto"] | bool = "auto"
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     # Ray Train resources: the published recipes use 8 GPU workers.
     num_workers: int = Field(8, ge=0)
     use_gpu: bool = True

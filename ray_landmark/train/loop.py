@@ -5,6 +5,9 @@ Per step: uint8 images from the data shard -> normalised on the device -> model 
 Per epoch (and every ``checkpoint_every_steps`` steps): validation, metrics and a checkpoint through
 ``ray.train.report``, which every rank calls, so all ranks move in lockstep.
 
+With ``train.compile`` the model is compiled before the DDP wrapper (``train/torch_compile.py``); the first training
+step and the first validation each compile a graph, and the progress output says so.
+
 Resuming: the latest good checkpoint gives the finished epochs and the optimizer steps already taken in the current
 one; that epoch then runs only its remaining steps, so no epoch is trained twice or skipped.
 """
@@ -12,8 +15,8 @@ one; that epoch then runs only its remaining steps, so no epoch is trained twice
 from __future__ import annotations
 
 import contextlib
-import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +26,15 @@ import ray.train.torch
 import torch
 
 from ray_landmark.config import Config
-from ray_landmark.data.pipeline import SKIP_REASONS, counts_since
+from ray_landmark.data.pipeline import SKIP_REASONS, counts_since, train_batches
 from ray_landmark.data.transforms import normalize_on_device
 from ray_landmark.models.factory import build_model
 from ray_landmark.models.transfer import freeze_except, warm_start
 from ray_landmark.progress import ProgressLine, relay_printer
 from ray_landmark.train.checkpoint import Progress, load_latest_good, read_checkpoint_at, run_logs, save_checkpoint
 from ray_landmark.train.metrics_log import MetricsLog
+from ray_landmark.train.optim import build_optimizer, build_scheduler
+from ray_landmark.train.torch_compile import compile_for_training, compile_wanted
 from ray_landmark.train.validate import validate
 
 
@@ -50,19 +55,33 @@ class Worker:
         return self.inputs.config
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
-    """lr multiplier: linear warm-up from ~0 to 1, then cosine decay to 0 at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     """bf16 where the GPU supports it, fp16 (with a grad scaler) on older GPUs such as V100, off on CPU."""
     if not cfg.train.amp or device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+class CompileNotices:
+    """Progress lines of a compiled model: before the first training step and the first validation, each of which
+    compiles a graph (training and evaluation mode differ), that compiling is under way; after it, how long it took."""
+
+    def __init__(self, say, device: torch.device, backend: str | None):
+        self.say, self.device, self.backend = say, device, backend
+        self.pending = {"training step", "validation"} if backend else set()
+
+    @contextlib.contextmanager
+    def first(self, what: str):
+        if what not in self.pending:
+            yield
+            return
+        self.pending.remove(what)
+        self.say(f"[train] torch.compile ({self.backend}) compiles the model during the first {what}: it takes longer")
+        started = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.say(f"[train] the first {what} took {time.perf_counter() - started:.1f} s, compiling included")
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
@@ -83,17 +102,18 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     freeze_except(model, tc.trainable)
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     raw_model = model.to(device=device, memory_format=memory_format)
+    compiling = compile_wanted(tc.compile, device)
+    if compiling:  # before the DDP wrapper: see train/torch_compile.py
+        compile_for_training(raw_model, tc.compile_backend)
+    notices = CompileNotices(say, device, tc.compile_backend if compiling else None)
     model = ray.train.torch.prepare_model(raw_model)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_cls(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = build_optimizer(params, tc)
     # Equal shards: each rank sees train_images // world rows and drops its last partial batch.
     batches_per_epoch = inputs.train_images // world // tc.batch_size
     steps_per_epoch = max(1, batches_per_epoch // tc.grad_accum)
-    total_steps = tc.epochs * steps_per_epoch
-    warmup_steps = round(tc.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup_steps, total_steps))
+    scheduler = build_scheduler(optimizer, tc, steps_per_epoch)
     amp_dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
@@ -117,7 +137,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     step = progress.step
     log = MetricsLog(run_logs(cfg.run)) if rank == 0 else None
     if tc.validate_before_training and resume is None:
-        baseline = {"epoch": 0, "step": 0, **validate(worker)}
+        with notices.first("validation"):
+            baseline = {"epoch": 0, "step": 0, **validate(worker)}
         if log:
             log.write(baseline, step=0)
             say(epoch_summary(baseline))
@@ -133,9 +154,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         )
         losses: list[torch.Tensor] = []  # kept on the device: .item() every step would stall the GPU
         micro = 0
-        for batch in train_shard.iter_torch_batches(
-            batch_size=tc.batch_size,
-            prefetch_batches=cfg.data.prefetch_batches, drop_last=True, device=device,
+        # uint8 images on the device, decoded by Ray Data or here (data.decode), with corrupt JPEGs counted.
+        for batch in train_batches(
+            train_shard, cfg.data, batch_size=tc.batch_size, device=device, counter=inputs.skip_counter
         ):
             if epoch_step >= steps_per_epoch:
                 break
@@ -143,7 +164,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             images = normalize_on_device(batch["image"]).contiguous(memory_format=memory_format)
             # Gradients are all-reduced once per optimizer step, not once per micro-batch.
             accumulating = micro % tc.grad_accum != 0 and hasattr(model, "no_sync")
-            with model.no_sync() if accumulating else contextlib.nullcontext():
+            with model.no_sync() if accumulating else contextlib.nullcontext(), notices.first("training step"):
                 with autocast:
                     loss = model(images, batch["label"])["loss"]
                 scaler.scale(loss / tc.grad_accum).backward()
@@ -170,7 +191,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         metrics = {"epoch": epoch + 1, "step": step, "loss": _mean(losses),
                    "lr": scheduler.get_last_lr()[0], "images_per_s": round(line.rate, 1)}
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == last_epoch:
-            metrics.update(validate(worker))
+            with notices.first("validation"):
+                metrics.update(validate(worker))
         if log:
             skipped = counts_since(skipped_before, ray.get(inputs.skip_counter.totals.remote()))
             metrics.update({f"skipped_{r}": skipped.get(r, 0) for r in SKIP_REASONS})

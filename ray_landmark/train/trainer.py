@@ -17,8 +17,8 @@ from ray.train.torch import TorchTrainer
 from ray_landmark.config import Config
 from ray_landmark.config_base import ConfigError
 from ray_landmark.data.metadata import LabelLookup, open_manifest
-from ray_landmark.data.pipeline import eval_stream, train_stream
-from ray_landmark.data.storage import resolve
+from ray_landmark.data.pipeline import decodes_in_worker, eval_stream, train_stream
+from ray_landmark.data.storage import exists, resolve
 from ray_landmark.progress import ConsoleRelay, interactive, run_printing_relay, say
 from ray_landmark.train.checkpoint import run_location
 from ray_landmark.train.loop import train_loop_per_worker
@@ -53,8 +53,15 @@ class WorkerInputs:
 
 
 def load_training_data(cfg: Config) -> TrainingData:
+    """What the workers need from the manifests; read before Ray starts, so that a wrong data.root or a missing
+    train.init_from fails at once."""
     if cfg.model is None or cfg.train is None:
         raise ConfigError(f"run {cfg.run.name}: training needs the 'model' and 'train' sections")
+    if cfg.train.init_from and not exists(resolve(cfg.train.init_from, cfg.run.storage)):
+        raise ConfigError(
+            f"train.init_from: nothing at {cfg.train.init_from}; train the step before first (jobs/train_chain.py "
+            f"runs a whole chain of configs/chains/) or --set train.init_from=null to start from ImageNet weights"
+        )
     manifest = open_manifest(cfg.data)
     classes = manifest.view_classes(cfg.data.view)
     test, index = manifest.eval_selection(cfg.data.eval_queries, cfg.data.eval_index, cfg.data.seed)
@@ -98,10 +105,12 @@ def build_trainer(
 ) -> TorchTrainer:
     """The TorchTrainer of ``cfg``, its workers posting their lines to ``console`` (a ConsoleRelay)."""
     tc = cfg.train
-    train = train_stream(cfg.data)
+    # JPEG bytes when the workers decode them (data.decode), else decoded images.
+    worker_decode = decodes_in_worker(cfg.data, tc.use_gpu)
+    train = train_stream(cfg.data, worker_decode=worker_decode)
     # Queries and index images in one dataset (rows carry their split): one split coordinator less.
-    evaluation = eval_stream(cfg.data, "test", data.test_selection).dataset.union(
-        eval_stream(cfg.data, "index", data.index_selection).dataset
+    evaluation = eval_stream(cfg.data, "test", data.test_selection, worker_decode=worker_decode).dataset.union(
+        eval_stream(cfg.data, "index", data.index_selection, worker_decode=worker_decode).dataset
     )
     storage = resolve(cfg.run.output_dir, cfg.run.storage)
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
