@@ -66,11 +66,10 @@ def pending_steps(steps: list[Config]) -> list[int]:
 
 def run_chain(chain: ChainConfig, steps: list[Config], fit_step, printer: Printer = say) -> str:
     """Run the pending steps in order with ``fit_step(cfg)``; returns the final step's run folder."""
-    pending = set(pending_steps(steps))
     for i, cfg in enumerate(steps):
         label = f"[chain] {chain.name} step {i + 1}/{len(steps)} {cfg.run.name}"
         done, last = finished_epochs(cfg.run), last_epoch(cfg)
-        if i not in pending:
+        if done >= last:
             printer(f"{label}: finished earlier ({done}/{last} epochs), skipped")
             continue
         state = f"resuming after epoch {done}" if done else "starting"
