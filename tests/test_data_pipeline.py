@@ -15,7 +15,7 @@ from PIL import Image
 
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig, StorageConfig
-from ray_landmark.data.metadata import open_manifest, prepare_manifests
+from ray_landmark.data.metadata import open_manifest
 from ray_landmark.data.pipeline import SKIP_REASONS, eval_stream, stream_shards, train_stream, windowed_shuffle
 from ray_landmark.data.storage import StorageError, resolve
 
@@ -102,61 +102,6 @@ def test_eval_stream_keeps_ids_and_resizes_without_augmenting(gldv2_local):
 
 
 # ---------------------------------------------------------------- bad input
-
-
-def _jpeg(color) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (40, 30), color).save(out, format="JPEG")
-    return out.getvalue()
-
-
-def _png() -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(out, format="PNG")
-    return out.getvalue()
-
-
-@pytest.fixture
-def damaged_gldv2(gldv2_local, tmp_path):
-    """A copy of the synthetic set with every kind of bad input injected into its train shards."""
-    root = tmp_path / "damaged"
-    shutil.copytree(gldv2_local, root, ignore=shutil.ignore_patterns("manifest"))
-    train_dir = root / "train"
-    shards = sorted(train_dir.glob("*.tar"))
-    members = {}
-    for shard in shards:
-        with tarfile.open(shard) as tar:
-            members[shard] = [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
-
-    never_appear = [name for name, _ in members[shards[0]][:3]]  # metadata rows whose images are gone
-    members[shards[0]] = members[shards[0]][3:]
-    known_id = os.path.basename(members[shards[1]][0][0])[:-4]
-    corrupt = bytearray(_jpeg("red"))
-    corrupt[200:] = os.urandom(len(corrupt) - 200)
-    injected = [
-        (gldv2.member_name("f" * 15 + "0"), bytes(corrupt[:300])),  # corrupt: JPEG header, then noise, cut short
-        (gldv2.member_name("f" * 15 + "1"), b""),  # zero-byte member
-        (gldv2.member_name("f" * 15 + "2"), _png()),  # a PNG named .jpg
-        ("0/0/0/readme.txt", b"not an image"),  # a non-JPEG member
-        (gldv2.member_name("e" * 16), _jpeg("blue")),  # a good JPEG whose id is in no metadata
-    ]
-    # The corrupt member needs an id the metadata knows, or it would be dropped as unknown before decoding.
-    injected[0] = (gldv2.member_name(known_id), bytes(corrupt[:300]))
-    members[shards[1]] = [m for m in members[shards[1]] if known_id not in m[0]] + injected
-    for shard, entries in members.items():
-        shard.write_bytes(gldv2.pack_tar(entries))
-    # Truncated tar: cut the last shard inside its last member's data.
-    last = shards[-1]
-    data = last.read_bytes()
-    with tarfile.open(last) as tar:
-        last_member = [m for m in tar if m.isreg()][-1]
-    last.write_bytes(data[: last_member.offset_data + last_member.size // 2])
-    truncated_id = os.path.basename(last_member.name)[:-4]
-
-    loc = resolve(str(root))
-    prepare_manifests(loc, loc.child("manifest"), progress=None)
-    dropped = {os.path.basename(n)[:-4] for n in never_appear} | {known_id, truncated_id}
-    return str(root), dropped
 
 
 def test_bad_input_is_skipped_counted_and_every_good_sample_arrives_once(damaged_gldv2):

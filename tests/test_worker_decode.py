@@ -26,7 +26,6 @@ from ray_landmark.data.transforms import (
     CUTOUT_FRACTION, AugmentParams, TrainAugmentation, affine, cutout, decode_resized, normalize_on_device,
 )
 from ray_landmark.data.worker_decode import CorruptBatch, TrainBatchDecoder, WorkerDecoder
-from test_data_pipeline import damaged_gldv2  # noqa: F401 (a fixture: every kind of bad input in the train shards)
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -266,7 +265,7 @@ def test_train_batches_decoded_in_the_worker_match_the_ray_data_stage(ray_sessio
 
 
 def test_bad_input_on_the_worker_path_is_skipped_counted_and_every_good_sample_arrives_once(
-    ray_session, damaged_gldv2  # noqa: F811
+    ray_session, damaged_gldv2
 ):
     root, dropped = damaged_gldv2
     cfg = _config(root, view="full", decode="worker")
