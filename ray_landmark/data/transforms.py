@@ -27,9 +27,11 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+# torchvision is imported where it is used: its import pulls in torch._dynamo (about a second on a small CPU), and
+# every Ray Data read and decode task, split coordinator and Train controller that unpickles this package's functions
+# would pay it without needing it.
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,6 +64,7 @@ def decode_pil(data: bytes, size: int, preprocessing: Preprocessing = "fast") ->
 
 def resize_tensor(image: torch.Tensor, size: int, preprocessing: Preprocessing) -> torch.Tensor:
     """uint8 3×H×W (any device) -> 3×S×S, bilinear; antialiased for ``fast``, not for ``original`` (as cv2.resize)."""
+    import torchvision.transforms.v2.functional as TF
     return TF.resize(image, [size, size], interpolation=TF.InterpolationMode.BILINEAR,
                      antialias=preprocessing == "fast")
 
@@ -79,6 +82,7 @@ def decode_resized(data: bytes, size: int, preprocessing: Preprocessing = "fast"
 def decode_on_device(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """JPEG bytes (1-d uint8 CPU tensors) -> RGB uint8 3×H×W tensors on ``device`` (nvjpeg on a GPU, libjpeg-turbo on
     the CPU). Raises RuntimeError if any of them cannot be decoded."""
+    from torchvision.io import ImageReadMode, decode_jpeg
     return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
 
 
@@ -153,6 +157,7 @@ class TrainAugmentation:
 
 def recompress_jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:
     """Encode and decode uint8 N×3×H×W at one quality, on the images' device (nvjpeg's encoder on a GPU)."""
+    from torchvision.io import encode_jpeg
     encoded = encode_jpeg(list(images), quality=quality)
     return torch.stack(decode_on_device([e.cpu() for e in encoded], images.device))
 
