@@ -1,6 +1,7 @@
 """torch.compile in training and embedding (train/torch_compile.py): the same losses, outputs and state-dict keys as
-eager with frozen parameters, resuming across the setting both ways, the embedding job's padding to one shape, and
-an eager run resumed compiled through the real training loop (DDP over 2 workers, gradient accumulation).
+eager with frozen parameters, resuming across the setting both ways, validation's and the embedding job's padding to
+one shape, and an eager run resumed compiled through the real training loop (DDP over 2 workers, gradient
+accumulation).
 
 The compiled tests use the aot_eager backend: dynamo and AOTAutograd trace the same forward and backward graphs as
 for inductor, but inductor's C++ code generation takes one to two minutes per tiny model on 2 cores (cold cache),
@@ -110,6 +111,31 @@ def test_the_embedding_job_pads_a_compiled_model_to_one_shape(tmp_path):
         out = compiled(short)
     assert out["embedding"].shape == (5, 512)
     np.testing.assert_allclose(out["embedding"], eager(short)["embedding"], atol=2e-3)
+
+
+def test_validation_pads_a_compiled_models_short_batch_to_one_shape():
+    import contextlib
+
+    from ray_landmark.train.validate import embed_and_classify
+
+    cfg, eager = _tiny("tiny_dolg")
+    compiled = copy.deepcopy(eager)
+    compile_for_training(compiled, "aot_eager")
+    size = cfg.data.image_size
+    generator = torch.Generator().manual_seed(2)
+    full, short = (torch.randn(rows, 3, size, size, generator=generator) for rows in (8, 5))
+
+    def both(images, pad_to):
+        return [embed_and_classify(model.eval(), images, contextlib.nullcontext(), torch.channels_last, pad)
+                for model, pad in ((eager, None), (compiled, pad_to))]
+
+    for expected, got in zip(*both(full, 8)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with torch.compiler.set_stance("fail_on_recompile"):  # a rank's short last batch: padded, no second graph
+        eager_out, compiled_out = both(short, 8)
+    assert compiled_out[0].shape == (5, 512) and compiled_out[1].shape == compiled_out[2].shape == (5,)
+    for expected, got in zip(eager_out, compiled_out):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ from ray_landmark.data.transforms import normalize_on_device
 from ray_landmark.data.worker_decode import WorkerDecoder
 from ray_landmark.progress import Printer, ProgressLine, say
 from ray_landmark.train.checkpoint import checkpoint_folder, load_model, read_checkpoint_config
-from ray_landmark.train.torch_compile import compile_for_embedding, compile_wanted
+from ray_landmark.train.torch_compile import compile_for_embedding, compile_wanted, pad_batch
 
 INFO_FILE = "_embedding.json"
 EMBEDDING_SPLITS = ("train", "index", "test")
@@ -118,8 +118,8 @@ class Embedder:
         (a block's last rows, or corrupt JPEGs dropped) is padded with zero images, whose rows are then dropped;
         in evaluation mode every image is embedded on its own, so the padding changes no other row."""
         rows = len(images)
-        if self.pad_to and rows < self.pad_to:
-            images = torch.cat([images, images.new_zeros((self.pad_to - rows, *images.shape[1:]))])
+        if self.pad_to:
+            images = pad_batch(images, self.pad_to)
         return self.model.embed(images.contiguous(memory_format=torch.channels_last))[:rows]
 
 

@@ -49,6 +49,7 @@ class Worker:
     autocast: contextlib.AbstractContextManager  # reusable: torch.autocast, or a no-op on CPU / with amp off
     memory_format: torch.memory_format
     raw_model: torch.nn.Module  # the model without its DDP wrapper: state dicts, evaluation
+    compiled: bool  # torch.compile'd (train.compile): validation pads its short batches to one shape
 
     @property
     def cfg(self) -> Config:
@@ -117,7 +118,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     amp_dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    worker = Worker(inputs, rank, world, device, autocast, memory_format, raw_model)
+    worker = Worker(inputs, rank, world, device, autocast, memory_format, raw_model, compiling)
 
     progress = Progress(epoch=0, step=0, epoch_step=0)
     if resume is not None:

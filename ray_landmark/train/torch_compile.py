@@ -14,9 +14,8 @@
   graph at DDP's gradient buckets (its DDPOptimizer), so the all-reduce still overlaps the backward. ``no_sync``
   under gradient accumulation, the grad scaler and the autocast around the call stay outside the graph; parameters
   frozen by ``train.trainable`` are frozen before the first call traces the graph.
-* Shapes are fixed: training batches are all full (drop_last) and the embedding job pads its short batches, so each
-  compiles once (training and evaluation mode are one graph each). Validation's batches are full but for each rank's
-  last one, which compiles one more graph, with a dynamic batch size, in the first validation only.
+* Shapes are fixed: training batches are all full (drop_last), and validation and the embedding job pad their short
+  batches (``pad_batch``), so a run compiles once for training and once for evaluation mode.
 
 Neither Ray nor the config classes are imported here: benchmarks/gpu_compile.py compiles through this module on GPU
 machines that have neither.
@@ -46,3 +45,12 @@ def compile_for_training(model: nn.Module, backend: str = "inductor") -> None:
 def compile_for_embedding(model: nn.Module, backend: str = "inductor") -> None:
     """Compile a ``LandmarkModel``'s encoder in place: all that ``model.embed`` runs."""
     model.encoder.compile(backend=backend)
+
+
+def pad_batch(images: torch.Tensor, rows: int) -> torch.Tensor:
+    """``images`` with zero images appended up to ``rows``, so that a compiled model sees one batch shape (another
+    shape would compile another graph). In evaluation mode every image is processed on its own, so the padding
+    changes no real row; the caller drops the rows it added."""
+    if len(images) >= rows:
+        return images
+    return torch.cat([images, images.new_zeros((rows - len(images), *images.shape[1:]))])

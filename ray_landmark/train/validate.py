@@ -33,23 +33,37 @@ from ray_landmark.eval.metrics import (
     retrieval_solution,
 )
 from ray_landmark.infer.search import knn
+from ray_landmark.train.torch_compile import pad_batch
 
 
 @torch.no_grad()
+def embed_and_classify(
+    net: torch.nn.Module, images: torch.Tensor, autocast, memory_format: torch.memory_format, pad_to: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unit embeddings, arg-max class and its cosine of normalised images, by a model in evaluation mode. With
+    ``pad_to`` (a compiled model) a short batch is padded to that many rows, so that validation compiles one graph."""
+    rows = len(images)
+    if pad_to:
+        images = pad_batch(images, pad_to)
+    with autocast:
+        out = net(images.contiguous(memory_format=memory_format))
+    score, cls = out["cosine"][:rows].float().max(dim=1)
+    return F.normalize(out["embeddings"][:rows].float(), dim=1), cls, score
+
+
 def _embed_shard(worker) -> dict[str, np.ndarray]:
     """This rank's part of the eval dataset: ids, splits, unit embeddings, arg-max class and its cosine."""
     parts = {"id": [], "split": [], "embedding": [], "class": [], "score": []}
-    net = worker.raw_model
     batch_size = 2 * worker.cfg.train.batch_size
     shard = ray.train.get_dataset_shard("eval")
     for batch in eval_batches(shard, worker.cfg.data, batch_size=batch_size, device=worker.device):
-        images = normalize_on_device(batch["image"]).contiguous(memory_format=worker.memory_format)
-        with worker.autocast:
-            out = net(images)
-        score, cls = out["cosine"].float().max(dim=1)
+        embeddings, cls, score = embed_and_classify(
+            worker.raw_model, normalize_on_device(batch["image"]), worker.autocast, worker.memory_format,
+            pad_to=batch_size if worker.compiled else None,
+        )
         parts["id"].append(batch["id"].astype(str))
         parts["split"].append(batch["split"].astype(str))
-        parts["embedding"].append(F.normalize(out["embeddings"].float(), dim=1).cpu().numpy())
+        parts["embedding"].append(embeddings.cpu().numpy())
         parts["class"].append(cls.cpu().numpy())
         parts["score"].append(score.cpu().numpy())
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
