@@ -18,7 +18,6 @@ from ray_landmark.models.factory import build_model
 from ray_landmark.models.transfer import warm_start
 from ray_landmark.train.chain import load_chain, run_chain
 from ray_landmark.train.checkpoint import finished_epochs
-from ray_landmark.train.optim import build_optimizer, lr_multiplier
 from ray_landmark.train.trainer import fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,22 +92,6 @@ def test_a_chain_with_a_broken_step_fails_before_anything_runs_naming_the_step(t
                      f"  - config: {REPO / 'configs' / 'tiny_dolg.yaml'}\n")
     with pytest.raises(ConfigError, match=r"step 2: run.name 'tiny_dolg' is used by an earlier step"):
         load_chain(chain)
-
-
-def test_warm_up_from_a_fraction_of_the_peak_then_cosine_or_constant():
-    def lrs(**kw):
-        return [lr_multiplier(s, warmup_steps=2, total_steps=6, **kw) for s in range(7)]
-
-    assert lrs(schedule="cosine", warmup_start=0.0) == pytest.approx([0.5, 1, 1, 0.8536, 0.5, 0.1464, 0], abs=1e-4)
-    assert lrs(schedule="cosine", warmup_start=0.1)[:2] == pytest.approx([0.55, 1.0])
-    assert lrs(schedule="constant", warmup_start=0.0)[2:] == [1.0] * 5
-
-
-def test_sgd_takes_the_recipe_momentum_and_weight_decay():
-    tc = load_config(REPO / "configs" / "recipes" / "efficientnet_b5.yaml").train
-    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(2))], tc)
-    assert isinstance(optimizer, torch.optim.SGD)
-    assert optimizer.defaults["momentum"] == 0.9 and optimizer.defaults["weight_decay"] == 1e-5
 
 
 class StopInSecondEpochOfStep2:

@@ -139,7 +139,9 @@ def test_validation_pads_a_compiled_models_short_batch_to_one_shape():
 
 
 @pytest.mark.slow
-def test_an_eager_run_resumes_compiled_with_ddp_and_accumulation_and_writes_the_same_keys(tiny_checkpoints, tmp_path):
+def test_an_eager_run_resumes_compiled_with_ddp_and_accumulation_and_writes_the_same_keys(
+    tiny_checkpoints, tmp_path, capsys
+):
     """The session's eager tiny DOLG run (2 epochs), copied, trains 2 more epochs compiled through the real loop."""
     from ray_landmark.config import config_from_dict, set_dotted
     from ray_landmark.train.checkpoint import read_checkpoint_config
@@ -149,8 +151,8 @@ def test_an_eager_run_resumes_compiled_with_ddp_and_accumulation_and_writes_the_
     eager_run = Path(tiny_checkpoints["dolg"])
     shutil.copytree(eager_run, tmp_path / eager_run.name)
     tree = read_checkpoint_config(str(eager_run))
-    # DDP over 2 workers with accumulation makes an epoch fewer steps than the eager run's: a longer cosine schedule,
-    # cut at epoch 4, keeps the lr above 0 at the step where it resumes.
+    # DDP over 2 workers with accumulation makes an epoch fewer steps than the eager run's: the schedule continues at
+    # the same point of its epochs (epoch 2 of a longer one here, cut at epoch 4).
     for key, value in {"run.output_dir": str(tmp_path), "train.epochs": 20, "train.stop_at": 4,
                        "train.num_workers": 2, "train.grad_accum": 2, "train.compile": True,
                        "train.compile_backend": "aot_eager"}.items():
@@ -160,6 +162,7 @@ def test_an_eager_run_resumes_compiled_with_ddp_and_accumulation_and_writes_the_
 
     history = read_metrics(run_logs(cfg.run))
     assert [m["epoch"] for m in history] == [1, 2, 3, 4]  # resumed at epoch 3, no epoch repeated
+    assert "the learning-rate schedule continues at the same point of its epochs" in capsys.readouterr().out
     assert np.isfinite(result.metrics["loss"]) and "val_map100" in result.metrics
     compiled, eager = (read_checkpoint_at(run).state["model"] for run in (result.checkpoint.path, str(eager_run)))
     assert list(compiled) == list(eager)

@@ -40,6 +40,7 @@ class Progress:
     epoch: int
     step: int
     epoch_step: int
+    steps_per_epoch: int = 0  # of the run that saved it (0: not recorded); a resume with another count rescales
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def read_checkpoint(folder: Path, name: str, map_location="cpu") -> LoadedCheckp
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise CorruptCheckpoint(f"checkpoint {name}: unreadable ({type(err).__name__}: {err})") from None
-    return LoadedCheckpoint(state, config, Progress(meta["epoch"], meta["step"], meta["epoch_step"]), name)
+    return LoadedCheckpoint(state, config, Progress(meta["epoch"], meta["step"], meta["epoch_step"], meta.get("steps_per_epoch", 0)), name)
 
 
 def load_latest_good(checkpoints, printer: Printer = say) -> LoadedCheckpoint | None:

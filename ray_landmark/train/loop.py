@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
@@ -33,7 +33,7 @@ from ray_landmark.models.transfer import freeze_except, warm_start
 from ray_landmark.progress import ProgressLine, relay_printer
 from ray_landmark.train.checkpoint import Progress, load_latest_good, read_checkpoint_at, run_logs, save_checkpoint
 from ray_landmark.train.metrics_log import MetricsLog
-from ray_landmark.train.optim import build_optimizer, build_scheduler
+from ray_landmark.train.optim import build_optimizer, build_scheduler, resume_schedule
 from ray_landmark.train.torch_compile import compile_for_training, compile_wanted
 from ray_landmark.train.validate import validate
 
@@ -120,7 +120,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     worker = Worker(inputs, rank, world, device, autocast, memory_format, raw_model, compiling)
 
-    progress = Progress(epoch=0, step=0, epoch_step=0)
+    progress = Progress(epoch=0, step=0, epoch_step=0, steps_per_epoch=steps_per_epoch)
     if resume is not None:
         progress = resume.progress
         raw_model.load_state_dict(resume.state["model"])
@@ -128,6 +128,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         scheduler.load_state_dict(resume.state["scheduler"])
         scaler.load_state_dict(resume.state["scaler"])
         say(f"[train] resumed from {resume.name}: epoch {progress.epoch + 1}, step {progress.step}")
+        epoch_step = resume_schedule(scheduler, progress.epoch, progress.epoch_step, progress.steps_per_epoch,
+                                     steps_per_epoch)
+        if progress.steps_per_epoch not in (0, steps_per_epoch):
+            say(f"[train] {steps_per_epoch} steps per epoch now, {progress.steps_per_epoch} when it was saved: "
+                f"the learning-rate schedule continues at the same point of its epochs")
+        progress = replace(progress, epoch_step=epoch_step, steps_per_epoch=steps_per_epoch)
 
     def report(progress: Progress, metrics: dict) -> None:
         _report(worker, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -186,7 +192,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             if inputs.on_step is not None:
                 inputs.on_step(rank=rank, epoch=epoch, step=step)
             if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0 and epoch_step < steps_per_epoch:
-                report(Progress(epoch, step, epoch_step), {"epoch": epoch, "step": step, "loss": _mean(losses)})
+                report(Progress(epoch, step, epoch_step, steps_per_epoch), {"epoch": epoch, "step": step, "loss": _mean(losses)})
         line.close(f"loss {_mean(losses):.3f}")
 
         metrics = {"epoch": epoch + 1, "step": step, "loss": _mean(losses),
@@ -199,7 +205,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             metrics.update({f"skipped_{r}": skipped.get(r, 0) for r in SKIP_REASONS})
             log.write(metrics, step=step)
             say(epoch_summary(metrics))
-        report(Progress(epoch + 1, step, 0), metrics)
+        report(Progress(epoch + 1, step, 0, steps_per_epoch), metrics)
     return metrics
 
 

@@ -41,3 +41,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig, steps_per
         schedule=tc.schedule, warmup_start=tc.warmup_start,
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def resume_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, epoch: int, epoch_step: int,
+                    saved_steps_per_epoch: int, steps_per_epoch: int) -> int:
+    """After loading a scheduler saved at ``saved_steps_per_epoch`` optimizer steps per epoch into a run that takes
+    ``steps_per_epoch`` (another worker count, batch size or ``grad_accum``): move it, and its optimizer's lr, to the
+    same point of its epochs; otherwise the cosine would be read at the wrong step and miss 0 at the last epoch.
+    Returns the steps of the current epoch already done, in the new steps. ``saved_steps_per_epoch`` 0 (not recorded)
+    or equal: nothing changes."""
+    if saved_steps_per_epoch in (0, steps_per_epoch):
+        return epoch_step
+    epoch_step = min(steps_per_epoch - 1, round(epoch_step * steps_per_epoch / saved_steps_per_epoch))
+    position = epoch * steps_per_epoch + epoch_step
+    scheduler.last_epoch = position
+    for group, base_lr, multiplier in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * multiplier(position)  # what the next optimizer step uses, as in a run without a break
+    return epoch_step
