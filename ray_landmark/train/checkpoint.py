@@ -96,7 +96,8 @@ def read_checkpoint(folder: Path, name: str, map_location="cpu") -> LoadedCheckp
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise CorruptCheckpoint(f"checkpoint {name}: unreadable ({type(err).__name__}: {err})") from None
-    return LoadedCheckpoint(state, config, Progress(meta["epoch"], meta["step"], meta["epoch_step"], meta.get("steps_per_epoch", 0)), name)
+    progress = Progress(meta["epoch"], meta["step"], meta["epoch_step"], meta.get("steps_per_epoch", 0))
+    return LoadedCheckpoint(state, config, progress, name)
 
 
 def load_latest_good(checkpoints, printer: Printer = say) -> LoadedCheckpoint | None:

@@ -192,7 +192,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             if inputs.on_step is not None:
                 inputs.on_step(rank=rank, epoch=epoch, step=step)
             if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0 and epoch_step < steps_per_epoch:
-                report(Progress(epoch, step, epoch_step, steps_per_epoch), {"epoch": epoch, "step": step, "loss": _mean(losses)})
+                report(Progress(epoch, step, epoch_step, steps_per_epoch),
+                       {"epoch": epoch, "step": step, "loss": _mean(losses)})
         line.close(f"loss {_mean(losses):.3f}")
 
         metrics = {"epoch": epoch + 1, "step": step, "loss": _mean(losses),
