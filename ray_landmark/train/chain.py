@@ -55,20 +55,16 @@ def load_chain(path: str | Path, overrides: list[str] = ()) -> tuple[ChainConfig
     return chain, steps
 
 
-def last_epoch(cfg: Config) -> int:
-    return cfg.train.stop_at or cfg.train.epochs
-
-
 def pending_steps(steps: list[Config]) -> list[int]:
     """Indices of the steps whose runs do not yet hold their last epoch."""
-    return [i for i, cfg in enumerate(steps) if finished_epochs(cfg.run) < last_epoch(cfg)]
+    return [i for i, cfg in enumerate(steps) if finished_epochs(cfg.run) < cfg.train.last_epoch]
 
 
 def run_chain(chain: ChainConfig, steps: list[Config], fit_step, printer: Printer = say) -> str:
     """Run the pending steps in order with ``fit_step(cfg)``; returns the final step's run folder."""
     for i, cfg in enumerate(steps):
         label = f"[chain] {chain.name} step {i + 1}/{len(steps)} {cfg.run.name}"
-        done, last = finished_epochs(cfg.run), last_epoch(cfg)
+        done, last = finished_epochs(cfg.run), cfg.train.last_epoch
         if done >= last:
             printer(f"{label}: finished earlier ({done}/{last} epochs), skipped")
             continue

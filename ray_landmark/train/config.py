@@ -51,6 +51,11 @@ class TrainConfig(Section):
     drop_keys: list[str] = []
     trainable: list[str] = []
 
+    @property
+    def last_epoch(self) -> int:
+        """The epoch training ends after: ``stop_at`` if set, else ``epochs``."""
+        return self.stop_at or self.epochs
+
     @model_validator(mode="after")
     def _stop_within_schedule(self):
         if self.stop_at is not None and self.stop_at > self.epochs:

@@ -120,7 +120,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     worker = Worker(inputs, rank, world, device, autocast, memory_format, raw_model, compiling)
 
-    progress = Progress(epoch=0, step=0, epoch_step=0, steps_per_epoch=steps_per_epoch)
+    progress = Progress(epoch=0, step=0, epoch_step=0)
     if resume is not None:
         progress = resume.progress
         raw_model.load_state_dict(resume.state["model"])
@@ -128,19 +128,18 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         scheduler.load_state_dict(resume.state["scheduler"])
         scaler.load_state_dict(resume.state["scaler"])
         say(f"[train] resumed from {resume.name}: epoch {progress.epoch + 1}, step {progress.step}")
-        epoch_step = resume_schedule(scheduler, progress.epoch, progress.epoch_step, progress.steps_per_epoch,
-                                     steps_per_epoch)
         if progress.steps_per_epoch not in (0, steps_per_epoch):
             say(f"[train] {steps_per_epoch} steps per epoch now, {progress.steps_per_epoch} when it was saved: "
                 f"the learning-rate schedule continues at the same point of its epochs")
-        progress = replace(progress, epoch_step=epoch_step, steps_per_epoch=steps_per_epoch)
+        progress = replace(progress, epoch_step=resume_schedule(
+            scheduler, progress.epoch, progress.epoch_step, progress.steps_per_epoch, steps_per_epoch))
 
     def report(progress: Progress, metrics: dict) -> None:
         _report(worker, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}, progress, metrics)
 
     train_shard = ray.train.get_dataset_shard("train")
-    last_epoch = tc.stop_at or tc.epochs
+    last_epoch = tc.last_epoch
     step = progress.step
     log = MetricsLog(run_logs(cfg.run)) if rank == 0 else None
     if tc.validate_before_training and resume is None:
