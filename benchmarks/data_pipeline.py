@@ -272,10 +272,11 @@ def main() -> None:
         print(f"(c) Ray Data from S3, decoded in Ray Data tasks: {steady_fast:.1f} img/s (first pass {first:.1f})")
         print(f"(c) the same with data.preprocessing: original: {steady_original:.1f} img/s")
         print(f"(d) Ray Data from S3, decoded in the consumer: {worker:.1f} img/s (first pass {worker_first:.1f})")
-        # The transform alone needs 1/single core-seconds per image: at the steady rate, this many cores.
+        # The work itself needs 1/(best images per CPU-second) core-seconds per image: at the steady rate, this many
+        # cores.
         cpu[WORK_ITSELF] = round(steady_fast / per_cpu_second["ray_task_fast"], 2)
         worker_cpu[WORK_ITSELF] = round(worker / per_cpu_second["worker_fast"], 2)
-        print(f"cores busy during (c)'s last pass: {cpu}\ncores busy during (d)'s last pass: {worker_cpu}")
+        print(f"cores busy during (c)'s best pass: {cpu}\ncores busy during (d)'s best pass: {worker_cpu}")
         ray.shutdown()
 
     rates = {

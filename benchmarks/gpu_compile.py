@@ -47,7 +47,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from results_io import machine, update_benchmarks_md, write_results  # noqa: E402
+from results_io import machine, sync, update_benchmarks_md, write_results  # noqa: E402
 
 GLDV2C_CLASSES = 81_313
 STEPS, WARMUP = 20, 5
@@ -152,11 +152,6 @@ SCOPES = {"model": compile_for_training, "encoder": compile_for_embedding}
 TRAINING_SCOPE = "model"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _build(case: Case, classes: int, device: torch.device, seed: int) -> torch.nn.Module:
     """The same initial weights for every run of a case: built on the CPU from ``seed``."""
     counts = torch.randint(1, 200, (classes,), generator=torch.Generator().manual_seed(seed))  # long-tailed enough
@@ -174,13 +169,13 @@ def _train(model, batches, case: Case, steps: int, warmup: int, device: torch.de
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     losses = []
-    _sync(device)
+    sync(device)
     started = timed_from = time.perf_counter()
     cpu_from = time.process_time()
     first_step_s = 0.0
     for step in range(steps):
         if step == warmup:
-            _sync(device)
+            sync(device)
             timed_from, cpu_from = time.perf_counter(), time.process_time()
         images_u8, labels = batches[step % len(batches)]
         images = normalize_on_device(images_u8).contiguous(memory_format=torch.channels_last)
@@ -192,9 +187,9 @@ def _train(model, batches, case: Case, steps: int, warmup: int, device: torch.de
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
         if step == 0:
-            _sync(device)
+            sync(device)
             first_step_s = time.perf_counter() - started
-    _sync(device)
+    sync(device)
     seconds = (time.perf_counter() - timed_from) / (steps - warmup)
     cpu_seconds = (time.process_time() - cpu_from) / (steps - warmup)
     return {

@@ -38,7 +38,7 @@ from PIL import Image
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import machine, update_benchmarks_md, write_results  # noqa: E402
+from results_io import machine, sync, update_benchmarks_md, write_results  # noqa: E402
 
 from ray_landmark.data.transforms import ImageTransform, normalize_on_device  # noqa: E402
 from ray_landmark.data.worker_decode import TrainBatchDecoder  # noqa: E402
@@ -73,11 +73,6 @@ def synthetic_photos(n: int, width: int, height: int, seed: int = 0) -> list[byt
     return photos
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def worker_decode_rate(jpegs: list[bytes], size: int, preprocessing: str, augment: bool, batch: int, batches: int,
                        device: torch.device) -> float:
     """Images/s of decode + resize (+ augment) of batches of JPEG bytes on ``device``, after one warm-up batch."""
@@ -88,11 +83,11 @@ def worker_decode_rate(jpegs: list[bytes], size: int, preprocessing: str, augmen
         return [jpegs[(i * batch + j) % len(jpegs)] for j in range(batch)]
 
     decoder(chunk(0), labels)
-    _sync(device)
+    sync(device)
     started = time.perf_counter()
     for i in range(batches):
         decoder(chunk(i + 1), labels)
-    _sync(device)
+    sync(device)
     return batch * batches / (time.perf_counter() - started)
 
 
@@ -166,11 +161,11 @@ def training_rate(net: nn.Module, next_batch, batch: int, steps: int, warmup: in
 
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync(device)
     started = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    sync(device)
     return batch * steps / (time.perf_counter() - started)
 
 

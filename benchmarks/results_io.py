@@ -1,5 +1,5 @@
-"""Shared by the benchmark scripts: a description of the machine, the JSON results file, and the script's own
-section of BENCHMARKS.md (regenerated between markers, so each script owns exactly its table)."""
+"""Shared by the benchmark scripts: a description of the machine, the JSON results file, the script's own section of
+BENCHMARKS.md (regenerated between markers, so each script owns exactly its table), and waiting for a device."""
 
 from __future__ import annotations
 
@@ -55,3 +55,11 @@ def update_benchmarks_md(name: str, markdown: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     BENCHMARKS_MD.write_text(text)
+
+
+def sync(device) -> None:
+    """Wait for the work queued on ``device`` (a torch.device): a GPU runs asynchronously, so timings need it."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import REPO, machine, update_benchmarks_md, write_results  # noqa: E402
+from results_io import REPO, machine, sync, update_benchmarks_md, write_results  # noqa: E402
 
 from ray_landmark.infer.search import chunk_bytes, chunk_sizes, default_max_bytes, knn  # noqa: E402
 
@@ -44,11 +44,6 @@ def unit_vectors(n: int, dim: int, device: torch.device, seed: int) -> torch.Ten
         piece = torch.randn(min(65_536, n - start), dim, device=device, generator=generator)
         out[start:start + len(piece)] = torch.nn.functional.normalize(piece, dim=1)
     return out
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peak_mib(run, device: torch.device) -> float | None:
