@@ -1,6 +1,6 @@
 """Training chains: every published model's steps load, build and warm-start from one another with only the tensors
 they name dropped; the recipes carry the sources' numbers; a tiny three-step hybrid chain runs end to end, resumes when
-stopped and skips finished steps. Also the optimizers and lr schedules the recipes need."""
+stopped and skips finished steps. (The optimizers and lr schedules the recipes need: tests/test_optim.py.)"""
 
 from __future__ import annotations
 
