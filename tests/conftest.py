@@ -6,15 +6,16 @@ import io
 import os
 import shutil
 import tarfile
+from dataclasses import dataclass
 
 import pytest
 from PIL import Image
 
 from ray_landmark.data import gldv2
 
-from ray_landmark.data.metadata import prepare_manifests
+from ray_landmark.data.metadata import open_manifest, prepare_manifests
 from ray_landmark.data.storage import resolve
-from ray_landmark.data.config import SyntheticSpec
+from ray_landmark.data.config import DataConfig, SyntheticSpec
 from ray_landmark.data.synthetic import write_synthetic_gldv2
 from ray_landmark.local_s3 import LocalS3Server, use_test_credentials
 
@@ -120,8 +121,16 @@ def _png() -> bytes:
     return out.getvalue()
 
 
+@dataclass(frozen=True)
+class DamagedSet:
+    root: str
+    good_samples: list[tuple[str, int]]  # (id, class) of every full-view image that can arrive, sorted
+    view_rows: int  # metadata rows of the full view, 4 of them without an image (3 removed, 1 cut off)
+    skips: dict[str, int]  # what a train stream of it counts, by reason
+
+
 @pytest.fixture
-def damaged_gldv2(gldv2_local, tmp_path):
+def damaged_gldv2(gldv2_local, tmp_path) -> DamagedSet:
     """A copy of the synthetic set with every kind of bad input injected into its train shards."""
     root = tmp_path / "damaged"
     shutil.copytree(gldv2_local, root, ignore=shutil.ignore_patterns("manifest"))
@@ -160,4 +169,8 @@ def damaged_gldv2(gldv2_local, tmp_path):
     loc = resolve(str(root))
     prepare_manifests(loc, loc.child("manifest"), progress=None)
     dropped = {os.path.basename(n)[:-4] for n in never_appear} | {known_id, truncated_id}
-    return str(root), dropped
+    view = open_manifest(DataConfig(root=str(root))).view_images("full")
+    good = sorted((i, int(c)) for i, c in zip(gldv2.u64_to_ids(view["id"].to_numpy()), view["class"])
+                  if i not in dropped)
+    skips = {"not_jpeg": 2, "empty_member": 1, "corrupt_jpeg": 1, "truncated_tar": 1, "unknown_id": 1}
+    return DamagedSet(str(root), good, len(view), skips)
