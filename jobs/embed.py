@@ -13,6 +13,7 @@ import argparse
 from ray_landmark.cli import run_job
 from ray_landmark.config import config_from_dict, parse_override, set_dotted
 from ray_landmark.data.config import DataConfig, StorageConfig
+from ray_landmark.infer.config import EmbedSettings
 from ray_landmark.infer.embed import EMBEDDING_SPLITS, EmbedRequest, embed_splits
 from ray_landmark.runtime import init_ray
 from ray_landmark.train.checkpoint import read_checkpoint_config
@@ -33,6 +34,10 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
                         help="override where the data lives, e.g. --set data.root=s3://google-landmark")
     args = parser.parse_args()
+    # Checked by the ensemble config's own model, before anything is read or Ray starts.
+    settings = config_from_dict({"batch_size": args.batch_size, "flip_tta": args.flip_tta, "actors": args.actors,
+                                 "gpus_per_actor": args.gpus_per_actor, "shards_per_pass": args.shards_per_pass},
+                                "jobs/embed.py arguments", EmbedSettings)
     storage = StorageConfig(endpoint_url=args.endpoint_url)
     data_tree = read_checkpoint_config(args.checkpoint, storage)["data"]
     for text in args.overrides:
@@ -43,8 +48,8 @@ def main() -> None:
     data = config_from_dict(data_tree, "--set data.*", DataConfig)
     request = EmbedRequest(
         checkpoint=args.checkpoint, out=args.out, splits=tuple(dict.fromkeys(args.split)), view=args.view, data=data,
-        storage=storage, batch_size=args.batch_size, flip_tta=args.flip_tta, actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor, shards_per_pass=args.shards_per_pass,
+        storage=storage, batch_size=settings.batch_size, flip_tta=settings.flip_tta, actors=settings.actors,
+        gpus_per_actor=settings.gpus_per_actor, shards_per_pass=settings.shards_per_pass,
     )
     init_ray()
     embed_splits(request)

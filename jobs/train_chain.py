@@ -2,7 +2,8 @@
 
     ray job submit --working-dir . -- python jobs/train_chain.py --chain configs/chains/dolg_efficientnet_b5.yaml
 --set KEY=VALUE applies to every step (e.g. --set data.root=s3://my-bucket/gldv2 --set run.output_dir=s3://my-bucket/runs).
-Rerunning the same command skips finished steps and resumes a half-done one from its last checkpoint.
+Rerunning the same command skips finished steps and resumes a half-done one from its last checkpoint. A step whose
+config changed since its run was trained is refused, naming the keys; --restart moves such a run aside first.
 """
 
 import argparse
@@ -20,6 +21,8 @@ def main() -> None:
     parser.add_argument("--chain", required=True, help="a chain YAML, e.g. configs/chains/dolg_efficientnet_b5.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one value of every step's config (repeatable)")
+    parser.add_argument("--restart", action="store_true",
+                        help="a step whose run was trained with another config: move that run aside and train afresh")
     args = parser.parse_args()
     try:
         chain, steps = load_chain(args.chain, args.overrides)
@@ -27,10 +30,10 @@ def main() -> None:
         sys.exit(f"config error: {err}")
     pending = pending_steps(steps)
     # The next step's manifests are read before Ray starts: a wrong data.root fails at once.
-    first_data = load_training_data(steps[pending[0]]) if pending else None
+    first_data = load_training_data(steps[pending[0]], args.restart) if pending else None
 
     def fit_step(cfg):
-        data = first_data if cfg is steps[pending[0]] else load_training_data(cfg)
+        data = first_data if cfg is steps[pending[0]] else load_training_data(cfg, args.restart)
         result = fit(cfg, data)
         print(f"[train] finished {cfg.run.name}; final checkpoint {result.checkpoint.path}")
 

@@ -11,10 +11,11 @@ from ray_landmark.train.trainer import fit, load_training_data
 
 
 def main() -> None:
-    args = job_parser(__doc__, default_config="configs/recipes/dolg_efficientnet_b5_step1.yaml").parse_args()
+    args = job_parser(__doc__, default_config="configs/recipes/dolg_efficientnet_b5_step1.yaml",
+                      restart=True).parse_args()
     cfg = load_job_config(args)
     require_arch(cfg, "dolg", args.config, other_job="jobs/train.py")
-    data = load_training_data(cfg)
+    data = load_training_data(cfg, args.restart)
     init_ray()
     result = fit(cfg, data)
     print(f"[train] finished {cfg.run.name}; final checkpoint {result.checkpoint.path}")

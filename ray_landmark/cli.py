@@ -7,16 +7,20 @@ import logging
 import sys
 
 from ray_landmark.config import Config, load_config
-from ray_landmark.config_base import ConfigError, JobError
+from ray_landmark.config_base import ConfigError, JobError, user_error
 
 
-def job_parser(description: str, default_config: str | None = None) -> argparse.ArgumentParser:
+def job_parser(description: str, default_config: str | None = None, restart: bool = False) -> argparse.ArgumentParser:
+    """``--config`` and ``--set``; with ``restart``, also ``--restart`` (jobs that write a run folder)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, required=default_config is None, help="YAML config")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one config value, e.g. --set data.image_size=448 (repeatable)",
     )
+    if restart:
+        parser.add_argument("--restart", action="store_true",
+                            help="the run folder was made with another config: move it aside and start afresh")
     return parser
 
 
@@ -35,10 +39,24 @@ def require_arch(cfg: Config, arch: str, source: str, other_job: str) -> None:
 
 
 def run_job(main) -> None:
-    """Run a job's main(); errors a user can fix (config, storage) end the job with their one-line message.
+    """Run a job's main(); errors a user can fix (config, storage, data), raised here or inside a Ray worker, end the
+    job with their one-line message (plus where Ray's logs are, once Ray runs) and exit code 1.
     Libraries' INFO chatter (botocore, Ray) stays off the console: warnings and errors still show."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         main()
-    except JobError as err:
-        sys.exit(f"error: {err}")
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        sys.exit(f"error: {cause}{_ray_logs_hint(err)}")
+
+
+def _ray_logs_hint(err: Exception) -> str:
+    """Where the full log of an error raised inside Ray is; nothing for one raised in this process."""
+    if isinstance(err, JobError) and user_error(err) is err:
+        return ""
+    from ray_landmark.runtime import ray_logs_folder
+
+    folder = ray_logs_folder()
+    return f" (full log: {folder})" if folder else ""

@@ -28,7 +28,7 @@ from ray_landmark.progress import ProgressLine
 from ray_landmark.train.checkpoint import run_logs
 from ray_landmark.train.metrics_log import read_metrics
 from ray_landmark.train.trainer import fit
-from ray_landmark.tune.sweep import run_sweep
+from ray_landmark.tune.sweep import check_sweep_rerun, run_sweep
 
 
 def prepare_dataset(cfg: Config, server: LocalS3Server) -> dict:
@@ -114,6 +114,7 @@ def run(cfg: Config, second: Config, ensemble: EnsembleConfig, server: LocalS3Se
         "ray": {"cluster_cpus": ray.cluster_resources().get("CPU")},
     }
     if sweep:
+        check_sweep_rerun(*sweep)
         summary["sweep"] = run_sweep(*sweep)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -10,11 +10,13 @@ import ray
 import ray.data
 from ray.util.debug import log_once
 
+from ray_landmark.config_base import JobError
 from ray_landmark.data.storage import aws_settings
 from ray_landmark.progress import say
 
 # Set by Ray's job supervisor in a submitted job's driver: the job's own runtime env, as JSON.
 _SUBMITTED_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+_session_logs: str | None = None  # set by init_ray
 
 
 def _quiet_ray_console() -> None:
@@ -42,11 +44,17 @@ def init_ray(local_cpus: int | None = None) -> None:
     read and decode tasks must still be schedulable beside them (ray.md §0.6). Workers' output stays in Ray's log
     files (log_to_driver off): jobs print what a person needs through ``progress.ConsoleRelay``.
     """
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address.startswith(("http://", "https://")):
+        # The dashboard's job API, which `ray job submit` talks to (docs/cluster.md exports it); a driver joins a
+        # cluster by its GCS address, which Ray sets for a submitted job.
+        raise JobError(f"RAY_ADDRESS={address} is a job API address: submit this job with `ray job submit "
+                       f"--working-dir . -- python jobs/...`, or unset RAY_ADDRESS to run it on a local Ray")
     if ray.is_initialized():
         _quiet_ray_console()
         return
     common = dict(log_to_driver=False, logging_level=logging.WARNING)
-    if os.environ.get("RAY_ADDRESS"):
+    if address:
         context = ray.init(runtime_env=cluster_runtime_env(), **common)
     else:
         context = ray.init(
@@ -61,9 +69,15 @@ def init_ray(local_cpus: int | None = None) -> None:
             **common,
         )
     _quiet_ray_console()
-    logs = os.path.join(context.address_info.get("session_dir", ""), "logs")
+    global _session_logs
+    _session_logs = logs = os.path.join(context.address_info.get("session_dir", ""), "logs")
     say(f"[ray] {'joined ' + os.environ['RAY_ADDRESS'] if os.environ.get('RAY_ADDRESS') else 'local Ray started'}; "
         f"Ray's logs: {logs}")
+
+
+def ray_logs_folder() -> str | None:
+    """The log folder of the Ray session ``init_ray`` started or joined (on the head node); None before."""
+    return _session_logs if ray.is_initialized() else None
 
 
 def cluster_runtime_env() -> dict:

@@ -16,8 +16,7 @@ from ray_landmark.config import load_config
 from ray_landmark.config_base import ConfigError
 from ray_landmark.models.factory import build_model
 from ray_landmark.models.transfer import warm_start
-from ray_landmark.train.chain import load_chain, run_chain
-from ray_landmark.train.checkpoint import finished_epochs
+from ray_landmark.train.chain import load_chain, pending_steps, run_chain, step_state
 from ray_landmark.train.trainer import fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +123,7 @@ def test_a_three_step_hybrid_chain_runs_resumes_a_half_done_step_and_skips_finis
     ]
     # Step 2 swaps Swin's patch embedding (4x4 conv and its norm) for the CNN embedder and trains only that.
     assert "dropped: encoder.swin.patch_embed.proj.weight, encoder.swin.patch_embed.proj.bias" in capsys.readouterr().out
-    assert finished_epochs(steps[1].run) == 1
+    assert step_state(steps[1]) == (1, [])
 
     lines.clear()
     run_chain(chain, steps, fit, printer=lines.append)  # the same chain again
@@ -136,7 +135,7 @@ def test_a_three_step_hybrid_chain_runs_resumes_a_half_done_step_and_skips_finis
     assert "[train] resumed from" in out
     # Step 3 adds a CNN level: the 1x1 projection's input channels change, so its weight starts anew.
     assert "dropped: encoder.swin.patch_embed.proj.weight\n" in out
-    assert [finished_epochs(step.run) for step in steps] == [2, 2, 2]
+    assert [step_state(step) for step in steps] == [(2, [])] * 3
 
     # The job, rerun: every step is finished, so nothing trains and no Ray starts.
     job = subprocess.run(
@@ -144,6 +143,20 @@ def test_a_three_step_hybrid_chain_runs_resumes_a_half_done_step_and_skips_finis
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert job.returncode == 0 and job.stdout.count("finished earlier") == 3, job.stdout[-2000:] + job.stderr[-2000:]
+    assert "[ray]" not in job.stdout
+
+    # Step 3 changed (another image size): it is not finished; the job refuses before Ray starts, naming the key.
+    changed = [*overrides, "data.image_size=48"]
+    _, changed_steps = load_chain(chain_file, changed)
+    assert pending_steps(changed_steps) == [0, 1, 2]  # the size reaches every step
+    job = subprocess.run(
+        [sys.executable, "jobs/train_chain.py", "--chain", str(chain_file), *(f"--set={o}" for o in changed)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert job.returncode == 1, job.stdout[-2000:] + job.stderr[-2000:]
+    assert job.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'tiny_hybrid_swin_step1'} was made with another config (data.image_size 32 -> 48); "
+        f"resuming it would mix two configs: choose a new run.name, or pass --restart to move the old one aside")
     assert "[ray]" not in job.stdout
 
 

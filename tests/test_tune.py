@@ -3,6 +3,7 @@ interrupted and resumed, stops weak trials early and writes the table, the plot 
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -119,3 +120,56 @@ def test_the_table_records_finished_stopped_and_failed_trials_best_first(tmp_pat
     assert list(table["trial"]) == ["b", "a", "run_trial_c"]
     assert list(table["status"]) == ["stopped early", "finished", "failed"]
     assert list(table["epochs"]) == [1, 2, 0] and table["best_val_map100"].iloc[:2].tolist() == [0.4, 0.3]
+
+
+def test_a_sweep_rerun_with_other_values_is_refused_and_a_resumable_change_is_named(tmp_path):
+    import json
+
+    from ray_landmark.train.identity import RunConflict
+    from ray_landmark.tune.sweep import IDENTITY_FILE, _identity, check_sweep_rerun, sweep_location
+
+    sweep, base = load_sweep(_sweep_file(tmp_path, "  train.lr: {grid: [0.1, 0.2]}"))
+    check_sweep_rerun(sweep, base)  # a new sweep: nothing to compare
+    folder = Path(sweep_location(sweep).path)
+    folder.mkdir(parents=True)
+    (folder / IDENTITY_FILE).write_text(json.dumps(_identity(sweep, base)))
+    lines = []
+    check_sweep_rerun(sweep, base, printer=lines.append)
+    assert lines == []
+    more_at_once, _ = load_sweep(_sweep_file(tmp_path, "  train.lr: {grid: [0.1, 0.2]}"),
+                                 ["settings.max_concurrent_trials=2"])
+    check_sweep_rerun(more_at_once, base, printer=lines.append)
+    assert lines == [f"[run] resuming {folder} with changed settings: sweep.settings.max_concurrent_trials None -> 2"]
+    other_space, other_base = load_sweep(_sweep_file(tmp_path, "  train.lr: {grid: [0.1, 0.3]}", "[loss.scale=30]"))
+    with pytest.raises(RunConflict, match=r"another config \(base.loss.scale 45.0 -> 30.0, sweep.base_overrides "
+                                          r"\[\] -> \['loss.scale=30'\], sweep.space.train.lr.grid \[0.1, 0.2\] -> "
+                                          r"\[0.1, 0.3\]\)"):
+        check_sweep_rerun(other_space, other_base)
+
+
+def test_a_wrong_data_root_fails_before_ray_starts(tmp_path):
+    job = subprocess.run(
+        [sys.executable, "jobs/tune.py", "--config", "configs/tune_tiny.yaml", "--set", f"output_dir={tmp_path}",
+         "--set-base", f"data.root={tmp_path / 'nowhere'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert job.returncode == 1 and "[ray]" not in job.stdout, job.stdout + job.stderr
+    last = job.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(tmp_path / "nowhere") in last
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_every_trial_failed_exits_1_listing_them(gldv2_learnable, tmp_path):
+    config = _sweep_file(tmp_path, "  train.lr: {grid: [0.1, 0.2]}",
+                         f"[data.root={gldv2_learnable}, train.init_from={tmp_path / 'missing_step'}, "
+                         f"train.cpus_per_worker=0.5]")
+    job = subprocess.run([sys.executable, "jobs/tune.py", "--config", str(config), "--set", "settings.num_samples=1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert job.returncode == 1, job.stdout[-3000:] + job.stderr[-3000:]
+    last = job.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"error: sweep s: every trial failed \(\w+, \w+\), the first with: train.init_from: nothing at "
+        rf"{tmp_path / 'missing_step'}; train the step before first .*; each trial's error.txt under {tmp_path / 's'} "
+        rf"has the whole error \(full log: .*/logs\)", last), last
+    assert job.stdout.count(" FAILED: ") == 2
+    assert (tmp_path / "s" / "trials.csv").read_text().count("failed") == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ray_landmark.config_base import Section
 
@@ -72,26 +72,35 @@ class DataConfig(Section):
 
 
 class SyntheticSpec(Section):
-    """The ``synthetic`` config section: the size and look of a synthetic GLDv2."""
+    """The ``synthetic`` config section: the size and look of a synthetic GLDv2. Bounds are checked before anything
+    is written, so a bad value never leaves a partial dataset."""
 
     num_landmarks: int = Field(40, ge=2)  # landmarks in the full train set
-    clean_landmark_fraction: float = 0.5  # share of landmarks that GLDv2c keeps
-    noisy_image_fraction: float = 0.2  # share of a landmark's train images that are label noise / very hard views
-    max_images_per_landmark: int = 40
-    min_images_per_landmark: int = 3
-    tail_exponent: float = 1.0  # class size ~ rank^-exponent
-    test_landmark_images: int = 40
-    test_non_landmark_images: int = 15
-    index_images_per_test_landmark: int = 3
-    index_distractor_landmarks: int = 8  # index-only landmarks, never in train or test
-    index_distractor_images: int = 4
+    clean_landmark_fraction: float = Field(0.5, gt=0, le=1)  # share of landmarks that GLDv2c keeps
+    # share of a landmark's train images that are label noise / very hard views
+    noisy_image_fraction: float = Field(0.2, ge=0, lt=1)
+    max_images_per_landmark: int = Field(40, ge=1)
+    min_images_per_landmark: int = Field(3, ge=1)
+    tail_exponent: float = Field(1.0, ge=0)  # class size ~ rank^-exponent
+    test_landmark_images: int = Field(40, ge=1)
+    test_non_landmark_images: int = Field(15, ge=0)
+    index_images_per_test_landmark: int = Field(3, ge=1)
+    index_distractor_landmarks: int = Field(8, ge=0)  # index-only landmarks, never in train or test
+    index_distractor_images: int = Field(4, ge=0)
     # Index images listed in metadata/index.csv with no row in index_image_to_landmark.csv, as in the real GLDv2:
     # retrieval must still rank them (they are never relevant).
-    index_unlisted_images: int = 6
-    width: int = 96
-    height: int = 72
-    train_shards: int = 4
-    index_shards: int = 2
-    test_shards: int = 1
-    jpeg_quality: int = 90
+    index_unlisted_images: int = Field(6, ge=0)
+    width: int = Field(96, ge=16)
+    height: int = Field(72, ge=16)
+    train_shards: int = Field(4, ge=1)
+    index_shards: int = Field(2, ge=1)
+    test_shards: int = Field(1, ge=1)
+    jpeg_quality: int = Field(90, ge=1, le=100)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _image_counts_in_order(self):
+        if self.min_images_per_landmark > self.max_images_per_landmark:
+            raise ValueError(f"min_images_per_landmark ({self.min_images_per_landmark}) is above "
+                             f"max_images_per_landmark ({self.max_images_per_landmark})")
+        return self

@@ -283,7 +283,8 @@ def read_original(source: Location, allow_pickle: bool) -> OriginalStateDict:
                 "trust where the file comes from, rerun with --allow-pickle"
             ) from None
         # The weights-only unpickler's message is a page about weights_only, misleading for a file that is not one.
-        why = "" if isinstance(err, pickle.UnpicklingError) else f": {str(err).splitlines()[0]}"
+        first_line = next(iter(str(err).strip().splitlines()), "")
+        why = "" if isinstance(err, pickle.UnpicklingError) or not first_line else f": {first_line}"
         raise ReleasedCheckpointError(f"{source.uri}: not a torch checkpoint file ({type(err).__name__}{why})") from None
     return unwrap_state_dict(obj, source.uri)
 

@@ -3,8 +3,10 @@
 Each step is an ordinary training config (a recipe). From the second step on, ``train.init_from`` is the previous
 step's run folder, so each step warm-starts from the last checkpoint of the one before, dropping the tensors its
 ``train.drop_keys`` names and training only its ``train.trainable`` ones. A step whose run already holds its last
-epoch is skipped; a half-done one resumes from its latest checkpoint (Ray Train's ordinary resume), so rerunning the
-same command continues the chain wherever it stopped.
+epoch, trained with the step's config (``train.identity``), is skipped; a half-done one resumes from its latest
+checkpoint (Ray Train's ordinary resume), so rerunning the same command continues the chain wherever it stopped. A
+step whose run was trained with another config is not finished: training it refuses in one line, or with
+``--restart`` moves the old run aside and trains the step afresh.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pydantic import Field
 from ray_landmark.config import Config, load_config
 from ray_landmark.config_base import ConfigError, Section
 from ray_landmark.progress import Printer, say
-from ray_landmark.train.checkpoint import finished_epochs, run_location
+from ray_landmark.train.checkpoint import latest_checkpoint, run_location
+from ray_landmark.train.identity import config_differences
 
 
 class ChainStep(Section):
@@ -55,20 +58,34 @@ def load_chain(path: str | Path, overrides: list[str] = ()) -> tuple[ChainConfig
     return chain, steps
 
 
+def step_state(cfg: Config) -> tuple[int, list[str]]:
+    """(epochs its run holds, the keys its saved config differs in beyond what a resume may change)."""
+    latest = latest_checkpoint(run_location(cfg.run))
+    if latest is None:
+        return 0, []
+    return latest.progress.epoch, config_differences(latest.config, cfg.model_dump(mode="json"))[1]
+
+
 def pending_steps(steps: list[Config]) -> list[int]:
-    """Indices of the steps whose runs do not yet hold their last epoch."""
-    return [i for i, cfg in enumerate(steps) if finished_epochs(cfg.run) < cfg.train.last_epoch]
+    """Indices of the steps whose runs do not yet hold their last epoch of their own config."""
+    pending = []
+    for i, cfg in enumerate(steps):
+        done, breaking = step_state(cfg)
+        if breaking or done < cfg.train.last_epoch:
+            pending.append(i)
+    return pending
 
 
 def run_chain(chain: ChainConfig, steps: list[Config], fit_step, printer: Printer = say) -> str:
     """Run the pending steps in order with ``fit_step(cfg)``; returns the final step's run folder."""
     for i, cfg in enumerate(steps):
         label = f"[chain] {chain.name} step {i + 1}/{len(steps)} {cfg.run.name}"
-        done, last = finished_epochs(cfg.run), cfg.train.last_epoch
-        if done >= last:
+        (done, breaking), last = step_state(cfg), cfg.train.last_epoch
+        if done >= last and not breaking:
             printer(f"{label}: finished earlier ({done}/{last} epochs), skipped")
             continue
-        state = f"resuming after epoch {done}" if done else "starting"
+        state = ("trained earlier with another config" if breaking
+                 else f"resuming after epoch {done}" if done else "starting")
         source = (f"from {cfg.train.init_from}" if cfg.train.init_from
                   else "from ImageNet weights" if cfg.model.pretrained else "from random weights")
         printer(f"{label}: {state}; {cfg.data.view}, {cfg.data.image_size} px, {last} epochs, {source}")

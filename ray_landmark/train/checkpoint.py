@@ -1,8 +1,12 @@
 """Training checkpoints: what is saved, how a damaged one is detected, and loading a model from one alone.
 
 A checkpoint folder holds ``state.pt`` (model, optimizer, grad scaler, scheduler, counters, the view's landmark ids),
-``config.json`` (the full resolved run config) and ``meta.json`` (epoch, step and the SHA-256 of ``state.pt``, so that
-a truncated or altered file is caught before torch reads it).
+``config.json`` (the full resolved run config) and ``meta.json`` (epoch, step, the size of each file and the SHA-256 of
+``state.pt``, so that a truncated, missing or altered file is caught before torch reads it). ``meta.json`` is written
+last, but an upload to object storage can land its files in any order, so a checkpoint counts only once every file it
+lists is there at its size (``complete``) and ``state.pt`` hashes to its checksum (``verified``):
+``latest_checkpoint`` picks the newest such one for every consumer (resume, ``init_from``, chain skipping, embedding,
+the ensemble), naming each one it passes over.
 
 The model's state dict is the same with and without ``train.compile`` (the model is compiled in place, so no key
 carries a ``_orig_mod.`` prefix): a checkpoint resumes, warm-starts or loads whichever way it was written.
@@ -68,11 +72,11 @@ def run_logs(run_config) -> Location:
     return run_location(run_config).child("logs")
 
 
-def _sha256(path: Path) -> str:
+def _sha256(f) -> str:
+    """SHA-256 of a binary file object, read in 1 MiB chunks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -80,7 +84,10 @@ def save_checkpoint(folder: Path, *, state: dict, config: dict, progress: Progre
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(state, folder / STATE_FILE)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    meta = {**progress.__dict__, "sha256": _sha256(folder / STATE_FILE)}
+    with open(folder / STATE_FILE, "rb") as f:
+        checksum = _sha256(f)
+    sizes = {name: (folder / name).stat().st_size for name in (STATE_FILE, CONFIG_FILE)}
+    meta = {**progress.__dict__, "sha256": checksum, "sizes": sizes}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -88,7 +95,9 @@ def read_checkpoint(folder: Path, name: str, map_location="cpu") -> LoadedCheckp
     """The checkpoint in ``folder``; ``name`` (its URI) is what errors report."""
     try:
         meta = json.loads((folder / META_FILE).read_text())
-        if _sha256(folder / STATE_FILE) != meta["sha256"]:
+        with open(folder / STATE_FILE, "rb") as f:
+            checksum = _sha256(f)
+        if checksum != meta["sha256"]:
             raise CorruptCheckpoint(f"checkpoint {name}: {STATE_FILE} does not match the checksum in {META_FILE}")
         state = torch.load(folder / STATE_FILE, map_location=map_location, weights_only=True)
         config = json.loads((folder / CONFIG_FILE).read_text())
@@ -116,30 +125,87 @@ def load_latest_good(checkpoints, printer: Printer = say) -> LoadedCheckpoint | 
     return None
 
 
-def checkpoint_folder(uri: str, storage=None) -> Location:
-    """A checkpoint folder as given, or the newest checkpoint of a run folder (``<output_dir>/<name>``)."""
+def checkpoint_folder(uri: str, storage=None, printer: Printer = say) -> Location:
+    """A checkpoint folder as given, or the newest complete, verified checkpoint of a run folder
+    (``<output_dir>/<name>``)."""
     loc = resolve(uri, storage)
     if loc.fs.get_file_info(loc.child(STATE_FILE).path).type != pafs.FileType.NotFound:
         return loc
     if loc.fs.get_file_info(loc.path).type == pafs.FileType.NotFound:
         raise CorruptCheckpoint(f"{loc.uri}: no such checkpoint or run folder")
-    return _latest_checkpoint_folder(loc)
+    latest = latest_checkpoint(loc, printer)
+    if latest is None:
+        raise CorruptCheckpoint(f"{loc.uri}: neither a checkpoint folder ({STATE_FILE}) nor a run with a complete "
+                                f"checkpoint")
+    return latest.folder
 
 
-def _latest_checkpoint_folder(run: Location) -> Location:
-    metas = [
-        f.path for f in run.fs.get_file_info(pafs.FileSelector(run.path, recursive=True))
-        if f.is_file and f.path.endswith("/" + META_FILE)
-    ]
-    if not metas:
-        raise CorruptCheckpoint(f"{run.uri}: neither a checkpoint folder ({STATE_FILE}) nor a run with checkpoints")
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint folder whose files are all there and whose state matches its checksum; what it says without its
+    weights."""
 
-    def step(meta_path: str) -> int:
-        with run.fs.open_input_stream(meta_path) as f:
-            return json.loads(f.read())["step"]
+    folder: Location
+    progress: Progress
+    config: dict
 
-    newest = max(metas, key=step).rsplit("/", 1)[0]
-    return run.child(newest[len(run.path):].strip("/"))
+
+def _read_json(loc: Location) -> dict:
+    with loc.fs.open_input_stream(loc.path) as f:
+        return json.loads(f.read())
+
+
+def _check(folder: Location) -> CheckpointInfo:
+    """``folder``'s checkpoint if it is complete and verified; else CorruptCheckpoint saying why, in one line."""
+    try:
+        meta = _read_json(folder.child(META_FILE))
+        progress = Progress(int(meta["epoch"]), int(meta["step"]), int(meta["epoch_step"]),
+                            int(meta.get("steps_per_epoch", 0)))
+        infos = {info.base_name: info for info in folder.fs.get_file_info(
+            [folder.child(name).path for name in (STATE_FILE, CONFIG_FILE)])}
+        for name, info in infos.items():
+            if info.type == pafs.FileType.NotFound:
+                raise CorruptCheckpoint(f"checkpoint {folder.uri}: {name} is missing (an interrupted write)")
+            expected = meta.get("sizes", {}).get(name)  # checkpoints of before sizes were recorded have none
+            if expected is not None and info.size != expected:
+                raise CorruptCheckpoint(f"checkpoint {folder.uri}: {name} has {info.size} bytes, not the "
+                                        f"{expected} recorded in {META_FILE} (an interrupted write)")
+        with folder.fs.open_input_stream(folder.child(STATE_FILE).path) as f:
+            if _sha256(f) != meta["sha256"]:
+                raise CorruptCheckpoint(f"checkpoint {folder.uri}: {STATE_FILE} does not match the checksum in "
+                                        f"{META_FILE}")
+        config = _read_json(folder.child(CONFIG_FILE))
+    except CorruptCheckpoint:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CorruptCheckpoint(f"checkpoint {folder.uri}: unreadable ({type(err).__name__}: {err})") from None
+    return CheckpointInfo(folder, progress, config)
+
+
+def latest_checkpoint(run: Location, printer: Printer = say) -> CheckpointInfo | None:
+    """The newest complete, verified checkpoint of a run folder; None when it has none. Checkpoints are ordered by
+    the step their ``meta.json`` records (Ray Train names folders by time); each partial or corrupt one is named in
+    one line and passed over, so every consumer falls back to the previous good one."""
+    try:
+        entries = run.fs.get_file_info(pafs.FileSelector(run.path, recursive=True, allow_not_found=True))
+    except OSError as err:
+        raise CorruptCheckpoint(f"{run.uri}: cannot list its checkpoints ({err})") from None
+    folders = [run.child(f.path[len(run.path):].strip("/").rsplit("/", 1)[0])
+               for f in entries if f.is_file and f.path.endswith("/" + META_FILE)]
+
+    by_step = []
+    for folder in folders:
+        try:
+            by_step.append((int(_read_json(folder.child(META_FILE))["step"]), folder))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            printer(f"[checkpoint] WARNING checkpoint {folder.uri}: {META_FILE} unreadable ({type(err).__name__}: "
+                    f"{err}); passed over")
+    for _, folder in sorted(by_step, key=lambda entry: entry[0], reverse=True):
+        try:
+            return _check(folder)
+        except CorruptCheckpoint as err:
+            printer(f"[checkpoint] WARNING {err}; passed over")
+    return None
 
 
 def read_checkpoint_at(uri: str, storage=None, map_location="cpu") -> LoadedCheckpoint:
@@ -174,23 +240,11 @@ def load_model(uri: str, storage=None, map_location="cpu") -> TrainedModel:
 
 
 def read_checkpoint_config(uri: str, storage=None) -> dict:
-    """Only the resolved config of a checkpoint folder or run folder (its latest checkpoint): no weights are read."""
+    """Only the resolved config of a checkpoint folder or run folder (its newest complete, verified checkpoint): the
+    weights are hashed, not loaded."""
     loc = checkpoint_folder(uri, storage)
     try:
-        with loc.fs.open_input_stream(loc.child(CONFIG_FILE).path) as f:
-            return json.loads(f.read())
+        return _read_json(loc.child(CONFIG_FILE))
     except (OSError, ValueError) as err:
         raise CorruptCheckpoint(f"checkpoint {loc.uri}: {CONFIG_FILE} unreadable ({err})") from None
 
-
-def finished_epochs(run_config) -> int:
-    """Epochs completed by a run (``<run.output_dir>/<run.name>``) per its latest checkpoint; 0 when it has none."""
-    run = run_location(run_config)
-    if run.fs.get_file_info(run.path).type == pafs.FileType.NotFound:
-        return 0
-    try:
-        latest = _latest_checkpoint_folder(run)
-    except CorruptCheckpoint:  # a run folder without checkpoints yet
-        return 0
-    with latest.fs.open_input_stream(latest.child(META_FILE).path) as f:
-        return int(json.loads(f.read())["epoch"])

@@ -20,7 +20,8 @@ from ray_landmark.data.metadata import LabelLookup, open_manifest
 from ray_landmark.data.pipeline import decodes_in_worker, eval_stream, train_stream
 from ray_landmark.data.storage import exists, resolve
 from ray_landmark.progress import ConsoleRelay, interactive, run_printing_relay, say
-from ray_landmark.train.checkpoint import run_location
+from ray_landmark.train.checkpoint import latest_checkpoint, run_location
+from ray_landmark.train.identity import check_rerun
 from ray_landmark.train.loop import train_loop_per_worker
 
 
@@ -52,11 +53,15 @@ class WorkerInputs:
     on_step: Callable | None = None  # on_step(rank=, epoch=, step=) after each optimizer step (fault-injection tests)
 
 
-def load_training_data(cfg: Config) -> TrainingData:
-    """What the workers need from the manifests; read before Ray starts, so that a wrong data.root or a missing
-    train.init_from fails at once."""
+def load_training_data(cfg: Config, restart: bool = False) -> TrainingData:
+    """What the workers need from the manifests; read before Ray starts, so that a wrong data.root, a missing
+    train.init_from or a run folder trained with another config (``train.identity``) fails at once. ``restart``
+    moves such a run folder aside instead."""
     if cfg.model is None or cfg.train is None:
         raise ConfigError(f"run {cfg.run.name}: training needs the 'model' and 'train' sections")
+    run = run_location(cfg.run)
+    latest = latest_checkpoint(run)
+    check_rerun(run, latest.config if latest else None, cfg.model_dump(mode="json"), restart=restart)
     if cfg.train.init_from and not exists(resolve(cfg.train.init_from, cfg.run.storage)):
         raise ConfigError(
             f"train.init_from: nothing at {cfg.train.init_from}; train the step before first (jobs/train_chain.py "
@@ -85,7 +90,8 @@ def fit(
     cfg: Config, data: TrainingData | None = None, on_step=None, train_dataset: ray.data.Dataset | None = None,
     callbacks: list | None = None,
 ) -> ray.train.Result:
-    """Train ``cfg`` on the Ray cluster this process is connected to, printing the workers' progress here.
+    """Train ``cfg`` on the Ray cluster this process is connected to, printing the workers' progress here. ``data``
+    is ``load_training_data(cfg)``'s (which also checks the run folder's config), read here when not given.
     ``train_dataset`` replaces the streamed shards (the benchmarks feed in-memory batches through it); ``callbacks``
     are Ray Train UserCallbacks (a sweep's TuneReportCallback)."""
     data = data or load_training_data(cfg)

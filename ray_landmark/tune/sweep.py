@@ -3,14 +3,17 @@
 Each trial is a function that builds its own config (base + sampled values) and runs the project's ordinary training
 (``train.trainer.fit``) under a stable Train run name, ``trial_<id>``, so a failed trial resumes from its checkpoint.
 ``TuneReportCallback`` forwards every epoch's report to Tune, where ASHA stops the weaker trials early. Rerunning the
-same sweep restores it (``Tuner.restore``); Tune does not save ASHA's rungs, so after a resume the remaining trials
-are compared only with the trials run since. At the end: ``trials.csv``, ``trials.md``, ``metric_vs_params.png`` and
+same sweep restores it (``Tuner.restore``) if its sweep config and base config are those the sweep was started with
+(``sweep.json``; ``train.identity``'s rule, ``--restart`` moves a changed sweep aside); Tune does not save ASHA's
+rungs, so after a resume the remaining trials are compared only with the trials run since. A sweep whose every trial
+failed, or whose best trial failed, ends with ``SweepFailed`` listing the failed trials. At the end: ``trials.csv``, ``trials.md``, ``metric_vs_params.png`` and
 ``best_config.yaml`` (a config ``jobs/train.py`` takes as it is) in ``<output_dir>/<name>/``.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 
@@ -24,12 +27,23 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from ray_landmark.config import Config, config_from_dict
-from ray_landmark.data.storage import Location, resolve, write_bytes
+from ray_landmark.config_base import JobError, user_error
+from ray_landmark.data.storage import Location, exists, read_bytes, resolve, write_bytes
 from ray_landmark.progress import Printer, say
+from ray_landmark.train.identity import RESUMABLE, check_rerun
 from ray_landmark.train.trainer import fit
 from ray_landmark.tune.config import Distribution, SweepConfig, with_values
 
 TRIALS_FOLDER = "trials"  # the trials' Train runs: <output_dir>/<name>/trials/trial_<id>/
+IDENTITY_FILE = "sweep.json"  # the sweep and base configs the sweep was started with
+# What a resumed sweep may change: how many trials run at once and their data CPUs, where things are, and the base's
+# resumable keys (its train.epochs never reaches a trial: settings.epochs does).
+SWEEP_RESUMABLE = ("sweep.settings.max_concurrent_trials", "sweep.settings.data_cpus_per_trial", "sweep.storage.",
+                   *(f"base.{key}" for key in RESUMABLE))
+
+
+class SweepFailed(JobError, RuntimeError):
+    """Every trial, or the best one, failed; the message lists the failed trials."""
 
 
 def sweep_location(sweep: SweepConfig) -> Location:
@@ -103,8 +117,23 @@ def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _identity(sweep: SweepConfig, base: Config) -> dict:
+    return {"sweep": sweep.model_dump(mode="json"), "base": base.model_dump(mode="json")}
+
+
+def check_sweep_rerun(sweep: SweepConfig, base: Config, restart: bool = False, printer: Printer = say) -> None:
+    """A sweep folder holds one sweep: rerunning it with other sweep or base values is refused (``restart`` moves
+    the old one aside). Before Ray starts."""
+    location = sweep_location(sweep)
+    marker = location.child(IDENTITY_FILE)
+    saved = json.loads(read_bytes(marker)) if exists(marker) else None
+    check_rerun(location, saved, _identity(sweep, base), restart=restart, resumable_keys=SWEEP_RESUMABLE,
+                name_key="name", printer=printer)
+
+
 def run_sweep(sweep: SweepConfig, base: Config, printer: Printer = say) -> dict:
-    """Run (or resume) the sweep on the connected Ray cluster; write its table, plot and best config."""
+    """Run (or resume) the sweep on the connected Ray cluster; write its table, plot and best config. Raises
+    SweepFailed when every trial or the best one failed (after writing the table)."""
     location = sweep_location(sweep)
     settings = sweep.settings
     trainable = _trainable(sweep, base)
@@ -139,9 +168,18 @@ def run_sweep(sweep: SweepConfig, base: Config, printer: Printer = say) -> dict:
             ),
             run_config=run_config,
         )
+    write_bytes(location.child(IDENTITY_FILE), json.dumps(_identity(sweep, base), indent=2).encode())
     results = tuner.fit()
     table = trials_table(results, sweep)
-    return write_outputs(sweep, base, table, printer)
+    summary = write_outputs(sweep, base, table, printer)
+    failed = table.loc[table["status"] == "failed", "trial"].astype(str).tolist()
+    if failed and (len(failed) == len(table) or table.iloc[0]["status"] == "failed"):
+        which = "every trial" if len(failed) == len(table) else "its best trial"
+        first = results.errors[0]
+        reason = user_error(first) or str(first).strip().splitlines()[-1]
+        raise SweepFailed(f"sweep {sweep.name}: {which} failed ({', '.join(failed)}), the first with: {reason}; "
+                          f"each trial's error.txt under {location.uri} has the whole error")
+    return summary
 
 
 def _default_concurrency(base: Config) -> int:

@@ -1,0 +1,151 @@
+"""Run identity and complete checkpoints: a rerun resumes the same config, resumes with resumable changes saying so,
+or refuses a different training in one line (``--restart`` moves the old run aside); only complete, verified
+checkpoints count, and each partial or corrupt one is named and passed over."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ray_landmark.config import load_config
+from ray_landmark.data.config import StorageConfig
+from ray_landmark.data.storage import resolve
+from ray_landmark.train.checkpoint import (
+    CONFIG_FILE, META_FILE, STATE_FILE, CorruptCheckpoint, Progress, checkpoint_folder, latest_checkpoint,
+    read_checkpoint_at, save_checkpoint,
+)
+from ray_landmark.train.identity import RunConflict, check_rerun, config_differences
+from ray_landmark.train.trainer import load_training_data
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp_path, *overrides):
+    return load_config(REPO / "configs" / "tiny_dolg.yaml", [f"run.output_dir={tmp_path / 'runs'}", *overrides])
+
+
+def _fake_run(run: Path, config: dict, steps=(10, 20)) -> None:
+    """A run folder with one small checkpoint per step (Ray Train's folder names are times, not steps)."""
+    for n, step in enumerate(steps):
+        save_checkpoint(run / f"checkpoint_2026-12-02_00-00-0{n}", state={"w": torch.full((64,), float(step))},
+                        config=config, progress=Progress(epoch=step // 10, step=step, epoch_step=0))
+
+
+def test_config_differences_split_resumable_from_breaking_keys(tmp_path):
+    saved = _config(tmp_path).model_dump(mode="json")
+    same = _config(tmp_path).model_dump(mode="json")
+    assert config_differences(saved, same) == ([], [])
+    resumable = _config(tmp_path, "train.epochs=13", "train.num_workers=4", "train.batch_size=8",
+                        "train.compile=true").model_dump(mode="json")
+    assert config_differences(saved, resumable) == (
+        ["train.batch_size", "train.compile", "train.epochs", "train.num_workers"], [])
+    breaking = _config(tmp_path, "data.image_size=96", "model.dilations=[2,4,6]", "train.epochs=13")
+    assert config_differences(saved, breaking.model_dump(mode="json")) == (
+        ["train.epochs"], ["data.image_size", "model.dilations"])
+
+
+def test_a_rerun_resumes_an_identical_config_silently_and_a_resumable_change_in_one_line(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    _fake_run(tmp_path / "runs" / cfg.run.name, cfg.model_dump(mode="json"))
+    run = resolve(str(tmp_path / "runs" / cfg.run.name))
+    lines = []
+    check_rerun(run, cfg.model_dump(mode="json"), cfg.model_dump(mode="json"), restart=False, printer=lines.append)
+    assert lines == []
+    more = _config(tmp_path, "train.epochs=13", "train.num_workers=4").model_dump(mode="json")
+    check_rerun(run, cfg.model_dump(mode="json"), more, restart=False, printer=lines.append)
+    assert lines == [f"[run] resuming {run.uri} with changed settings: train.epochs 2 -> 13, "
+                     f"train.num_workers 1 -> 4"]
+
+
+def test_a_breaking_change_is_refused_before_ray_starts_and_restart_moves_the_run_aside(gldv2_local, tmp_path):
+    cfg = _config(tmp_path, f"data.root={gldv2_local}")
+    run = tmp_path / "runs" / cfg.run.name
+    _fake_run(run, cfg.model_dump(mode="json"))
+    changed = [f"data.root={gldv2_local}", "data.image_size=96", "model.dilations=[2,4,6]", "train.epochs=13"]
+    with pytest.raises(RunConflict, match=(
+            r"was made with another config \(data.image_size 64 -> 96, model.dilations \[1, 2, 3\] -> "
+            r"\[2, 4, 6\]\); resuming it would mix two configs: choose a new run.name, or pass --restart")):
+        load_training_data(_config(tmp_path, *changed))
+    assert latest_checkpoint(resolve(str(run))).progress.step == 20  # untouched
+
+    # The job: one line, exit 1, before Ray starts; nothing written.
+    job = subprocess.run(
+        [sys.executable, "jobs/train.py", "--config", "configs/tiny_dolg.yaml",
+         f"--set=run.output_dir={tmp_path / 'runs'}", *(f"--set={o}" for o in changed)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert job.returncode == 1 and job.stderr.strip().splitlines()[-1].startswith(f"error: {run} was made with "
+                                                                                  f"another config"), job.stderr
+    assert "[ray]" not in job.stdout
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [cfg.run.name]
+
+    lines = []
+    check_rerun(resolve(str(run)), cfg.model_dump(mode="json"), _config(tmp_path, *changed).model_dump(mode="json"),
+                restart=True, printer=lines.append)
+    aside = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith(f"{cfg.run.name}.replaced-")]
+    assert len(aside) == 1 and not run.exists()
+    assert lines == [f"[run] --restart: {run} moved to {aside[0]}; starting afresh"]
+    assert latest_checkpoint(resolve(str(aside[0]))).progress.step == 20  # moved, never deleted
+
+
+def test_restart_moves_a_run_aside_in_a_bucket_too(s3, tmp_path):
+    storage = StorageConfig(endpoint_url=s3.endpoint_url)
+    bucket = s3.create_bucket("identity-restart")
+    local = tmp_path / "run"
+    _fake_run(local, {"model": {"arch": "dolg"}})
+    run = resolve(f"{bucket}/runs/r1", storage)
+    import pyarrow.fs as pafs
+    pafs.copy_files(str(local), run.path, destination_filesystem=run.fs)
+    check_rerun(run, {"model": {"arch": "dolg"}}, {"model": {"arch": "hybrid_swin"}}, restart=True,
+                printer=lambda line: None)
+    assert latest_checkpoint(run) is None
+    moved = [i.path for i in run.fs.get_file_info(pafs.FileSelector(f"{run.path.rsplit('/', 1)[0]}"))]
+    assert len(moved) == 1 and moved[0].rsplit("/", 1)[1].startswith("r1.replaced-")
+    assert latest_checkpoint(resolve(f"s3://{moved[0]}", storage)).progress.step == 20
+
+
+@pytest.mark.parametrize("damage", ["truncated state", "truncated meta", "missing meta", "missing state",
+                                    "altered state"])
+def test_the_newest_complete_verified_checkpoint_is_chosen_and_a_damaged_one_is_named(tmp_path, damage):
+    run = tmp_path / "run"
+    _fake_run(run, {"run": {"name": "r"}})
+    newest = run / "checkpoint_2026-12-02_00-00-01"
+    state = newest / STATE_FILE
+    if damage == "truncated state":
+        state.write_bytes(state.read_bytes()[:100])
+    elif damage == "truncated meta":
+        (newest / META_FILE).write_text((newest / META_FILE).read_text()[:30])
+    elif damage == "missing meta":
+        (newest / META_FILE).unlink()
+    elif damage == "missing state":
+        state.unlink()
+    else:
+        data = bytearray(state.read_bytes())
+        data[-10] ^= 0xFF
+        state.write_bytes(bytes(data))
+    lines = []
+    latest = latest_checkpoint(resolve(str(run)), printer=lines.append)
+    assert latest.progress.step == 10 and latest.folder.path.endswith("00-00-00")
+    if damage == "missing meta":  # never a checkpoint: meta.json is what marks one
+        assert lines == []
+    else:
+        assert len(lines) == 1 and lines[0].startswith(f"[checkpoint] WARNING checkpoint {newest}: ")
+        assert lines[0].endswith("; passed over")
+    # Every consumer goes through it: a run folder's checkpoint, its weights, its config.
+    assert checkpoint_folder(str(run), printer=lambda line: None).path == latest.folder.path
+    assert read_checkpoint_at(str(run)).state["w"][0].item() == 10.0
+
+
+def test_a_run_with_only_damaged_checkpoints_is_an_error_naming_it(tmp_path):
+    run = tmp_path / "run"
+    _fake_run(run, {}, steps=(10,))
+    (run / "checkpoint_2026-12-02_00-00-00" / CONFIG_FILE).write_text("{")
+    meta = json.loads((run / "checkpoint_2026-12-02_00-00-00" / META_FILE).read_text())
+    assert meta["sizes"][CONFIG_FILE] > 1  # the size check catches the truncated config first
+    with pytest.raises(CorruptCheckpoint, match=f"{run}: neither a checkpoint folder .* nor a run with a complete"):
+        checkpoint_folder(str(run), printer=lambda line: None)
