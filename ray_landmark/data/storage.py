@@ -144,11 +144,17 @@ def read_bytes(loc: Location, tries: int = 3) -> bytes:
 
 
 def write_bytes(loc: Location, data: bytes) -> None:
-    parent = loc.path.rsplit("/", 1)[0]
-    if not loc.is_s3:
-        loc.fs.create_dir(parent, recursive=True)
-    with loc.fs.open_output_stream(loc.path) as f:
+    """Write a file in one piece, so that a file that exists is complete: an S3 PUT is atomic; a local file is
+    written beside its place and renamed into it."""
+    if loc.is_s3:
+        with loc.fs.open_output_stream(loc.path) as f:
+            f.write(data)
+        return
+    loc.fs.create_dir(loc.path.rsplit("/", 1)[0], recursive=True)
+    partial = f"{loc.path}.partial-{os.getpid()}"
+    with loc.fs.open_output_stream(partial) as f:
         f.write(data)
+    os.replace(partial, loc.path)
 
 
 def exists(loc: Location) -> bool:

@@ -135,18 +135,13 @@ def _shard_file(folder: Location, shard: str) -> Location:
 
 
 def _write_parquet(loc: Location, ids: list[str], embeddings: np.ndarray) -> None:
-    """One shard's rows; written in one piece (a local file through a rename), so a file that exists is complete."""
+    """One shard's rows, written in one piece (``write_bytes``): a file that exists is complete."""
     flat = pa.array(embeddings.reshape(-1), pa.float16())
     table = pa.table({"id": pa.array(ids, pa.string()),
                       "embedding": pa.FixedSizeListArray.from_arrays(flat, embeddings.shape[1])})
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    if loc.is_s3:
-        write_bytes(loc, buf.getvalue())  # an S3 PUT is atomic
-    else:
-        partial = loc.path + ".partial"
-        write_bytes(Location(partial, loc.fs, partial), buf.getvalue())
-        os.replace(partial, loc.path)
+    write_bytes(loc, buf.getvalue())
 
 
 def _rows(loc: Location) -> int:
