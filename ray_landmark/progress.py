@@ -83,6 +83,14 @@ class ProgressLine:
         self.printer(self.line(extra), False)
 
 
+def on_this_node() -> dict:
+    """Actor options that keep a job's small bookkeeping actors (the console relay, the sample counter) on the node of
+    the process that creates them: they live and die with the driver, not with a worker node that may be lost."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+
+
 @ray.remote(num_cpus=0)
 class ConsoleRelay:
     """Lines posted by workers, in order, until the driver drains them."""

@@ -36,6 +36,7 @@ from ray_landmark.data.metadata import NOT_IN_VIEW, UNKNOWN_ID, LabelLookup, Man
 from ray_landmark.data.storage import Location, list_files, resolve, with_retries
 from ray_landmark.data.transforms import CorruptImage, Preprocessing, TrainAugmentation, augment_hwc, decode_resized
 from ray_landmark.data.worker_decode import CorruptBatch, TrainBatchDecoder, WorkerDecoder
+from ray_landmark.progress import on_this_node
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ def stream_shards(
     loc, paths = shard_paths(cfg, split)
     if only_shards is not None:
         paths = [p for p in paths if os.path.basename(p) in only_shards]
-    counter = SampleCounter.remote()
+    counter = SampleCounter.options(**on_this_node()).remote()
     datasource = GLDv2TarDatasource(
         paths,
         location=loc,

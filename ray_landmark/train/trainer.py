@@ -19,7 +19,7 @@ from ray_landmark.config_base import ConfigError
 from ray_landmark.data.metadata import LabelLookup, open_manifest
 from ray_landmark.data.pipeline import decodes_in_worker, eval_stream, train_stream
 from ray_landmark.data.storage import exists, resolve
-from ray_landmark.progress import ConsoleRelay, interactive, run_printing_relay, say
+from ray_landmark.progress import ConsoleRelay, interactive, on_this_node, run_printing_relay, say
 from ray_landmark.train.checkpoint import latest_checkpoint, run_location
 from ray_landmark.train.identity import check_rerun
 from ray_landmark.train.loop import train_loop_per_worker
@@ -95,7 +95,7 @@ def fit(
     ``train_dataset`` replaces the streamed shards (the benchmarks feed in-memory batches through it); ``callbacks``
     are Ray Train UserCallbacks (a sweep's TuneReportCallback)."""
     data = data or load_training_data(cfg)
-    console = ConsoleRelay.remote()
+    console = ConsoleRelay.options(**on_this_node()).remote()
     trainer = build_trainer(cfg, data, console, on_step=on_step, train_dataset=train_dataset, callbacks=callbacks)
     try:
         return run_printing_relay(trainer.fit, console)
