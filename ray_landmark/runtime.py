@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import ray
 import ray.data
@@ -52,6 +53,7 @@ def init_ray(local_cpus: int | None = None) -> None:
                        f"--working-dir . -- python jobs/...`, or unset RAY_ADDRESS to run it on a local Ray")
     if ray.is_initialized():
         _quiet_ray_console()
+        _keep_token_private()
         return
     common = dict(log_to_driver=False, logging_level=logging.WARNING)
     if address:
@@ -69,10 +71,19 @@ def init_ray(local_cpus: int | None = None) -> None:
             **common,
         )
     _quiet_ray_console()
+    _keep_token_private()
     global _session_logs
     _session_logs = logs = os.path.join(context.address_info.get("session_dir", ""), "logs")
     say(f"[ray] {'joined ' + os.environ['RAY_ADDRESS'] if os.environ.get('RAY_ADDRESS') else 'local Ray started'}; "
         f"Ray's logs: {logs}")
+
+
+def _keep_token_private() -> None:
+    """Ray's token (``~/.ray/auth_token``, made on first use or by ``ray get-auth-token --generate``) is a password:
+    readable by its owner only."""
+    token = Path.home() / ".ray" / "auth_token"
+    if token.is_file() and token.stat().st_mode & 0o077:
+        token.chmod(0o600)
 
 
 def ray_logs_folder() -> str | None:

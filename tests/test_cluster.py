@@ -65,12 +65,24 @@ def test_cluster_yaml_passes_rays_own_validation():
     assert all("IamInstanceProfile" in t["node_config"] for t in types.values())
     assert any(t["node_config"].get("InstanceMarketOptions") == {"MarketType": "spot"} for t in types.values())
     assert any(t["node_config"]["InstanceType"] == "p4d.24xlarge" and t["max_workers"] > 0 for t in types.values())
-    # Ray pinned to the project's version; the object store's shared memory sized on every node type.
-    assert config["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-py3")
+    # The project's own image, tagged by its commit; the object store's shared memory sized on every node type.
+    assert config["docker"]["image"] == "REGISTRY/ray-landmark:REPLACE_WITH_IMAGE_TAG"
     assert any(o.startswith("--shm-size=") for o in config["docker"]["head_run_options"])
     workers = [t for name, t in types.items() if name != config["head_node_type"]]
     assert all(any(o.startswith("--shm-size=") for o in t["docker"]["worker_run_options"]) for t in workers)
-    assert any('[gpu]"' in command for command in config["setup_commands"])
+    assert not any("pip install" in command for command in config["setup_commands"])  # all in the image
+
+
+def test_the_image_builds_on_the_projects_ray_with_every_package_at_its_locked_version():
+    dockerfile = (REPO / "k8s" / "Dockerfile").read_text()
+    assert f"ARG BASE=rayproject/ray:{ray.__version__}-py311-gpu\nFROM ${{BASE}}\n" in dockerfile
+    installs = [line for line in dockerfile.splitlines() if "pip install" in line]
+    assert installs and all("-c /tmp/ray_landmark/constraints.txt" in line for line in installs)
+    assert '"/tmp/ray_landmark[gpu]"' in dockerfile
+    assert "-c constraints.txt" in (REPO / "scripts" / "setup_venv.sh").read_text()
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert pins["ray"] == ray.__version__ and {"torch", "timm", "pyarrow", "pandas", "faiss-cpu"} <= set(pins)
 
 
 def _open_to_the_internet(rule: dict) -> bool:
@@ -79,16 +91,21 @@ def _open_to_the_internet(rule: dict) -> bool:
     )
 
 
-def test_only_ssh_is_open_to_the_internet_and_every_ray_node_requires_the_token():
-    from ray.autoscaler._private.aws.config import _create_default_inbound_rules
+def test_only_ssh_is_open_and_only_from_the_guides_cidr_and_every_ray_node_requires_the_token():
+    from ray.autoscaler._private.aws.config import _configure_security_group
 
     config = _prepared_cluster_config()
-    # The launcher then creates the security group itself, from exactly the rules checked below.
-    assert not any("SecurityGroupIds" in t["node_config"] for t in config["available_node_types"].values())
-    extra_rules = config["provider"].get("security_group", {}).get("IpPermissions", [])
-    rules = _create_default_inbound_rules({"sg-of-the-cluster"}, extra_rules)
-    exposed = [r for r in rules if _open_to_the_internet(r)]
-    assert exposed and all((r["IpProtocol"], r["FromPort"], r["ToPort"]) == ("tcp", 22, 22) for r in exposed), exposed
+    # Every node type names the security group of the guide's step 2: the launcher's own step then creates and
+    # opens nothing (its default group would admit SSH from anywhere).
+    groups = {tuple(t["node_config"]["SecurityGroupIds"]) for t in config["available_node_types"].values()}
+    assert groups == {("REPLACE_WITH_SECURITY_GROUP_ID",)}
+    assert _configure_security_group(json.loads(json.dumps(config))) == config
+    # Step 2 opens port 22 to SSH_CIDR and everything to the group itself, nothing else; the placeholder is no CIDR.
+    guide = (REPO / "docs" / "cluster.md").read_text()
+    rules = re.findall(r"authorize-security-group-ingress --region \S+ --group-id \$SG (.*)", guide)
+    assert rules == ["--protocol tcp --port 22 --cidr $SSH_CIDR", "--protocol -1 --source-group $SG"], rules
+    cidr = re.search(r"^SSH_CIDR=(\S+)", guide, re.M).group(1)
+    assert cidr == "REPLACE_WITH_YOUR_CIDR" and cidr not in THE_INTERNET
     docker_options = [*config["docker"]["run_options"], *config["docker"].get("head_run_options", []),
                       *[o for t in config["available_node_types"].values()
                         for o in t.get("docker", {}).get("worker_run_options", [])]]
@@ -210,8 +227,9 @@ def test_the_kuberay_job_has_a_gpu_worker_group_shared_memory_token_auth_and_a_b
     assert all(cfg.train.num_workers == 8 and cfg.train.use_gpu for cfg in steps)
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
-    # The image is built on the same Ray image as cluster.yaml's nodes.
-    assert f"FROM {_prepared_cluster_config()['docker']['image']}\n" in (REPO / "k8s" / "Dockerfile").read_text()
+    # The same image as cluster.yaml's nodes.
+    assert _prepared_cluster_config()["docker"]["image"] in {
+        c["image"] for group in groups for c in group["template"]["spec"]["containers"]}
     for group in groups:
         pod = group["template"]["spec"]
         assert pod["serviceAccountName"] == account["metadata"]["name"]
@@ -343,3 +361,35 @@ def test_ray_job_submit_runs_a_training_job_from_the_working_dir_on_a_token_auth
         assert "eu-north-1" in shown and CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in shown
     finally:
         _stop_cluster(head, temp_dir)
+
+
+def test_the_heads_ec2_rights_are_limited_to_the_clusters_tagged_instances():
+    guide = (REPO / "docs" / "cluster.md").read_text()
+    assert "AmazonEC2FullAccess" not in guide
+    policy = json.loads(re.search(r"cat > head-ec2.json <<'EOF'\n(.*?)\nEOF", guide, re.S).group(1))
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())["cluster_name"]
+    for statement in policy["Statement"]:
+        actions = [statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"]
+        resources = [statement["Resource"]] if isinstance(statement["Resource"], str) else statement["Resource"]
+        mutating = [a for a in actions if not a.startswith("ec2:Describe")]
+        assert all(a.startswith("ec2:") for a in actions)
+        if not mutating:
+            continue
+        on_instances = any(":instance/" in r or r == "*" for r in resources)
+        condition = statement.get("Condition", {}).get("StringEquals", {})
+        if on_instances:  # launching, tagging, stopping or ending an instance: this cluster's only
+            assert condition.get("aws:RequestTag/ray-cluster-name") == cluster or condition.get(
+                "aws:ResourceTag/ray-cluster-name") == cluster or condition == {"ec2:CreateAction": "RunInstances"}, \
+                statement["Sid"]
+        else:  # what a launch uses (image, subnet, group, key, disk, interface): RunInstances only
+            assert mutating == ["ec2:RunInstances"] and "*" not in resources, statement["Sid"]
+
+
+def test_a_local_ray_leaves_its_token_readable_by_its_owner_only(ray_session):
+    from ray_landmark.runtime import init_ray
+
+    token = Path.home() / ".ray" / "auth_token"
+    assert token.exists()
+    token.chmod(0o644)  # as `ray get-auth-token --generate` may leave it
+    init_ray()
+    assert token.stat().st_mode & 0o777 == 0o600
