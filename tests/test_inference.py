@@ -64,6 +64,8 @@ def test_embed_writes_every_image_of_each_split_once_and_a_rerun_embeds_only_mis
     lines.clear()
     embed_splits(request, printer=lambda line, transient=False: lines.append(line))
     assert not any("shards to embed" in line for line in lines)
+    assert any(line.startswith("[embed] dolg: every shard of test, index, train was embedded earlier with ")
+               and line.endswith("; reused") for line in lines), lines
 
 
 @pytest.mark.slow

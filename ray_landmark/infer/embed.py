@@ -246,6 +246,9 @@ def embed_splits(request: EmbedRequest, printer: Printer = say) -> dict[str, dic
                 for key, n in split_counts.items():
                     counts[split][key] += n
         line.close()
+    else:
+        printer(f"[embed] {name}: every shard of {', '.join(request.splits)} was embedded earlier with "
+                f"{request.checkpoint}; reused")
     return {split: _verify(out.child(split), expected[split], counts[split], split, printer)
             for split in request.splits}
 
