@@ -135,6 +135,7 @@ class DamagedSet:
     good_samples: list[tuple[str, int]]  # (id, class) of every full-view image that can arrive, sorted
     view_rows: int  # the full view's images (shards verified), one of them cut off in its shard
     skips: dict[str, int]  # what a train stream of it counts, by reason
+    corrupt_id: str  # the image whose JPEG is corrupt (found when decoding)
 
 
 @pytest.fixture
@@ -182,4 +183,4 @@ def damaged_gldv2(gldv2_local, tmp_path) -> DamagedSet:
     good = sorted((i, int(c)) for i, c in zip(gldv2.u64_to_ids(view["id"].to_numpy()), view["class"])
                   if i not in dropped)
     skips = {"not_jpeg": 2, "empty_member": 1, "corrupt_jpeg": 1, "truncated_tar": 1, "unknown_id": 1}
-    return DamagedSet(str(root), good, len(view), skips)
+    return DamagedSet(str(root), good, len(view), skips, known_id)
