@@ -11,9 +11,8 @@ import argparse
 
 from ray_landmark.cli import run_job
 from ray_landmark.data.config import StorageConfig
-from ray_landmark.data.gldv2 import SPLITS
 from ray_landmark.data.metadata import prepare_manifests
-from ray_landmark.data.shard_members import split_shard_index
+from ray_landmark.data.shard_members import dataset_shard_index
 from ray_landmark.data.storage import resolve
 
 
@@ -31,7 +30,7 @@ def main() -> None:
     write = StorageConfig(endpoint_url=args.endpoint_url, region=args.region)
     out = args.out or args.root.rstrip("/") + "/manifest"
     root = resolve(args.root, read)
-    shard_index = {split: split_shard_index(root.child(split)) for split in SPLITS} if args.verify_shards else None
+    shard_index = dataset_shard_index(root) if args.verify_shards else None
     summary = prepare_manifests(root, resolve(out, write), shard_index=shard_index)
     print(f"wrote manifests to {out}: {summary}")
 

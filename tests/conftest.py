@@ -14,7 +14,7 @@ from PIL import Image
 from ray_landmark.data import gldv2
 
 from ray_landmark.data.metadata import open_manifest, prepare_manifests
-from ray_landmark.data.shard_members import split_shard_index
+from ray_landmark.data.shard_members import dataset_shard_index
 from ray_landmark.data.storage import resolve
 from ray_landmark.data.config import DataConfig, SyntheticSpec
 from ray_landmark.data.synthetic import write_synthetic_gldv2
@@ -62,8 +62,7 @@ def ray_session(s3):
 def _prepare_indexed(root) -> None:
     """The manifests of the dataset under ``root`` with the shard index, as ``prepare_gldv2.py --verify-shards``
     writes them: every stream of the tests reads by ranged requests unless it turns ``data.ranged_reads`` off."""
-    shard_index = {split: split_shard_index(root.child(split), progress=None) for split in gldv2.SPLITS}
-    prepare_manifests(root, root.child("manifest"), progress=None, shard_index=shard_index)
+    prepare_manifests(root, root.child("manifest"), progress=None, shard_index=dataset_shard_index(root, progress=None))
 
 
 def _synthetic_gldv2(spec: SyntheticSpec, root) -> str:

@@ -155,7 +155,7 @@ def test_verify_shards_counts_only_images_the_shards_hold(gldv2_local, tmp_path)
     import shutil
     import tarfile
 
-    from ray_landmark.data.shard_members import image_ids, split_shard_index
+    from ray_landmark.data.shard_members import dataset_shard_index, image_ids
 
     root = tmp_path / "copy"
     shutil.copytree(gldv2_local, root, ignore=shutil.ignore_patterns("manifest"))
@@ -166,7 +166,7 @@ def test_verify_shards_counts_only_images_the_shards_hold(gldv2_local, tmp_path)
     shard.write_bytes(gldv2.pack_tar(members[3:]))
     loc = resolve(str(root))
 
-    shard_index = {split: split_shard_index(loc.child(split), progress=None) for split in gldv2.SPLITS}
+    shard_index = dataset_shard_index(loc, progress=None)
     assert not set(gldv2.u64_to_ids(image_ids(shard_index["train"]))) & removed
     summary = prepare_manifests(loc, loc.child("manifest"), progress=None, shard_index=shard_index)
 

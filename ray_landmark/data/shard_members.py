@@ -74,6 +74,11 @@ def split_shard_index(split: Location, threads: int = 32, tries: int = 3, progre
     return pd.concat(found, ignore_index=True)
 
 
+def dataset_shard_index(root: Location, progress=print) -> dict[str, pd.DataFrame]:
+    """Split -> shard index of every split of the GLDv2 under ``root``: ``prepare_manifests``'s ``shard_index``."""
+    return {split: split_shard_index(root.child(split), progress=progress) for split in gldv2.SPLITS}
+
+
 def image_ids(index: pd.DataFrame) -> np.ndarray:
     """Sorted unique uint64 ids of the images a shard index lists."""
     return np.unique(index.loc[index["name"] == "", "id"].to_numpy(np.uint64))
