@@ -261,7 +261,7 @@ class Manifest:
     ) -> tuple[LabelLookup, LabelLookup]:
         """Lookups of a per-epoch validation subset, over every test and index id of the CSVs: scored test images
         (Usage not Ignored) and index images (those relevant to the chosen queries first) map to SELECTED, the rest to
-        NOT_IN_VIEW, which the read tasks drop before reading their bytes."""
+        NOT_IN_VIEW, which the read tasks drop (without fetching their bytes where the split has a shard index)."""
         recognition = self.recognition()
         scored = recognition.loc[recognition["usage"] != "Ignored", "id"]
         if max_queries and max_queries < len(scored):
