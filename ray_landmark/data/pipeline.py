@@ -7,7 +7,7 @@ How a read task reads its tar: where the manifest has the split's shard index (`
 --verify-shards``; ``shard_members.py``) and ``data.ranged_reads`` is on, it fetches only the members the stream needs,
 by ranged requests, neighbours closer than ``data.range_gap_bytes`` in one request; members outside the view cost
 nothing. Without an index it streams the whole tar and drops the members outside the view after their bytes have come
-in (say, under GLDv2c, about 60 % of GLDv2's train bytes). Both give the same rows, counts and per-epoch shard order;
+in (under GLDv2c, about 60 % of GLDv2's train bytes). Both give the same rows, counts and per-epoch shard order;
 each task reports the bytes it read.
 
 With ``data.decode: gpu`` (or ``worker``, or ``auto`` on GPU workers) the stream stops after the read stage and each
@@ -43,9 +43,9 @@ from ray_landmark.data.config import DataConfig
 from ray_landmark.data.metadata import NOT_IN_VIEW, UNKNOWN_ID, LabelLookup, Manifest, open_manifest
 from ray_landmark.data.shard_members import image_id_of
 from ray_landmark.data.storage import Location, list_files, resolve, with_retries
-from ray_landmark.progress import say
 from ray_landmark.data.transforms import CorruptImage, Preprocessing, TrainAugmentation, augment_hwc, decode_resized
 from ray_landmark.data.worker_decode import CorruptBatch, TrainBatchDecoder, WorkerDecoder
+from ray_landmark.progress import say
 
 log = logging.getLogger(__name__)
 
