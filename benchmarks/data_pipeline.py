@@ -381,21 +381,25 @@ def main() -> None:
         # Round robin, one pass of each path per round, so that a busy spell on the shared machine hits them alike;
         # round 0 warms up (worker processes start); each path's steady rate is its best later pass.
         passes: dict[str, list[dict]] = {name: [] for name in passes_of}
+        workers_started: list[float] = []  # during the first pass from S3, seconds after it began
         for round_ in range(ROUNDS):
             for name, one_pass in passes_of.items():
                 passes[name].append(timed_pass(one_pass(), server_pid))
+                if round_ == 0 and name == "ray_s3":
+                    run = passes[name][-1]
+                    workers_started = [t - run["started"] for t in ray_worker_start_times()
+                                       if run["started"] <= t <= run["started"] + run["seconds"]]
                 print(f"round {round_}: {name} {passes[name][-1]['images_per_s']:.1f} img/s, S3 server "
                       f"{passes[name][-1]['server_cpu_s']:.2f} CPU-s")
         steady = {name: max(runs[1:], key=lambda run: run["images_per_s"]) for name, runs in passes.items()}
         cold = passes["ray_s3"][0]
-        workers_started = [t - cold["started"] for t in ray_worker_start_times() if t >= cold["started"]]
         first_pass = {
             "seconds": round(cold["seconds"], 2),
             "images_per_s": round(cold["images_per_s"], 1),
             "steady_seconds_for_the_same_images": round(cold["images"] / steady["ray_s3"]["images_per_s"], 2),
             "first_batch_s": round(cold["first_batch_s"], 2),
             "steady_first_batch_s": round(steady["ray_s3"]["first_batch_s"], 2),
-            "ray_workers_started_during_it": len(workers_started),
+            "ray_workers_started_during_it_and_alive_at_its_end": len(workers_started),
             "last_ray_worker_started_after_s": round(max(workers_started), 2) if workers_started else None,
             "import_seconds_per_fresh_worker": imports,
             "seconds_from_ray_init_to_it": round(cold["started"] - ray_started, 2),
@@ -495,6 +499,13 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
+def _workers_text(first: dict) -> str:
+    if first.get("ray_workers_started_during_it_and_alive_at_its_end") is None:
+        return "(the Ray workers started during it were not counted in this run) "
+    return (f"{first['ray_workers_started_during_it_and_alive_at_its_end']} Ray worker processes started during it "
+            f"(and were still there at its end), the last {first['last_ray_worker_started_after_s']} s in; ")
+
+
 def _default_text(payload: dict) -> str:
     """Why the defaults are what they are, from this run's numbers."""
     ratios, bytes_read, gaps = payload["ratios"], payload["bytes_read"], payload["range_gap_bytes_gldv2c"]
@@ -564,7 +575,7 @@ Every number comes from one run. **The machine is shared**: other sessions ran t
 average {setup['load_average_at_start']} when the run started, {setup['load_average_at_end']} when it ended), so
 rates move from pass to pass (all passes are listed). The paths ran round robin, one pass of each per round,
 {setup['rounds']} rounds, so that a busy spell hits them alike; each rate is the path's best pass after the first, and
-the comparisons are ratios of rates measured side by side.
+the comparisons are ratios of rates measured side by side.{"".join(chr(10) + chr(10) + "**Note on this run.** " + n for n in payload.get("notes", []))}
 
 ### Throughput, each path from the same sources
 
@@ -573,7 +584,9 @@ the comparisons are ratios of rates measured side by side.
 (a) the ceiling is {cores} cores × the best images per CPU-second of plain loops doing the same work over JPEGs
 already in memory (one thread per process, 1 … {cores + 1} processes sharing the work chunk by chunk): no pipeline
 doing that work on these cores can beat it, and unlike a wall-clock rate it does not drop when other programs take
-cores. Plain loops, wall clock images/s (best images per CPU-second: {", ".join(f"{w} {r}" for w, r in per_cpu_second.items())}):
+cores. When the machine runs short of memory, Ray's memory monitor kills worker processes: the passes that replace
+them are slower, and the CPU of processes that ended during a pass leaves their group (a negative figure in the last
+table). Plain loops, wall clock images/s (best images per CPU-second: {", ".join(f"{w} {r}" for w, r in per_cpu_second.items())}):
 
 {plain_table}
 
@@ -613,8 +626,7 @@ members into one request, reading the members in between too:
 
 The first pass of Ray Data from S3 ran at {first['images_per_s']} images/s: {first['seconds']} s for what a steady
 pass does in {first['steady_seconds_for_the_same_images']} s. Its first batch came after {first['first_batch_s']} s
-({first['steady_first_batch_s']} s in the steady pass); {first['ray_workers_started_during_it']} Ray worker processes
-started during it, the last {first['last_ray_worker_started_after_s']} s in, and each fresh worker first imports the
+({first['steady_first_batch_s']} s in the steady pass); {_workers_text(first)}each fresh worker first imports the
 pipeline's modules (Ray, pyarrow, torch, PIL): {first['import_seconds_per_fresh_worker']} s in a new interpreter here.
 The pass began {first['seconds_from_ray_init_to_it']} s after `ray.init`.
 
