@@ -1,4 +1,5 @@
-"""Write a synthetic GLDv2 (same files and columns as the real one) to a folder or bucket, then its manifests.
+"""Write a synthetic GLDv2 (same files and columns as the real one) to a folder or bucket, then its manifests with
+the shard index (as jobs/prepare_gldv2.py --verify-shards writes them).
 
     python jobs/make_synthetic_gldv2.py --out /tmp/gldv2-synthetic --set width=640 --set height=480
 """
@@ -9,6 +10,7 @@ from ray_landmark.cli import run_job
 from ray_landmark.config import config_from_dict, parse_override
 from ray_landmark.data.config import StorageConfig
 from ray_landmark.data.metadata import prepare_manifests
+from ray_landmark.data.shard_members import dataset_shard_index
 from ray_landmark.data.storage import resolve
 from ray_landmark.data.synthetic import SyntheticSpec, write_synthetic_gldv2
 
@@ -25,7 +27,7 @@ def main() -> None:
     spec = config_from_dict(dict(parse_override(o) for o in args.overrides), "--set", SyntheticSpec)
     root = resolve(args.out, StorageConfig(endpoint_url=args.endpoint_url))
     write_synthetic_gldv2(spec, root)
-    prepare_manifests(root, root.child("manifest"))
+    prepare_manifests(root, root.child("manifest"), shard_index=dataset_shard_index(root))
 
 
 if __name__ == "__main__":

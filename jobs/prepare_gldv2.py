@@ -3,16 +3,16 @@
     python jobs/prepare_gldv2.py --root s3://google-landmark --out s3://my-bucket/gldv2/manifest --anonymous \
         [--verify-shards]
 --verify-shards lists the members of every tar (headers only) so that class counts and steps per epoch count only
-images that exist, and reports metadata rows without images and images without rows.
+images that exist, reports metadata rows without images and images without rows, and writes each split's shard index
+(where every member's bytes are), from which training and embedding read only the images they use.
 """
 
 import argparse
 
 from ray_landmark.cli import run_job
 from ray_landmark.data.config import StorageConfig
-from ray_landmark.data.gldv2 import SPLITS
 from ray_landmark.data.metadata import prepare_manifests
-from ray_landmark.data.shard_members import split_image_ids
+from ray_landmark.data.shard_members import dataset_shard_index
 from ray_landmark.data.storage import resolve
 
 
@@ -23,15 +23,15 @@ def main() -> None:
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, moto); default AWS")
     parser.add_argument("--region", default="us-east-1")
     parser.add_argument("--anonymous", action="store_true", help="read the root without credentials (public bucket)")
-    parser.add_argument("--verify-shards", action="store_true", help="count only images the tar shards hold")
+    parser.add_argument("--verify-shards", action="store_true", help="count only images the tar shards hold; write the shard index")
     args = parser.parse_args()
     read = StorageConfig(endpoint_url=args.endpoint_url, region=args.region, anonymous=args.anonymous)
     # Writing always needs credentials, even when the source is a public bucket.
     write = StorageConfig(endpoint_url=args.endpoint_url, region=args.region)
     out = args.out or args.root.rstrip("/") + "/manifest"
     root = resolve(args.root, read)
-    shard_ids = {split: split_image_ids(root.child(split)) for split in SPLITS} if args.verify_shards else None
-    summary = prepare_manifests(root, resolve(out, write), shard_ids=shard_ids)
+    shard_index = dataset_shard_index(root) if args.verify_shards else None
+    summary = prepare_manifests(root, resolve(out, write), shard_index=shard_index)
     print(f"wrote manifests to {out}: {summary}")
 
 

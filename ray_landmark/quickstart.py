@@ -17,7 +17,8 @@ import ray
 
 from ray_landmark.config import Config
 from ray_landmark.data.metadata import open_manifest, prepare_manifests
-from ray_landmark.data.pipeline import SKIP_REASONS, eval_stream, train_stream
+from ray_landmark.data.pipeline import BYTES_READ, SKIP_REASONS, eval_stream, train_stream
+from ray_landmark.data.shard_members import dataset_shard_index
 from ray_landmark.data.storage import resolve
 from ray_landmark.infer.config import EnsembleConfig
 from ray_landmark.infer.ensemble import metrics_text, run_ensemble
@@ -37,7 +38,9 @@ def prepare_dataset(cfg: Config, server: LocalS3Server) -> dict:
     server.create_bucket(bucket)
     root = resolve(cfg.data.root, cfg.data.storage)
     summary = write_synthetic_gldv2(cfg.synthetic or SyntheticSpec(), root)
-    summary["manifest"] = prepare_manifests(root, resolve(cfg.data.manifest_uri, cfg.data.storage))
+    # With the shard index (prepare_gldv2.py --verify-shards), so that the streams read only the images they use.
+    summary["manifest"] = prepare_manifests(root, resolve(cfg.data.manifest_uri, cfg.data.storage),
+                                            shard_index=dataset_shard_index(root))
     return summary
 
 
@@ -69,6 +72,7 @@ def stream_epoch(cfg: Config, batch_size: int) -> dict:
         "epoch_seconds": round(seconds, 2),
         "skipped": {r: counts.get(r, 0) for r in SKIP_REASONS},
         "not_in_view": counts.get("not_in_view", 0),
+        "bytes_read": counts.get(BYTES_READ, 0),
         "test_images_streamed": test_images,
     }
 

@@ -14,6 +14,7 @@ from PIL import Image
 from ray_landmark.data import gldv2
 
 from ray_landmark.data.metadata import open_manifest, prepare_manifests
+from ray_landmark.data.shard_members import dataset_shard_index
 from ray_landmark.data.storage import resolve
 from ray_landmark.data.config import DataConfig, SyntheticSpec
 from ray_landmark.data.synthetic import write_synthetic_gldv2
@@ -58,10 +59,16 @@ def ray_session(s3):
     ray.shutdown()
 
 
+def _prepare_indexed(root) -> None:
+    """The manifests of the dataset under ``root`` with the shard index, as ``prepare_gldv2.py --verify-shards``
+    writes them: every stream of the tests reads by ranged requests unless it turns ``data.ranged_reads`` off."""
+    prepare_manifests(root, root.child("manifest"), progress=None, shard_index=dataset_shard_index(root, progress=None))
+
+
 def _synthetic_gldv2(spec: SyntheticSpec, root) -> str:
-    """Write the dataset and its manifests under ``root``; returns the root URI."""
+    """Write the dataset and its manifests (with the shard index) under ``root``; returns the root URI."""
     write_synthetic_gldv2(spec, root, progress=None)
-    prepare_manifests(root, root.child("manifest"), progress=None)
+    _prepare_indexed(root)
     return root.uri
 
 
@@ -125,13 +132,15 @@ def _png() -> bytes:
 class DamagedSet:
     root: str
     good_samples: list[tuple[str, int]]  # (id, class) of every full-view image that can arrive, sorted
-    view_rows: int  # metadata rows of the full view, 4 of them without an image (3 removed, 1 cut off)
+    view_rows: int  # the full view's images (shards verified), one of them cut off in its shard
     skips: dict[str, int]  # what a train stream of it counts, by reason
+    corrupt_id: str  # the image whose JPEG is corrupt (found when decoding)
 
 
 @pytest.fixture
 def damaged_gldv2(gldv2_local, tmp_path) -> DamagedSet:
-    """A copy of the synthetic set with every kind of bad input injected into its train shards."""
+    """A copy of the synthetic set with every kind of bad input injected into its train shards, and its manifests
+    with the shard index of the damaged shards."""
     root = tmp_path / "damaged"
     shutil.copytree(gldv2_local, root, ignore=shutil.ignore_patterns("manifest"))
     train_dir = root / "train"
@@ -167,10 +176,10 @@ def damaged_gldv2(gldv2_local, tmp_path) -> DamagedSet:
     truncated_id = os.path.basename(last_member.name)[:-4]
 
     loc = resolve(str(root))
-    prepare_manifests(loc, loc.child("manifest"), progress=None)
+    _prepare_indexed(loc)
     dropped = {os.path.basename(n)[:-4] for n in never_appear} | {known_id, truncated_id}
     view = open_manifest(DataConfig(root=str(root))).view_images("full")
     good = sorted((i, int(c)) for i, c in zip(gldv2.u64_to_ids(view["id"].to_numpy()), view["class"])
                   if i not in dropped)
     skips = {"not_jpeg": 2, "empty_member": 1, "corrupt_jpeg": 1, "truncated_tar": 1, "unknown_id": 1}
-    return DamagedSet(str(root), good, len(view), skips)
+    return DamagedSet(str(root), good, len(view), skips, known_id)

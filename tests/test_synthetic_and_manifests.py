@@ -155,7 +155,7 @@ def test_verify_shards_counts_only_images_the_shards_hold(gldv2_local, tmp_path)
     import shutil
     import tarfile
 
-    from ray_landmark.data.shard_members import split_image_ids
+    from ray_landmark.data.shard_members import dataset_shard_index, image_ids
 
     root = tmp_path / "copy"
     shutil.copytree(gldv2_local, root, ignore=shutil.ignore_patterns("manifest"))
@@ -166,9 +166,9 @@ def test_verify_shards_counts_only_images_the_shards_hold(gldv2_local, tmp_path)
     shard.write_bytes(gldv2.pack_tar(members[3:]))
     loc = resolve(str(root))
 
-    shard_ids = {split: split_image_ids(loc.child(split), progress=None) for split in gldv2.SPLITS}
-    assert not set(gldv2.u64_to_ids(shard_ids["train"])) & removed
-    summary = prepare_manifests(loc, loc.child("manifest"), progress=None, shard_ids=shard_ids)
+    shard_index = dataset_shard_index(loc, progress=None)
+    assert not set(gldv2.u64_to_ids(image_ids(shard_index["train"]))) & removed
+    summary = prepare_manifests(loc, loc.child("manifest"), progress=None, shard_index=shard_index)
 
     assert summary["verified"]["train"] == {"rows_without_images": 3, "images_without_rows": 0}
     assert summary["verified"]["index"] == summary["verified"]["test"] == {"rows_without_images": 0,
@@ -179,3 +179,49 @@ def test_verify_shards_counts_only_images_the_shards_hold(gldv2_local, tmp_path)
     unverified = prepare_manifests(loc, loc.child("manifest_csv"), progress=None)
     assert Manifest(loc.child("manifest_csv")).view_classes("full")["count"].sum() == len(listed)
     assert "verified" not in unverified
+    assert Manifest(loc.child("manifest_csv")).shard_index("train") is None
+
+
+def test_the_shard_index_round_trips_and_locates_every_members_bytes(gldv2_local, gldv2_s3, s3):
+    from ray_landmark.data.config import StorageConfig
+    from ray_landmark.data.shard_members import INDEX_COLUMNS, split_shard_index
+
+    manifest = Manifest(resolve(gldv2_local + "/manifest"))  # written by the fixture with the index
+    root = Path(gldv2_local)
+    for split in gldv2.SPLITS:
+        index = manifest.shard_index(split)
+        assert list(index.columns) == list(INDEX_COLUMNS)
+        listed = split_shard_index(resolve(gldv2_local).child(split), progress=None)
+        pd.testing.assert_frame_equal(index, listed)
+        for shard, rows in index.groupby("shard"):
+            tar_path = root / split / shard
+            data = tar_path.read_bytes()
+            assert (rows["shard_bytes"] == len(data)).all() and rows["shard_complete"].all()
+            located = {f"{int(i):016x}": data[o : o + n] for i, o, n in zip(rows["id"], rows["offset"], rows["size"])}
+            assert located == {Path(name).stem: blob for name, blob in _members(tar_path).items()}
+            assert (rows["name"] == "").all()  # the synthetic shards hold nothing but images
+    # The same shards in a bucket give the same index.
+    s3_index = Manifest(resolve(gldv2_s3 + "/manifest", StorageConfig(endpoint_url=s3.endpoint_url))).shard_index("train")
+    pd.testing.assert_frame_equal(s3_index, manifest.shard_index("train"))
+
+
+def test_the_shard_index_lists_other_members_by_name_and_marks_a_truncated_tar(tmp_path):
+    from ray_landmark.data.shard_members import shard_members
+
+    members = [(gldv2.member_name("a" * 16), b"\xff\xd8\xff" + b"x" * 3000), ("0/0/0/readme.txt", b"hello"),
+               (gldv2.member_name("b" * 16), b"\xff\xd8\xff" + b"y" * 5000)]
+    tar = gldv2.pack_tar(members)
+    (tmp_path / "whole.tar").write_bytes(tar)
+    cut_at = tar.index(b"y" * 100) + 100
+    (tmp_path / "cut.tar").write_bytes(tar[:cut_at])
+    loc = resolve(str(tmp_path))
+
+    whole = shard_members(loc, str(tmp_path / "whole.tar"))
+    cut = shard_members(loc, str(tmp_path / "cut.tar"))
+
+    assert whole["name"].tolist() == ["0/0/0/readme.txt", "", ""]  # tar order: members sorted by name
+    assert whole["id"].tolist() == [0, int("a" * 16, 16), int("b" * 16, 16)]
+    assert whole["shard_complete"].all() and not cut["shard_complete"].any()
+    # The cut member is listed with the size its header gives: it reaches past the shard's end.
+    assert (cut[["id", "offset", "size"]].to_numpy() == whole[["id", "offset", "size"]].to_numpy()).all()
+    assert cut["offset"].iloc[-1] + cut["size"].iloc[-1] > cut["shard_bytes"].iloc[0] == cut_at

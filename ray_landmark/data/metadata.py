@@ -10,6 +10,8 @@ Manifest layout (Parquet, under ``data.manifest``, default ``<root>/manifest``):
   ``index_image_to_landmark.csv`` has one (distractors have none: retrieval still ranks them).
 * ``eval/recognition.parquet``: test id, landmark ids (space-separated, empty for non-landmark images), usage.
 * ``eval/retrieval.parquet``: test id, relevant index ids (space-separated, empty when none), usage.
+* ``shards/<split>.parquet`` (written with ``--verify-shards``): the split's shard index, one row per tar member with
+  the byte range of its data (``shard_members.INDEX_COLUMNS``); the streams then read only the members they need.
 * ``summary.json``: row counts.
 """
 
@@ -27,7 +29,8 @@ import pyarrow.parquet as pq
 
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig, LabelView
-from ray_landmark.data.storage import Location, StorageError, read_bytes, resolve, write_bytes
+from ray_landmark.data.shard_members import image_ids
+from ray_landmark.data.storage import Location, StorageError, exists, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +96,18 @@ def _keep_existing(images: pd.DataFrame, existing: np.ndarray | None) -> pd.Data
 
 
 def prepare_manifests(
-    root: Location, out: Location, progress=print, shard_ids: dict[str, np.ndarray] | None = None
+    root: Location, out: Location, progress=print, shard_index: dict[str, pd.DataFrame] | None = None
 ) -> dict:
     """Read the official CSVs under ``root`` and write the manifests under ``out``; returns the summary.
 
-    ``shard_ids`` (split -> sorted uint64 ids the shards hold, from ``shard_members.split_image_ids``) restricts the
-    label views to images that exist, so class counts (the dynamic margins) and steps per epoch are true; rows
-    without images and images without rows are counted in the summary. Without it, counts are the CSVs'.
+    ``shard_index`` (split -> its shard index, from ``shard_members.split_shard_index``) is written with the manifests
+    and restricts the label views to images that exist, so class counts (the dynamic margins) and steps per epoch are
+    true; rows without images and images without rows are counted in the summary. Without it, counts are the CSVs'
+    and the streams read whole shards.
     """
+    shard_ids = {split: image_ids(index) for split, index in shard_index.items()} if shard_index else None
+    for split, index in (shard_index or {}).items():
+        _to_parquet(out.child("shards", f"{split}.parquet"), index)
     train = _read_csv(root, gldv2.TRAIN_CSV, dtype={"id": str})
     _require_columns(train, ["id", "landmark_id"], root.child(gldv2.TRAIN_CSV).uri)
     train = pd.DataFrame(
@@ -231,6 +238,12 @@ class Manifest:
         classes[np.searchsorted(all_ids, images["id"].to_numpy(np.uint64))] = images["class"].to_numpy(np.int32)
         return LabelLookup(all_ids, classes)
 
+    def shard_index(self, split: str) -> pd.DataFrame | None:
+        """The split's shard index (``shard_members.INDEX_COLUMNS``), or None when the manifest was written
+        without ``--verify-shards``."""
+        loc = self.location.child("shards", f"{split}.parquet")
+        return _read_parquet(loc) if exists(loc) else None
+
     def recognition(self) -> pd.DataFrame:
         return _read_parquet(self.location.child("eval", "recognition.parquet"))
 
@@ -248,7 +261,7 @@ class Manifest:
     ) -> tuple[LabelLookup, LabelLookup]:
         """Lookups of a per-epoch validation subset, over every test and index id of the CSVs: scored test images
         (Usage not Ignored) and index images (those relevant to the chosen queries first) map to SELECTED, the rest to
-        NOT_IN_VIEW, which the read tasks drop before reading their bytes."""
+        NOT_IN_VIEW, which the read tasks drop (without fetching their bytes where the split has a shard index)."""
         recognition = self.recognition()
         scored = recognition.loc[recognition["usage"] != "Ignored", "id"]
         if max_queries and max_queries < len(scored):

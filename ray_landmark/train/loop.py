@@ -26,7 +26,7 @@ import ray.train.torch
 import torch
 
 from ray_landmark.config import Config
-from ray_landmark.data.pipeline import SKIP_REASONS, counts_since, train_batches
+from ray_landmark.data.pipeline import BYTES_READ, READ, SKIP_REASONS, counts_since, train_batches
 from ray_landmark.data.transforms import normalize_on_device
 from ray_landmark.models.factory import build_model
 from ray_landmark.models.transfer import freeze_except, warm_start
@@ -203,6 +203,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         if log:
             skipped = counts_since(skipped_before, ray.get(inputs.skip_counter.totals.remote()))
             metrics.update({f"skipped_{r}": skipped.get(r, 0) for r in SKIP_REASONS})
+            # What the epoch cost in storage reads: with the shard index only the view's images are fetched.
+            metrics.update(bytes_read=skipped.get(BYTES_READ, 0),
+                           images_delivered=skipped.get(READ, 0) - skipped.get("corrupt_jpeg", 0))
             log.write(metrics, step=step)
             say(epoch_summary(metrics))
         report(Progress(epoch + 1, step, 0, steps_per_epoch), metrics)
@@ -239,7 +242,8 @@ def epoch_summary(metrics: dict) -> str:
     """One line a person can read: ``[train] epoch 3 done: loss 2.314 | lr 2.50e-04 | val GAP 0.412 ...``."""
     formats = [("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("images_per_s", "{:.1f} img/s"),
                ("val_gap", "val GAP {:.4f}"), ("val_map100", "val mAP@100 {:.4f}"),
-               ("val_queries", "{:,} queries"), ("val_index", "{:,} index images")]
+               ("val_queries", "{:,} queries"), ("val_index", "{:,} index images"),
+               ("images_delivered", "{:,} images delivered"), ("bytes_read", "{:,} bytes read")]
     parts = [fmt.format(metrics[key]) for key, fmt in formats if key in metrics]
     skipped = {k.removeprefix("skipped_"): v for k, v in metrics.items() if k.startswith("skipped_") and v}
     if skipped:
