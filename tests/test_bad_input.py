@@ -96,3 +96,36 @@ def test_user_error_finds_the_cause_inside_train_and_tune_wrappers():
     except RuntimeError as wrapped:
         assert user_error(wrapped) is cause
     assert user_error(RuntimeError("a bug")) is None
+
+
+def test_a_csv_without_its_columns_leaves_the_earlier_manifest_whole(monkeypatch, gldv2_local, tmp_path):
+    import shutil
+
+    from ray_landmark.data import gldv2
+    from ray_landmark.data.config import DataConfig
+    from ray_landmark.data.metadata import open_manifest
+
+    root = tmp_path / "gldv2"
+    shutil.copytree(gldv2_local, root)  # with its complete manifest
+    before = {p: p.stat().st_mtime_ns for p in (root / "manifest").rglob("*") if p.is_file()}
+    csv = root / gldv2.RECOGNITION_GT_CSV
+    csv.write_text(csv.read_text().replace("Usage", "usage_renamed"))
+    error = _job_error(monkeypatch, "prepare_gldv2.py", "--root", str(root))
+    assert error.startswith(f"error: {csv}: ") and "Usage" in error, error
+    after = {p: p.stat().st_mtime_ns for p in (root / "manifest").rglob("*") if p.is_file()}
+    assert after == before  # not one file rewritten: every CSV is checked before anything is written
+    assert len(open_manifest(DataConfig(root=str(root))).view_classes("gldv2c")) > 0
+
+
+def test_a_manifest_cut_off_while_written_is_refused_naming_it(gldv2_local, tmp_path):
+    import shutil
+
+    from ray_landmark.data.config import DataConfig
+    from ray_landmark.data.metadata import SUMMARY_FILE, open_manifest
+    from ray_landmark.data.storage import StorageError
+
+    manifest = tmp_path / "manifest"
+    shutil.copytree(f"{gldv2_local}/manifest", manifest)
+    (manifest / SUMMARY_FILE).unlink()  # as prepare_gldv2 leaves it until its last write
+    with pytest.raises(StorageError, match=rf"^{manifest}: no complete manifest there \(summary.json missing"):
+        open_manifest(DataConfig(root=gldv2_local, manifest=str(manifest)))

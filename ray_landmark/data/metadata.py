@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ray_landmark.config_base import JobError
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig, LabelView
 from ray_landmark.data.shard_members import image_ids
@@ -37,8 +38,13 @@ log = logging.getLogger(__name__)
 # Lookup codes for ids without a class: in train but left out by the chosen view, or not in train at all.
 NOT_IN_VIEW = -1
 UNKNOWN_ID = -2
+SUMMARY_FILE = "summary.json"  # written last: a manifest with one is complete
 # The lookup code of a selected eval image (test or index): its rows carry the split, not a class.
 SELECTED = 0
+
+
+class MetadataError(JobError, ValueError):
+    """A GLDv2 CSV that cannot be used as it is; the message names the file and what is wrong."""
 
 
 def _read_csv(root: Location, name: str, **kwargs) -> pd.DataFrame:
@@ -48,20 +54,20 @@ def _read_csv(root: Location, name: str, **kwargs) -> pd.DataFrame:
     except StorageError:
         raise
     except (ValueError, pd.errors.ParserError) as err:
-        raise ValueError(f"{loc.uri}: not a readable GLDv2 CSV: {err}") from None
+        raise MetadataError(f"{loc.uri}: not a readable GLDv2 CSV: {err}") from None
 
 
 def _require_columns(df: pd.DataFrame, columns: list[str], uri: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ValueError(f"{uri}: missing column(s) {missing}; found {list(df.columns)}")
+        raise MetadataError(f"{uri}: missing column(s) {missing}; found {list(df.columns)}; is it GLDv2's file?")
 
 
 def _valid_ids(ids: pd.Series, uri: str) -> np.ndarray:
     ids = ids.astype(str).str.strip().str.lower()
     bad = ~ids.str.fullmatch(r"[0-9a-f]{16}")
     if bad.any():
-        raise ValueError(f"{uri}: {int(bad.sum())} image id(s) are not 16 hex characters, e.g. {ids[bad].iloc[0]!r}")
+        raise MetadataError(f"{uri}: {int(bad.sum())} image id(s) are not 16 hex characters, e.g. {ids[bad].iloc[0]!r}")
     return gldv2.ids_to_u64(ids)
 
 
@@ -104,10 +110,15 @@ def prepare_manifests(
     and restricts the label views to images that exist, so class counts (the dynamic margins) and steps per epoch are
     true; rows without images and images without rows are counted in the summary. Without it, counts are the CSVs'
     and the streams read whole shards.
+
+    Every CSV is read and checked before anything is written, and ``summary.json`` is removed first and written last:
+    a manifest is complete exactly when it has one (``open_manifest`` checks), so a failed or interrupted run never
+    leaves a mix of two runs' files that looks usable.
     """
+    tables: dict[tuple[str, ...], pd.DataFrame] = {}  # file (path parts under out) -> its table, written at the end
     shard_ids = {split: image_ids(index) for split, index in shard_index.items()} if shard_index else None
     for split, index in (shard_index or {}).items():
-        _to_parquet(out.child("shards", f"{split}.parquet"), index)
+        tables[("shards", f"{split}.parquet")] = index
     train = _read_csv(root, gldv2.TRAIN_CSV, dtype={"id": str})
     _require_columns(train, ["id", "landmark_id"], root.child(gldv2.TRAIN_CSV).uri)
     train = pd.DataFrame(
@@ -127,14 +138,14 @@ def prepare_manifests(
     }
     # A train_clean id that train.csv lacks would be unknown to the lookup; keep every id the views name.
     all_ids = pd.concat([train, clean]).drop_duplicates("id").sort_values("id", ignore_index=True)
-    _to_parquet(out.child("train_ids.parquet"), all_ids)
+    tables[("train_ids.parquet",)] = all_ids
     summary: dict = {"source": root.uri, "train_ids": len(all_ids), "views": {}}
     train_existing = shard_ids["train"] if shard_ids else None
     for view, images in view_images.items():
         listed_classes = images["landmark_id"].nunique()
         images, classes = _view_tables(_keep_existing(images, train_existing))
-        _to_parquet(out.child(view, "images.parquet"), images)
-        _to_parquet(out.child(view, "classes.parquet"), classes)
+        tables[(view, "images.parquet")] = images
+        tables[(view, "classes.parquet")] = classes
         summary["views"][view] = {"images": len(images), "classes": len(classes)}
         if shard_ids:
             summary["views"][view]["classes_without_images"] = int(listed_classes - len(classes))
@@ -154,18 +165,12 @@ def prepare_manifests(
     # index.csv defines the index; index_image_to_landmark.csv only labels part of it.
     index = index_ids[["id"]].merge(index_landmarks[["id", "landmark_id"]], on="id", how="left")
     index["landmark_id"] = index["landmark_id"].astype("Int64")
-    _to_parquet(out.child("eval", "test.parquet"), test_ids[["id"]])
-    _to_parquet(out.child("eval", "index.parquet"), index)
-    _to_parquet(
-        out.child("eval", "recognition.parquet"),
-        pd.DataFrame({"id": recognition["id"], "landmarks": recognition["landmarks"], "usage": recognition["Usage"]}),
-    )
-    _to_parquet(
-        out.child("eval", "retrieval.parquet"),
-        pd.DataFrame(
-            {"id": retrieval["id"], "images": retrieval["images"].replace("None", ""), "usage": retrieval["Usage"]}
-        ),
-    )
+    tables[("eval", "test.parquet")] = test_ids[["id"]]
+    tables[("eval", "index.parquet")] = index
+    tables[("eval", "recognition.parquet")] = pd.DataFrame(
+        {"id": recognition["id"], "landmarks": recognition["landmarks"], "usage": recognition["Usage"]})
+    tables[("eval", "retrieval.parquet")] = pd.DataFrame(
+        {"id": retrieval["id"], "images": retrieval["images"].replace("None", ""), "usage": retrieval["Usage"]})
     summary["eval"] = {
         "test": len(test_ids),
         "scored_test": int((recognition["Usage"] != "Ignored").sum()),
@@ -187,7 +192,12 @@ def prepare_manifests(
             progress(f"verified against the shards: {summary['verified']}")
     elif progress:
         progress("class counts are from the CSVs; --verify-shards counts only images the shards hold")
-    write_bytes(out.child("summary.json"), json.dumps(summary, indent=2).encode())
+    marker = out.child(SUMMARY_FILE)
+    if exists(marker):
+        marker.fs.delete_file(marker.path)
+    for parts, table in tables.items():
+        _to_parquet(out.child(*parts), table)
+    write_bytes(marker, json.dumps(summary, indent=2).encode())
     return summary
 
 
@@ -285,4 +295,11 @@ def _selection(all_ids: pd.Series, selected: pd.Series) -> LabelLookup:
 
 
 def open_manifest(cfg: DataConfig) -> Manifest:
-    return Manifest(resolve(cfg.manifest_uri, cfg.manifest_storage or cfg.storage))
+    """The manifest of ``cfg``; a StorageError naming it when it is missing or was left incomplete."""
+    loc = resolve(cfg.manifest_uri, cfg.manifest_storage or cfg.storage)
+    if not exists(loc.child(SUMMARY_FILE)):
+        raise StorageError(
+            f"{loc.uri}: no complete manifest there ({SUMMARY_FILE} missing: never written, or its writing was cut "
+            f"off); write it with jobs/prepare_gldv2.py --root <data.root> --out {loc.uri}, or set data.manifest"
+        )
+    return Manifest(loc)
