@@ -9,8 +9,8 @@
     keep-alive sessions), giving requests/s and p50/p99 latency.
 
 ``ratios.serve_vs_plain``: requests/s of (3) at concurrency 32 over images/s of (1). Model: a tiny DOLG with random
-weights (speed does not depend on the weights) at ``--image-size``. The plain half needs no Ray (``--plain-only``,
-for GPU machines); the Serve half needs Ray with Serve.
+weights (speed does not depend on the weights) at ``--image-size``. The plain half starts no Ray (``--plain-only``,
+for GPU machines; the package is imported); the Serve half needs Ray with Serve.
 
     python benchmarks/serve.py [--image-size 128] [--requests 96] [--plain-only] [--no-write]
 """
@@ -18,6 +18,7 @@ for GPU machines); the Serve half needs Ray with Serve.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -29,33 +30,23 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from embed import make_checkpoint  # noqa: E402  (benchmarks/embed.py's random tiny DOLG)
 from results_io import machine, update_benchmarks_md, write_results  # noqa: E402
 
+from ray_landmark.data import gldv2  # noqa: E402
 from ray_landmark.data.config import SyntheticSpec  # noqa: E402
 from ray_landmark.data.metadata import open_manifest, prepare_manifests  # noqa: E402
 from ray_landmark.data.storage import resolve  # noqa: E402
 from ray_landmark.data.synthetic import write_synthetic_gldv2  # noqa: E402
 from ray_landmark.data.transforms import decode_resized, normalize_on_device  # noqa: E402
 from ray_landmark.infer import postprocess as pp  # noqa: E402
+from ray_landmark.infer.onnx_export import export_onnx  # noqa: E402
 from ray_landmark.infer.report import read_jpegs  # noqa: E402
 from ray_landmark.infer.search import knn  # noqa: E402
 from ray_landmark.train.checkpoint import load_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONCURRENCY = (1, 8, 32)
-
-
-def make_checkpoint(folder: Path, root: str, image_size: int, classes: int) -> str:
-    from embed import make_checkpoint as tiny_dolg  # benchmarks/embed.py's random tiny DOLG
-
-    path = tiny_dolg(folder, image_size)
-    cfg_file = folder / "config.json"
-    import json
-
-    config = json.loads(cfg_file.read_text())
-    config["data"]["root"] = root
-    cfg_file.write_text(json.dumps(config, indent=2))  # the meta.json checksum covers state.pt only
-    return path
 
 
 class PlainLoop:
@@ -173,12 +164,10 @@ def main() -> None:
         local = resolve(str(tmp / "gldv2"))
         write_synthetic_gldv2(spec, local, progress=None)
         prepare_manifests(local, local.child("manifest"), progress=None)
-        checkpoint = make_checkpoint(tmp / "ckpt", local.path, args.image_size, 100)
+        checkpoint = make_checkpoint(tmp / "ckpt", args.image_size, f"data.root={local.path}")
         manifest = open_manifest(load_model(checkpoint).config.data)
         test_ids = manifest.test()["id"].tolist()
         queries = list(read_jpegs(local.child("test"), test_ids).values())
-
-        from ray_landmark.data import gldv2
 
         view = manifest.view_images("gldv2c")
         train_jpegs = read_jpegs(local.child("train"), gldv2.u64_to_ids(view["id"].to_numpy()))
@@ -188,8 +177,6 @@ def main() -> None:
                                                   for s in range(0, len(gallery_ids), 64)]).astype(np.float32))
         label_of = dict(zip(gldv2.u64_to_ids(view["id"].to_numpy()), view["landmark_id"]))
         labels = np.asarray([label_of[i] for i in gallery_ids], np.int64)
-
-        from ray_landmark.infer.onnx_export import export_onnx
 
         exported = export_onnx(checkpoint, str(tmp / "onnx"), check_images=4)
         plain = run_plain(loop, queries, gallery, labels, args.batch)
@@ -210,8 +197,6 @@ def main() -> None:
     }
     if served:
         payload["ratios"]["serve_vs_plain"] = round(served["32"]["requests_per_s"] / plain["images_per_s"], 3)
-    import json
-
     print(json.dumps(payload, indent=2))
     if args.no_write:
         return

@@ -168,11 +168,11 @@ class LandmarkService:
         limits = self.settings.limits
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
-            form = await request.form(max_files=limits.max_images + 1, max_fields=limits.max_images + 1)
-            if len(form) > limits.max_images:
+            parts = (await request.form()).multi_items()
+            if len(parts) > limits.max_images:
                 raise BadRequest(413, f"more than {limits.max_images} images in one request; send them in several")
             images = []
-            for field, value in form.multi_items():
+            for field, value in parts:
                 if isinstance(value, str):
                     raise BadRequest(400, f"form field {field!r} is not a file: send images as files (curl -F)")
                 images.append(await value.read())
@@ -192,7 +192,7 @@ class LandmarkService:
             queries, batches = await self._queries(request)
             results = await asyncio.to_thread(answer, queries)
         except BadRequest as err:
-            return JSONResponse({"error": str(err)}, status_code=err.status)
+            return JSONResponse({"error": " ".join(str(err).split())}, status_code=err.status)
         except Exception as err:  # a multipart body that does not parse, or too many form parts
             if getattr(err, "status_code", 500) < 500:
                 return JSONResponse({"error": f"a request that cannot be read: {getattr(err, 'detail', err)}"},
