@@ -5,11 +5,9 @@ the service keeps serving; and an ensemble whose embeddings are not its checkpoi
 from __future__ import annotations
 
 import io
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import pytest
 import requests
@@ -23,14 +21,8 @@ from ray_landmark.data.storage import resolve
 from ray_landmark.infer.config import EnsembleConfig
 from ray_landmark.infer.ensemble import run_ensemble
 from ray_landmark.infer.report import read_jpegs
-from ray_landmark.serve.app import landmark_app, start_service
+from ray_landmark.serve.app import free_port, landmark_app, start_service
 from ray_landmark.serve.config import ServeSettings, read_serve_file
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

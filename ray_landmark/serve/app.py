@@ -21,6 +21,7 @@ and the replica keeps serving.
 import asyncio
 import io
 import json
+import logging
 import socket
 
 import numpy as np
@@ -39,7 +40,7 @@ from ray_landmark.data.transforms import CorruptImage, decode_resized
 from ray_landmark.data.worker_decode import WorkerDecoder
 from ray_landmark.infer.config import EnsembleConfig
 from ray_landmark.infer.embed import INFO_FILE, Embedder
-from ray_landmark.infer.ensemble import SPLITS, data_config, embeddings_folder
+from ray_landmark.infer.ensemble import SPLITS, _use_cpus, data_config, embeddings_folder
 from ray_landmark.serve.answers import answer_recognition, answer_retrieval, load_served_index
 from ray_landmark.serve.config import ServeSettings
 from ray_landmark.train.checkpoint import checkpoint_folder, read_checkpoint_config
@@ -103,14 +104,7 @@ class LandmarkService:
     def __init__(self, settings: ServeSettings, ensemble: EnsembleConfig):
         self.settings, self.cfg = settings, ensemble
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        threads = max(1, int(settings.replicas.num_cpus))
-        torch.set_num_threads(threads)  # Ray sets one thread for a fractional CPU: use what the replica holds
-        try:
-            import faiss
-
-            faiss.omp_set_num_threads(threads)
-        except ImportError:
-            pass  # the torch search backend needs nothing else
+        _use_cpus(max(1, int(settings.replicas.num_cpus)))  # torch and faiss threads: what the replica holds
         data = data_config(ensemble)
         worker_decode = decodes_in_worker(data, self.device.type == "cuda", "a GPU replica")
         self.models = {}
@@ -120,14 +114,10 @@ class LandmarkService:
                                 compile_backend=ensemble.embed.compile_backend,
                                 batch_size=ensemble.embed.batch_size)
             self.models[name] = {"pixels": pixels, "embedder": embedder, "config": model_cfg,
-                                       "checkpoint": checkpoint}
+                                 "checkpoint": checkpoint}
         self.decoders = {pixels: WorkerDecoder(*pixels, self.device) if worker_decode else None
                          for pixels in {m["pixels"] for m in self.models.values()}}
         self.served = load_served_index(ensemble, self.device.type)
-        for name, entry in self.models.items():
-            if self.served.dims[name] != entry["config"].model.embedding_dim:
-                raise JobError(f"model {name}: {entry['checkpoint']} embeds in {entry['config'].model.embedding_dim} "
-                               f"dimensions but its embeddings have {self.served.dims[name]}; rerun jobs/ensemble.py")
         self.embed_image.set_max_batch_size(settings.replicas.max_batch_size)
         self.embed_image.set_batch_wait_timeout_s(settings.replicas.batch_wait_timeout_s)
 
@@ -266,6 +256,8 @@ def start_service(settings: ServeSettings, ensemble: EnsembleConfig, host: str =
                   name: str = "landmark", route_prefix: str = "/") -> str:
     """Deploy on the Ray this process is connected to, HTTP on ``host:port``; returns the base URL."""
     app = landmark_app(settings, ensemble)
+    # Serve logs each deployment step at INFO on the driver's console; its replicas' logs stay in Ray's log files.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=name, route_prefix=route_prefix)
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
