@@ -19,7 +19,7 @@ from ray_landmark.data.metadata import open_manifest
 from ray_landmark.data.config import DataConfig
 from ray_landmark.data.storage import resolve
 from ray_landmark.infer.config import EnsembleConfig
-from ray_landmark.infer.ensemble import run_ensemble
+from ray_landmark.infer.ensemble import load_split, run_ensemble
 from ray_landmark.infer.report import read_jpegs
 from ray_landmark.serve.app import free_port, landmark_app, start_service
 from ray_landmark.serve.config import ServeSettings, read_serve_file
@@ -62,7 +62,7 @@ def service(tiny_checkpoints, gldv2_learnable, tmp_path_factory):
     test_ids = [i for i in open_manifest(DataConfig(root=gldv2_learnable)).test()["id"] if i not in
                 set(non_landmarks[::2])]
     jpegs = read_jpegs(resolve(gldv2_learnable).child("test"), test_ids)
-    settings = ServeSettings(ensemble="(in memory)", replicas={"num_cpus": 0.5, "batch_wait_timeout_s": 0.05},
+    settings = ServeSettings(ensemble="(in memory)", allow_index_add=True, replicas={"num_cpus": 0.5, "batch_wait_timeout_s": 0.05},
                              limits={"max_images": 8})
     url = start_service(settings, cfg, port=free_port())
     read = lambda name: pd.read_csv(out / "ensemble" / name, dtype=str, keep_default_na=False).set_index("id")
@@ -161,6 +161,28 @@ def test_a_checkpoint_that_did_not_write_the_embeddings_refuses_to_start(service
     with pytest.raises(JobError, match=r"model dolg: its checkpoint is .*effnet.* but .*embeddings/dolg/test/"
                                        r"_embedding.json holds embeddings of .*dolg.*; rerun jobs/ensemble.py"):
         landmark_app(ServeSettings(ensemble="(in memory)"), swapped)
+
+
+@pytest.mark.slow
+def test_images_added_to_the_index_are_retrieved_at_once_and_persisted_beside_its_embeddings(service):
+    """Runs after the tests that compare retrieval with the submission: it grows the served index."""
+    ids = sorted(service.queries)[:2]
+    files = [("image", (f"added_{n}.jpg", service.queries[i], "image/jpeg")) for n, i in enumerate(ids)]
+    before = requests.get(f"{service.url}/metadata", timeout=30).json()["index_images"]
+    response = requests.post(f"{service.url}/index/add", files=files, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["added"] == ["added_0", "added_1"] and response.json()["index_images"] == before + 2
+    # The image itself, asked again, finds its added copy among the best (cosine 1, before the label boosts).
+    found = post(f"{service.url}/retrieve", [service.queries[ids[1]]], k=10).json()["results"][0]["ids"]
+    assert "added_1" in found
+    # Persisted for both models, where a restarted replica and the next ensemble run read the index.
+    index = load_split(service.cfg, "index")
+    assert {"added_0", "added_1"} <= set(index.ids) and all(len(e) == len(index.ids) for e in index.by_model.values())
+    again = requests.post(f"{service.url}/index/add", files=files[:1], timeout=120)
+    assert again.status_code == 409 and "added_0 is already in the index" in again.json()["error"]
+    bad = requests.post(f"{service.url}/index/add", files=[("image", ("../x y.jpg", service.queries[ids[0]]))],
+                        timeout=120)
+    assert bad.status_code == 400 and "is not one" in bad.json()["error"]
 
 
 def test_the_serve_config_files_validate_and_overrides_reach_the_application_args():

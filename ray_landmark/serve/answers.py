@@ -16,7 +16,7 @@ non-landmark test image of both usages. With ``source: ids`` both use the same N
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -146,6 +146,23 @@ def answer_recognition(served: ServedIndex, queries: dict[str, np.ndarray]) -> l
     penalty = pp.nonlandmark_bias(query_n, rc.query_nonlandmark_k)
     return [{"landmark_id": int(lm), "confidence": float(c), "landmark_score": float(c + p),
              "nonlandmark_score": float(p)} for lm, c, p in zip(landmarks, confidence, penalty)]
+
+
+def with_added_index_images(served: ServedIndex, ids: list[str], queries: dict[str, np.ndarray]) -> ServedIndex:
+    """A copy of ``served`` whose retrieval index also holds these images (ids and float16 embeddings per model),
+    each labelled by its train neighbours as the ensemble labels index images; ``served`` itself is not changed, so
+    answers in progress keep a consistent index."""
+    rt = served.cfg.retrieval
+    retrieval = []
+    for entry in served.retrieval:
+        rows = _single(entry.model, queries)
+        labels, confidence = pp.label_by_neighbours(*knn(rows, entry.train, rt.label_k, device=served.device),
+                                                    served.gallery_labels, top_k=rt.label_k)
+        retrieval.append(replace(entry, index=torch.cat([entry.index, _on_device(rows, served.device)]),
+                                 index_labels=np.concatenate([entry.index_labels, labels]),
+                                 index_confidence=np.concatenate([entry.index_confidence, confidence])))
+    return replace(served, retrieval=retrieval,
+                   index_ids=np.concatenate([served.index_ids, np.asarray(ids, dtype=object)]))
 
 
 def answer_retrieval(served: ServedIndex, queries: dict[str, np.ndarray], k: int) -> list[dict]:

@@ -5,6 +5,8 @@
     POST /retrieve?k=10   the same inputs -> {"results": [{"ids": [...], "scores": [...]}, ...]}
     GET  /healthz         -> {"status": "ok"}
     GET  /metadata        the models, their input size and preprocessing, the gallery, index and non-landmark set
+    POST /index/add       multipart JPEG files named <new id>.jpg -> embedded and appended to the retrieval index,
+                          persisted beside the ensemble's index embeddings (``allow_index_add: true`` only)
 
 Each replica holds every model of the ensemble and the embeddings its run wrote (``answers.load_served_index``).
 An image is checked (JPEG, size) and decoded exactly as the embedding job decodes it: by ``decode_resized`` where
@@ -22,7 +24,11 @@ import asyncio
 import io
 import json
 import logging
+import os
+import re
 import socket
+import time
+import uuid
 
 import numpy as np
 import torch
@@ -39,12 +45,15 @@ from ray_landmark.data.storage import exists, read_bytes
 from ray_landmark.data.transforms import CorruptImage, decode_resized
 from ray_landmark.data.worker_decode import WorkerDecoder
 from ray_landmark.infer.config import EnsembleConfig
-from ray_landmark.infer.embed import INFO_FILE, Embedder
+from ray_landmark.infer.embed import INFO_FILE, Embedder, _write_parquet
 from ray_landmark.infer.ensemble import SPLITS, _use_cpus, data_config, embeddings_folder
-from ray_landmark.serve.answers import answer_recognition, answer_retrieval, load_served_index
+from ray_landmark.serve.answers import (
+    answer_recognition, answer_retrieval, load_served_index, with_added_index_images,
+)
 from ray_landmark.serve.config import ServeSettings
 from ray_landmark.train.checkpoint import checkpoint_folder, read_checkpoint_config
 
+IMAGE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 api = FastAPI(title="ray_landmark", docs_url=None, redoc_url=None)
 
 
@@ -118,6 +127,7 @@ class LandmarkService:
         self.decoders = {pixels: WorkerDecoder(*pixels, self.device) if worker_decode else None
                          for pixels in {m["pixels"] for m in self.models.values()}}
         self.served = load_served_index(ensemble, self.device.type)
+        self.index_lock = asyncio.Lock()
         self.embed_image.set_max_batch_size(settings.replicas.max_batch_size)
         self.embed_image.set_batch_wait_timeout_s(settings.replicas.batch_wait_timeout_s)
 
@@ -153,8 +163,8 @@ class LandmarkService:
         """Images of concurrent requests embedded together; each image's float16 row per model, and the batch size."""
         return await asyncio.to_thread(self._embed_batch, images)
 
-    async def _queries(self, request: Request) -> tuple[dict[str, np.ndarray], list[int]]:
-        """The request's images as float16 embeddings per model (rows in request order), and their batch sizes."""
+    async def _read_images(self, request: Request) -> list[tuple[str | None, bytes]]:
+        """(file name, bytes) of each image: the body, or each multipart file; checked (``check_image``)."""
         limits = self.settings.limits
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
@@ -165,21 +175,24 @@ class LandmarkService:
             for field, value in parts:
                 if isinstance(value, str):
                     raise BadRequest(400, f"form field {field!r} is not a file: send images as files (curl -F)")
-                images.append(await value.read())
+                images.append((value.filename, await value.read()))
         else:
-            images = [await request.body()]
-        if images == [b""] or not images:
+            images = [(None, await request.body())]
+        if not images or images == [(None, b"")]:
             raise BadRequest(400, "an empty request: POST a JPEG (Content-Type: image/jpeg) or multipart files")
-        for data in images:
+        for _, data in images:
             check_image(data, limits)
+        return images
+
+    async def _embed(self, images: list[bytes]) -> tuple[dict[str, np.ndarray], list[int]]:
+        """float16 embeddings per model (rows in order) and the batch size each image was embedded in."""
         decoded = [await asyncio.to_thread(self._decode, data) for data in images]
         embedded = await asyncio.gather(*(self.embed_image(image) for image in decoded))
-        queries = {name: np.stack([e[name] for e in embedded]) for name in self.models}
-        return queries, [e["batch"] for e in embedded]
+        return {name: np.stack([e[name] for e in embedded]) for name in self.models}, [e["batch"] for e in embedded]
 
     async def _answer(self, request: Request, answer) -> JSONResponse:
         try:
-            queries, batches = await self._queries(request)
+            queries, batches = await self._embed([data for _, data in await self._read_images(request)])
             results = await asyncio.to_thread(answer, queries)
         except BadRequest as err:
             return JSONResponse({"error": " ".join(str(err).split())}, status_code=err.status)
@@ -206,6 +219,35 @@ class LandmarkService:
         if not 1 <= k <= top:
             return JSONResponse({"error": f"k must be an integer from 1 to {top}"}, status_code=400)
         return await self._answer(request, lambda queries: answer_retrieval(self.served, queries, k))
+
+    @api.post("/index/add")
+    async def add_to_index(self, request: Request) -> JSONResponse:
+        """Multipart JPEG files, each file's name (less .jpg) its new image id: embedded by every model, written
+        as one parquet file per model beside the ensemble's index embeddings (where the next ensemble run and every
+        restarted replica read them), and searched by this replica's /retrieve at once."""
+        if not self.settings.allow_index_add:
+            return JSONResponse({"error": "adding to the index is off: set allow_index_add: true in the service's "
+                                          "args"}, status_code=403)
+        async with self.index_lock:  # one addition at a time: each sees the one before
+            try:
+                images = await self._read_images(request)
+                ids = [os.path.splitext(name or "")[0] for name, _ in images]
+                bad = [i for i in ids if not IMAGE_ID.fullmatch(i)]
+                if bad:
+                    raise BadRequest(400, f"image ids come from the file names (less .jpg), letters, digits, _ and "
+                                          f"- only: {bad[0]!r} is not one")
+                taken = sorted(set(ids) & set(self.served.index_ids)) or sorted({i for i in ids if ids.count(i) > 1})
+                if taken:
+                    raise BadRequest(409, f"image id {taken[0]} is already in the index (or twice in the request)")
+                queries, _ = await self._embed([data for _, data in images])
+            except BadRequest as err:
+                return JSONResponse({"error": " ".join(str(err).split())}, status_code=err.status)
+            name = f"added-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}.parquet"
+            for model in self.cfg.models:  # every model: the ensemble aligns the models' rows by id
+                await asyncio.to_thread(_write_parquet, embeddings_folder(self.cfg, model).child("index", name),
+                                        ids, queries[model.name])
+            self.served = await asyncio.to_thread(with_added_index_images, self.served, ids, queries)
+        return JSONResponse({"added": ids, "index_images": len(self.served.index_ids), "file": name})
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

@@ -40,6 +40,9 @@ class ServeSettings(Section):
     ensemble: str
     # KEY=VALUE overrides of that config, as jobs' --set (e.g. storage.endpoint_url=..., output_dir=...).
     ensemble_overrides: list[str] = []
+    # POST /index/add: embed new images into the retrieval index, persisted beside the ensemble's index embeddings.
+    # Off unless asked for: it writes to the ensemble's output_dir on behalf of whoever can reach the service.
+    allow_index_add: bool = False
     replicas: ReplicaSettings = ReplicaSettings()
     limits: LimitSettings = LimitSettings()
 
