@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -119,9 +120,8 @@ def load_test(url: str, jpegs: list[bytes], requests_n: int, concurrency: int) -
             "p50_ms": round(statistics.median(ms), 1), "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 1)}
 
 
-def serve_half(tmp: Path, checkpoint: str, root: str, jpegs: list[bytes], args) -> dict:
-    from ray import serve
-
+def start_served(tmp: Path, checkpoint: str, args) -> str:
+    """The ensemble job for the model (its embeddings), then the service on them; returns its URL."""
     from ray_landmark.config import config_from_dict
     from ray_landmark.infer.config import EnsembleConfig
     from ray_landmark.infer.ensemble import run_ensemble
@@ -137,12 +137,12 @@ def serve_half(tmp: Path, checkpoint: str, root: str, jpegs: list[bytes], args) 
     settings = ServeSettings(ensemble="(in memory)", replicas={
         "num_cpus": args.replica_cpus, "max_batch_size": args.batch, "batch_wait_timeout_s": 0.01,
         "max_ongoing_requests": 64})
-    url = start_service(settings, cfg, port=free_port())
-    try:
-        load_test(url, jpegs, 8, 4)  # warm-up: the replica's first batches
-        return {str(c): load_test(url, jpegs, args.requests, c) for c in CONCURRENCY}
-    finally:
-        serve.shutdown()
+    return start_service(settings, cfg, port=free_port())
+
+
+def best(passes: list[dict], rate: str) -> dict:
+    """The pass with the highest rate: the least disturbed by other work on a shared machine."""
+    return max(passes, key=lambda p: p[rate])
 
 
 def main() -> None:
@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
     parser.add_argument("--batch", type=int, default=16, help="the plain loop's batch and the service's max batch")
     parser.add_argument("--replica-cpus", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=2, help="passes of each path, round robin; the best counts")
     parser.add_argument("--plain-only", action="store_true", help="no Ray: the plain loops only")
     parser.add_argument("--no-write", action="store_true", help="print the results only")
     args = parser.parse_args()
@@ -179,20 +180,38 @@ def main() -> None:
         labels = np.asarray([label_of[i] for i in gallery_ids], np.int64)
 
         exported = export_onnx(checkpoint, str(tmp / "onnx"), check_images=4)
-        plain = run_plain(loop, queries, gallery, labels, args.batch)
-        plain_ort = run_plain(PlainLoop(checkpoint, args.image_size, device, exported.onnx), queries, gallery,
-                              labels, args.batch)
-        served = None if args.plain_only else serve_half(tmp, checkpoint, local.path, queries, args)
+        loops = {"plain_torch": loop, "plain_onnxruntime": PlainLoop(checkpoint, args.image_size, device, exported.onnx)}
+        url = None if args.plain_only else start_served(tmp, checkpoint, args)
+        passes: dict[str, list[dict]] = {}
+        load = [round(os.getloadavg()[0], 1)]
+        try:
+            if url:
+                load_test(url, queries, 8, 4)  # warm-up: the replica's first batches
+            # Round robin, one pass of each path per round, so that a busy spell of other work hits them alike.
+            for _ in range(args.rounds):
+                for name, plain_loop in loops.items():
+                    passes.setdefault(name, []).append(run_plain(plain_loop, queries, gallery, labels, args.batch))
+                for c in CONCURRENCY if url else ():
+                    passes.setdefault(f"serve_{c}", []).append(load_test(url, queries, args.requests, c))
+        finally:
+            if url:
+                from ray import serve
+
+                serve.shutdown()
+        load.append(round(os.getloadavg()[0], 1))
+    plain, plain_ort = (best(passes[name], "images_per_s") for name in loops)
+    served = {str(c): best(passes[f"serve_{c}"], "requests_per_s") for c in CONCURRENCY} if url else None
 
     payload = {
         "machine": machine(),
         "setup": {"queries": len(queries), "gallery": len(gallery), "jpeg": "640x480 synthetic",
                   "image_size": args.image_size, "model": "tiny DOLG (timm test_efficientnet), random weights",
                   "device": device, "batch": args.batch, "replica_cpus": args.replica_cpus,
-                  "torch_threads": torch.get_num_threads(),
+                  "torch_threads": torch.get_num_threads(), "rounds": args.rounds,
+                  "load_average_1min_at_start_and_end": load,
                   "serve": "1 replica, max_batch_size = batch, batch_wait_timeout_s 0.01, HTTP keep-alive clients "
                            "on the same machine"},
-        "results": {"plain_torch": plain, "plain_onnxruntime": plain_ort, "serve": served},
+        "results": {"plain_torch": plain, "plain_onnxruntime": plain_ort, "serve": served, "passes": passes},
         "ratios": {"onnxruntime_vs_torch": round(plain_ort["images_per_s"] / plain["images_per_s"], 3)},
     }
     if served:
@@ -211,12 +230,18 @@ def main() -> None:
 {m['gpu'] or 'no GPU'}, torch {m['torch']}, Ray {m['ray']}. Plain: one process decoding, embedding (batches of
 {args.batch}), rounding, exact kNN and voting; serve: one replica with {args.replica_cpus} CPUs, `@serve.batch` up to
 {args.batch} images, {args.requests} POST /recognize of one JPEG per concurrency level, clients on the same cores.
+{args.rounds} rounds, each path once per round (round robin); each row is its best pass. Load average (1 min) at the
+start and end: {load[0]} and {load[1]} (other sessions' tests shared the machine).
 
 | path | images or requests/s | p50 ms | p99 ms |
 |---|---|---|---|
 | plain PyTorch loop | {plain['images_per_s']} | | |
 | plain onnxruntime loop | {plain_ort['images_per_s']} | | |
 {rows}
+
+The plain loop does one thing at a time; the service decodes the images of queued requests in threads while a batch
+is embedded, which is how it can beat the loop on the same cores. Every pass is in `benchmarks/results/serve.json`
+(`results.passes`): with other work on the machine the same path's rate moved by up to 4x between rounds.
 
 Ratios: onnxruntime vs torch {payload['ratios']['onnxruntime_vs_torch']}""" + (
         f"; serve at concurrency 32 vs the plain loop {payload['ratios']['serve_vs_plain']}." if served else "."))

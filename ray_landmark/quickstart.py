@@ -90,10 +90,9 @@ def serve_and_ask(ensemble: EnsembleConfig, data: DataConfig, images: int = 4) -
 
     from ray_landmark.infer.report import read_jpegs
     from ray_landmark.serve.app import free_port, start_service
-    from ray_landmark.serve.config import ServeSettings
+    from ray_landmark.serve.config import read_serve_file
 
-    url = start_service(ServeSettings(ensemble="configs/ensemble/quickstart.yaml", replicas={"num_cpus": 0.5}),
-                        ensemble, port=free_port())
+    url = start_service(read_serve_file("configs/serve/quickstart.yaml").settings, ensemble, port=free_port())
     truth = open_manifest(data).recognition()
     truth = truth[truth["usage"] != "Ignored"].head(images).set_index("id")["landmarks"].fillna("")
     jpegs = read_jpegs(resolve(data.root, data.storage).child("test"), truth.index)
