@@ -220,6 +220,8 @@ def main() -> None:
     if args.no_write:
         return
     write_results("serve", payload)
+    rates = [[p.get("images_per_s", p.get("requests_per_s")) for p in runs] for runs in passes.values()]
+    swing = max(max(r) / min(r) for r in rates)
     rows = "\n".join(f"| serve, concurrency {c} | {r['requests_per_s']} | {r['p50_ms']} | {r['p99_ms']} |"
                      for c, r in (served or {}).items())
     m = payload["machine"]
@@ -241,7 +243,7 @@ start and end: {load[0]} and {load[1]} (other sessions' tests shared the machine
 
 The plain loop does one thing at a time; the service decodes the images of queued requests in threads while a batch
 is embedded, which is how it can beat the loop on the same cores. Every pass is in `benchmarks/results/serve.json`
-(`results.passes`): with other work on the machine the same path's rate moved by up to 4x between rounds.
+(`results.passes`): with other work on the machine the same path's rate moved by up to {swing:.1f}x between rounds.
 
 Ratios: onnxruntime vs torch {payload['ratios']['onnxruntime_vs_torch']}""" + (
         f"; serve at concurrency 32 vs the plain loop {payload['ratios']['serve_vs_plain']}." if served else "."))
