@@ -153,6 +153,7 @@ class LandmarkService:
         n = len(images)
         rows = {}
         for name, entry in self.models.items():
+            # The Ray Data batch the embedding job's Embedder takes; it passes id, split and shard through.
             batch = {"image": np.stack([image[entry["pixels"]] for image in images]),
                      "id": np.arange(n), "split": np.full(n, "query"), "shard": np.full(n, "query")}
             rows[name] = entry["embedder"](batch)["embedding"]
