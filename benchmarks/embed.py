@@ -39,9 +39,10 @@ from ray_landmark.train.checkpoint import Progress, load_model, save_checkpoint 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_checkpoint(folder: Path, image_size: int) -> str:
-    """A tiny DOLG (random weights) saved as a checkpoint of this project."""
-    cfg = load_config(REPO / "configs" / "tiny_dolg.yaml", [f"data.image_size={image_size}"])
+def make_checkpoint(folder: Path, image_size: int, *overrides: str) -> str:
+    """A tiny DOLG (random weights) saved as a checkpoint of this project; ``overrides``: more KEY=VALUE of its
+    config."""
+    cfg = load_config(REPO / "configs" / "tiny_dolg.yaml", [f"data.image_size={image_size}", *overrides])
     model = build_model(cfg.model, cfg.loss, 100, image_size)
     state = {"model": model.state_dict(), "landmark_ids": torch.arange(100)}
     save_checkpoint(folder, state=state, config=cfg.model_dump(mode="json"), progress=Progress(1, 1, 0))

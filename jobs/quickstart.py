@@ -1,7 +1,8 @@
 """The quickstart: synthetic GLDv2 in a local S3 server (127.0.0.1), streamed through the training pipeline; a tiny
 DOLG and a tiny plain EfficientNet trained on it with 2 CPU workers each, checkpointing to the same server; then the
 ensemble of the two: embeddings, kNN, post-processing, metrics per model and stage, submissions and a report; with
---tune, then a 3-trial Ray Tune sweep of the tiny DOLG on the same data.
+--tune, then a 3-trial Ray Tune sweep of the tiny DOLG on the same data; with --serve, then the two models as a
+service (ray_landmark/serve), queried over HTTP with a few test images.
 
     python jobs/quickstart.py [--config configs/quickstart.yaml] [--set data.image_size=64]
 It writes summary.json and ensemble/ (report.html, submissions, embeddings) to --out (runs/quickstart); checkpoints
@@ -26,6 +27,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/quickstart", help="local folder for summary.json and the ensemble")
     parser.add_argument("--tune", action="store_true",
                         help="then a 3-trial sweep of the tiny DOLG on the same data (configs/tune_tiny.yaml)")
+    parser.add_argument("--serve", action="store_true",
+                        help="then start the landmark service on the two models and query it with a few test images")
     args = parser.parse_args()
     server = LocalS3Server()  # picks a free port; starts below, once the configs are known to be good
     endpoint = f"endpoint_url={server.endpoint_url}"
@@ -39,6 +42,8 @@ def main() -> None:
     with server:
         init_ray()
         quickstart.run(cfg, second, ensemble, server, Path(args.out), sweep)
+        if args.serve:
+            quickstart.serve_and_ask(ensemble, cfg.data)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from ray_landmark.data.shard_members import dataset_shard_index
 from ray_landmark.data.storage import resolve
 from ray_landmark.infer.config import EnsembleConfig
 from ray_landmark.infer.ensemble import metrics_text, run_ensemble
-from ray_landmark.data.config import SyntheticSpec
+from ray_landmark.data.config import DataConfig, SyntheticSpec
 from ray_landmark.data.synthetic import write_synthetic_gldv2
 from ray_landmark.local_s3 import LocalS3Server
 from ray_landmark.progress import ProgressLine
@@ -84,6 +84,35 @@ def train(cfg: Config) -> dict:
     result = fit(cfg)
     history = read_metrics(run_logs(cfg.run))
     return {"final_checkpoint": result.checkpoint.path, "history": history}
+
+
+def serve_and_ask(ensemble: EnsembleConfig, data: DataConfig, images: int = 4) -> list[dict]:
+    """Start the landmark service on the ensemble's models, send it a few test images over HTTP, print the answers
+    next to the truth, stop it."""
+    import requests
+    from ray import serve
+
+    from ray_landmark.infer.report import read_jpegs
+    from ray_landmark.serve.app import free_port, start_service
+    from ray_landmark.serve.config import read_serve_file
+
+    url = start_service(read_serve_file("configs/serve/quickstart.yaml").settings, ensemble, port=free_port())
+    truth = open_manifest(data).recognition()
+    truth = truth[truth["usage"] != "Ignored"].head(images).set_index("id")["landmarks"].fillna("")
+    jpegs = read_jpegs(resolve(data.root, data.storage).child("test"), truth.index)
+    answers = []
+    try:
+        print(f"[quickstart] the service at {url}: {len(jpegs)} test images to /recognize and /retrieve?k=3")
+        for image_id, jpeg in jpegs.items():
+            sent = {"data": jpeg, "headers": {"Content-Type": "image/jpeg"}, "timeout": 60}
+            recognized = requests.post(f"{url}/recognize", **sent).json()["results"][0]
+            retrieved = requests.post(f"{url}/retrieve", params={"k": 3}, **sent).json()["results"][0]
+            answers.append({"id": image_id, "truth": truth[image_id], **recognized, "retrieved": retrieved["ids"]})
+            print(f"[quickstart]   {image_id}: landmark {recognized['landmark_id']} (true: {truth[image_id] or 'none'}),"
+                  f" confidence {recognized['confidence']:.3f}; index {' '.join(retrieved['ids'])}")
+    finally:
+        serve.shutdown()
+    return answers
 
 
 def run(cfg: Config, second: Config, ensemble: EnsembleConfig, server: LocalS3Server, out_dir: Path,

@@ -162,11 +162,12 @@ def _config_keys(section: type, seen: tuple = ()) -> set[str]:
 def test_the_configuration_reference_names_every_key():
     from ray_landmark.config import Config
     from ray_landmark.infer.config import EnsembleConfig
+    from ray_landmark.serve.config import ServeSettings
     from ray_landmark.train.chain import ChainConfig
     from ray_landmark.tune.config import SweepConfig
 
     reference = (REPO / "docs" / "configuration.md").read_text()
-    missing = {key for root in (Config, EnsembleConfig, SweepConfig, ChainConfig) for key in _config_keys(root)
+    missing = {key for root in (Config, EnsembleConfig, SweepConfig, ChainConfig, ServeSettings) for key in _config_keys(root)
                if f"`{key}`" not in reference}
     assert not missing, f"docs/configuration.md: add {sorted(missing)}"
 

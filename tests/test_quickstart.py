@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_quickstart_streams_trains_two_families_and_scores_their_ensemble(tmp_path):
     out = tmp_path / "quickstart"
     proc = subprocess.run(
-        [sys.executable, "jobs/quickstart.py", "--out", str(out)],
+        [sys.executable, "jobs/quickstart.py", "--out", str(out), "--serve"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -48,3 +48,6 @@ def test_quickstart_streams_trains_two_families_and_scores_their_ensemble(tmp_pa
     assert (out / "ensemble" / "report.html").is_file() and "[quickstart] report:" in proc.stdout
     assert (out / "ensemble" / "submission_recognition.csv").is_file()
     assert "ensemble with post-processing" in proc.stdout
+    # --serve: the two models as a service, asked about four test images over HTTP.
+    assert "[quickstart] the service at http://127.0.0.1:" in proc.stdout
+    assert proc.stdout.count(", confidence ") == 4 and "; index " in proc.stdout

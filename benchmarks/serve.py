@@ -1,0 +1,253 @@
+"""The landmark service under a bounded load, against a plain single-process loop doing the same work, one run.
+
+(1) plain: one process, no Ray, no HTTP: for each batch of ``--batch`` query JPEGs, decode and resize (the
+    validation transform), embed with the model in PyTorch, round to float16, exact kNN to the gallery (top 100) and
+    top-3 voting (``postprocess.label_by_neighbours``); the gallery embedded in-process first (not timed);
+(2) plain onnxruntime: the same loop with the model exported by ``infer.onnx_export`` run by onnxruntime;
+(3) serve: the service (``ray_landmark/serve``, one replica) on 127.0.0.1 over the ensemble job's output for the
+    same model, ``--requests`` POST /recognize of one JPEG each at concurrency 1, 8 and 32 (client threads with
+    keep-alive sessions), giving requests/s and p50/p99 latency.
+
+``ratios.serve_vs_plain``: requests/s of (3) at concurrency 32 over images/s of (1). Model: a tiny DOLG with random
+weights (speed does not depend on the weights) at ``--image-size``. The plain half starts no Ray (``--plain-only``,
+for GPU machines; the package is imported); the Serve half needs Ray with Serve.
+
+    python benchmarks/serve.py [--image-size 128] [--requests 96] [--plain-only] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from embed import make_checkpoint  # noqa: E402  (benchmarks/embed.py's random tiny DOLG)
+from results_io import machine, update_benchmarks_md, write_results  # noqa: E402
+
+from ray_landmark.data import gldv2  # noqa: E402
+from ray_landmark.data.config import SyntheticSpec  # noqa: E402
+from ray_landmark.data.metadata import open_manifest, prepare_manifests  # noqa: E402
+from ray_landmark.data.storage import resolve  # noqa: E402
+from ray_landmark.data.synthetic import write_synthetic_gldv2  # noqa: E402
+from ray_landmark.data.transforms import decode_resized, normalize_on_device  # noqa: E402
+from ray_landmark.infer import postprocess as pp  # noqa: E402
+from ray_landmark.infer.onnx_export import export_onnx  # noqa: E402
+from ray_landmark.infer.report import read_jpegs  # noqa: E402
+from ray_landmark.infer.search import knn  # noqa: E402
+from ray_landmark.train.checkpoint import load_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONCURRENCY = (1, 8, 32)
+
+
+class PlainLoop:
+    """Decode, embed, round, kNN and vote, one batch at a time, in this process."""
+
+    def __init__(self, checkpoint: str, image_size: int, device: str, onnx_path: str | None = None):
+        self.size, self.device = image_size, torch.device(device)
+        self.model = load_model(checkpoint).model.to(self.device)
+        self.session = None
+        if onnx_path:
+            import onnxruntime as ort
+
+            self.session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+
+    @torch.inference_mode()
+    def embed(self, jpegs: list[bytes]) -> np.ndarray:
+        images = normalize_on_device(torch.from_numpy(np.stack([decode_resized(j, self.size) for j in jpegs])))
+        if self.session is not None:
+            return self.session.run(["embedding"], {"images": images.numpy()})[0].astype(np.float16)
+        return self.model.embed(images.to(self.device)).cpu().numpy().astype(np.float16)
+
+    def answer(self, jpegs: list[bytes], gallery: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        queries = pp.l2_normalize(self.embed(jpegs).astype(np.float32))
+        return pp.label_by_neighbours(*knn(queries, gallery, 100, device=self.device), labels)[0]
+
+
+def run_plain(loop: PlainLoop, queries: list[bytes], gallery: np.ndarray, labels: np.ndarray, batch: int) -> dict:
+    loop.answer(queries[:batch], gallery, labels)  # warm-up
+    started = time.perf_counter()
+    for start in range(0, len(queries), batch):
+        loop.answer(queries[start:start + batch], gallery, labels)
+    seconds = time.perf_counter() - started
+    return {"images": len(queries), "seconds": round(seconds, 2), "images_per_s": round(len(queries) / seconds, 1)}
+
+
+def load_test(url: str, jpegs: list[bytes], requests_n: int, concurrency: int) -> dict:
+    """``requests_n`` POST /recognize of one JPEG each, from ``concurrency`` threads; rate and latency."""
+    import requests
+
+    latencies: list[float] = []
+    failures = []
+    lock = threading.Lock()
+    counter = iter(range(requests_n))
+
+    def worker():
+        session = requests.Session()
+        while True:
+            with lock:
+                n = next(counter, None)
+            if n is None:
+                return
+            started = time.perf_counter()
+            response = session.post(f"{url}/recognize", data=jpegs[n % len(jpegs)],
+                                    headers={"Content-Type": "image/jpeg"}, timeout=300)
+            elapsed = time.perf_counter() - started
+            with lock:
+                (latencies if response.status_code == 200 else failures).append(elapsed)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - started
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {requests_n} requests failed at concurrency {concurrency}")
+    ms = sorted(1000 * x for x in latencies)
+    return {"requests": requests_n, "seconds": round(seconds, 2), "requests_per_s": round(requests_n / seconds, 1),
+            "p50_ms": round(statistics.median(ms), 1), "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 1)}
+
+
+def start_served(tmp: Path, checkpoint: str, args) -> str:
+    """The ensemble job for the model (its embeddings), then the service on them; returns its URL."""
+    from ray_landmark.config import config_from_dict
+    from ray_landmark.infer.config import EnsembleConfig
+    from ray_landmark.infer.ensemble import run_ensemble
+    from ray_landmark.runtime import init_ray
+    from ray_landmark.serve.app import free_port, start_service
+    from ray_landmark.serve.config import ServeSettings
+
+    init_ray()
+    cfg = config_from_dict({"name": "bench", "output_dir": str(tmp / "ensemble"), "report": {"queries": 0},
+                            "models": [{"name": "dolg", "checkpoint": checkpoint, "family": "dolg"}],
+                            "embed": {"batch_size": args.batch}}, "benchmark", EnsembleConfig)
+    run_ensemble(cfg, printer=lambda line, transient=False: None)
+    settings = ServeSettings(ensemble="(in memory)", replicas={
+        "num_cpus": args.replica_cpus, "max_batch_size": args.batch, "batch_wait_timeout_s": 0.01,
+        "max_ongoing_requests": 64})
+    return start_service(settings, cfg, port=free_port())
+
+
+def best(passes: list[dict], rate: str) -> dict:
+    """The pass with the highest rate: the least disturbed by other work on a shared machine."""
+    return max(passes, key=lambda p: p[rate])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
+    parser.add_argument("--batch", type=int, default=16, help="the plain loop's batch and the service's max batch")
+    parser.add_argument("--replica-cpus", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=2, help="passes of each path, round robin; the best counts")
+    parser.add_argument("--plain-only", action="store_true", help="no Ray: the plain loops only")
+    parser.add_argument("--no-write", action="store_true", help="print the results only")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(max(1, int(args.replica_cpus)))
+    spec = SyntheticSpec(num_landmarks=30, max_images_per_landmark=12, min_images_per_landmark=6, width=640,
+                         height=480, test_landmark_images=48, test_non_landmark_images=16, train_shards=2,
+                         clean_landmark_fraction=1.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        local = resolve(str(tmp / "gldv2"))
+        write_synthetic_gldv2(spec, local, progress=None)
+        prepare_manifests(local, local.child("manifest"), progress=None)
+        checkpoint = make_checkpoint(tmp / "ckpt", args.image_size, f"data.root={local.path}")
+        manifest = open_manifest(load_model(checkpoint).config.data)
+        test_ids = manifest.test()["id"].tolist()
+        queries = list(read_jpegs(local.child("test"), test_ids).values())
+
+        view = manifest.view_images("gldv2c")
+        train_jpegs = read_jpegs(local.child("train"), gldv2.u64_to_ids(view["id"].to_numpy()))
+        loop = PlainLoop(checkpoint, args.image_size, device)
+        gallery_ids = list(train_jpegs)
+        gallery = pp.l2_normalize(np.concatenate([loop.embed([train_jpegs[i] for i in gallery_ids[s:s + 64]])
+                                                  for s in range(0, len(gallery_ids), 64)]).astype(np.float32))
+        label_of = dict(zip(gldv2.u64_to_ids(view["id"].to_numpy()), view["landmark_id"]))
+        labels = np.asarray([label_of[i] for i in gallery_ids], np.int64)
+
+        exported = export_onnx(checkpoint, str(tmp / "onnx"), check_images=4)
+        loops = {"plain_torch": loop, "plain_onnxruntime": PlainLoop(checkpoint, args.image_size, device, exported.onnx)}
+        url = None if args.plain_only else start_served(tmp, checkpoint, args)
+        passes: dict[str, list[dict]] = {}
+        load = [round(os.getloadavg()[0], 1)]
+        try:
+            if url:
+                load_test(url, queries, 8, 4)  # warm-up: the replica's first batches
+            # Round robin, one pass of each path per round, so that a busy spell of other work hits them alike.
+            for _ in range(args.rounds):
+                for name, plain_loop in loops.items():
+                    passes.setdefault(name, []).append(run_plain(plain_loop, queries, gallery, labels, args.batch))
+                for c in CONCURRENCY if url else ():
+                    passes.setdefault(f"serve_{c}", []).append(load_test(url, queries, args.requests, c))
+        finally:
+            if url:
+                from ray import serve
+
+                serve.shutdown()
+        load.append(round(os.getloadavg()[0], 1))
+    plain, plain_ort = (best(passes[name], "images_per_s") for name in loops)
+    served = {str(c): best(passes[f"serve_{c}"], "requests_per_s") for c in CONCURRENCY} if url else None
+
+    payload = {
+        "machine": machine(),
+        "setup": {"queries": len(queries), "gallery": len(gallery), "jpeg": "640x480 synthetic",
+                  "image_size": args.image_size, "model": "tiny DOLG (timm test_efficientnet), random weights",
+                  "device": device, "batch": args.batch, "replica_cpus": args.replica_cpus,
+                  "torch_threads": torch.get_num_threads(), "rounds": args.rounds,
+                  "load_average_1min_at_start_and_end": load,
+                  "serve": "1 replica, max_batch_size = batch, batch_wait_timeout_s 0.01, HTTP keep-alive clients "
+                           "on the same machine"},
+        "results": {"plain_torch": plain, "plain_onnxruntime": plain_ort, "serve": served, "passes": passes},
+        "ratios": {"onnxruntime_vs_torch": round(plain_ort["images_per_s"] / plain["images_per_s"], 3)},
+    }
+    if served:
+        payload["ratios"]["serve_vs_plain"] = round(served["32"]["requests_per_s"] / plain["images_per_s"], 3)
+    print(json.dumps(payload, indent=2))
+    if args.no_write:
+        return
+    write_results("serve", payload)
+    rates = [[p.get("images_per_s", p.get("requests_per_s")) for p in runs] for runs in passes.values()]
+    swing = max(max(r) / min(r) for r in rates)
+    rows = "\n".join(f"| serve, concurrency {c} | {r['requests_per_s']} | {r['p50_ms']} | {r['p99_ms']} |"
+                     for c, r in (served or {}).items())
+    m = payload["machine"]
+    update_benchmarks_md("serve", f"""## The landmark service (`benchmarks/serve.py`)
+
+{len(queries)} synthetic 640x480 test JPEGs as queries against a gallery of {len(gallery)} train images, tiny DOLG
+(random weights) at {args.image_size} px, on {m['cores']} cores ({m['cpu']}; shared with other work while it ran),
+{m['gpu'] or 'no GPU'}, torch {m['torch']}, Ray {m['ray']}. Plain: one process decoding, embedding (batches of
+{args.batch}), rounding, exact kNN and voting; serve: one replica with {args.replica_cpus} CPUs, `@serve.batch` up to
+{args.batch} images, {args.requests} POST /recognize of one JPEG per concurrency level, clients on the same cores.
+{args.rounds} rounds, each path once per round (round robin); each row is its best pass. Load average (1 min) at the
+start and end: {load[0]} and {load[1]} (other sessions' tests shared the machine).
+
+| path | images or requests/s | p50 ms | p99 ms |
+|---|---|---|---|
+| plain PyTorch loop | {plain['images_per_s']} | | |
+| plain onnxruntime loop | {plain_ort['images_per_s']} | | |
+{rows}
+
+The plain loop does one thing at a time; the service decodes the images of queued requests in threads while a batch
+is embedded, which is how it can beat the loop on the same cores. Every pass is in `benchmarks/results/serve.json`
+(`results.passes`): with other work on the machine the same path's rate moved by up to {swing:.1f}x between rounds.
+
+Ratios: onnxruntime vs torch {payload['ratios']['onnxruntime_vs_torch']}""" + (
+        f"; serve at concurrency 32 vs the plain loop {payload['ratios']['serve_vs_plain']}." if served else "."))
+
+
+if __name__ == "__main__":
+    main()

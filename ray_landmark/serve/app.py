@@ -1,0 +1,306 @@
+"""The Ray Serve application: JPEGs in, the batch ensemble's answers out.
+
+    POST /recognize       one JPEG as the body (Content-Type: image/jpeg), or several as multipart form files
+                          -> {"results": [{"landmark_id", "confidence", "landmark_score", "nonlandmark_score"}, ...]}
+    POST /retrieve?k=10   the same inputs -> {"results": [{"ids": [...], "scores": [...]}, ...]}
+    GET  /healthz         -> {"status": "ok"}
+    GET  /metadata        the models, their input size and preprocessing, the gallery, index and non-landmark set
+    POST /index/add       multipart JPEG files named <new id>.jpg -> embedded and appended to the retrieval index,
+                          persisted beside the ensemble's index embeddings (``allow_index_add: true`` only)
+
+Each replica holds every model of the ensemble and the embeddings its run wrote (``answers.load_served_index``).
+An image is checked (JPEG, size) and decoded exactly as the embedding job decodes it: by ``decode_resized`` where
+the embedding job's Ray Data tasks decode (``data.decode: cpu``), else by the worker decoder on the replica's device
+(nvjpeg on a GPU), the same ``data.decode`` rule as ``infer.embed``. Images of concurrent requests are embedded
+together (``@serve.batch``) by ``infer.embed.Embedder``, the batch job's own model wrapper (its autocast, flip TTA,
+compile and float16 rounding), then each request is answered by ``answers``.
+
+Bad input (not a JPEG, empty, too large, truncated, too many images) gets a 4xx with ``{"error": "<one line>"}``
+and the replica keeps serving.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request) at runtime.
+import asyncio
+import io
+import json
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from PIL import Image, UnidentifiedImageError
+from ray import serve
+from ray.serve import Application
+
+from ray_landmark.config import Config, config_from_dict, load_config
+from ray_landmark.config_base import JobError
+from ray_landmark.data.pipeline import decodes_in_worker
+from ray_landmark.data.storage import exists, read_bytes
+from ray_landmark.data.transforms import CorruptImage, decode_resized
+from ray_landmark.data.worker_decode import WorkerDecoder
+from ray_landmark.infer.config import EnsembleConfig
+from ray_landmark.infer.embed import INFO_FILE, Embedder, _write_parquet
+from ray_landmark.infer.ensemble import SPLITS, _use_cpus, data_config, embeddings_folder
+from ray_landmark.serve.answers import (
+    answer_recognition, answer_retrieval, load_served_index, with_added_index_images,
+)
+from ray_landmark.serve.config import ServeSettings
+from ray_landmark.train.checkpoint import checkpoint_folder, read_checkpoint_config
+
+IMAGE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+api = FastAPI(title="ray_landmark", docs_url=None, redoc_url=None)
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def served_checkpoints(cfg: EnsembleConfig) -> dict[str, tuple[str, Config]]:
+    """model name -> (the checkpoint its embeddings were written with, its config); refuses, with one line, an
+    ensemble whose embeddings are missing or were written by another checkpoint, size or TTA than the model's."""
+    checkpoints = {}
+    for model in cfg.models:
+        resolved = checkpoint_folder(model.checkpoint, cfg.storage).uri
+        model_cfg = config_from_dict(read_checkpoint_config(resolved, cfg.storage), resolved)
+        for split in SPLITS:
+            info_file = embeddings_folder(cfg, model).child(split, INFO_FILE)
+            if not exists(info_file):
+                raise JobError(f"{info_file.uri}: no embeddings of model {model.name}; run jobs/ensemble.py with "
+                               "this ensemble config first")
+            info = json.loads(read_bytes(info_file))
+            if info["checkpoint"] != resolved:
+                raise JobError(f"model {model.name}: its checkpoint is {resolved} but {info_file.uri} holds "
+                               f"embeddings of {info['checkpoint']}; rerun jobs/ensemble.py, or point "
+                               f"models[{model.name}].checkpoint at the embedded checkpoint")
+            if info["image_size"] != model_cfg.data.image_size or info["flip_tta"] != cfg.embed.flip_tta:
+                raise JobError(f"model {model.name}: {info_file.uri} holds embeddings at {info['image_size']} px, "
+                               f"flip_tta {info['flip_tta']}; the service would embed at "
+                               f"{model_cfg.data.image_size} px, flip_tta {cfg.embed.flip_tta}; rerun jobs/ensemble.py")
+        checkpoints[model.name] = resolved, model_cfg
+    return checkpoints
+
+
+def check_image(data: bytes, limits) -> None:
+    """Refuse what the decoder must not see: empty, not a JPEG, too many bytes or pixels (read from the header)."""
+    if not data:
+        raise BadRequest(400, "an empty image: send JPEG bytes")
+    if len(data) > limits.max_image_bytes:
+        raise BadRequest(413, f"an image of {len(data):,} bytes; the limit is {limits.max_image_bytes:,}")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError):
+        raise BadRequest(415, "not an image: send a JPEG") from None
+    if image.format != "JPEG":
+        raise BadRequest(415, f"a {image.format} image: only JPEG is accepted (the models were evaluated on JPEG "
+                              "decodes); convert it to JPEG")
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise BadRequest(413, f"an image of {width}x{height} = {width * height / 1e6:.1f} megapixels; the limit "
+                              f"is {limits.max_pixels / 1e6:g} megapixels")
+
+
+@serve.deployment
+@serve.ingress(api)
+class LandmarkService:
+    def __init__(self, settings: ServeSettings, ensemble: EnsembleConfig):
+        self.settings, self.cfg = settings, ensemble
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        _use_cpus(max(1, int(settings.replicas.num_cpus)))  # torch and faiss threads: what the replica holds
+        data = data_config(ensemble)
+        worker_decode = decodes_in_worker(data, self.device.type == "cuda", "a GPU replica")
+        self.models = {}
+        for name, (checkpoint, model_cfg) in served_checkpoints(ensemble).items():
+            pixels = (model_cfg.data.image_size, model_cfg.data.preprocessing)
+            embedder = Embedder(checkpoint, ensemble.storage, ensemble.embed.flip_tta, compile=ensemble.embed.compile,
+                                compile_backend=ensemble.embed.compile_backend,
+                                batch_size=ensemble.embed.batch_size)
+            self.models[name] = {"pixels": pixels, "embedder": embedder, "config": model_cfg,
+                                 "checkpoint": checkpoint}
+        self.decoders = {pixels: WorkerDecoder(*pixels, self.device) if worker_decode else None
+                         for pixels in {m["pixels"] for m in self.models.values()}}
+        self.served = load_served_index(ensemble, self.device.type)
+        self.index_lock = asyncio.Lock()
+        self.embed_image.set_max_batch_size(settings.replicas.max_batch_size)
+        self.embed_image.set_batch_wait_timeout_s(settings.replicas.batch_wait_timeout_s)
+
+    # ------------------------------------------------------------ decode and embed
+
+    def _decode(self, data: bytes) -> dict[tuple, np.ndarray]:
+        """One checked JPEG -> uint8 S×S×3 per distinct (image size, preprocessing) of the models."""
+        decoded = {}
+        for (size, preprocessing), decoder in self.decoders.items():
+            if decoder is None:
+                try:
+                    decoded[size, preprocessing] = decode_resized(data, size, preprocessing)
+                except CorruptImage as err:
+                    raise BadRequest(400, f"a corrupt or truncated JPEG: {err}") from None
+            else:
+                result = decoder.decode([data])
+                if result.corrupt:
+                    raise BadRequest(400, f"a corrupt or truncated JPEG: {result.corrupt[0][1]}")
+                decoded[size, preprocessing] = result.images.permute(0, 2, 3, 1)[0].cpu().numpy()
+        return decoded
+
+    def _embed_batch(self, images: list[dict[tuple, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        n = len(images)
+        rows = {}
+        for name, entry in self.models.items():
+            # The Ray Data batch the embedding job's Embedder takes; it passes id, split and shard through.
+            batch = {"image": np.stack([image[entry["pixels"]] for image in images]),
+                     "id": np.arange(n), "split": np.full(n, "query"), "shard": np.full(n, "query")}
+            rows[name] = entry["embedder"](batch)["embedding"]
+        return [{name: rows[name][i] for name in rows} | {"batch": n} for i in range(n)]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def embed_image(self, images: list[dict[tuple, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Images of concurrent requests embedded together; each image's float16 row per model, and the batch size."""
+        return await asyncio.to_thread(self._embed_batch, images)
+
+    async def _read_images(self, request: Request) -> list[tuple[str | None, bytes]]:
+        """(file name, bytes) of each image: the body, or each multipart file; checked (``check_image``)."""
+        limits = self.settings.limits
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            parts = (await request.form()).multi_items()
+            if len(parts) > limits.max_images:
+                raise BadRequest(413, f"more than {limits.max_images} images in one request; send them in several")
+            images = []
+            for field, value in parts:
+                if isinstance(value, str):
+                    raise BadRequest(400, f"form field {field!r} is not a file: send images as files (curl -F)")
+                images.append((value.filename, await value.read()))
+        else:
+            images = [(None, await request.body())]
+        if not images or images == [(None, b"")]:
+            raise BadRequest(400, "an empty request: POST a JPEG (Content-Type: image/jpeg) or multipart files")
+        for _, data in images:
+            check_image(data, limits)
+        return images
+
+    async def _embed(self, images: list[bytes]) -> tuple[dict[str, np.ndarray], list[int]]:
+        """float16 embeddings per model (rows in order) and the batch size each image was embedded in."""
+        decoded = [await asyncio.to_thread(self._decode, data) for data in images]
+        embedded = await asyncio.gather(*(self.embed_image(image) for image in decoded))
+        return {name: np.stack([e[name] for e in embedded]) for name in self.models}, [e["batch"] for e in embedded]
+
+    async def _answer(self, request: Request, answer) -> JSONResponse:
+        try:
+            queries, batches = await self._embed([data for _, data in await self._read_images(request)])
+            results = await asyncio.to_thread(answer, queries)
+        except BadRequest as err:
+            return JSONResponse({"error": " ".join(str(err).split())}, status_code=err.status)
+        except Exception as err:  # a multipart body that does not parse, or too many form parts
+            if getattr(err, "status_code", 500) < 500:
+                return JSONResponse({"error": f"a request that cannot be read: {getattr(err, 'detail', err)}"},
+                                    status_code=err.status_code)
+            raise
+        return JSONResponse({"results": results, "model_batch_sizes": batches})
+
+    # ------------------------------------------------------------ endpoints
+
+    @api.post("/recognize")
+    async def recognize(self, request: Request) -> JSONResponse:
+        return await self._answer(request, lambda queries: answer_recognition(self.served, queries))
+
+    @api.post("/retrieve")
+    async def retrieve(self, request: Request) -> JSONResponse:
+        top = min(self.settings.limits.max_retrieve_k, self.cfg.retrieval.out_k)
+        try:
+            k = int(request.query_params.get("k", top))
+        except ValueError:
+            k = 0
+        if not 1 <= k <= top:
+            return JSONResponse({"error": f"k must be an integer from 1 to {top}"}, status_code=400)
+        return await self._answer(request, lambda queries: answer_retrieval(self.served, queries, k))
+
+    @api.post("/index/add")
+    async def add_to_index(self, request: Request) -> JSONResponse:
+        """Multipart JPEG files, each file's name (less .jpg) its new image id: embedded by every model, written
+        as one parquet file per model beside the ensemble's index embeddings (where the next ensemble run and every
+        restarted replica read them), and searched by this replica's /retrieve at once."""
+        if not self.settings.allow_index_add:
+            return JSONResponse({"error": "adding to the index is off: set allow_index_add: true in the service's "
+                                          "args"}, status_code=403)
+        async with self.index_lock:  # one addition at a time: each sees the one before
+            try:
+                images = await self._read_images(request)
+                ids = [os.path.splitext(name or "")[0] for name, _ in images]
+                bad = [i for i in ids if not IMAGE_ID.fullmatch(i)]
+                if bad:
+                    raise BadRequest(400, f"image ids come from the file names (less .jpg), letters, digits, _ and "
+                                          f"- only: {bad[0]!r} is not one")
+                taken = sorted(set(ids) & set(self.served.index_ids)) or sorted({i for i in ids if ids.count(i) > 1})
+                if taken:
+                    raise BadRequest(409, f"image id {taken[0]} is already in the index (or twice in the request)")
+                queries, _ = await self._embed([data for _, data in images])
+            except BadRequest as err:
+                return JSONResponse({"error": " ".join(str(err).split())}, status_code=err.status)
+            name = f"added-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}.parquet"
+            for model in self.cfg.models:  # every model: the ensemble aligns the models' rows by id
+                await asyncio.to_thread(_write_parquet, embeddings_folder(self.cfg, model).child("index", name),
+                                        ids, queries[model.name])
+            self.served = await asyncio.to_thread(with_added_index_images, self.served, ids, queries)
+        return JSONResponse({"added": ids, "index_images": len(self.served.index_ids), "file": name})
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/metadata")
+    async def metadata(self) -> dict:
+        models = [{"name": m.name, "family": m.family, "tasks": list(m.tasks), "weight": m.weight,
+                   "checkpoint": self.models[m.name]["checkpoint"],
+                   "arch": self.models[m.name]["config"].model.arch,
+                   "image_size": self.models[m.name]["pixels"][0],
+                   "preprocessing": self.models[m.name]["pixels"][1],
+                   "embedding_dim": self.served.dims[m.name]} for m in self.cfg.models]
+        return {"ensemble": self.cfg.name, "models": models, "device": self.device.type,
+                "decode": "worker" if any(self.decoders.values()) else "cpu", "flip_tta": self.cfg.embed.flip_tta,
+                **self.served.summary(), "limits": self.settings.limits.model_dump(),
+                "max_batch_size": self.settings.replicas.max_batch_size}
+
+
+def landmark_app(settings: ServeSettings, ensemble: EnsembleConfig) -> Application:
+    """The application, checked before anything is deployed (``served_checkpoints``)."""
+    served_checkpoints(ensemble)
+    r = settings.replicas
+    options = {"max_ongoing_requests": r.max_ongoing_requests,
+               "ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}}
+    if r.autoscaling:
+        options["autoscaling_config"] = r.autoscaling
+    else:
+        options["num_replicas"] = r.num_replicas
+    return LandmarkService.options(**options).bind(settings, ensemble)
+
+
+def build_app(args: dict) -> Application:
+    """The ``import_path`` of ``configs/serve/*.yaml`` (``serve run`` / ``serve deploy``): its ``args`` are the
+    ServeSettings."""
+    settings = config_from_dict(args, "serve application args", ServeSettings)
+    return landmark_app(settings, load_config(settings.ensemble, settings.ensemble_overrides, EnsembleConfig))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now, for a service that must not collide with another."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_service(settings: ServeSettings, ensemble: EnsembleConfig, host: str = "127.0.0.1", port: int = 8000,
+                  name: str = "landmark", route_prefix: str = "/") -> str:
+    """Deploy on the Ray this process is connected to, HTTP on ``host:port``; returns the base URL."""
+    app = landmark_app(settings, ensemble)
+    # Serve logs each deployment step at INFO on the driver's console; its replicas' logs stay in Ray's log files.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name=name, route_prefix=route_prefix)
+    return f"http://{host}:{port}{route_prefix.rstrip('/')}"

@@ -1,0 +1,76 @@
+"""The service's settings: the ``args`` of its application in a Serve config file (``configs/serve/*.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field
+
+from ray_landmark.config import config_from_dict, parse_override, set_dotted
+from ray_landmark.config_base import ConfigError, Section
+
+
+class ReplicaSettings(Section):
+    """Ray Serve deployment options of the model replicas."""
+
+    num_replicas: int | None = Field(1, ge=1)  # None with autoscaling
+    # Ray Serve's autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...); replaces num_replicas.
+    autoscaling: dict[str, Any] | None = None
+    num_cpus: float = Field(1.0, gt=0)  # fractional is fine: a replica's torch runs on max(1, int(num_cpus)) threads
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)  # requests a replica holds at once: what batching can gather
+    max_batch_size: int = Field(16, ge=1)  # images embedded together (@serve.batch)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)  # how long a batch waits for more images
+
+
+class LimitSettings(Section):
+    """Requests beyond these are refused with a 413."""
+
+    max_images: int = Field(16, ge=1)  # images in one request
+    max_image_bytes: int = Field(20_000_000, gt=0)  # bytes of one image
+    max_pixels: int = Field(40_000_000, gt=0)  # width x height of one image (a 50-megapixel photo is refused)
+    max_retrieve_k: int = Field(100, ge=1)  # the largest ``k`` /retrieve returns (at most the ensemble's out_k)
+
+
+class ServeSettings(Section):
+    # The ensemble config whose models and embeddings (<output_dir>/embeddings/) the service answers with.
+    ensemble: str
+    # KEY=VALUE overrides of that config, as jobs' --set (e.g. storage.endpoint_url=..., output_dir=...).
+    ensemble_overrides: list[str] = []
+    # POST /index/add: embed new images into the retrieval index, persisted beside the ensemble's index embeddings.
+    # Off unless asked for: it writes to the ensemble's output_dir on behalf of whoever can reach the service.
+    allow_index_add: bool = False
+    replicas: ReplicaSettings = ReplicaSettings()
+    limits: LimitSettings = LimitSettings()
+
+
+@dataclass(frozen=True)
+class ServeFile:
+    """What jobs/serve.py takes from a Serve config file: where to listen, and the first application."""
+
+    settings: ServeSettings
+    host: str
+    port: int
+    name: str
+    route_prefix: str
+
+
+def read_serve_file(path: str | Path, overrides: list[str] = ()) -> ServeFile:
+    """A Serve config file (``configs/serve/*.yaml``) with ``KEY=VALUE`` overrides of its first application's args."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+        app = tree["applications"][0]
+        args = dict(app.get("args") or {})
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError) as err:
+        raise ConfigError(f"{path}: not a Serve config file with an application ({type(err).__name__}: {err})") \
+            from None
+    for text in overrides:
+        set_dotted(args, *parse_override(text), str(path))
+    http = tree.get("http_options") or {}
+    return ServeFile(config_from_dict(args, f"{path} (applications[0].args)", ServeSettings),
+                     http.get("host", "127.0.0.1"), int(http.get("port", 8000)), app.get("name", "landmark"),
+                     app.get("route_prefix", "/"))

@@ -1,0 +1,194 @@
+"""The landmark service on the session's local Ray, over real HTTP: its answers equal the batch ensemble's
+submission rows for the same test images, concurrent requests are embedded together, every bad input gets a 4xx and
+the service keeps serving; and an ensemble whose embeddings are not its checkpoints' refuses to start."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pandas as pd
+import pytest
+import requests
+from PIL import Image
+
+from ray_landmark.config import config_from_dict
+from ray_landmark.config_base import JobError
+from ray_landmark.data.metadata import open_manifest
+from ray_landmark.data.config import DataConfig
+from ray_landmark.data.storage import resolve
+from ray_landmark.infer.config import EnsembleConfig
+from ray_landmark.infer.ensemble import load_split, run_ensemble
+from ray_landmark.infer.report import read_jpegs
+from ray_landmark.serve.app import free_port, landmark_app, start_service
+from ray_landmark.serve.config import ServeSettings, read_serve_file
+
+
+@dataclass
+class Service:
+    url: str
+    cfg: EnsembleConfig
+    queries: dict[str, bytes]  # test id -> JPEG: test images that are not in the non-landmark set N
+    recognition: pd.DataFrame  # the batch ensemble's submission rows, by id
+    retrieval: pd.DataFrame
+
+
+def _jpeg(size=(40, 30), color="red", **save) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, format="JPEG", **save)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def service(tiny_checkpoints, gldv2_learnable, tmp_path_factory):
+    """The batch ensemble of the two tiny models with a fixed non-landmark set N (half of the non-landmark test
+    images), then the service on its output."""
+    from ray import serve
+
+    out = tmp_path_factory.mktemp("served")
+    truth = open_manifest(DataConfig(root=gldv2_learnable)).recognition()
+    non_landmarks = sorted(truth.loc[truth["landmarks"].fillna("") == "", "id"])
+    pd.DataFrame({"id": non_landmarks[::2]}).to_csv(out / "n.csv", index=False)
+    cfg = config_from_dict({
+        "name": "served", "output_dir": str(out / "ensemble"), "report": {"queries": 0},
+        "models": [{"name": "dolg", "checkpoint": tiny_checkpoints["dolg"], "family": "dolg"},
+                   {"name": "effnet", "checkpoint": tiny_checkpoints["effnet"], "family": "efficientnet"}],
+        "embed": {"batch_size": 16},
+        "recognition": {"nonlandmark": {"source": "ids", "ids": str(out / "n.csv")}},
+    }, "test", EnsembleConfig)
+    run_ensemble(cfg, printer=lambda line, transient=False: None)
+
+    test_ids = [i for i in open_manifest(DataConfig(root=gldv2_learnable)).test()["id"] if i not in
+                set(non_landmarks[::2])]
+    jpegs = read_jpegs(resolve(gldv2_learnable).child("test"), test_ids)
+    settings = ServeSettings(ensemble="(in memory)", allow_index_add=True, replicas={"num_cpus": 0.5, "batch_wait_timeout_s": 0.05},
+                             limits={"max_images": 8})
+    url = start_service(settings, cfg, port=free_port())
+    read = lambda name: pd.read_csv(out / "ensemble" / name, dtype=str, keep_default_na=False).set_index("id")
+    yield Service(url, cfg, jpegs, read("submission_recognition.csv"), read("submission_retrieval.csv"))
+    serve.shutdown()
+
+
+def post(url: str, images: list[bytes], **params) -> requests.Response:
+    if len(images) == 1:
+        return requests.post(url, data=images[0], headers={"Content-Type": "image/jpeg"}, params=params, timeout=120)
+    return requests.post(url, files=[("image", (f"{n}.jpg", data, "image/jpeg")) for n, data in enumerate(images)],
+                         params=params, timeout=120)
+
+
+def submitted(service: Service, image_id: str) -> tuple[int, float]:
+    landmark, confidence = service.recognition.at[image_id, "landmarks"].split()
+    return int(landmark), float(confidence)
+
+
+@pytest.mark.slow
+def test_online_answers_equal_the_batch_ensembles_submission_rows(service):
+    ids = sorted(service.queries)
+    assert len(ids) > 20
+    answered = {}
+    for start in range(0, len(ids), 8):  # several images per request, as multipart files; the last one alone
+        chunk = ids[start:start + 8]
+        response = post(f"{service.url}/recognize", [service.queries[i] for i in chunk])
+        assert response.status_code == 200, response.text
+        answered.update(zip(chunk, response.json()["results"]))
+    for image_id, answer in answered.items():
+        landmark, confidence = submitted(service, image_id)
+        assert answer["landmark_id"] == landmark, image_id
+        assert answer["confidence"] == pytest.approx(confidence, abs=1e-5), image_id
+        assert answer["landmark_score"] - answer["nonlandmark_score"] == pytest.approx(answer["confidence"], abs=1e-6)
+
+    for image_id in ids[:6]:
+        response = post(f"{service.url}/retrieve", [service.queries[image_id]], k=100)
+        assert response.status_code == 200, response.text
+        result = response.json()["results"][0]
+        assert result["ids"] == service.retrieval.at[image_id, "images"].split(), image_id
+        assert result["scores"] == sorted(result["scores"], reverse=True)
+    short = post(f"{service.url}/retrieve", [service.queries[ids[0]]], k=3).json()["results"][0]
+    assert short["ids"] == service.retrieval.at[ids[0], "images"].split()[:3]
+
+    meta = requests.get(f"{service.url}/metadata", timeout=30).json()
+    assert [m["name"] for m in meta["models"]] == ["dolg", "effnet"]
+    assert meta["models"][0]["image_size"] == 64 and meta["models"][0]["embedding_dim"] == 512
+    assert meta["nonlandmark_images"] == len(pd.read_csv(service.cfg.recognition.nonlandmark.ids))
+    assert requests.get(f"{service.url}/healthz", timeout=30).json() == {"status": "ok"}
+
+
+@pytest.mark.slow
+def test_requests_in_flight_together_are_embedded_in_one_batch_and_answered_alike(service):
+    ids = sorted(service.queries)[:6]
+    with ThreadPoolExecutor(len(ids)) as pool:
+        responses = list(pool.map(lambda i: post(f"{service.url}/recognize", [service.queries[i]]), ids))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    assert max(r.json()["model_batch_sizes"][0] for r in responses) > 1
+    for image_id, response in zip(ids, responses):
+        landmark, confidence = submitted(service, image_id)
+        answer = response.json()["results"][0]
+        assert answer["landmark_id"] == landmark and answer["confidence"] == pytest.approx(confidence, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_each_bad_input_gets_a_4xx_with_a_one_line_json_error_and_the_service_keeps_serving(service):
+    good = next(iter(service.queries.values()))
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    truncated = _jpeg((400, 300), "blue", quality=95)
+    truncated = truncated[:len(truncated) // 2]
+    cases = {
+        "png": (f"{service.url}/recognize", [png.getvalue()], 415, "PNG image: only JPEG"),
+        "not an image": (f"{service.url}/recognize", [b"hello, not a picture"], 415, "not an image"),
+        "empty body": (f"{service.url}/recognize", [b""], 400, "empty"),
+        "50 megapixels": (f"{service.url}/recognize", [_jpeg((8200, 6100), "white")], 413, "50.0 megapixels"),
+        "truncated": (f"{service.url}/retrieve", [truncated], 400, "truncated"),
+        "too many": (f"{service.url}/recognize", [good] * 9, 413, "more than 8 images"),
+        "one bad of two": (f"{service.url}/recognize", [good, b"\xff\xd8garbage"], 415, "not an image"),
+    }
+    for what, (url, images, status, message) in cases.items():
+        response = post(url, images)
+        assert response.status_code == status, (what, response.text)
+        assert message in response.json()["error"] and "\n" not in response.text, (what, response.text)
+    for k in ("0", "101", "ten"):
+        response = post(f"{service.url}/retrieve", [good], k=k)
+        assert response.status_code == 400 and "k must be an integer from 1 to 100" in response.json()["error"]
+    assert requests.get(f"{service.url}/nowhere", timeout=30).status_code == 404
+    assert post(f"{service.url}/recognize", [good]).status_code == 200
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_did_not_write_the_embeddings_refuses_to_start(service, tiny_checkpoints):
+    swapped = service.cfg.model_copy(update={"models": [
+        service.cfg.models[0].model_copy(update={"checkpoint": tiny_checkpoints["effnet"]}), service.cfg.models[1]]})
+    with pytest.raises(JobError, match=r"model dolg: its checkpoint is .*effnet.* but .*embeddings/dolg/test/"
+                                       r"_embedding.json holds embeddings of .*dolg.*; rerun jobs/ensemble.py"):
+        landmark_app(ServeSettings(ensemble="(in memory)"), swapped)
+
+
+@pytest.mark.slow
+def test_images_added_to_the_index_are_retrieved_at_once_and_persisted_beside_its_embeddings(service):
+    """Runs after the tests that compare retrieval with the submission: it grows the served index."""
+    ids = sorted(service.queries)[:2]
+    files = [("image", (f"added_{n}.jpg", service.queries[i], "image/jpeg")) for n, i in enumerate(ids)]
+    before = requests.get(f"{service.url}/metadata", timeout=30).json()["index_images"]
+    response = requests.post(f"{service.url}/index/add", files=files, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["added"] == ["added_0", "added_1"] and response.json()["index_images"] == before + 2
+    # The image itself, asked again, finds its added copy among the best (cosine 1, before the label boosts).
+    found = post(f"{service.url}/retrieve", [service.queries[ids[1]]], k=10).json()["results"][0]["ids"]
+    assert "added_1" in found
+    # Persisted for both models, where a restarted replica and the next ensemble run read the index.
+    index = load_split(service.cfg, "index")
+    assert {"added_0", "added_1"} <= set(index.ids) and all(len(e) == len(index.ids) for e in index.by_model.values())
+    again = requests.post(f"{service.url}/index/add", files=files[:1], timeout=120)
+    assert again.status_code == 409 and "added_0 is already in the index" in again.json()["error"]
+    bad = requests.post(f"{service.url}/index/add", files=[("image", ("../x y.jpg", service.queries[ids[0]]))],
+                        timeout=120)
+    assert bad.status_code == 400 and "is not one" in bad.json()["error"]
+
+
+def test_the_serve_config_files_validate_and_overrides_reach_the_application_args():
+    served = read_serve_file("configs/serve/quickstart.yaml", ["replicas.num_cpus=2", "limits.max_images=4"])
+    assert (served.host, served.port, served.route_prefix) == ("127.0.0.1", 8000, "/")
+    assert served.settings.replicas.num_cpus == 2 and served.settings.limits.max_images == 4
+    assert read_serve_file("configs/serve/gldv2_2021.yaml").settings.replicas.autoscaling["max_replicas"] == 8
+    with pytest.raises(JobError, match=r"quickstart.yaml \(applications\[0\].args\): unknown key 'replicas.gpus'"):
+        read_serve_file("configs/serve/quickstart.yaml", ["replicas.gpus=1"])
