@@ -139,7 +139,7 @@ def _require_size(n: int, k: int, what: str, self_excluded: bool) -> None:
     if n <= k:
         raise ValueError(f"the non-landmark set N has {n} images; {what} needs more than k = {k}")
     if self_excluded and n <= k + 1:
-        raise ValueError(f"the non-landmark set N has {n} images; {what} with images that are in N themselves "
+        raise ValueError(f"the non-landmark set N has {n} images; {what} with gallery images that are in N "
                          f"needs more than k + 1 = {k + 1}")
 
 
@@ -160,7 +160,7 @@ def nonlandmark_bias(gallery: np.ndarray, nonlandmark: np.ndarray, k: int = 5, *
 
     ``gallery`` [G, D] and ``nonlandmark`` [n, D]: unit rows; ``gallery_rows`` int [G]: the row of N that a gallery
     image is itself (-1: none), left out of its own b_j. N must hold more than k images (k + 1 when some gallery
-    image is in N), so that leaving one out still leaves k.
+    image is in N), so that leaving any one out still leaves k, and a (k+1)-th to move up.
     """
     own = None if gallery_rows is None or not (np.asarray(gallery_rows) >= 0).any() else np.asarray(gallery_rows)
     _require_size(len(nonlandmark), k, "b_j", own is not None)
@@ -179,7 +179,7 @@ def query_penalty(queries: np.ndarray, nonlandmark: np.ndarray, k: int = 10, *, 
     loses. A query that is N's row ``query_rows[q]`` (-1: none) leaves itself out: the 2020 code takes the top k + 1
     and drops the first; here the dropped entry is the query's own row, found by index."""
     own = None if query_rows is None or not (np.asarray(query_rows) >= 0).any() else np.asarray(query_rows)
-    _require_size(len(nonlandmark), k, "the query penalty", own is not None)
+    _require_size(len(nonlandmark), k, "the query penalty", False)  # a query in N still has k others
     scores, indices = knn(queries, nonlandmark, k + (own is not None), device=device)
     if own is not None:
         scores, _ = _without_own(scores, indices, own, k)
