@@ -56,6 +56,23 @@ def test_chunked_search_equals_brute_force(backend, query_chunk, database_chunk,
     assert np.all(np.diff(scores, axis=1) <= 0)
 
 
+@pytest.mark.parametrize("query_chunk, database_chunk", [(None, None), (7, 13)])
+def test_a_database_offset_is_added_to_every_score_of_its_row(backend, query_chunk, database_chunk):
+    # The augmented dimension of recognition's exact adjusted top-k: the ranking is by q . g_j + offset_j, which moves
+    # rows far below the plain top k to the front.
+    queries, database = unit(30, 16, 4), unit(200, 16, 5)
+    offset = np.random.default_rng(6).uniform(-1, 1, 200).astype(np.float32)
+    scores, indices = knn(queries, database, 9, backend=backend, query_chunk=query_chunk,
+                          database_chunk=database_chunk, database_offset=offset)
+    sims = queries.astype(np.float64) @ database.astype(np.float64).T + offset
+    expected = np.argsort(-sims, axis=1, kind="stable")[:, :9]
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_allclose(scores, np.take_along_axis(sims, expected, axis=1), atol=1e-5)
+    assert not np.array_equal(indices, knn(queries, database, 9, backend=backend)[1])
+    with pytest.raises(ValueError, match="database_offset must be 200 finite numbers"):
+        knn(queries, database, 9, backend=backend, database_offset=offset[:10])
+
+
 def test_float16_tensors_and_a_small_budget(backend):
     queries, database = unit(40, 32, 2, np.float16), unit(500, 32, 3, np.float16)
     # A budget that forces several chunks of each.

@@ -272,8 +272,8 @@ def _check_nonlandmark_size(cfg: EnsembleConfig, group: NonLandmarkGroup, self_e
     if len(group.members) <= need:
         raise JobError(
             f"recognition.nonlandmark (source {rc.nonlandmark.source}): {len(group.members)} non-landmark images for "
-            f"{group.description.split(':')[0]}; b_j and the query penalty need more than {need} (gallery_nonlandmark_k "
-            f"{rc.gallery_nonlandmark_k}, query_nonlandmark_k {rc.query_nonlandmark_k}"
+            f"{group.description.split(':')[0]}; b_j and the query penalty need more than {need} "
+            f"(gallery_nonlandmark_k {rc.gallery_nonlandmark_k}, query_nonlandmark_k {rc.query_nonlandmark_k}"
             + (", +1 for the image left out when a gallery image is in N)" if self_excluded else ")")
             + "; use a larger N or smaller k")
 

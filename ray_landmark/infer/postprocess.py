@@ -1,6 +1,6 @@
-"""The ensemble's post-processing (arXiv 2110.03786 §3.3 and the 2020 1st-place code it takes the non-landmark re-ranking
-from, psinger/kaggle-landmark-recognition-2020-1st-place ``notebooks/blend_ranking.ipynb``), on plain arrays of unit
-rows: no files, manifests or Ray, so a batch job and an online service answer alike.
+"""The ensemble's post-processing (arXiv 2110.03786, and the 2020 1st-place code it takes the non-landmark re-ranking
+from: psinger/kaggle-landmark-recognition-2020-1st-place, ``notebooks/blend_ranking.ipynb``), on plain arrays of
+unit rows: no files, manifests or Ray, so a batch job and an online service answer alike.
 
 Recognition: :func:`combine_families` -> :func:`nonlandmark_bias` (b_j of every gallery image, once per gallery and N)
 -> :func:`recognize`, which takes the *exact* top-k of ``clamp(cos, 0, 1) - b_j`` over the whole gallery
@@ -153,8 +153,8 @@ def _without_own(scores: np.ndarray, indices: np.ndarray, own: np.ndarray, k: in
     return scores[keep].reshape(-1, width)[:, :k], indices[keep].reshape(-1, width)[:, :k]
 
 
-def nonlandmark_bias(gallery: np.ndarray, nonlandmark: np.ndarray, k: int = 5, *, gallery_rows: np.ndarray | None = None,
-                     device: str | None = None) -> NonLandmarkBias:
+def nonlandmark_bias(gallery: np.ndarray, nonlandmark: np.ndarray, k: int = 5, *,
+                     gallery_rows: np.ndarray | None = None, device: str | None = None) -> NonLandmarkBias:
     """b_j for every gallery image: the mean of its top-k similarities to N (§5 recognition step 3), with what each of
     those N images contributes (see :class:`NonLandmarkBias`).
 
@@ -302,10 +302,10 @@ def recognize(queries: np.ndarray, gallery: np.ndarray, gallery_labels: np.ndarr
 
     ``queries`` [Q, D], ``gallery`` [G, D]: unit rows (the ensemble embedding); ``gallery_labels`` int [G].
     ``nonlandmark`` [n, D]: the non-landmark set N, from which ``bias`` (b_j over ``gallery_nonlandmark_k``) and
-    ``penalty`` are computed unless given precomputed (``bias`` from :func:`nonlandmark_bias`, :meth:`NonLandmarkBias.of`
-    for bare b_j; ``penalty`` float [Q] from :func:`query_penalty`). ``query_rows`` / ``gallery_rows`` int: the row
-    of N each query / gallery image is itself (-1: none), left out of its own evidence. ``steps``: the subset of
-    :data:`RECOGNITION_STEPS` to apply (none: the plain kNN vote).
+    ``penalty`` are computed unless given precomputed (``bias`` from :func:`nonlandmark_bias`, or
+    :meth:`NonLandmarkBias.of` for bare b_j; ``penalty`` float [Q] from :func:`query_penalty`).
+    ``query_rows`` / ``gallery_rows`` int: the row of N each query / gallery image is itself (-1: none), left out of
+    its own evidence. ``steps``: the subset of :data:`RECOGNITION_STEPS` to apply (none: the plain kNN vote).
     """
     steps = set(steps)
     if steps - set(RECOGNITION_STEPS):
