@@ -128,8 +128,9 @@ class Stage:
     members: tuple[EnsembleModel, ...]
 
     def embeddings(self, splits: dict[str, SplitEmbeddings], split: str) -> np.ndarray:
-        """Unit rows of one split: the model's own, or the weighted family-averaged concatenation (§5 step 1).
-        Built when needed and dropped after: at GLDv2 scale one stage's train matrix is gigabytes."""
+        """Unit rows of one split: the model's own, or the weighted family-averaged concatenation (step 1 of the
+        method's recognition). Built when needed and dropped after: at GLDv2 scale one stage's train matrix is
+        gigabytes."""
         return pp.combine_families([(m.family, splits[split].by_model[m.name].astype(np.float32))
                                     for m in self.members], [m.weight for m in self.members])
 
@@ -311,8 +312,8 @@ def recognize_with_reranking(cfg: EnsembleConfig, stage: Stage, splits: dict[str
 
 def retrieve_with_reranking(cfg: EnsembleConfig, splits: dict[str, SplitEmbeddings], gallery_labels: np.ndarray,
                             device: str, rerank: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """§5 retrieval by :func:`postprocess.retrieve` over the retrieval models, one model's rows in memory at a time;
-    ``rerank`` False: the weighted score sum alone."""
+    """The method's retrieval by :func:`postprocess.retrieve` over the retrieval models, one model's rows in memory
+    at a time; ``rerank`` False: the weighted score sum alone."""
     def models():
         for model in (m for m in cfg.models if "retrieval" in m.tasks):
             stage = Stage(model.name, "model", ("retrieval",), (model,))

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ray_landmark.infer.config import RecognitionSettings, RetrievalSettings
 from ray_landmark.infer.search import knn
+
+if TYPE_CHECKING:  # only their fields are read: no pydantic needed where the settings come from elsewhere
+    from ray_landmark.infer.config import RecognitionSettings, RetrievalSettings
 
 # The recognition post-processing steps, each of which can be left out (the report's ablation rows).
 RECOGNITION_STEPS = ("bias", "penalty")
@@ -43,7 +47,7 @@ def l2_normalize(embeddings: np.ndarray) -> np.ndarray:
 
 
 def combine_families(models: Sequence[tuple[str, np.ndarray]], weights: Sequence[float] | None = None) -> np.ndarray:
-    """The ensemble embedding of §5 recognition step 1: float32 [N, sum of the families' D], unit rows.
+    """The ensemble embedding (the method's recognition step 1): float32 [N, sum of the families' D], unit rows.
 
     ``models``: (family name, embeddings [N, D_family]) per model, all with the same N rows; ``weights``: one per model
     (default all 1). Each model's rows are L2-normalised, averaged within the family with the models' weights, the
@@ -120,11 +124,10 @@ class NonLandmarkBias:
         empty = (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.float32),) * 2
         if self.rows is None:
             return empty
-        flat = self.rows.ravel()
-        order = np.argsort(flat, kind="stable")
+        order, sorted_rows = self._by_row
         n_rows = np.asarray(n_rows, dtype=np.int64)
-        starts = np.searchsorted(flat[order], n_rows, "left")
-        counts = np.where(n_rows >= 0, np.searchsorted(flat[order], n_rows, "right") - starts, 0)
+        starts = np.searchsorted(sorted_rows, n_rows, "left")
+        counts = np.where(n_rows >= 0, np.searchsorted(sorted_rows, n_rows, "right") - starts, 0)
         if not counts.sum():
             return empty
         queries = np.repeat(np.arange(len(n_rows)), counts)
@@ -133,6 +136,13 @@ class NonLandmarkBias:
         entries = order[np.repeat(starts, counts) + offsets]  # into the flattened [G, k] arrays
         gallery = entries // self.rows.shape[1]
         return queries, gallery, self.sims.ravel()[entries], self.bias[gallery] - self.drops.ravel()[entries]
+
+    @cached_property
+    def _by_row(self) -> tuple[np.ndarray, np.ndarray]:
+        """The flattened ``rows`` sorted (a permutation, the sorted values), once per bias: a service lists every
+        query against the same one."""
+        order = np.argsort(self.rows.ravel(), kind="stable")
+        return order, self.rows.ravel()[order]
 
 
 def _require_size(n: int, k: int, what: str, self_excluded: bool) -> None:
@@ -155,8 +165,8 @@ def _without_own(scores: np.ndarray, indices: np.ndarray, own: np.ndarray, k: in
 
 def nonlandmark_bias(gallery: np.ndarray, nonlandmark: np.ndarray, k: int = 5, *,
                      gallery_rows: np.ndarray | None = None, device: str | None = None) -> NonLandmarkBias:
-    """b_j for every gallery image: the mean of its top-k similarities to N (§5 recognition step 3), with what each of
-    those N images contributes (see :class:`NonLandmarkBias`).
+    """b_j for every gallery image: the mean of its top-k similarities to N (the method's recognition step 3), with
+    what each of those N images contributes (see :class:`NonLandmarkBias`).
 
     ``gallery`` [G, D] and ``nonlandmark`` [n, D]: unit rows; ``gallery_rows`` int [G]: the row of N that a gallery
     image is itself (-1: none), left out of its own b_j. N must hold more than k images (k + 1 when some gallery
@@ -175,9 +185,9 @@ def nonlandmark_bias(gallery: np.ndarray, nonlandmark: np.ndarray, k: int = 5, *
 
 def query_penalty(queries: np.ndarray, nonlandmark: np.ndarray, k: int = 10, *, query_rows: np.ndarray | None = None,
                   device: str | None = None) -> np.ndarray:
-    """float32 [Q]: the mean of each query's top-k similarities to N (§5 recognition step 3), which the confidence
-    loses. A query that is N's row ``query_rows[q]`` (-1: none) leaves itself out: the 2020 code takes the top k + 1
-    and drops the first; here the dropped entry is the query's own row, found by index."""
+    """float32 [Q]: the mean of each query's top-k similarities to N (the method's recognition step 3), which the
+    confidence loses. A query that is N's row ``query_rows[q]`` (-1: none) leaves itself out: the 2020 code takes the
+    top k + 1 and drops the first; here the dropped entry is the query's own row, found by index."""
     own = None if query_rows is None or not (np.asarray(query_rows) >= 0).any() else np.asarray(query_rows)
     _require_size(len(nonlandmark), k, "the query penalty", False)  # a query in N still has k others
     scores, indices = knn(queries, nonlandmark, k + (own is not None), device=device)
@@ -208,19 +218,31 @@ def adjusted_topk(queries: np.ndarray, gallery: np.ndarray, k: int, bias: NonLan
     b = np.asarray(bias.bias, dtype=np.float32)
     if len(b) != len(gallery):
         raise ValueError(f"b_j has {len(b)} values for {len(gallery)} gallery images")
+    if query_rows is not None and len(query_rows) != len(queries):
+        raise ValueError(f"{len(query_rows)} query rows of N for {len(queries)} queries")
     scores, indices = knn(queries, gallery, k, device=device, database_offset=-b)
-    n_query = len(scores)
     lowest = np.argsort(b, kind="stable")[:k]
-    cos_lowest = _inner(queries, np.asarray(gallery)[lowest])
+    return merge_candidates(scores, indices, _inner(queries, np.asarray(gallery)[lowest]), lowest, bias, query_rows)
+
+
+def merge_candidates(scores: np.ndarray, indices: np.ndarray, cos_lowest: np.ndarray, lowest: np.ndarray,
+                     bias: NonLandmarkBias, query_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The part of :func:`adjusted_topk` after its search: from the search's top k of ``cos - b_j`` (``scores``,
+    ``indices`` [Q, k]), the queries' cosines ``cos_lowest`` [Q, k] to the k gallery images of smallest b_j
+    (``lowest``), and the pairs of queries in N, each query's best k by ``a``: (float32, int64) [Q, k]."""
+    n_query, k = scores.shape
+    b = np.asarray(bias.bias, dtype=np.float32)
     q_pos = [np.repeat(np.arange(n_query), k)] * 2
     j = [indices.ravel(), np.tile(lowest, n_query)]
     a = [(np.clip(scores + b[indices], 0.0, 1.0) - b[indices]).ravel(),
          (np.clip(cos_lowest, 0.0, 1.0) - b[lowest]).ravel()]
     if query_rows is not None:
-        if len(query_rows) != n_query:
-            raise ValueError(f"{len(query_rows)} query rows of N for {n_query} queries")
         pair_q, pair_j, pair_cos, pair_b = bias.listing(query_rows)
-        q_pos.append(pair_q), j.append(pair_j), a.append(np.clip(pair_cos, 0.0, 1.0) - pair_b)
+        pair_a = np.clip(pair_cos, 0.0, 1.0) - pair_b
+        # A pair below its query's k-th best search candidate cannot enter the top k (those k images score at least
+        # that much): only the others join the merge, which keeps it small at GLDv2's gallery x 5 pairs.
+        useful = pair_a >= a[0].reshape(n_query, k).min(axis=1)[pair_q]
+        q_pos.append(pair_q[useful]), j.append(pair_j[useful]), a.append(pair_a[useful])
     return _best_per_query(np.concatenate(q_pos), np.concatenate(j), np.concatenate(a).astype(np.float32), n_query, k)
 
 
@@ -282,18 +304,18 @@ def vote_neighbours(scores: np.ndarray, indices: np.ndarray, gallery_labels: np.
 
 def label_images(embeddings: np.ndarray, gallery: np.ndarray, gallery_labels: np.ndarray, k: int = 3, *,
                  device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Label images by their k nearest train (gallery) images, §5 retrieval step 2: (landmark ids int64 [Q],
+    """Label images by their k nearest train (gallery) images, the method's retrieval step 2: (landmark ids int64 [Q],
     confidence float32 [Q]), the summed ``clamp(cos, 0, 1)`` of the winning label (the voting was never published;
     the sum of similarity is our choice)."""
     return vote_neighbours(*adjusted_topk(embeddings, gallery, k, device=device), gallery_labels)
 
 
 def recognize(queries: np.ndarray, gallery: np.ndarray, gallery_labels: np.ndarray,
-              settings: RecognitionSettings = RecognitionSettings(), *, nonlandmark: np.ndarray | None = None,
+              settings: RecognitionSettings, *, nonlandmark: np.ndarray | None = None,
               bias: NonLandmarkBias | None = None, penalty: np.ndarray | None = None,
               query_rows: np.ndarray | None = None, gallery_rows: np.ndarray | None = None,
               steps: Iterable[str] = RECOGNITION_STEPS, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Landmark ids int64 [Q] and confidences float32 [Q] of the queries (§5 recognition, steps 2-3).
+    """Landmark ids int64 [Q] and confidences float32 [Q] of the queries (the method's recognition, steps 2-3).
 
     The exact top ``settings.top_k`` gallery images by ``clamp(cos, 0, 1) - b_j`` (:func:`adjusted_topk`) vote with
     those adjusted similarities, summed per landmark (:func:`vote`); the winner's sum, minus the mean of the query's
@@ -347,7 +369,7 @@ def soft_rerank(
     same_factor: float = 1.0,
     other_factor: float = 0.1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One model's query -> index kNN re-scored by labels (§5 retrieval step 3) and re-sorted: (float32, int64) [Q, k].
+    """One model's query -> index kNN re-scored by labels (retrieval step 3) and re-sorted: (float32, int64) [Q, k].
 
     ``s(q, j) += same_factor * c_j`` when ``query_labels[q] == index_labels[j]``, else ``s(q, j) -= other_factor *
     c_j``, with c_j = ``index_confidence[j]`` (labels and confidences from :func:`label_images`). Ties keep the
@@ -366,7 +388,7 @@ def soft_rerank(
 
 @dataclass
 class RetrievalModel:
-    """One model's unit rows for retrieval (§5 retrieval) and its weight in the score sum."""
+    """One model's unit rows for retrieval (the method's retrieval) and its weight in the score sum."""
 
     queries: np.ndarray  # [Q, D]
     index: np.ndarray  # [I, D]
@@ -376,10 +398,9 @@ class RetrievalModel:
     index_labels: tuple[np.ndarray, np.ndarray] | None = None
 
 
-def retrieve(models: Iterable[RetrievalModel], gallery_labels: np.ndarray,
-             settings: RetrievalSettings = RetrievalSettings(), *, rerank: bool = True,
-             device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """§5 retrieval steps 1-4: (fused scores float32, index rows int64) [Q, out_k], best first (-1 padding).
+def retrieve(models: Iterable[RetrievalModel], gallery_labels: np.ndarray, settings: RetrievalSettings, *,
+             rerank: bool = True, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The method's retrieval, steps 1-4: (fused scores float32, index rows int64) [Q, out_k], best first (-1 padding).
 
     Per model: the query's ``rerank_pool`` nearest index images are soft re-ranked by the labels of the query and the
     index images (:func:`label_images`, top ``label_k`` train neighbours; :func:`soft_rerank`) and cut to
@@ -409,7 +430,7 @@ def fuse_models(
     out_k: int = 100,
     chunk_rows: int = 2048,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sum the models' retrieval scores per index image (§5 retrieval step 4): (float32, int64) [Q, min(out_k, W)].
+    """Sum the models' retrieval scores per index image (retrieval step 4): (float32, int64) [Q, min(out_k, W)].
 
     ``results``: (scores, indices) [Q, k_m] per model, rows sorted descending. Each model keeps its first
     ``per_model`` columns; an index image's fused score is the sum over the models that kept it (0 from a model that
