@@ -228,6 +228,19 @@ def test_every_ablation_step_is_scored_and_an_n_no_larger_than_k_is_refused(tmp_
         recognize_with_reranking(cfg, ensemble, splits, groups, labels, "cpu")
 
 
+def test_the_table_leads_with_private_and_pooled_metrics_say_so():
+    from ray_landmark.infer.ensemble import _headline, headline_text, metrics_text
+
+    row = {"what": "final", **_headline({"gap": 0.5, "gap_public": 0.25, "gap_private": 0.75, "map100": 0.5,
+                                         "map100_private": 0.125, "top1": 0.5})}
+    assert set(row) == {"what", "gap_pooled", "gap_public", "gap_private", "map100_pooled", "map100_private",
+                        "top1_pooled"}
+    header, line = metrics_text([row]).splitlines()
+    assert header.split()[:4] == ["gap_private", "gap_public", "map100_private", "map100_public"]
+    assert line.split()[1:5] == ["0.7500", "0.2500", "0.1250", "-"]
+    assert headline_text(row) == "gap_private 0.7500, gap_public 0.2500, map100_private 0.1250"
+
+
 def test_each_task_compares_models_families_of_several_models_and_the_ensemble_of_that_tasks_models(tmp_path):
     from ray_landmark.infer.ensemble import SplitEmbeddings, stages
 

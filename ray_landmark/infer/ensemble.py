@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -75,6 +75,7 @@ class SplitEmbeddings:
     ids: np.ndarray
     by_model: dict[str, np.ndarray]  # float16 [N, D_model]
     excluded: int  # rows dropped because a model's embedding was NaN, infinite or zero
+    excluded_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
 
 
 def load_split(cfg: EnsembleConfig, split: str) -> SplitEmbeddings:
@@ -102,7 +103,7 @@ def load_aligned(folders: dict[str, Location], what: str) -> SplitEmbeddings:
         bad |= _invalid_rows(embeddings)[order[name]]
     # One reordered copy per model, bad rows left out.
     by_model = {name: embeddings[order[name][~bad]] for name, (_, _, embeddings) in loaded.items()}
-    return SplitEmbeddings(ids[~bad], by_model, int(bad.sum()))
+    return SplitEmbeddings(ids[~bad], by_model, int(bad.sum()), ids[bad])
 
 
 def _invalid_rows(embeddings: np.ndarray, chunk: int = 65536) -> np.ndarray:
@@ -248,12 +249,14 @@ def load_nonlandmark(cfg: EnsembleConfig, tables: Tables,
     else:
         source = splits[settings.ids_split if settings.source == "ids" else "test"]
     position = pd.Series(np.arange(len(source.ids)), index=source.ids)
-    unknown = pd.Index(ids).difference(position.index)
+    # An image whose embedding was invalid is already dropped and counted; one never embedded is an error.
+    ids = pd.Index(ids).difference(source.excluded_ids, sort=False)
+    unknown = ids.difference(position.index)
     if len(unknown):
         key = "embeddings" if settings.embeddings else ("ids" if settings.source == "ids" else "source")
         raise JobError(f"recognition.nonlandmark.{key}: {len(unknown):,} of the {len(ids):,} images of N have no "
                        f"embedding (e.g. {unknown[0]}); embed them, or drop them from the list")
-    rows = np.sort(position.loc[pd.Index(ids).unique()].to_numpy())
+    rows = np.sort(position.loc[ids.unique()].to_numpy())
     nonlandmark = SplitEmbeddings(source.ids[rows], {name: e[rows] for name, e in source.by_model.items()}, 0)
     return nonlandmark, [NonLandmarkGroup(f"all queries: {description}", np.arange(len(test_ids)),
                                           np.arange(len(rows)))]
@@ -425,6 +428,11 @@ TABLE_COLUMNS = ("gap_private", "gap_public", "map100_private", "map100_public",
 HEADLINE = ("gap_private", "gap_public", "map100_private", "map100_public")
 
 
+def headline_text(row: dict) -> str:
+    """One line of a row's headline metrics, Private first."""
+    return ", ".join(f"{key} {row[key]:.4f}" for key in HEADLINE if row.get(key) is not None)
+
+
 def metrics_text(rows: list[dict]) -> str:
     """The metrics table for a terminal: one line per stage, a dash where a stage has no such metric."""
     width = max(len(r["what"]) for r in rows)
@@ -471,10 +479,11 @@ def run_ensemble(cfg: EnsembleConfig, printer: Printer = say) -> dict:
     out = resolve(cfg.output_dir, cfg.storage)
     report = out.child("report.html")
     metric_rows = [{"what": r["what"], **{c: r.get(c) for c in TABLE_COLUMNS}} for r in scored["rows"]]
+    final = scored["rows"][-1]
     write_report(report, title=f"Ensemble {cfg.name}", metrics=metric_rows, notes=scored["notes"],
                  gallery=_gallery(cfg, data, scored),
-                 info={"output": out.uri, "models": ", ".join(m.name for m in cfg.models)})
-    final = scored["rows"][-1]
+                 info={"score": headline_text(final), "output": out.uri,
+                       "models": ", ".join(m.name for m in cfg.models)})
     summary = {
         "name": cfg.name,
         **{key: final.get(key) for key in HEADLINE},
