@@ -211,8 +211,9 @@ def test_every_ablation_step_is_scored_and_an_n_no_larger_than_k_is_refused(tmp_
     splits = {s: load_split(cfg, s) for s in ("test", "train")}
     splits["nonlandmark"], groups = load_nonlandmark(cfg, tables, splits)
     ensemble = [s for s in stages(cfg) if s.kind == "ensemble" and "recognition" in s.tasks][0]
+    rows = [ensemble.embeddings(splits, s) for s in ("test", "train", "nonlandmark")]
     labels = np.array([1, 1, 2, 2])
-    by_steps = recognize_with_reranking(cfg, ensemble, splits, groups, labels, "cpu")
+    by_steps = recognize_with_reranking(cfg, *rows, splits, groups, labels, "cpu")
     assert set(by_steps) == set(RECOGNITION_ABLATION)
     (_, bias_alone), (_, penalty_alone), (_, both) = (by_steps[s] for s in RECOGNITION_ABLATION)
     assert len(both) == 6 and not np.allclose(bias_alone, both) and not np.allclose(penalty_alone, both)
@@ -221,11 +222,12 @@ def test_every_ablation_step_is_scored_and_an_n_no_larger_than_k_is_refused(tmp_
     cfg, _ = _nonlandmark_case(tmp_path, {"gallery_nonlandmark_k": 2, "query_nonlandmark_k": 4})
     with pytest.raises(JobError, match=r"recognition.nonlandmark \(source split\): 4 non-landmark images for all "
                                        r"queries; .* need more than 4"):
-        recognize_with_reranking(cfg, ensemble, splits, groups, labels, "cpu")
+        recognize_with_reranking(cfg, *rows, splits, groups, labels, "cpu")
     cfg, _ = _nonlandmark_case(tmp_path, {"nonlandmark": {"source": "cross_usage"}})
     splits["nonlandmark"], groups = load_nonlandmark(cfg, tables, splits)
+    rows[2] = ensemble.embeddings(splits, "nonlandmark")
     with pytest.raises(JobError, match=r"\(source cross_usage\): 1 non-landmark images for Private queries"):
-        recognize_with_reranking(cfg, ensemble, splits, groups, labels, "cpu")
+        recognize_with_reranking(cfg, *rows, splits, groups, labels, "cpu")
 
 
 def test_the_table_leads_with_private_and_pooled_metrics_say_so():

@@ -287,12 +287,13 @@ RECOGNITION_ABLATION = (("bias",), ("penalty",), ("bias", "penalty"))
 STEP_NAMES = {"bias": "b_j", "penalty": "query penalty"}
 
 
-def recognize_with_reranking(cfg: EnsembleConfig, stage: Stage, splits: dict[str, SplitEmbeddings],
-                             groups: list[NonLandmarkGroup], gallery_labels: np.ndarray,
+def recognize_with_reranking(cfg: EnsembleConfig, test: np.ndarray, train: np.ndarray, nonlandmark: np.ndarray,
+                             splits: dict[str, SplitEmbeddings], groups: list[NonLandmarkGroup],
+                             gallery_labels: np.ndarray,
                              device: str) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]:
     """The ensemble's recognition with each step set of :data:`RECOGNITION_ABLATION`: steps -> (landmarks,
-    confidence) per test row. Each group's b_j and penalties are computed once and shared by the step sets."""
-    test, train, nonlandmark = (stage.embeddings(splits, s) for s in ("test", "train", "nonlandmark"))
+    confidence) per test row. ``test``, ``train``, ``nonlandmark``: the ensemble stage's unit rows of the test split,
+    the gallery and N. Each group's b_j and penalties are computed once and shared by the step sets."""
     n_test = len(test)
     out = {steps: (np.zeros(n_test, np.int64), np.zeros(n_test, np.float32)) for steps in RECOGNITION_ABLATION}
     for group in groups:
@@ -369,9 +370,10 @@ def score(cfg: EnsembleConfig, data: DataConfig) -> dict:
             test, train = (stage.embeddings(splits, s) for s in TASK_SPLITS["recognition"])
             row.update(recognition_row(*pp.recognize(test, train, gallery_labels, cfg.recognition, steps=(),
                                                      device=device)))
-            del test, train
             if stage.kind == "ensemble":
-                recognized_by_steps = recognize_with_reranking(cfg, stage, splits, groups, gallery_labels, device)
+                recognized_by_steps = recognize_with_reranking(
+                    cfg, test, train, stage.embeddings(splits, "nonlandmark"), splits, groups, gallery_labels, device)
+            del test, train
         if "retrieval" in stage.tasks:
             test, index = (stage.embeddings(splits, s) for s in TASK_SPLITS["retrieval"])
             row.update(retrieval_row(knn(test, index, cfg.retrieval.out_k, device=device)[1]))
@@ -393,7 +395,7 @@ def score(cfg: EnsembleConfig, data: DataConfig) -> dict:
     recognition_submission(tables.test_ids, recognized, out.child("submission_recognition.csv"))
     retrieval_submission(tables.test_ids, retrieved, out.child("submission_retrieval.csv"))
     notes = [f"non-landmark set for {g.description}" for g in groups]
-    in_n = int(np.isin(test_ids, splits["nonlandmark"].ids).sum())
+    in_n = sum(int(np.isin(test_ids[g.queries], splits["nonlandmark"].ids[g.members]).sum()) for g in groups)
     if in_n:
         notes.append(f"{in_n:,} test queries are in the non-landmark set themselves: each is left out of its own "
                      "penalty and of the b_j it meets, so no query is its own evidence")
