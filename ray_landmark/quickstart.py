@@ -21,7 +21,7 @@ from ray_landmark.data.pipeline import BYTES_READ, SKIP_REASONS, eval_stream, tr
 from ray_landmark.data.shard_members import dataset_shard_index
 from ray_landmark.data.storage import resolve
 from ray_landmark.infer.config import EnsembleConfig
-from ray_landmark.infer.ensemble import metrics_text, run_ensemble
+from ray_landmark.infer.ensemble import HEADLINE, metrics_text, run_ensemble
 from ray_landmark.data.config import DataConfig, SyntheticSpec
 from ray_landmark.data.synthetic import write_synthetic_gldv2
 from ray_landmark.local_s3 import LocalS3Server
@@ -135,8 +135,7 @@ def run(cfg: Config, second: Config, ensemble: EnsembleConfig, server: LocalS3Se
     scored = run_ensemble(ensemble)
     print(metrics_text(scored["stages"]))
     summary = {
-        "gap": scored["gap"],
-        "map100": scored["map100"],
+        **{key: scored[key] for key in HEADLINE},  # Private first: the score that counts
         "models": scored["models"],
         "report": scored["report"],
         "ensemble": scored,

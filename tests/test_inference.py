@@ -76,11 +76,22 @@ def test_ensemble_scores_every_stage_and_writes_submissions_report_and_summary(t
     out = tmp_path / "ensemble"
     stages = [row["what"] for row in summary["stages"]]
     assert stages[:2] == ["dolg (dolg)", "effnet (efficientnet)"] and stages[-1] == "ensemble with post-processing"
-    for key in ("gap", "map100"):
-        assert 0 <= summary[key] <= 1 and summary["final"][key] == summary[key]
-        assert all(0 <= summary["models"][m][key] <= 1 for m in ("dolg", "effnet"))
-    assert {"gap_public", "gap_private", "map100_public", "map100_private", "top1", "mp10"} <= set(summary["final"])
-    assert any("Public non-landmark test images" in note for note in summary["notes"])
+    # The headline: Private and Public apart at the top level; the pooled figures only under a name that says so.
+    for key in ("gap_private", "gap_public", "map100_private", "map100_public"):
+        assert -1 <= summary[key] <= 1 and summary["final"][key] == summary[key]
+        assert all(key in summary["models"][m] for m in ("dolg", "effnet"))
+    assert "gap" not in summary and "gap" not in summary["final"]
+    assert {"gap_pooled", "map100_pooled", "top1_private", "mp10_private"} <= set(summary["final"])
+    # The ablation: each recognition step alone, the score sum without the label re-rank, per usage.
+    ablation = {row["what"]: row for row in summary["stages"] if row["kind"] == "ablation"}
+    assert set(ablation) == {"ensemble for recognition, b_j alone", "ensemble for recognition, query penalty alone",
+                             "ensemble for retrieval, per-model score sum without label re-rank"}
+    assert all({"gap_private", "gap_public"} <= set(ablation[w]) for w in list(ablation)[:2])
+    assert {"map100_private", "map100_public"} <= set(ablation[list(ablation)[2]])
+    # The default N: the test images without a landmark, of every usage; the queries among them leave themselves out.
+    assert any("non-landmark test images of the manifest's recognition ground truth (Public, Private, Ignored)" in note
+               for note in summary["notes"])
+    assert any("are in the non-landmark set themselves" in note for note in summary["notes"])
 
     test_ids = pd.read_csv(out / "submission_recognition.csv", dtype=str, keep_default_na=False)
     listed = open_manifest(config_from_dict(read_checkpoint_config(cfg.models[0].checkpoint), "c").data).test()
@@ -92,6 +103,7 @@ def test_ensemble_scores_every_stage_and_writes_submissions_report_and_summary(t
     report = (out / "report.html").read_text()
     assert report.count('<div class="query">') == 6 and report.count("data:image/jpeg") >= 6 * 6
     assert "ensemble with post-processing" in report and "http://" not in report
+    assert report.index("gap_private") < report.index("gap_public") < report.index("gap_pooled")
 
 
 def test_embedding_files_with_a_duplicate_id_or_another_dimension_are_errors_naming_the_file(tmp_path):
@@ -144,20 +156,93 @@ def test_a_checkpoint_whose_config_does_not_match_its_weights_is_an_error_naming
         load_model(str(copy))
 
 
-def test_an_empty_nonlandmark_id_list_is_an_error_naming_it(tmp_path):
-    from ray_landmark.infer.ensemble import Tables, _nonlandmark_groups
+def _nonlandmark_case(tmp_path, recognition: dict):
+    """An ensemble config, its ground truth and the test/train embeddings of two models written to its folder: test
+    images t0..t5 (t0, t1 landmark 1; t2..t5 non-landmarks), train images g0..g3."""
+    from ray_landmark.infer.ensemble import Tables
 
-    ids_csv = tmp_path / "n.csv"
-    ids_csv.write_text("id\nffffffffffffffff\n")
-    cfg = _ensemble_config(tmp_path, {"dolg": "x", "effnet": "y"},
-                           recognition={"nonlandmark": {"source": "ids", "ids": str(ids_csv)}})
-    tables = Tables(pd.DataFrame({"id": ["a"], "landmarks": [""], "usage": ["Public"]}), pd.DataFrame(), ["a"],
-                    pd.Series(dtype=np.int64))
-    with pytest.raises(JobError, match=rf"recognition.nonlandmark.ids {ids_csv}: none of its ids"):
-        _nonlandmark_groups(cfg, tables, np.asarray(["a"], dtype=object))
-    cross = _ensemble_config(tmp_path, {"dolg": "x", "effnet": "y"})
-    with pytest.raises(JobError, match="the Private split has no embedded non-landmark test image"):
-        _nonlandmark_groups(cross, tables, np.asarray(["a"], dtype=object))
+    cfg = _ensemble_config(tmp_path, {"dolg": "x", "effnet": "y"}, recognition=recognition)
+    rng = np.random.default_rng(0)
+    ids = {"test": [f"t{i}" for i in range(6)], "train": [f"g{i}" for i in range(4)]}
+    for model in ("dolg", "effnet"):
+        for split, split_ids in ids.items():
+            _write_parquet(resolve(str(tmp_path / "ensemble" / "embeddings" / model / split / "images_000.parquet")),
+                           split_ids, rng.normal(size=(len(split_ids), 8)).astype(np.float16))
+    truth = pd.DataFrame({"id": ids["test"], "landmarks": ["1", "1", "", "", "", ""],
+                          "usage": ["Public", "Private", "Public", "Private", "Ignored", "Private"]})
+    tables = Tables(truth, pd.DataFrame(), ids["test"], pd.Series([1, 1, 2, 2], index=ids["train"]))
+    return cfg, tables
+
+
+def test_n_is_the_ground_truths_non_landmarks_and_every_bad_n_is_one_line_naming_its_setting(tmp_path):
+    from ray_landmark.infer.ensemble import load_nonlandmark, load_split
+
+    cfg, tables = _nonlandmark_case(tmp_path, {})
+    splits = {s: load_split(cfg, s) for s in ("test", "train")}
+    n, groups = load_nonlandmark(cfg, tables, splits)
+    assert list(n.ids) == ["t2", "t3", "t4", "t5"] and len(groups) == 1 and len(groups[0].queries) == 6
+    cfg, _ = _nonlandmark_case(tmp_path, {"nonlandmark": {"usages": ["Private"]}})
+    assert list(load_nonlandmark(cfg, tables, splits)[0].ids) == ["t3", "t5"]
+
+    no_rows = tmp_path / "truth.csv"
+    no_rows.write_text("id,landmarks,Usage\nt0,1,Public\n")
+    cfg, _ = _nonlandmark_case(tmp_path, {"nonlandmark": {"ground_truth": str(no_rows)}})
+    with pytest.raises(JobError, match=rf"recognition.nonlandmark: {no_rows} has no non-landmark rows"):
+        load_nonlandmark(cfg, tables, splits)
+
+    listed = tmp_path / "n.csv"
+    listed.write_text("id\ng1\nffffffffffffffff\n")
+    cfg, _ = _nonlandmark_case(tmp_path, {"nonlandmark": {"source": "ids", "ids": str(listed), "ids_split": "train"}})
+    with pytest.raises(JobError, match=r"recognition.nonlandmark.ids: 1 of the 2 images of N have no embedding "
+                                       r"\(e.g. ffffffffffffffff\)"):
+        load_nonlandmark(cfg, tables, splits)
+    outside = tmp_path / "outside"
+    _write_parquet(resolve(str(outside / "dolg" / "images_000.parquet")), ["x0", "x1"], np.ones((2, 8), np.float16))
+    listed.write_text("id\nx0\nx1\n")
+    cfg, _ = _nonlandmark_case(tmp_path, {"nonlandmark": {"source": "ids", "ids": str(listed),
+                                                          "embeddings": str(outside)}})
+    with pytest.raises(JobError, match=r"recognition.nonlandmark.embeddings: .*outside/effnet.*embed N with each"):
+        load_nonlandmark(cfg, tables, splits)
+
+
+def test_every_ablation_step_is_scored_and_an_n_no_larger_than_k_is_refused(tmp_path):
+    from ray_landmark.infer.ensemble import (RECOGNITION_ABLATION, load_nonlandmark, load_split,
+                                             recognize_with_reranking, stages)
+
+    cfg, tables = _nonlandmark_case(tmp_path, {"gallery_nonlandmark_k": 2, "query_nonlandmark_k": 3})
+    splits = {s: load_split(cfg, s) for s in ("test", "train")}
+    splits["nonlandmark"], groups = load_nonlandmark(cfg, tables, splits)
+    ensemble = [s for s in stages(cfg) if s.kind == "ensemble" and "recognition" in s.tasks][0]
+    rows = [ensemble.embeddings(splits, s) for s in ("test", "train", "nonlandmark")]
+    labels = np.array([1, 1, 2, 2])
+    by_steps = recognize_with_reranking(cfg, *rows, splits, groups, labels, "cpu")
+    assert set(by_steps) == set(RECOGNITION_ABLATION)
+    (_, bias_alone), (_, penalty_alone), (_, both) = (by_steps[s] for s in RECOGNITION_ABLATION)
+    assert len(both) == 6 and not np.allclose(bias_alone, both) and not np.allclose(penalty_alone, both)
+
+    # |N| = 4 is not more than query_nonlandmark_k 4; under cross_usage each usage's N has 1 or 2 images.
+    cfg, _ = _nonlandmark_case(tmp_path, {"gallery_nonlandmark_k": 2, "query_nonlandmark_k": 4})
+    with pytest.raises(JobError, match=r"recognition.nonlandmark \(source split\): 4 non-landmark images for all "
+                                       r"queries; .* need more than 4"):
+        recognize_with_reranking(cfg, *rows, splits, groups, labels, "cpu")
+    cfg, _ = _nonlandmark_case(tmp_path, {"nonlandmark": {"source": "cross_usage"}})
+    splits["nonlandmark"], groups = load_nonlandmark(cfg, tables, splits)
+    rows[2] = ensemble.embeddings(splits, "nonlandmark")
+    with pytest.raises(JobError, match=r"\(source cross_usage\): 1 non-landmark images for Private queries"):
+        recognize_with_reranking(cfg, *rows, splits, groups, labels, "cpu")
+
+
+def test_the_table_leads_with_private_and_pooled_metrics_say_so():
+    from ray_landmark.infer.ensemble import _headline, headline_text, metrics_text
+
+    row = {"what": "final", **_headline({"gap": 0.5, "gap_public": 0.25, "gap_private": 0.75, "map100": 0.5,
+                                         "map100_private": 0.125, "top1": 0.5})}
+    assert set(row) == {"what", "gap_pooled", "gap_public", "gap_private", "map100_pooled", "map100_private",
+                        "top1_pooled"}
+    header, line = metrics_text([row]).splitlines()
+    assert header.split()[:4] == ["gap_private", "gap_public", "map100_private", "map100_public"]
+    assert line.split()[1:5] == ["0.7500", "0.2500", "0.1250", "-"]
+    assert headline_text(row) == "gap_private 0.7500, gap_public 0.2500, map100_private 0.1250"
 
 
 def test_each_task_compares_models_families_of_several_models_and_the_ensemble_of_that_tasks_models(tmp_path):

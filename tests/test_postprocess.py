@@ -1,81 +1,183 @@
-"""The ensemble's post-processing (solution.md §5) on small hand-made kNN results whose answers are worked out in the
-comments. Scores are binary fractions (0.5, 0.375, ...) so that sums are exact and ties are real ties."""
+"""The ensemble's post-processing (arXiv 2110.03786; the non-landmark re-ranking of the 2020 1st-place code) on small
+hand-made embeddings whose answers are worked out in the comments, and against brute force on random ones. Cosines are
+binary fractions (0.5, 0.375, ...) so that sums are exact and ties are real ties."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from ray_landmark.infer.config import RecognitionSettings, RetrievalSettings
 from ray_landmark.infer.postprocess import (
+    NonLandmarkBias,
+    RetrievalModel,
+    adjusted_topk,
     combine_families,
     fuse_models,
     invalid_rows,
-    label_by_neighbours,
+    label_images,
     nonlandmark_bias,
+    query_penalty,
     ranked_ids,
     recognize,
+    retrieve,
     soft_rerank,
     vote,
 )
 
+
+def _star(cosines) -> tuple[np.ndarray, np.ndarray]:
+    """A query e_0 and gallery images c_j e_0 + sqrt(1 - c_j^2) e_(j+1): cos(query, j) is exactly c_j."""
+    c = np.asarray(cosines, dtype=np.float64)
+    gallery = np.zeros((len(c), len(c) + 1))
+    gallery[:, 0] = c
+    gallery[np.arange(len(c)), np.arange(len(c)) + 1] = np.sqrt(1 - c**2)
+    query = np.zeros((1, len(c) + 1))
+    query[0, 0] = 1
+    return query.astype(np.float32), gallery.astype(np.float32)
+
+
+def _unit(rng, n, d):
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 # Recognition fixture: one query whose four nearest gallery images are 0 and 1 (landmark 10) then 2 and 3 (landmark
 # 20); gallery images 0 and 1 are close to the non-landmark set (b = 0.5), 2 and 3 are not.
-SCORES = np.array([[0.875, 0.75, 0.625, 0.5]], dtype=np.float32)
-INDICES = np.array([[0, 1, 2, 3]])
+QUERY, GALLERY = _star([0.875, 0.75, 0.625, 0.5])
 GALLERY_LABELS = np.array([10, 10, 20, 20])
-BIAS = np.array([0.5, 0.5, 0.0, 0.0], dtype=np.float32)
+BIAS = NonLandmarkBias.of([0.5, 0.5, 0.0, 0.0])
+TOP3 = RecognitionSettings()
 
 
 def test_plain_recognition_sums_the_top_3_similarities_per_label():
     # top 3: 0.875 (10) + 0.75 (10) = 1.625 for 10, 0.625 for 20
-    landmarks, confidence = recognize(SCORES, INDICES, GALLERY_LABELS)
+    landmarks, confidence = recognize(QUERY, GALLERY, GALLERY_LABELS, TOP3, steps=())
     assert landmarks.tolist() == [10] and landmarks.dtype == np.int64
     assert confidence.tolist() == [1.625]
 
 
-def test_nonlandmark_reranking_resorts_before_taking_the_top_3_and_flips_the_prediction():
-    # adjusted = clamp(cos) - b: 0.375, 0.25, 0.625, 0.5; re-sorted top 3: 0.625 (20), 0.5 (20), 0.375 (10)
-    # -> 20 with 1.125. (Taking the raw top 3 first would leave 10 and 20 tied at 0.625, and 10 would win.)
-    landmarks, confidence = recognize(SCORES, INDICES, GALLERY_LABELS, bias=BIAS)
-    assert landmarks.tolist() == [20]
-    assert confidence.tolist() == [1.125]
+def test_the_bias_is_applied_before_the_top_3_are_taken_and_flips_the_prediction():
+    # adjusted = clamp(cos) - b: 0.375, 0.25, 0.625, 0.5; top 3: 0.625 (20), 0.5 (20), 0.375 (10) -> 20 with 1.125.
+    # (Taking the raw top 3 first would leave 10 and 20 tied at 0.625, and 10 would win.)
+    landmarks, confidence = recognize(QUERY, GALLERY, GALLERY_LABELS, TOP3, bias=BIAS, steps=("bias",))
+    assert landmarks.tolist() == [20] and confidence.tolist() == [1.125]
 
 
-def test_confidence_is_reduced_by_the_mean_of_the_querys_top_10_similarities_to_n():
-    # 12 neighbours in N: the top 10 are 0.5 (mean 0.5); the two 0.0 beyond them must not count (mean would be 5/12)
-    to_n = np.array([[0.5] * 10 + [0.0, 0.0]], dtype=np.float32)
-    landmarks, confidence = recognize(SCORES, INDICES, GALLERY_LABELS, bias=BIAS, query_nonlandmark_scores=to_n)
-    assert landmarks.tolist() == [20]
-    assert confidence.tolist() == [1.125 - 0.5]
-    # nonlandmark_k = 2 reads only the first two columns: still 0.5; a query close to N loses more than one far away
-    far = np.array([[0.25] * 12], dtype=np.float32)
-    _, both = recognize(np.repeat(SCORES, 2, 0), np.repeat(INDICES, 2, 0), GALLERY_LABELS, bias=BIAS,
-                        query_nonlandmark_scores=np.concatenate([to_n, far]), nonlandmark_k=2)
-    assert both.tolist() == [1.125 - 0.5, 1.125 - 0.25]
+def test_each_step_applies_alone_or_together():
+    penalty = np.array([0.5], dtype=np.float32)
+    both = recognize(QUERY, GALLERY, GALLERY_LABELS, TOP3, bias=BIAS, penalty=penalty)
+    penalty_alone = recognize(QUERY, GALLERY, GALLERY_LABELS, TOP3, bias=BIAS, penalty=penalty, steps=("penalty",))
+    assert (both[0].tolist(), both[1].tolist()) == ([20], [1.125 - 0.5])
+    assert (penalty_alone[0].tolist(), penalty_alone[1].tolist()) == ([10], [1.625 - 0.5])
+    with pytest.raises(ValueError, match="needs the non-landmark set N"):
+        recognize(QUERY, GALLERY, GALLERY_LABELS, TOP3, bias=BIAS)  # the penalty has nothing to come from
+    with pytest.raises(ValueError, match="unknown recognition steps"):
+        recognize(QUERY, GALLERY, GALLERY_LABELS, TOP3, steps=("bias", "qe"))
 
 
-def test_bias_is_the_mean_of_the_top_5_similarities_to_n_and_penalises_gallery_images_close_to_n():
-    to_n = np.array([
-        [1.0, 0.75, 0.5, 0.5, 0.25, 0.0, 0.0],  # close to N: (1 + 0.75 + 0.5 + 0.5 + 0.25) / 5 = 0.6
-        [0.25, 0.0, 0.0, 0.0, 0.0, 0.0, -0.25],  # far from N: 0.25 / 5 = 0.05
-    ], dtype=np.float32)
-    assert nonlandmark_bias(to_n) == pytest.approx([0.6, 0.05])
-    assert nonlandmark_bias(to_n, k=2) == pytest.approx([0.875, 0.125])
-    # fewer neighbours in N than k: the mean over what there is
-    assert nonlandmark_bias(to_n[:, :2], k=5) == pytest.approx([0.875, 0.125])
+def test_bias_and_penalty_are_the_means_of_the_top_k_similarities_to_n():
+    # gallery image 0 = e_0; N: images at cos 1, 0.75, 0.5, 0.5, 0.25, 0, 0 to it -> top 5 mean 0.6, top 2 0.875
+    _, n = _star([1.0, 0.75, 0.5, 0.5, 0.25, 0.0, 0.0])
+    image = np.eye(1, n.shape[1], dtype=np.float32)
+    assert nonlandmark_bias(image, n).bias == pytest.approx([0.6])
+    assert nonlandmark_bias(image, n, k=2).bias == pytest.approx([0.875])
+    assert query_penalty(image, n, k=5) == pytest.approx([0.6])
+    # recognize computes what is not given: N = gallery images 1..3 (cos 0.75, 0.625, 0.5): penalty top 2 = 0.6875
+    assert recognize(QUERY, GALLERY, GALLERY_LABELS, RecognitionSettings(query_nonlandmark_k=2), bias=BIAS,
+                     nonlandmark=GALLERY[1:])[1] == pytest.approx([1.125 - 0.6875])
 
 
-def test_empty_nonlandmark_set_is_an_error_naming_it():
-    with pytest.raises(ValueError, match="non-landmark set N is empty"):
-        nonlandmark_bias(np.zeros((3, 0), dtype=np.float32))
-    with pytest.raises(ValueError, match="non-landmark set N is empty"):
-        recognize(SCORES, INDICES, GALLERY_LABELS, bias=BIAS, query_nonlandmark_scores=np.zeros((1, 0)))
+def test_a_query_in_n_is_never_its_own_evidence():
+    # The query is N's row 0. Its penalty without itself: cos 0.5, 0.25 to rows 1, 2 -> top 2 mean 0.375, not
+    # (1 + 0.5) / 2. Gallery image 0 (cos 0.875 to the query) has the query among its top 2 in N, which raises its b_j.
+    query, others = _star([0.5, 0.25, 0.0])
+    n = np.concatenate([query, others])
+    assert query_penalty(query, n, k=2) == pytest.approx([0.75])
+    assert query_penalty(query, n, k=2, query_rows=np.array([0])) == pytest.approx([0.375])
+    query, n = (np.pad(x, ((0, 0), (0, 1))) for x in (query, n))
+    gallery = np.array([[0.875, 0, 0, 0, np.sqrt(1 - 0.875**2)]], np.float32)  # cos 0.875 * c to N's rows
+    bias = nonlandmark_bias(gallery, n, k=2)
+    # b_0 = mean(0.875, cos to row 1 = 0.875 * 0.5 = 0.4375) with the query; without it: row 1 and 2 (0.21875)
+    assert bias.bias == pytest.approx([(0.875 + 0.4375) / 2])
+    scores, indices = adjusted_topk(query, gallery, 1, bias, query_rows=np.array([0]))
+    assert indices.tolist() == [[0]] and scores == pytest.approx(np.array([[0.875 - (0.4375 + 0.21875) / 2]]))
+    scores, _ = adjusted_topk(query, gallery, 1, bias)  # a query not in N meets the full b_j
+    assert scores == pytest.approx(np.array([[0.875 - (0.875 + 0.4375) / 2]]))
+
+
+def test_a_gallery_image_in_n_is_left_out_of_its_own_bias():
+    # gallery image 0 is N's row 0: without itself its top 2 in N are 0.5 and 0.25 (mean 0.375), not 1 and 0.5
+    image, others = _star([0.5, 0.25, 0.0, 0.0])
+    n = np.concatenate([image, others])
+    assert nonlandmark_bias(image, n, k=2, gallery_rows=np.array([0])).bias == pytest.approx([0.375])
+
+
+def test_an_n_no_larger_than_k_is_refused():
+    _, n = _star([0.5] * 5)
+    image = np.eye(1, 6, dtype=np.float32)
+    with pytest.raises(ValueError, match="N has 5 images; b_j needs more than k = 5"):
+        nonlandmark_bias(image, n, k=5)
+    with pytest.raises(ValueError, match="N has 5 images; the query penalty needs more than k = 10"):
+        query_penalty(image, n, k=10)
+    with pytest.raises(ValueError, match="with gallery images that are in N needs more than k \\+ 1 = 5"):
+        nonlandmark_bias(image, n, k=4, gallery_rows=np.array([0]))
+
+
+def _brute_force(queries, gallery, n, k_bias, top_k, query_rows):
+    """clamp(cos, 0, 1) - b_j over the whole gallery, b_j without the query's own row of N, and its top k."""
+    to_n = gallery @ n.T
+    scores, indices = [], []
+    for q, row in enumerate(query_rows):
+        keep = np.arange(len(n)) != row
+        bias = -np.sort(-to_n[:, keep], axis=1)[:, :k_bias].mean(axis=1)
+        adjusted = np.clip(gallery @ queries[q], 0, 1) - bias
+        order = np.argsort(-adjusted, kind="stable")[:top_k]
+        scores.append(adjusted[order]), indices.append(order)
+    return np.array(scores), np.array(indices)
+
+
+def test_exact_adjusted_top_k_equals_brute_force_with_queries_in_n():
+    rng = np.random.default_rng(0)
+    gallery, n = _unit(rng, 3000, 12), _unit(rng, 80, 12)
+    queries = np.concatenate([n[:30], _unit(rng, 30, 12)])  # the first 30 are N's rows 0..29
+    query_rows = np.r_[np.arange(30), np.full(30, -1)]
+    bias = nonlandmark_bias(gallery, n, 5)
+    scores, indices = adjusted_topk(queries, gallery, 7, bias, query_rows=query_rows)
+    expected_scores, expected = _brute_force(queries, gallery, n, 5, 7, query_rows)
+    assert np.array_equal(indices, expected)
+    assert scores == pytest.approx(expected_scores, abs=1e-5)
+    # the self-exclusion changed some answers: the full b_j would give others for queries in N
+    assert not np.array_equal(adjusted_topk(queries, gallery, 7, bias)[1][:30], expected[:30])
+
+
+def test_exact_adjusted_top_k_finds_a_winner_outside_the_raw_top_100():
+    # 200 gallery images at cos 0.9 .. 0.6 but close to N (b = 0.7): adjusted at most 0.2; the next 100 at cos
+    # 0.55 .. 0.1 with b = 0.3: at most 0.25. Image 250 (cos 0.32) is far from N (b = 0): its 0.32 wins, though 250
+    # images rank before it by cosine.
+    cosines = np.r_[np.linspace(0.9, 0.6, 200), np.linspace(0.55, 0.1, 100)]
+    query, gallery = _star(cosines)
+    b = np.full(len(cosines), 0.7, np.float32)
+    b[200:] = 0.3
+    b[250] = 0.0
+    raw_top_100 = np.argsort(-(gallery @ query[0]))[:100]
+    assert 250 not in raw_top_100
+    scores, indices = adjusted_topk(query, gallery, 3, NonLandmarkBias.of(b))
+    assert indices[0, 0] == 250 and scores[0, 0] == pytest.approx(cosines[250])
+
+
+def test_the_clamp_at_zero_is_exact_for_images_of_negative_cosine():
+    # image 1: cos -0.25 but b = -0.5 (far from N): clamp(cos) - b = 0.5, while cos - b would be only 0.25;
+    # image 0: cos 0.875, b 0.5 -> 0.375. Image 1 must win with 0.5.
+    query, gallery = _star([0.875, -0.25, 0.5])
+    scores, indices = adjusted_topk(query, gallery, 2, NonLandmarkBias.of([0.5, -0.5, 0.25]))
+    assert indices.tolist() == [[1, 0]] and scores == pytest.approx(np.array([[0.5, 0.375]]))
 
 
 def test_negative_cosines_are_clamped_to_zero_not_counted_against_a_label():
     # labels 1, 2, 1 with cos 0.25, 0.125, -0.25: clamped, 1 has 0.25 > 0.125; unclamped 1 would have 0.0 and lose
-    landmarks, confidence = label_by_neighbours(np.array([[0.25, 0.125, -0.25]]), np.array([[0, 1, 2]]),
-                                                np.array([1, 2, 1]))
+    query, gallery = _star([0.25, 0.125, -0.25])
+    landmarks, confidence = label_images(query, gallery, np.array([1, 2, 1]))
     assert landmarks.tolist() == [1] and confidence.tolist() == [0.25]
 
 
@@ -88,20 +190,11 @@ def test_vote_sums_per_label_and_breaks_ties_by_the_best_ranked_neighbour():
     assert totals.tolist() == [0.625, 0.5, 0.5]
 
 
-def test_equal_adjusted_similarities_keep_the_knn_order():
-    # all four neighbours at 0.5: top_k = 1 takes the first kNN column (gallery image 3, landmark 40)
-    landmarks, _ = label_by_neighbours(np.full((1, 4), 0.5), np.array([[3, 2, 1, 0]]), np.array([10, 20, 30, 40]),
-                                       top_k=1)
-    assert landmarks.tolist() == [40]
-
-
-def test_knn_indices_outside_the_gallery_are_an_error():
-    with pytest.raises(ValueError, match="indices outside"):
-        recognize(SCORES, np.array([[0, 1, 2, -1]]), GALLERY_LABELS)
-    with pytest.raises(ValueError, match="indices outside"):
-        recognize(SCORES, np.array([[0, 1, 2, 4]]), GALLERY_LABELS)
-    with pytest.raises(ValueError, match="NaN"):
-        recognize(np.array([[np.nan, 0.5, 0.5, 0.5]]), INDICES, GALLERY_LABELS)
+def test_equal_adjusted_similarities_go_to_the_lower_gallery_row():
+    query, gallery = _star([0.5, 0.5, 0.5, 0.5])
+    landmarks, _ = recognize(query, gallery, np.array([10, 20, 30, 40]), RecognitionSettings(top_k=1),
+                             bias=NonLandmarkBias.of(np.zeros(4)), steps=("bias",))
+    assert landmarks.tolist() == [10]
 
 
 def test_soft_rerank_moves_a_same_label_index_image_up():
@@ -143,6 +236,25 @@ def test_fusion_keeps_per_model_columns_and_pads_rows_short_of_distinct_images()
         fuse_models([model_a, (np.zeros((2, 2)), np.zeros((2, 2), dtype=np.int64))])
 
 
+def test_retrieve_sums_weighted_model_scores_and_the_label_rerank_moves_a_same_label_image_up():
+    # index images 0 (cos 0.75) and 1 (cos 0.5) to the query; the query and image 1 sit on train image 1 (landmark
+    # 7), image 0 on train image 0 (landmark 3), so the re-rank lifts image 1 by its confidence and lowers image 0.
+    query, index = _star([0.75, 0.5])
+    train = index.copy()
+    query_on_1 = index[1:2].copy()
+    settings = RetrievalSettings(per_model=2, rerank_pool=2, out_k=2, label_k=1)
+    model = RetrievalModel(query_on_1, index, train, weight=2.0)
+    scores, indices = retrieve([model], np.array([3, 7]), settings, rerank=False)
+    assert indices.tolist() == [[1, 0]] and scores == pytest.approx(np.array([[2.0, 2 * 0.375]]))  # cos(i1, i0) = 0.375
+    model = RetrievalModel(query, index, train)
+    assert retrieve([model], np.array([3, 7]), settings, rerank=False)[1].tolist() == [[0, 1]]
+    model = RetrievalModel(query, index, train, index_labels=(np.array([3, 7]), np.array([0.25, 1.0])))
+    scores, indices = retrieve([model], np.array([3, 3]), settings)  # the query is labelled 3 (train image 0)
+    assert indices.tolist() == [[0, 1]] and scores == pytest.approx(np.array([[0.75 + 0.25, 0.5 - 0.1]]))
+    scores, indices = retrieve([model], np.array([7, 7]), settings)  # now 7: image 1 moves up
+    assert indices.tolist() == [[1, 0]] and scores == pytest.approx(np.array([[0.5 + 1.0, 0.75 - 0.1 * 0.25]]))
+
+
 def test_families_are_averaged_normalised_and_concatenated_in_name_order():
     # dolg: [1, 0] and [0, 2] -> unit [0, 1] -> average [0.5, 0.5] -> [1/sqrt2, 1/sqrt2]; effnet: [3] -> [1];
     # concatenated (dolg before effnet) and divided by sqrt(2): [0.5, 0.5, 1/sqrt2]
@@ -155,6 +267,13 @@ def test_families_are_averaged_normalised_and_concatenated_in_name_order():
     # each family weighs the same: the combined cosine is the mean of the family cosines (dolg 1/sqrt2, effnet -1)
     assert combined[0] @ combined[1] == pytest.approx((2**-0.5 - 1) / 2)
     assert combine_families([("dolg", dolg_1), ("dolg", dolg_2), ("effnet", effnet)]) == pytest.approx(combined)
+    # weights inside a family: dolg_2 at 3 against 1 -> [0.25, 0.75] before normalising; a family alone, so the
+    # weight of effnet changes nothing
+    weighted = combine_families([("dolg", dolg_1), ("dolg", dolg_2), ("effnet", effnet)], [1.0, 3.0, 5.0])
+    assert weighted[0, :2] == pytest.approx(np.array([0.25, 0.75]) / np.hypot(0.25, 0.75) / 2**0.5)
+    assert weighted[0, 2] == pytest.approx(2**-0.5)
+    with pytest.raises(ValueError, match="one positive weight per model"):
+        combine_families([("dolg", dolg_1)], [0.0])
 
 
 def test_bad_rows_are_found_and_refused_rather_than_combined():

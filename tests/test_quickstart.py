@@ -43,8 +43,11 @@ def test_quickstart_streams_trains_two_families_and_scores_their_ensemble(tmp_pa
     assert final_checkpoint.startswith("quickstart-gldv2/runs/quickstart/checkpoint_")
     # The ensemble of the two models: metrics per model and for the ensemble, the report and the submissions.
     assert set(summary["models"]) == {"dolg", "efficientnet"}
-    assert 0 < summary["gap"] <= 1 and 0 < summary["map100"] <= 1
-    assert all(0 < summary["models"][m]["map100"] <= 1 for m in summary["models"])
+    # The headline is Private first, as Kaggle scores it; Public beside it, never a pooled "gap".
+    assert 0 < summary["gap_private"] <= 1 and 0 < summary["map100_private"] <= 1 and "gap" not in summary
+    assert all(0 < summary["models"][m]["map100_private"] <= 1 for m in summary["models"])
+    header = next(line for line in proc.stdout.splitlines() if "gap_private" in line)
+    assert header.split()[:4] == ["gap_private", "gap_public", "map100_private", "map100_public"]
     assert (out / "ensemble" / "report.html").is_file() and "[quickstart] report:" in proc.stdout
     assert (out / "ensemble" / "submission_recognition.csv").is_file()
     assert "ensemble with post-processing" in proc.stdout

@@ -56,6 +56,23 @@ def test_chunked_search_equals_brute_force(backend, query_chunk, database_chunk,
     assert np.all(np.diff(scores, axis=1) <= 0)
 
 
+@pytest.mark.parametrize("query_chunk, database_chunk", [(None, None), (7, 13)])
+def test_a_database_offset_is_added_to_every_score_of_its_row(backend, query_chunk, database_chunk):
+    # The augmented dimension of recognition's exact adjusted top-k: the ranking is by q . g_j + offset_j, which moves
+    # rows far below the plain top k to the front.
+    queries, database = unit(30, 16, 4), unit(200, 16, 5)
+    offset = np.random.default_rng(6).uniform(-1, 1, 200).astype(np.float32)
+    scores, indices = knn(queries, database, 9, backend=backend, query_chunk=query_chunk,
+                          database_chunk=database_chunk, database_offset=offset)
+    sims = queries.astype(np.float64) @ database.astype(np.float64).T + offset
+    expected = np.argsort(-sims, axis=1, kind="stable")[:, :9]
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_allclose(scores, np.take_along_axis(sims, expected, axis=1), atol=1e-5)
+    assert not np.array_equal(indices, knn(queries, database, 9, backend=backend)[1])
+    with pytest.raises(ValueError, match="database_offset must be 200 finite numbers"):
+        knn(queries, database, 9, backend=backend, database_offset=offset[:10])
+
+
 def test_float16_tensors_and_a_small_budget(backend):
     queries, database = unit(40, 32, 2, np.float16), unit(500, 32, 3, np.float16)
     # A budget that forces several chunks of each.
@@ -156,3 +173,16 @@ def test_peak_memory_stays_within_the_budget(backend):
     assert unbounded >= 64, unbounded
     # Slack over the budget: the result itself (2,048 x 10 scores and indices, 0.23 MiB), page rounding, Python.
     assert bounded <= 8 + 1.5, bounded
+
+
+@pytest.mark.slow
+def test_the_adjusted_search_benchmark_runs_at_toy_size():
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/search.py", "--adjusted", "--toy-merge", "--queries", "64", "--sizes", "2000",
+         "--dim", "16", "--repeats", "1", "--no-write"],
+        cwd=repo, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "exact_vs_replaced" in proc.stdout and "| exact adjusted top 3 |" in proc.stdout
+

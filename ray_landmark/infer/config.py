@@ -1,5 +1,5 @@
 """The ensemble config (``configs/ensemble/*.yaml``): which trained models, how they are embedded and combined, and
-the post-processing of solution.md §5 with every k configurable."""
+the post-processing of the 2021 method (arXiv 2110.03786) with every k configurable."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class EnsembleModel(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # names its embeddings folder and its rows in the report
     checkpoint: str  # checkpoint folder or run folder (its newest checkpoint)
     family: str  # models of one family are averaged before the families are concatenated (DOLG, hybrid, ...)
-    weight: float = Field(1.0, gt=0)  # in the family average and in retrieval's score sum
+    weight: float = Field(1.0, gt=0)  # in its family's average and in retrieval's score sum
     # The published ensemble uses the plain EfficientNet-B3 for recognition only and the retrieval B5 for retrieval.
     tasks: list[Task] = ["recognition", "retrieval"]
 
@@ -34,23 +34,41 @@ class EmbedSettings(Section):
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
 
 
-class NonLandmarkSet(Section):
-    """The known non-landmark images N of the re-ranking. ``cross_usage`` scores Public test queries with the
-    Private split's non-landmark test images and the other way round, so no scored query is its own evidence; or
-    ``ids``: a CSV (column ``id``) of test images to use for every query."""
+Usage = Literal["Public", "Private", "Ignored"]
 
-    source: Literal["cross_usage", "ids"] = "cross_usage"
-    ids: str | None = None
+
+class NonLandmarkSet(Section):
+    """The known non-landmark images N of the re-ranking.
+
+    ``split`` (the method, after the 2020 1st-place code): the test images without a landmark in a recognition
+    ground-truth file (``ground_truth``, default the manifest's, from ``recognition_solution_v2.1.csv``), of the
+    ``usages`` given (default all). ``ids``: the images listed in a CSV (column ``id``), embedded in ``ids_split``
+    or, for a set from elsewhere, in ``embeddings`` (a folder with one sub-folder per model name, as
+    ``jobs/embed.py`` writes them). ``cross_usage``: Public queries are re-ranked with the Private non-landmark test
+    images and the other way round (an honest validation, not the method). In every case an image that is in N is
+    never its own evidence: it is left out of its own penalty and of the b_j it would meet.
+    """
+
+    source: Literal["split", "ids", "cross_usage"] = "split"
+    ground_truth: str | None = None  # split: a CSV with id, landmarks and Usage columns
+    usages: list[Usage] = Field(["Public", "Private", "Ignored"], min_length=1)  # split: the rows used
+    ids: str | None = None  # ids: a CSV with an id column
+    ids_split: Literal["test", "index", "train"] = "test"  # ids: the split whose embeddings hold them
+    embeddings: str | None = None  # ids: instead, an outside folder <embeddings>/<model name>/
 
     @model_validator(mode="after")
-    def _ids_given(self):
+    def _source_settings(self):
         if self.source == "ids" and not self.ids:
             raise ValueError("recognition.nonlandmark.ids: a CSV URI is required when source is 'ids'")
+        if self.source != "ids" and (self.ids or self.embeddings):
+            raise ValueError("recognition.nonlandmark.ids and .embeddings are read only when source is 'ids'")
+        if self.source != "split" and self.ground_truth:
+            raise ValueError("recognition.nonlandmark.ground_truth is read only when source is 'split'")
         return self
 
 
 class RecognitionSettings(Section):
-    neighbours: int = Field(100, ge=1)  # train neighbours fetched per query (the re-ranking then keeps top_k)
+    # The top_k are exact over the whole gallery after the adjustment clamp(cos, 0, 1) - b_j (no raw shortlist).
     top_k: int = Field(3, ge=1)  # adjusted similarities summed per landmark
     gallery_nonlandmark_k: int = Field(5, ge=1)  # b_j = mean of train image j's top-k similarities to N
     query_nonlandmark_k: int = Field(10, ge=1)  # confidence -= mean of the query's top-k similarities to N

@@ -1,11 +1,12 @@
-"""The ensemble job: embeddings of every model -> kNN -> solution.md §5's post-processing -> official metrics,
-Kaggle submissions, ``report.html`` and ``summary.json``.
+"""The ensemble job: embeddings of every model -> kNN -> the 2021 method's post-processing (arXiv 2110.03786, in
+``infer.postprocess``) -> official metrics, Kaggle submissions, ``report.html`` and ``summary.json``.
 
     1. embed: each model's test, index and train (gallery view) images, reusing the shards already embedded;
     2. score (a Ray task: on a GPU when ``score_gpus`` asks for one): align the models' rows by image id, drop and count
        invalid rows, then for each model alone, each family and the ensemble: recognition by train kNN and retrieval
-       by index kNN; then the ensemble with post-processing (non-landmark re-ranking, label-aware soft re-ranking and
-       score summing); metrics per stage, Public and Private apart; the two submission files;
+       by index kNN; then each post-processing step alone and all together (non-landmark bias b_j, query penalty;
+       per-model score sum, label-aware soft re-ranking); metrics per stage, Private and Public apart; the two
+       submission files;
     3. report: the metrics table and a gallery of sampled queries with thumbnails read from the shards.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,7 @@ from ray_landmark.config_base import JobError
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig
 from ray_landmark.data.metadata import open_manifest
-from ray_landmark.data.storage import Location, read_bytes, resolve, write_bytes
+from ray_landmark.data.storage import Location, StorageError, read_bytes, resolve, write_bytes
 from ray_landmark.eval.metrics import recognition_metrics, retrieval_metrics
 from ray_landmark.infer import postprocess as pp
 from ray_landmark.infer.config import EnsembleConfig, EnsembleModel
@@ -74,21 +75,26 @@ class SplitEmbeddings:
     ids: np.ndarray
     by_model: dict[str, np.ndarray]  # float16 [N, D_model]
     excluded: int  # rows dropped because a model's embedding was NaN, infinite or zero
+    excluded_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
 
 
 def load_split(cfg: EnsembleConfig, split: str) -> SplitEmbeddings:
     """Align the models' embeddings of one split by image id; a model lacking images the others have is an error
     naming its folder, and a row that is invalid in any model is dropped for all and counted."""
+    return load_aligned({m.name: embeddings_folder(cfg, m).child(split) for m in cfg.models}, f"split {split}")
+
+
+def load_aligned(folders: dict[str, Location], what: str) -> SplitEmbeddings:
+    """:func:`load_split` for any folders, one per model name: rows aligned by image id, invalid rows dropped."""
     loaded = {}  # name -> (folder, id -> row, embeddings)
-    for model in cfg.models:
-        folder = embeddings_folder(cfg, model).child(split)
+    for name, folder in folders.items():
         ids, embeddings = read_embeddings(folder)
-        loaded[model.name] = (folder, pd.Series(np.arange(len(ids)), index=ids), embeddings)
+        loaded[name] = (folder, pd.Series(np.arange(len(ids)), index=ids), embeddings)
     reference = set(next(iter(loaded.values()))[1].index)
     for folder, position, _ in loaded.values():
         if set(position.index) != reference:
             differ = sorted(set(position.index) ^ reference)
-            raise EmbeddingError(f"{folder.uri}: {len(differ)} image ids of split {split} differ from the other "
+            raise EmbeddingError(f"{folder.uri}: {len(differ)} image ids of {what} differ from the other "
                                  f"models' (e.g. {differ[0]}); rerun the ensemble to embed the missing shards")
     ids = np.asarray(sorted(reference), dtype=object)
     order = {name: position.loc[ids].to_numpy() for name, (_, position, _) in loaded.items()}
@@ -97,7 +103,7 @@ def load_split(cfg: EnsembleConfig, split: str) -> SplitEmbeddings:
         bad |= _invalid_rows(embeddings)[order[name]]
     # One reordered copy per model, bad rows left out.
     by_model = {name: embeddings[order[name][~bad]] for name, (_, _, embeddings) in loaded.items()}
-    return SplitEmbeddings(ids[~bad], by_model, int(bad.sum()))
+    return SplitEmbeddings(ids[~bad], by_model, int(bad.sum()), ids[bad])
 
 
 def _invalid_rows(embeddings: np.ndarray, chunk: int = 65536) -> np.ndarray:
@@ -123,10 +129,11 @@ class Stage:
     members: tuple[EnsembleModel, ...]
 
     def embeddings(self, splits: dict[str, SplitEmbeddings], split: str) -> np.ndarray:
-        """Unit rows of one split: the model's own, or the family-averaged concatenation (§5 step 1). Built when
-        needed and dropped after: at GLDv2 scale one stage's train matrix is gigabytes."""
+        """Unit rows of one split: the model's own, or the weighted family-averaged concatenation (step 1 of the
+        method's recognition). Built when needed and dropped after: at GLDv2 scale one stage's train matrix is
+        gigabytes."""
         return pp.combine_families([(m.family, splits[split].by_model[m.name].astype(np.float32))
-                                    for m in self.members])
+                                    for m in self.members], [m.weight for m in self.members])
 
 
 def stages(cfg: EnsembleConfig) -> list[Stage]:
@@ -168,86 +175,156 @@ def _recognition_predictions(test_ids, landmarks, confidence) -> dict[str, tuple
     return {i: (int(lm), float(c)) for i, lm, c in zip(test_ids, landmarks, confidence)}
 
 
-def _read_id_list(uri: str, cfg: EnsembleConfig) -> list[str]:
+def _read_csv(uri: str, cfg: EnsembleConfig, key: str, columns: tuple[str, ...]) -> pd.DataFrame:
     try:
-        return pd.read_csv(io.BytesIO(read_bytes(resolve(uri, cfg.storage))), dtype=str)["id"].tolist()
-    except (KeyError, ValueError) as err:
-        raise JobError(f"recognition.nonlandmark.ids {uri}: expected a CSV with an 'id' column ({err})") from None
+        table = pd.read_csv(io.BytesIO(read_bytes(resolve(uri, cfg.storage))), dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as err:
+        raise JobError(f"recognition.nonlandmark.{key} {uri}: cannot read it as a CSV ({err})") from None
+    table.columns = [c.lower() for c in table.columns]
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise JobError(f"recognition.nonlandmark.{key} {uri}: no column {', '.join(missing)} (has "
+                       f"{', '.join(table.columns)})")
+    return table
 
 
-def _nonlandmark_groups(cfg: EnsembleConfig, tables: Tables, test_ids: np.ndarray) -> list[tuple[str, np.ndarray,
-                                                                                                 np.ndarray]]:
-    """(what N is, query rows, N rows) per group of test queries; rows index ``test_ids`` (see NonLandmarkSet)."""
-    position = {i: n for n, i in enumerate(test_ids)}
+@dataclass
+class NonLandmarkGroup:
+    """Test queries re-ranked with one non-landmark set: ``queries`` rows of the test split, ``members`` rows of the
+    loaded N (:func:`load_nonlandmark`)."""
+
+    description: str
+    queries: np.ndarray
+    members: np.ndarray
+
+
+def _nonlandmark_ids(cfg: EnsembleConfig, tables: Tables) -> tuple[list[str], str]:
+    """The ids of N and a description, for the ``split`` and ``ids`` sources."""
     settings = cfg.recognition.nonlandmark
     if settings.source == "ids":
-        rows = np.asarray([position[i] for i in _read_id_list(settings.ids, cfg) if i in position], dtype=np.int64)
-        if not len(rows):
-            raise JobError(f"recognition.nonlandmark.ids {settings.ids}: none of its ids is an embedded test image")
-        return [(f"all queries: the {len(rows)} test images listed in {settings.ids}", np.arange(len(test_ids)),
-                 rows)]
-    truth = tables.recognition.set_index("id")
-    usage = truth["usage"].reindex(list(test_ids)).fillna("Ignored").to_numpy()
-    is_non_landmark = (truth["landmarks"].fillna("") == "").reindex(list(test_ids)).fillna(False).to_numpy(bool)
-    groups = []
-    # Private queries are re-ranked with Public's non-landmark images; Public (and unscored) ones with Private's.
-    for queries, evidence in ((usage == "Private", "Public"), (usage != "Private", "Private")):
-        n_rows = np.flatnonzero(is_non_landmark & (usage == evidence))
-        if not len(n_rows):
-            raise JobError(f"recognition.nonlandmark: the {evidence} split has no embedded non-landmark test image; "
-                           "set recognition.nonlandmark.source: ids and list some")
-        scored = "Private" if evidence == "Public" else "Public and Ignored"
-        groups.append((f"{scored} queries: the {len(n_rows)} {evidence} non-landmark test images",
-                       np.flatnonzero(queries), n_rows))
-    return groups
+        ids = _read_csv(settings.ids, cfg, "ids", ("id",))["id"].tolist()
+        if not ids:
+            raise JobError(f"recognition.nonlandmark.ids {settings.ids}: the list is empty")
+        where = settings.embeddings or f"the {settings.ids_split} split"
+        return ids, f"the {len(ids):,} images listed in {settings.ids} (embeddings: {where})"
+    if settings.ground_truth:
+        truth, name = _read_csv(settings.ground_truth, cfg, "ground_truth", ("id", "landmarks", "usage")), \
+            settings.ground_truth
+    else:
+        truth, name = tables.recognition, "the manifest's recognition ground truth"
+    rows = truth[(truth["landmarks"].fillna("").astype(str).str.strip() == "") & truth["usage"].isin(settings.usages)]
+    if not len(rows):
+        raise JobError(f"recognition.nonlandmark: {name} has no non-landmark rows of usage "
+                       f"{', '.join(settings.usages)}; set recognition.nonlandmark.source: ids and list some")
+    return rows["id"].astype(str).tolist(), (f"the {len(rows):,} non-landmark test images of {name} "
+                                            f"({', '.join(settings.usages)})")
 
 
-def recognize_with_reranking(cfg: EnsembleConfig, tables: Tables, test: np.ndarray, train: np.ndarray,
-                             test_ids: np.ndarray, gallery_labels: np.ndarray, device: str) -> tuple[dict, list[str]]:
-    """solution.md §5 recognition step 3 on the ensemble embedding (``test``, ``train``: its unit rows); returns the
-    predictions and what N was."""
+def load_nonlandmark(cfg: EnsembleConfig, tables: Tables,
+                     splits: dict[str, SplitEmbeddings]) -> tuple[SplitEmbeddings, list[NonLandmarkGroup]]:
+    """Every model's rows of the non-landmark set N (see ``NonLandmarkSet``) and the groups of test queries they
+    re-rank. A listed image without an embedding is an error, never a silently smaller N."""
+    settings = cfg.recognition.nonlandmark
+    test_ids = splits["test"].ids
+    if settings.source == "cross_usage":
+        truth = tables.recognition.set_index("id")
+        usage = truth["usage"].reindex(list(test_ids)).fillna("Ignored").to_numpy()
+        non_landmark = (truth["landmarks"].fillna("") == "").reindex(list(test_ids)).fillna(False).to_numpy(bool)
+        source, groups = splits["test"], []
+        # Private queries are re-ranked with Public's non-landmark images; Public (and unscored) ones with Private's.
+        for queries, evidence in ((usage == "Private", "Public"), (usage != "Private", "Private")):
+            members = np.flatnonzero(non_landmark & (usage == evidence))
+            scored = "Private" if evidence == "Public" else "Public and Ignored"
+            groups.append(NonLandmarkGroup(f"{scored} queries: the {len(members):,} {evidence} non-landmark test "
+                                           "images (cross_usage)", np.flatnonzero(queries), members))
+        return source, [g for g in groups if len(g.queries)]
+    ids, description = _nonlandmark_ids(cfg, tables)
+    if settings.source == "ids" and settings.embeddings:
+        root = resolve(settings.embeddings, cfg.storage)
+        try:
+            source = load_aligned({m.name: root.child(m.name) for m in cfg.models}, "the non-landmark set")
+        except StorageError as err:
+            raise JobError(f"recognition.nonlandmark.embeddings: {err}; embed N with each model into "
+                           f"{root.uri}/<model name>") from None
+    else:
+        source = splits[settings.ids_split if settings.source == "ids" else "test"]
+    position = pd.Series(np.arange(len(source.ids)), index=source.ids)
+    # An image whose embedding was invalid is already dropped and counted; one never embedded is an error.
+    ids = pd.Index(ids).difference(source.excluded_ids, sort=False)
+    unknown = ids.difference(position.index)
+    if len(unknown):
+        key = "embeddings" if settings.embeddings else ("ids" if settings.source == "ids" else "source")
+        raise JobError(f"recognition.nonlandmark.{key}: {len(unknown):,} of the {len(ids):,} images of N have no "
+                       f"embedding (e.g. {unknown[0]}); embed them, or drop them from the list")
+    rows = np.sort(position.loc[ids.unique()].to_numpy())
+    nonlandmark = SplitEmbeddings(source.ids[rows], {name: e[rows] for name, e in source.by_model.items()}, 0)
+    return nonlandmark, [NonLandmarkGroup(f"all queries: {description}", np.arange(len(test_ids)),
+                                          np.arange(len(rows)))]
+
+
+def _own_rows(ids: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """int64 [len(ids)]: the position in ``members`` (ids of N) of each image that is itself in N, -1 elsewhere."""
+    position = pd.Series(np.arange(len(members)), index=members)
+    return position.reindex(list(ids)).fillna(-1).to_numpy(np.int64)
+
+
+def _check_nonlandmark_size(cfg: EnsembleConfig, group: NonLandmarkGroup, self_excluded: bool) -> None:
+    """N must outnumber every k (by one more when gallery images are in N), so that no mean is over fewer images
+    than k and none degenerates into the mean of all of N."""
     rc = cfg.recognition
-    scores, indices = knn(test, train, rc.neighbours, device=device)
-    landmarks = np.zeros(len(test_ids), np.int64)
-    confidence = np.zeros(len(test_ids), np.float32)
-    notes = []
-    for description, queries, n_rows in _nonlandmark_groups(cfg, tables, test_ids):
-        if not len(queries):
-            continue
-        n_embeddings = test[n_rows]
-        bias = pp.nonlandmark_bias(knn(train, n_embeddings, rc.gallery_nonlandmark_k, device=device)[0],
-                                   rc.gallery_nonlandmark_k)
-        query_n, _ = knn(test[queries], n_embeddings, rc.query_nonlandmark_k, device=device)
-        landmarks[queries], confidence[queries] = pp.recognize(
-            scores[queries], indices[queries], gallery_labels, bias, query_n, rc.top_k, rc.query_nonlandmark_k)
-        notes.append(f"non-landmark set for {description}")
-    if len(notes) > 1:
-        notes.append("Public and Private confidences are lowered by different non-landmark sets, so the combined GAP "
-                     "mixes two scales; Kaggle scores them apart (gap_public, gap_private)")
-    return _recognition_predictions(test_ids, landmarks, confidence), notes
+    need = max(rc.gallery_nonlandmark_k, rc.query_nonlandmark_k) + self_excluded
+    if len(group.members) <= need:
+        raise JobError(
+            f"recognition.nonlandmark (source {rc.nonlandmark.source}): {len(group.members)} non-landmark images for "
+            f"{group.description.split(':')[0]}; b_j and the query penalty need more than {need} "
+            f"(gallery_nonlandmark_k {rc.gallery_nonlandmark_k}, query_nonlandmark_k {rc.query_nonlandmark_k}"
+            + (", +1 for the image left out when a gallery image is in N)" if self_excluded else ")")
+            + "; use a larger N or smaller k")
+
+
+# The recognition ablation: each post-processing step alone, then both (the method).
+RECOGNITION_ABLATION = (("bias",), ("penalty",), ("bias", "penalty"))
+STEP_NAMES = {"bias": "b_j", "penalty": "query penalty"}
+
+
+def recognize_with_reranking(cfg: EnsembleConfig, test: np.ndarray, train: np.ndarray, nonlandmark: np.ndarray,
+                             splits: dict[str, SplitEmbeddings], groups: list[NonLandmarkGroup],
+                             gallery_labels: np.ndarray,
+                             device: str) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]:
+    """The ensemble's recognition with each step set of :data:`RECOGNITION_ABLATION`: steps -> (landmarks,
+    confidence) per test row. ``test``, ``train``, ``nonlandmark``: the ensemble stage's unit rows of the test split,
+    the gallery and N. Each group's b_j and penalties are computed once and shared by the step sets."""
+    n_test = len(test)
+    out = {steps: (np.zeros(n_test, np.int64), np.zeros(n_test, np.float32)) for steps in RECOGNITION_ABLATION}
+    for group in groups:
+        members = splits["nonlandmark"].ids[group.members]
+        query_rows = _own_rows(splits["test"].ids[group.queries], members)
+        gallery_rows = _own_rows(splits["train"].ids, members)
+        _check_nonlandmark_size(cfg, group, bool((gallery_rows >= 0).any()))
+        n = nonlandmark[group.members]
+        queries = test[group.queries]
+        rc = cfg.recognition
+        bias = pp.nonlandmark_bias(train, n, rc.gallery_nonlandmark_k, gallery_rows=gallery_rows, device=device)
+        penalty = pp.query_penalty(queries, n, rc.query_nonlandmark_k, query_rows=query_rows, device=device)
+        for steps in RECOGNITION_ABLATION:
+            landmarks, confidence = out[steps]
+            landmarks[group.queries], confidence[group.queries] = pp.recognize(
+                queries, train, gallery_labels, rc, bias=bias, penalty=penalty, query_rows=query_rows, steps=steps,
+                device=device)
+    return out
 
 
 def retrieve_with_reranking(cfg: EnsembleConfig, splits: dict[str, SplitEmbeddings], gallery_labels: np.ndarray,
-                            device: str) -> tuple[np.ndarray, np.ndarray]:
-    """solution.md §5 retrieval steps 1-4: per model, the query's ``rerank_pool`` nearest index images are soft
-    re-ranked by the labels of the query and the index images (top label_k train neighbours) and cut to per_model;
-    weighted, summed over models, top out_k. The pool is wider than per_model so that a same-label image just below
-    the cut can move up into it (c_j adds up to label_k)."""
-    rt = cfg.retrieval
-    reranked = []
-    for model in (m for m in cfg.models if "retrieval" in m.tasks):
-        stage = Stage(model.name, "model", ("retrieval",), (model,))
-        test, index, train = (stage.embeddings(splits, s) for s in ("test", "index", "train"))
-        scores, indices = knn(test, index, max(rt.rerank_pool, rt.per_model), device=device)
-        query_labels, _ = pp.label_by_neighbours(*knn(test, train, rt.label_k, device=device),
-                                                 gallery_labels, top_k=rt.label_k)
-        index_labels, index_confidence = pp.label_by_neighbours(
-            *knn(index, train, rt.label_k, device=device), gallery_labels, top_k=rt.label_k)
-        del train
-        scores, indices = pp.soft_rerank(scores, indices, query_labels, index_labels, index_confidence,
-                                         rt.same_factor, rt.other_factor)
-        reranked.append((scores[:, :rt.per_model] * model.weight, indices[:, :rt.per_model]))
-    return pp.fuse_models(reranked, rt.per_model, rt.out_k)
+                            device: str, rerank: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The method's retrieval by :func:`postprocess.retrieve` over the retrieval models, one model's rows in memory
+    at a time; ``rerank`` False: the weighted score sum alone."""
+    def models():
+        for model in (m for m in cfg.models if "retrieval" in m.tasks):
+            stage = Stage(model.name, "model", ("retrieval",), (model,))
+            yield pp.RetrievalModel(*(stage.embeddings(splits, s) for s in ("test", "index", "train")),
+                                    weight=model.weight)
+
+    return pp.retrieve(models(), gallery_labels, cfg.retrieval, rerank=rerank, device=device)
 
 
 def _use_cpus(cpus: int) -> None:
@@ -262,9 +339,10 @@ def _use_cpus(cpus: int) -> None:
 
 
 def score(cfg: EnsembleConfig, data: DataConfig) -> dict:
-    """Everything after the embeddings: metrics per stage, predictions, submissions. Runs where it is called (a Ray
-    task in ``run_ensemble``); writes the submissions and returns what the report needs. Each stage's embeddings are
-    built when its metrics are computed and dropped after, so memory holds the models' float16 rows and one stage."""
+    """Everything after the embeddings: metrics per stage and per post-processing step, predictions, submissions.
+    Runs where it is called (a Ray task in ``run_ensemble``); writes the submissions and returns what the report
+    needs. Each stage's embeddings are built when its metrics are computed and dropped after, so memory holds the
+    models' float16 rows and one stage."""
     device = _device()
     _use_cpus(max(1, int(cfg.score_cpus)))
     tables = Tables.read(data, cfg.gallery_view)
@@ -276,35 +354,54 @@ def score(cfg: EnsembleConfig, data: DataConfig) -> dict:
         raise EmbeddingError(f"train embeddings hold {int(outside.sum())} images outside the {cfg.gallery_view} view "
                              f"(e.g. {train_ids[outside][0]}): embed the train split with view {cfg.gallery_view}")
     gallery_labels = tables.gallery_landmarks.loc[list(train_ids)].to_numpy(np.int64)
+    splits["nonlandmark"], groups = load_nonlandmark(cfg, tables, splits)
+
+    def recognition_row(landmarks, confidence) -> dict:
+        return _headline(recognition_metrics(_recognition_predictions(test_ids, landmarks, confidence),
+                                             tables.recognition))
+
+    def retrieval_row(indices) -> dict:
+        return _headline(retrieval_metrics(dict(zip(test_ids, pp.ranked_ids(indices, index_ids))), tables.retrieval))
 
     rows: list[dict] = []
     for stage in stages(cfg):
         row: dict = {"what": stage.what, "kind": stage.kind}
         if "recognition" in stage.tasks:
             test, train = (stage.embeddings(splits, s) for s in TASK_SPLITS["recognition"])
-            s, i = knn(test, train, cfg.recognition.neighbours, device=device)
-            landmarks, confidence = pp.recognize(s, i, gallery_labels, top_k=cfg.recognition.top_k)
-            row.update(recognition_metrics(_recognition_predictions(test_ids, landmarks, confidence),
-                                           tables.recognition))
+            row.update(recognition_row(*pp.recognize(test, train, gallery_labels, cfg.recognition, steps=(),
+                                                     device=device)))
             if stage.kind == "ensemble":
-                recognized, notes = recognize_with_reranking(cfg, tables, test, train, test_ids, gallery_labels,
-                                                             device)
-            del train
+                recognized_by_steps = recognize_with_reranking(
+                    cfg, test, train, stage.embeddings(splits, "nonlandmark"), splits, groups, gallery_labels, device)
+            del test, train
         if "retrieval" in stage.tasks:
             test, index = (stage.embeddings(splits, s) for s in TASK_SPLITS["retrieval"])
-            _, i = knn(test, index, cfg.retrieval.out_k, device=device)
-            row.update(retrieval_metrics(dict(zip(test_ids, pp.ranked_ids(i, index_ids))), tables.retrieval))
+            row.update(retrieval_row(knn(test, index, cfg.retrieval.out_k, device=device)[1]))
         rows.append(row)
 
+    for steps in RECOGNITION_ABLATION[:-1]:  # the last, every step, is the final row
+        rows.append({"what": f"ensemble for recognition, {STEP_NAMES[steps[0]]} alone", "kind": "ablation",
+                     **recognition_row(*recognized_by_steps[steps])})
+    rows.append({"what": "ensemble for retrieval, per-model score sum without label re-rank", "kind": "ablation",
+                 **retrieval_row(retrieve_with_reranking(cfg, splits, gallery_labels, device, rerank=False)[1])})
     _, fused = retrieve_with_reranking(cfg, splits, gallery_labels, device)
+    landmarks, confidence = recognized_by_steps[RECOGNITION_ABLATION[-1]]
+    recognized = _recognition_predictions(test_ids, landmarks, confidence)
     retrieved = dict(zip(test_ids, pp.ranked_ids(fused, index_ids)))
-    final = {"what": "ensemble with post-processing", "kind": "final",
-             **recognition_metrics(recognized, tables.recognition), **retrieval_metrics(retrieved, tables.retrieval)}
-    rows.append(final)
+    rows.append({"what": "ensemble with post-processing", "kind": "final", **recognition_row(landmarks, confidence),
+                 **retrieval_row(fused)})
 
     out = resolve(cfg.output_dir, cfg.storage)
     recognition_submission(tables.test_ids, recognized, out.child("submission_recognition.csv"))
     retrieval_submission(tables.test_ids, retrieved, out.child("submission_retrieval.csv"))
+    notes = [f"non-landmark set for {g.description}" for g in groups]
+    in_n = sum(int(np.isin(test_ids[g.queries], splits["nonlandmark"].ids[g.members]).sum()) for g in groups)
+    if in_n:
+        notes.append(f"{in_n:,} test queries are in the non-landmark set themselves: each is left out of its own "
+                     "penalty and of the b_j it meets, so no query is its own evidence")
+    notes.append("Kaggle scores Public and Private apart, and Private is the score that counts; *_pooled scores both "
+                 "usages together" + (", whose confidences were lowered by different non-landmark sets, so pooled "
+                                      "GAP mixes two scales" if len(groups) > 1 else ""))
     excluded = {s: splits[s].excluded for s in SPLITS if splits[s].excluded}
     if excluded:
         notes.append(f"images excluded because a model's embedding was NaN, infinite or zero: {excluded}")
@@ -312,15 +409,30 @@ def score(cfg: EnsembleConfig, data: DataConfig) -> dict:
     if missing:
         notes.append(f"{missing} test images have no embedding: they get no prediction (and count as misses)")
     notes.append(f"search on {device}; gallery: {len(train_ids):,} {cfg.gallery_view} train images; "
-                 f"index: {len(index_ids):,}; queries: {len(test_ids):,}")
+                 f"index: {len(index_ids):,}; queries: {len(test_ids):,}; recognition's top {cfg.recognition.top_k} "
+                 "after the non-landmark adjustment are exact over the whole gallery")
     return {"rows": rows, "notes": notes, "recognized": recognized,
             "retrieved": {q: r[:cfg.report.results] for q, r in retrieved.items()}}
+
+
+def _headline(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics with the usages pooled renamed ``*_pooled``: the plain names would read as the score."""
+    return {(f"{k}_pooled" if k in POOLED else k): v for k, v in metrics.items()}
 
 
 # ---------------------------------------------------------------- the job
 
 
-TABLE_COLUMNS = ("gap", "gap_public", "gap_private", "top1", "map100", "map100_public", "map100_private", "mp10")
+POOLED = ("gap", "top1", "map100", "mp5", "mp10")
+# Private first: it is the score that counts on Kaggle; the pooled figures last.
+TABLE_COLUMNS = ("gap_private", "gap_public", "map100_private", "map100_public", "top1_private", "mp10_private",
+                 "gap_pooled", "map100_pooled")
+HEADLINE = ("gap_private", "gap_public", "map100_private", "map100_public")
+
+
+def headline_text(row: dict) -> str:
+    """One line of a row's headline metrics, Private first."""
+    return ", ".join(f"{key} {row[key]:.4f}" for key in HEADLINE if row.get(key) is not None)
 
 
 def metrics_text(rows: list[dict]) -> str:
@@ -369,13 +481,14 @@ def run_ensemble(cfg: EnsembleConfig, printer: Printer = say) -> dict:
     out = resolve(cfg.output_dir, cfg.storage)
     report = out.child("report.html")
     metric_rows = [{"what": r["what"], **{c: r.get(c) for c in TABLE_COLUMNS}} for r in scored["rows"]]
+    final = scored["rows"][-1]
     write_report(report, title=f"Ensemble {cfg.name}", metrics=metric_rows, notes=scored["notes"],
                  gallery=_gallery(cfg, data, scored),
-                 info={"output": out.uri, "models": ", ".join(m.name for m in cfg.models)})
-    final = scored["rows"][-1]
+                 info={"score": headline_text(final), "output": out.uri,
+                       "models": ", ".join(m.name for m in cfg.models)})
     summary = {
         "name": cfg.name,
-        "gap": final.get("gap"), "map100": final.get("map100"),
+        **{key: final.get(key) for key in HEADLINE},
         "final": final,
         "models": {m.name: row for m, row in zip(cfg.models, (r for r in scored["rows"] if r["kind"] == "model"))},
         "stages": scored["rows"],

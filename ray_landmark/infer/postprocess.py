@@ -1,19 +1,34 @@
-"""The ensemble's post-processing (solution.md §5), on aligned numpy arrays: row i of every array is the same image.
+"""The ensemble's post-processing (arXiv 2110.03786, and the 2020 1st-place code it takes the non-landmark re-ranking
+from: psinger/kaggle-landmark-recognition-2020-1st-place, ``notebooks/blend_ranking.ipynb``), on plain arrays of
+unit rows: no files, manifests or Ray, so a batch job and an online service answer alike.
 
-kNN results come in as ``(scores, indices)``: float [Q, k] cosine similarities, each row sorted descending, and
-int64 [Q, k] row numbers into the searched set. Nothing here searches; the caller runs the kNN.
+Recognition: :func:`combine_families` -> :func:`nonlandmark_bias` (b_j of every gallery image, once per gallery and N)
+-> :func:`recognize`, which takes the *exact* top-k of ``clamp(cos, 0, 1) - b_j`` over the whole gallery
+(:func:`adjusted_topk`), votes, and subtracts :func:`query_penalty`. A query that is itself in N is never its own
+evidence: ``query_rows`` names its row of N, which is then left out of every b_j it meets and of its own penalty.
+Retrieval: :func:`label_images` (query and index images by their train neighbours) -> :func:`retrieve`, per model
+:func:`soft_rerank` of the query -> index kNN, then :func:`fuse_models`; :func:`ranked_ids` for the submission.
 
-Recognition: :func:`combine_families` -> kNN to the train gallery and to the non-landmark set N ->
-:func:`nonlandmark_bias` for the gallery -> :func:`recognize`.
-Retrieval, per model: :func:`label_by_neighbours` for queries and index images -> :func:`soft_rerank` of the
-query -> index kNN; then :func:`fuse_models` over the models and :func:`ranked_ids` for the submission.
+Low-level pieces take kNN results as ``(scores, indices)``: float [Q, k] similarities, each row sorted descending, and
+int64 [Q, k] row numbers into the searched set.
 """
-
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+
+from ray_landmark.infer.search import knn
+
+if TYPE_CHECKING:  # only their fields are read: no pydantic needed where the settings come from elsewhere
+    from ray_landmark.infer.config import RecognitionSettings, RetrievalSettings
+
+# The recognition post-processing steps, each of which can be left out (the report's ablation rows).
+RECOGNITION_STEPS = ("bias", "penalty")
 
 # Below this norm a row has no direction: its cosine to anything would be noise (or NaN after normalising).
 MIN_NORM = 1e-12
@@ -31,35 +46,38 @@ def l2_normalize(embeddings: np.ndarray) -> np.ndarray:
     return embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
 
 
-def combine_families(models: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
-    """The ensemble embedding of §5 recognition step 1: float32 [N, sum of the families' D], unit rows.
+def combine_families(models: Sequence[tuple[str, np.ndarray]], weights: Sequence[float] | None = None) -> np.ndarray:
+    """The ensemble embedding (the method's recognition step 1): float32 [N, sum of the families' D], unit rows.
 
-    ``models``: (family name, embeddings [N, D_family]) per model, all with the same N rows. Each model's rows are
-    L2-normalised (so every model weighs the same within its family), averaged within the family, the family average
-    is L2-normalised again, and the families are concatenated in sorted name order (so the layout does not depend on
-    the order the models were listed in) and normalised once more. Normalising each family average before
-    concatenating makes every family weigh the same: the cosine of two combined rows is the mean of the per-family
-    cosines, however much the models inside a family disagree (which shrinks their average's norm).
+    ``models``: (family name, embeddings [N, D_family]) per model, all with the same N rows; ``weights``: one per model
+    (default all 1). Each model's rows are L2-normalised, averaged within the family with the models' weights, the
+    family average is L2-normalised again, and the families are concatenated in sorted name order (so the layout does
+    not depend on the order the models were listed in) and normalised once more. Normalising each family average
+    before concatenating makes every family weigh the same: the cosine of two combined rows is the mean of the
+    per-family cosines, however much the models inside a family disagree (which shrinks their average's norm).
 
     Raises ValueError when a model has an invalid row (NaN, infinity, zero): find those rows with
     :func:`invalid_rows` on every model, exclude and count them, and combine the rest.
     """
     if not models:
         raise ValueError("combine_families needs at least one model")
+    weights = [1.0] * len(models) if weights is None else list(weights)
+    if len(weights) != len(models) or not all(w > 0 for w in weights):
+        raise ValueError(f"combine_families needs one positive weight per model, got {weights}")
     n = len(models[0][1])
-    families: dict[str, list[np.ndarray]] = {}
-    for family, embeddings in models:
+    families: dict[str, list[tuple[float, np.ndarray]]] = {}
+    for (family, embeddings), weight in zip(models, weights):
         embeddings = np.asarray(embeddings)
         if embeddings.ndim != 2 or len(embeddings) != n:
             raise ValueError(f"family {family!r}: embeddings of shape {embeddings.shape}, expected ({n}, D)")
         _require_valid(embeddings, f"a {family!r} model")
-        families.setdefault(family, []).append(l2_normalize(embeddings))
+        families.setdefault(family, []).append((weight, l2_normalize(embeddings)))
     averages = []
     for family in sorted(families):
-        dims = {e.shape[1] for e in families[family]}
+        dims = {e.shape[1] for _, e in families[family]}
         if len(dims) > 1:
             raise ValueError(f"family {family!r}: models of different dimensions {sorted(dims)} cannot be averaged")
-        average = np.mean(families[family], axis=0)
+        average = sum(w * e for w, e in families[family]) / sum(w for w, _ in families[family])
         _require_valid(average, f"the {family!r} average")  # only exactly opposite models cancel out
         averages.append(l2_normalize(average))
     return l2_normalize(np.concatenate(averages, axis=1))
@@ -74,26 +92,187 @@ def _require_valid(embeddings: np.ndarray, what: str) -> None:
         )
 
 
-def nonlandmark_bias(scores_to_nonlandmark: np.ndarray, k: int = 5) -> np.ndarray:
-    """float32 [N]: the mean of each row's top-k similarities to the non-landmark set N (§5 recognition step 3).
+# ---------------------------------------------------------------- non-landmark re-ranking
 
-    For the gallery this is b_j (k = 5); :func:`recognize` uses it with k = ``nonlandmark_k`` (10) for the query's
-    confidence penalty. ``scores_to_nonlandmark``: the scores [N, k'] of a kNN to N, rows sorted descending; when N
-    holds fewer than k images the mean is over the k' columns there are.
+
+@dataclass(frozen=True)
+class NonLandmarkBias:
+    """b_j of each gallery image j: the mean of its top-k similarities to the non-landmark set N, and what leaving one
+    image of N out does to it.
+
+    ``rows`` and ``sims``: j's top-k rows of N and their similarities; ``drops``: b_j minus b_j computed over N without
+    that row ((sim - the (k+1)-th similarity) / k, >= 0). A query that is N's row r sees every j listing r with the
+    bias lowered by that drop, and its own similarity to j is that ``sims`` entry. From precomputed biases alone
+    (:meth:`of`) there is no such correction: fine for queries outside N.
     """
-    scores = np.asarray(scores_to_nonlandmark, dtype=np.float32)
-    if scores.ndim != 2 or scores.shape[1] == 0:
-        raise ValueError(f"the non-landmark set N is empty (kNN scores of shape {scores.shape}): "
-                         "non-landmark re-ranking needs at least one image in N")
-    if not np.isfinite(scores).all():
-        raise ValueError("kNN scores to the non-landmark set N hold NaN or infinity")
-    return scores[:, :k].mean(axis=1)
+
+    bias: np.ndarray  # float32 [G]
+    rows: np.ndarray | None = None  # int64 [G, k]
+    sims: np.ndarray | None = None  # float32 [G, k]
+    drops: np.ndarray | None = None  # float32 [G, k]
+
+    @classmethod
+    def of(cls, bias: np.ndarray) -> "NonLandmarkBias":
+        bias = np.asarray(bias, dtype=np.float32)
+        if bias.ndim != 1 or not np.isfinite(bias).all():
+            raise ValueError(f"b_j must be a finite float vector [G], got shape {bias.shape}")
+        return cls(bias)
+
+    def listing(self, n_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For queries that are N's rows ``n_rows`` (int [Q], -1: not in N): the pairs (query, gallery image j) whose
+        b_j counted that row, as flat arrays (query position, j, the query's similarity to j, the lowered b_j)."""
+        empty = (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.float32),) * 2
+        if self.rows is None:
+            return empty
+        order, sorted_rows = self._by_row
+        n_rows = np.asarray(n_rows, dtype=np.int64)
+        starts = np.searchsorted(sorted_rows, n_rows, "left")
+        counts = np.where(n_rows >= 0, np.searchsorted(sorted_rows, n_rows, "right") - starts, 0)
+        if not counts.sum():
+            return empty
+        queries = np.repeat(np.arange(len(n_rows)), counts)
+        # Positions starts[q] .. starts[q] + counts[q] - 1 of the sorted listing, for every query, in one array.
+        offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        entries = order[np.repeat(starts, counts) + offsets]  # into the flattened [G, k] arrays
+        gallery = entries // self.rows.shape[1]
+        return queries, gallery, self.sims.ravel()[entries], self.bias[gallery] - self.drops.ravel()[entries]
+
+    @cached_property
+    def _by_row(self) -> tuple[np.ndarray, np.ndarray]:
+        """The flattened ``rows`` sorted (a permutation, the sorted values), once per bias: a service lists every
+        query against the same one."""
+        order = np.argsort(self.rows.ravel(), kind="stable")
+        return order, self.rows.ravel()[order]
 
 
-def adjusted_similarity(scores: np.ndarray, indices: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """float32 [Q, k]: ``clamp(cos(q, j), 0, 1) - b_j`` for each query's gallery neighbours j (``bias`` None: b = 0)."""
-    adjusted = np.clip(np.asarray(scores, dtype=np.float32), 0.0, 1.0)
-    return adjusted if bias is None else adjusted - np.asarray(bias, dtype=np.float32)[indices]
+def _require_size(n: int, k: int, what: str, self_excluded: bool) -> None:
+    if n <= k:
+        raise ValueError(f"the non-landmark set N has {n} images; {what} needs more than k = {k}")
+    if self_excluded and n <= k + 1:
+        raise ValueError(f"the non-landmark set N has {n} images; {what} with gallery images that are in N "
+                         f"needs more than k + 1 = {k + 1}")
+
+
+def _without_own(scores: np.ndarray, indices: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's first k kNN entries once the entry of its own row ``own`` (-1: none) is dropped; a row whose own
+    entry is not among them (not in N, or behind exact duplicates) drops its last entry instead, which then ranks
+    below k anyway. The rows must be at least k + 1 wide."""
+    keep = indices != np.asarray(own, dtype=np.int64)[:, None]
+    keep[keep.all(axis=1), -1] = False
+    width = scores.shape[1] - 1
+    return scores[keep].reshape(-1, width)[:, :k], indices[keep].reshape(-1, width)[:, :k]
+
+
+def nonlandmark_bias(gallery: np.ndarray, nonlandmark: np.ndarray, k: int = 5, *,
+                     gallery_rows: np.ndarray | None = None, device: str | None = None) -> NonLandmarkBias:
+    """b_j for every gallery image: the mean of its top-k similarities to N (the method's recognition step 3), with
+    what each of those N images contributes (see :class:`NonLandmarkBias`).
+
+    ``gallery`` [G, D] and ``nonlandmark`` [n, D]: unit rows; ``gallery_rows`` int [G]: the row of N that a gallery
+    image is itself (-1: none), left out of its own b_j. N must hold more than k images (k + 1 when some gallery
+    image is in N), so that leaving any one out still leaves k, and a (k+1)-th to move up.
+    """
+    own = None if gallery_rows is None or not (np.asarray(gallery_rows) >= 0).any() else np.asarray(gallery_rows)
+    _require_size(len(nonlandmark), k, "b_j", own is not None)
+    scores, indices = knn(gallery, nonlandmark, k + 1 + (own is not None), device=device)
+    if own is not None:
+        scores, indices = _without_own(scores, indices, own, k + 1)
+    _require_finite(scores, "kNN scores to the non-landmark set N")
+    top = scores[:, :k]
+    return NonLandmarkBias(bias=top.mean(axis=1), rows=indices[:, :k], sims=top,
+                           drops=(top - scores[:, k:k + 1]) / np.float32(k))
+
+
+def query_penalty(queries: np.ndarray, nonlandmark: np.ndarray, k: int = 10, *, query_rows: np.ndarray | None = None,
+                  device: str | None = None) -> np.ndarray:
+    """float32 [Q]: the mean of each query's top-k similarities to N (the method's recognition step 3), which the
+    confidence loses. A query that is N's row ``query_rows[q]`` (-1: none) leaves itself out: the 2020 code takes the
+    top k + 1 and drops the first; here the dropped entry is the query's own row, found by index."""
+    own = None if query_rows is None or not (np.asarray(query_rows) >= 0).any() else np.asarray(query_rows)
+    _require_size(len(nonlandmark), k, "the query penalty", False)  # a query in N still has k others
+    scores, indices = knn(queries, nonlandmark, k + (own is not None), device=device)
+    if own is not None:
+        scores, _ = _without_own(scores, indices, own, k)
+    _require_finite(scores, "kNN scores to the non-landmark set N")
+    return scores.mean(axis=1)
+
+
+def adjusted_topk(queries: np.ndarray, gallery: np.ndarray, k: int, bias: NonLandmarkBias | None = None, *,
+                  query_rows: np.ndarray | None = None, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top-k of ``a(q, j) = clamp(cos(q, j), 0, 1) - b_j`` over the whole gallery: (float32, int64) [Q, k].
+
+    The 2020 code computes ``a`` for every gallery image and takes its top k; a re-sort of a raw top-k would lose a
+    gallery image that wins only after the adjustment. Here one kNN finds the top k of ``u = cos - b_j`` (the search
+    adds ``-b_j`` to each gallery row's inner product: the augmented-dimension trick, query extended by 1 and gallery
+    image j by -b_j). The clamp is exact because ``a = max(u, -b_j)`` whenever cos <= 1, so the top k of ``a`` lies in
+    the union of the top k of ``u`` and the top k of ``-b_j`` (the k smallest biases, the same for every query):
+    any other image is beaten by k images of one of the two lists. A query in N (``query_rows``) meets a lowered b_j
+    on the gallery images whose b_j counted it (:meth:`NonLandmarkBias.listing`): those pairs join the candidates
+    with their own scores. The candidates are scored as ``a`` and the best k kept, ties to the lower gallery row.
+    ``bias`` None: b = 0, the plain top k by cosine.
+    """
+    k = min(k, len(gallery))
+    if bias is None:
+        scores, indices = knn(queries, gallery, k, device=device)
+        return np.clip(scores, 0.0, 1.0), indices
+    b = np.asarray(bias.bias, dtype=np.float32)
+    if len(b) != len(gallery):
+        raise ValueError(f"b_j has {len(b)} values for {len(gallery)} gallery images")
+    if query_rows is not None and len(query_rows) != len(queries):
+        raise ValueError(f"{len(query_rows)} query rows of N for {len(queries)} queries")
+    scores, indices = knn(queries, gallery, k, device=device, database_offset=-b)
+    lowest = np.argsort(b, kind="stable")[:k]
+    return merge_candidates(scores, indices, _inner(queries, np.asarray(gallery)[lowest]), lowest, bias, query_rows)
+
+
+def merge_candidates(scores: np.ndarray, indices: np.ndarray, cos_lowest: np.ndarray, lowest: np.ndarray,
+                     bias: NonLandmarkBias, query_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The part of :func:`adjusted_topk` after its search: from the search's top k of ``cos - b_j`` (``scores``,
+    ``indices`` [Q, k]), the queries' cosines ``cos_lowest`` [Q, k] to the k gallery images of smallest b_j
+    (``lowest``), and the pairs of queries in N, each query's best k by ``a``: (float32, int64) [Q, k]."""
+    n_query, k = scores.shape
+    b = np.asarray(bias.bias, dtype=np.float32)
+    q_pos = [np.repeat(np.arange(n_query), k)] * 2
+    j = [indices.ravel(), np.tile(lowest, n_query)]
+    a = [(np.clip(scores + b[indices], 0.0, 1.0) - b[indices]).ravel(),
+         (np.clip(cos_lowest, 0.0, 1.0) - b[lowest]).ravel()]
+    if query_rows is not None:
+        pair_q, pair_j, pair_cos, pair_b = bias.listing(query_rows)
+        pair_a = np.clip(pair_cos, 0.0, 1.0) - pair_b
+        # A pair below its query's k-th best search candidate cannot enter the top k (those k images score at least
+        # that much): only the others join the merge, which keeps it small at GLDv2's gallery x 5 pairs.
+        useful = pair_a >= a[0].reshape(n_query, k).min(axis=1)[pair_q]
+        q_pos.append(pair_q[useful]), j.append(pair_j[useful]), a.append(pair_a[useful])
+    return _best_per_query(np.concatenate(q_pos), np.concatenate(j), np.concatenate(a).astype(np.float32), n_query, k)
+
+
+def _inner(queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """float32 [Q, r]: inner products with a few rows, in float32."""
+    return (torch.as_tensor(np.asarray(queries), dtype=torch.float32)
+            @ torch.as_tensor(np.asarray(rows), dtype=torch.float32).T).numpy()
+
+
+def _best_per_query(queries: np.ndarray, gallery: np.ndarray, scores: np.ndarray, n_query: int,
+                    k: int) -> tuple[np.ndarray, np.ndarray]:
+    """From candidate (query, gallery image, score) triples, each query's k best distinct images: (float32, int64)
+    [n_query, k], by descending score, ties to the lower gallery row; an image listed twice counts with its higher
+    score. Every query must have at least k distinct candidates."""
+    order = np.lexsort((gallery, -scores, queries))
+    queries, gallery, scores = queries[order], gallery[order], scores[order]
+    # Keep each (query, image) pair's first, best, entry: sort the pairs stably by image within each query.
+    by_pair = np.lexsort((gallery, queries))
+    repeated = np.zeros(len(order), bool)
+    repeated[by_pair[1:]] = (queries[by_pair[1:]] == queries[by_pair[:-1]]) & (gallery[by_pair[1:]]
+                                                                                == gallery[by_pair[:-1]])
+    queries, gallery, scores = queries[~repeated], gallery[~repeated], scores[~repeated]
+    starts = np.searchsorted(queries, np.arange(n_query))
+    rank = np.arange(len(queries)) - starts[queries]
+    top = rank < k
+    out_scores = np.empty((n_query, k), np.float32)
+    out_indices = np.empty((n_query, k), np.int64)
+    out_scores[queries[top], rank[top]] = scores[top]
+    out_indices[queries[top], rank[top]] = gallery[top]
+    return out_scores, out_indices
 
 
 def vote(labels: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -115,54 +294,70 @@ def vote(labels: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return labels[rows, best], totals[rows, best]
 
 
-def label_by_neighbours(
-    scores: np.ndarray,
-    indices: np.ndarray,
-    gallery_labels: np.ndarray,
-    bias: np.ndarray | None = None,
-    top_k: int = 3,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Label images by their nearest train (gallery) images: (landmark ids int64 [Q], confidence float32 [Q]).
-
-    ``scores``/``indices`` [Q, k]: the kNN to the gallery; ``gallery_labels`` int [G]: landmark id per gallery image;
-    ``bias`` float [G] or None: b_j of :func:`nonlandmark_bias`. The neighbours are re-sorted by
-    :func:`adjusted_similarity` *before* the top ``top_k`` are taken, so that a gallery image close to N drops out and
-    the next neighbour votes in its place; ties keep the kNN order. The top ``top_k`` adjusted similarities are summed
-    per label (:func:`vote`): the label with the largest sum wins, with that sum as its confidence.
-
-    This is retrieval step 2 (no bias; the voting was never published, the sum of similarity is our choice) and the
-    core of recognition (:func:`recognize`).
-    """
+def vote_neighbours(scores: np.ndarray, indices: np.ndarray, gallery_labels: np.ndarray) -> tuple[np.ndarray,
+                                                                                                    np.ndarray]:
+    """:func:`vote` over kNN results to the gallery (from :func:`adjusted_topk`): each neighbour votes for its
+    landmark with its score."""
     scores, indices = _checked_knn(scores, indices, len(gallery_labels), "gallery")
-    if bias is not None and len(bias) != len(gallery_labels):
-        raise ValueError(f"bias has {len(bias)} values for {len(gallery_labels)} gallery images")
-    adjusted = adjusted_similarity(scores, indices, bias)
-    top = np.argsort(-adjusted, axis=1, kind="stable")[:, :top_k]
-    neighbours = np.take_along_axis(indices, top, axis=1)
-    return vote(np.asarray(gallery_labels)[neighbours], np.take_along_axis(adjusted, top, axis=1))
+    return vote(np.asarray(gallery_labels)[indices], scores)
 
 
-def recognize(
-    scores: np.ndarray,
-    indices: np.ndarray,
-    gallery_labels: np.ndarray,
-    bias: np.ndarray | None = None,
-    query_nonlandmark_scores: np.ndarray | None = None,
-    top_k: int = 3,
-    nonlandmark_k: int = 10,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Landmark ids int64 [Q] and confidences float32 [Q] with non-landmark re-ranking (§5 recognition step 3).
+def label_images(embeddings: np.ndarray, gallery: np.ndarray, gallery_labels: np.ndarray, k: int = 3, *,
+                 device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Label images by their k nearest train (gallery) images, the method's retrieval step 2: (landmark ids int64 [Q],
+    confidence float32 [Q]), the summed ``clamp(cos, 0, 1)`` of the winning label (the voting was never published;
+    the sum of similarity is our choice)."""
+    return vote_neighbours(*adjusted_topk(embeddings, gallery, k, device=device), gallery_labels)
 
-    :func:`label_by_neighbours` with the gallery's b_j, then ``confidence -= mean of the query's top-nonlandmark_k
-    similarities to N`` (``query_nonlandmark_scores`` [Q, k'] from the query -> N kNN). Leaving ``bias`` and
-    ``query_nonlandmark_scores`` None gives the ensemble without post-processing (b = 0, no penalty).
+
+def recognize(queries: np.ndarray, gallery: np.ndarray, gallery_labels: np.ndarray,
+              settings: RecognitionSettings, *, nonlandmark: np.ndarray | None = None,
+              bias: NonLandmarkBias | None = None, penalty: np.ndarray | None = None,
+              query_rows: np.ndarray | None = None, gallery_rows: np.ndarray | None = None,
+              steps: Iterable[str] = RECOGNITION_STEPS, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Landmark ids int64 [Q] and confidences float32 [Q] of the queries (the method's recognition, steps 2-3).
+
+    The exact top ``settings.top_k`` gallery images by ``clamp(cos, 0, 1) - b_j`` (:func:`adjusted_topk`) vote with
+    those adjusted similarities, summed per landmark (:func:`vote`); the winner's sum, minus the mean of the query's
+    top ``query_nonlandmark_k`` similarities to N (:func:`query_penalty`), is the confidence. A label is output for
+    every query (the confidence may be negative).
+
+    ``queries`` [Q, D], ``gallery`` [G, D]: unit rows (the ensemble embedding); ``gallery_labels`` int [G].
+    ``nonlandmark`` [n, D]: the non-landmark set N, from which ``bias`` (b_j over ``gallery_nonlandmark_k``) and
+    ``penalty`` are computed unless given precomputed (``bias`` from :func:`nonlandmark_bias`, or
+    :meth:`NonLandmarkBias.of` for bare b_j; ``penalty`` float [Q] from :func:`query_penalty`).
+    ``query_rows`` / ``gallery_rows`` int: the row of N each query / gallery image is itself (-1: none), left out of
+    its own evidence. ``steps``: the subset of :data:`RECOGNITION_STEPS` to apply (none: the plain kNN vote).
     """
-    landmarks, confidence = label_by_neighbours(scores, indices, gallery_labels, bias, top_k)
-    if query_nonlandmark_scores is None:
+    steps = set(steps)
+    if steps - set(RECOGNITION_STEPS):
+        raise ValueError(f"unknown recognition steps {sorted(steps - set(RECOGNITION_STEPS))}")
+    if steps and nonlandmark is None and (("bias" in steps and bias is None) or ("penalty" in steps
+                                                                                  and penalty is None)):
+        raise ValueError("non-landmark re-ranking needs the non-landmark set N (nonlandmark) or precomputed b_j and "
+                         "penalty")
+    if "bias" in steps and bias is None:
+        bias = nonlandmark_bias(gallery, nonlandmark, settings.gallery_nonlandmark_k, gallery_rows=gallery_rows,
+                                device=device)
+    scores, indices = adjusted_topk(queries, gallery, settings.top_k, bias if "bias" in steps else None,
+                                    query_rows=query_rows if "bias" in steps else None, device=device)
+    landmarks, confidence = vote_neighbours(scores, indices, gallery_labels)
+    if "penalty" not in steps:
         return landmarks, confidence
-    if len(query_nonlandmark_scores) != len(landmarks):
-        raise ValueError(f"{len(query_nonlandmark_scores)} rows of query -> N scores for {len(landmarks)} queries")
-    return landmarks, confidence - nonlandmark_bias(query_nonlandmark_scores, nonlandmark_k)
+    if penalty is None:
+        penalty = query_penalty(queries, nonlandmark, settings.query_nonlandmark_k, query_rows=query_rows,
+                                device=device)
+    if len(penalty) != len(landmarks):
+        raise ValueError(f"{len(penalty)} query penalties for {len(landmarks)} queries")
+    return landmarks, confidence - np.asarray(penalty, dtype=np.float32)
+
+
+def _require_finite(scores: np.ndarray, what: str) -> None:
+    if not np.isfinite(scores).all():
+        raise ValueError(f"{what} hold NaN or infinity")
+
+
+# ---------------------------------------------------------------- retrieval
 
 
 def soft_rerank(
@@ -174,10 +369,10 @@ def soft_rerank(
     same_factor: float = 1.0,
     other_factor: float = 0.1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One model's query -> index kNN re-scored by labels (§5 retrieval step 3) and re-sorted: (float32, int64) [Q, k].
+    """One model's query -> index kNN re-scored by labels (retrieval step 3) and re-sorted: (float32, int64) [Q, k].
 
     ``s(q, j) += same_factor * c_j`` when ``query_labels[q] == index_labels[j]``, else ``s(q, j) -= other_factor *
-    c_j``, with c_j = ``index_confidence[j]`` (labels and confidences from :func:`label_by_neighbours`). Ties keep the
+    c_j``, with c_j = ``index_confidence[j]`` (labels and confidences from :func:`label_images`). Ties keep the
     kNN order.
     """
     scores, indices = _checked_knn(scores, indices, len(index_labels), "index")
@@ -191,13 +386,51 @@ def soft_rerank(
     return np.take_along_axis(rescored, order, axis=1), np.take_along_axis(indices, order, axis=1)
 
 
+@dataclass
+class RetrievalModel:
+    """One model's unit rows for retrieval (the method's retrieval) and its weight in the score sum."""
+
+    queries: np.ndarray  # [Q, D]
+    index: np.ndarray  # [I, D]
+    train: np.ndarray  # [G, D]: the labelled gallery that labels the queries and the index images
+    weight: float = 1.0
+    # label_images of the index when precomputed (an online service labels its index once): (labels, confidence)
+    index_labels: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def retrieve(models: Iterable[RetrievalModel], gallery_labels: np.ndarray, settings: RetrievalSettings, *,
+             rerank: bool = True, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The method's retrieval, steps 1-4: (fused scores float32, index rows int64) [Q, out_k], best first (-1 padding).
+
+    Per model: the query's ``rerank_pool`` nearest index images are soft re-ranked by the labels of the query and the
+    index images (:func:`label_images`, top ``label_k`` train neighbours; :func:`soft_rerank`) and cut to
+    ``per_model``; weighted, summed per index image over the models (:func:`fuse_models`). The pool is wider than
+    ``per_model`` so that a same-label image just below the cut can move up into it (c_j adds up to label_k).
+    ``rerank`` False: the plain score sum of each model's top ``per_model`` (the report's ablation). ``models`` is
+    consumed one at a time, so a generator holds one model's rows in memory at once.
+    """
+    kept = []
+    for model in models:
+        pool = max(settings.rerank_pool, settings.per_model) if rerank else settings.per_model
+        scores, indices = knn(model.queries, model.index, pool, device=device)
+        if rerank:
+            query_labels, _ = label_images(model.queries, model.train, gallery_labels, settings.label_k,
+                                           device=device)
+            index_labels, index_confidence = model.index_labels or label_images(
+                model.index, model.train, gallery_labels, settings.label_k, device=device)
+            scores, indices = soft_rerank(scores, indices, query_labels, index_labels, index_confidence,
+                                          settings.same_factor, settings.other_factor)
+        kept.append((scores[:, :settings.per_model] * np.float32(model.weight), indices[:, :settings.per_model]))
+    return fuse_models(kept, settings.per_model, settings.out_k)
+
+
 def fuse_models(
     results: Sequence[tuple[np.ndarray, np.ndarray]],
     per_model: int = 750,
     out_k: int = 100,
     chunk_rows: int = 2048,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sum the models' retrieval scores per index image (§5 retrieval step 4): (float32, int64) [Q, min(out_k, W)].
+    """Sum the models' retrieval scores per index image (retrieval step 4): (float32, int64) [Q, min(out_k, W)].
 
     ``results``: (scores, indices) [Q, k_m] per model, rows sorted descending. Each model keeps its first
     ``per_model`` columns; an index image's fused score is the sum over the models that kept it (0 from a model that

@@ -16,6 +16,10 @@ Two backends compute a block's top k:
   torch  matmul + topk. The GPU default, in float16: an earlier plain-PyTorch matmul + topk run did 117,577 x
          1,580,470 x 512, top 100, in 2.3 s on one H200.
 On the CPU both compute in float32 (float16 products are slow or missing there); the inputs may be float16.
+
+`database_offset` adds a number per database row to every query's score of it: the augmented-dimension trick (query
+extended by 1, database row j by offset_j) done block by block, so no extended copy of the database is ever made.
+Recognition's non-landmark re-ranking ranks the gallery by `cos - b_j` with it (`postprocess.adjusted_topk`).
 """
 
 from __future__ import annotations
@@ -56,9 +60,9 @@ def chunk_sizes(n_query: int, n_db: int, dim: int, k: int, max_bytes: int, elem_
 
 
 def knn(queries, database, k: int, *, device: str | torch.device | None = None, backend: str | None = None,
-        max_bytes: int | None = None, query_chunk: int | None = None,
-        database_chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k inner products of each query over the database.
+        max_bytes: int | None = None, query_chunk: int | None = None, database_chunk: int | None = None,
+        database_offset=None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner products of each query over the database, plus ``database_offset[j]`` (float [N]) when given.
 
     queries [Q, D] and database [N, D]: numpy arrays or torch tensors, float16 or float32. device: where to compute
     (default: the queries' device). backend: "faiss" (the CPU default) or "torch" (the GPU default). max_bytes bounds
@@ -68,11 +72,16 @@ def knn(queries, database, k: int, *, device: str | torch.device | None = None, 
     """
     queries, database = _as_tensor(queries, "queries"), _as_tensor(database, "database")
     _check(queries, database, k, query_chunk, database_chunk)
+    offset = None
+    if database_offset is not None:
+        offset = torch.as_tensor(np.asarray(database_offset, dtype=np.float32))
+        if offset.shape != (len(database),) or not torch.isfinite(offset).all():
+            raise ValueError(f"database_offset must be {len(database)} finite numbers, got shape {tuple(offset.shape)}")
     device = torch.device(device) if device is not None else queries.device
     backend = backend or ("torch" if device.type == "cuda" else "faiss")
     # float16 products on a GPU (what was measured); float32 on the CPU, where float16 matmul is slow or missing.
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    n_query, n_db, dim = len(queries), len(database), queries.shape[1]
+    n_query, n_db, dim = len(queries), len(database), queries.shape[1] + (offset is not None)
     k = min(k, n_db)
     if query_chunk is None or database_chunk is None:
         budget = max_bytes if max_bytes is not None else default_max_bytes(device)
@@ -89,9 +98,14 @@ def knn(queries, database, k: int, *, device: str | torch.device | None = None, 
     indices = torch.full((n_query, k), -1, dtype=torch.int64, device=where)
     for d0 in range(0, n_db, database_chunk):
         block = database[d0:d0 + database_chunk].to(where, dtype)
+        if offset is not None:  # the augmented dimension: the block gains its offsets, each query chunk a 1
+            block = torch.cat([block, offset[d0:d0 + database_chunk, None].to(where, dtype)], dim=1)
         for q0 in range(0, n_query, query_chunk):
             rows = slice(q0, q0 + query_chunk)
-            top_scores, top_indices = block_topk(queries[rows].to(where, dtype), block, min(k, len(block)))
+            chunk = queries[rows].to(where, dtype)
+            if offset is not None:
+                chunk = torch.cat([chunk, torch.ones(len(chunk), 1, dtype=dtype, device=where)], dim=1)
+            top_scores, top_indices = block_topk(chunk, block, min(k, len(block)))
             scores[rows], indices[rows] = _merge(scores[rows], indices[rows], top_scores, top_indices + d0, k)
         del block  # before the next one is made: never two database chunks at once
     return scores.cpu().numpy(), indices.cpu().numpy()
