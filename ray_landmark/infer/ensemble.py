@@ -262,7 +262,7 @@ def load_nonlandmark(cfg: EnsembleConfig, tables: Tables,
                                           np.arange(len(rows)))]
 
 
-def _own_rows(ids: np.ndarray, members: np.ndarray) -> np.ndarray:
+def own_rows(ids: np.ndarray, members: np.ndarray) -> np.ndarray:
     """int64 [len(ids)]: the position in ``members`` (ids of N) of each image that is itself in N, -1 elsewhere."""
     position = pd.Series(np.arange(len(members)), index=members)
     return position.reindex(list(ids)).fillna(-1).to_numpy(np.int64)
@@ -298,8 +298,8 @@ def recognize_with_reranking(cfg: EnsembleConfig, test: np.ndarray, train: np.nd
     out = {steps: (np.zeros(n_test, np.int64), np.zeros(n_test, np.float32)) for steps in RECOGNITION_ABLATION}
     for group in groups:
         members = splits["nonlandmark"].ids[group.members]
-        query_rows = _own_rows(splits["test"].ids[group.queries], members)
-        gallery_rows = _own_rows(splits["train"].ids, members)
+        query_rows = own_rows(splits["test"].ids[group.queries], members)
+        gallery_rows = own_rows(splits["train"].ids, members)
         _check_nonlandmark_size(cfg, group, bool((gallery_rows >= 0).any()))
         n = nonlandmark[group.members]
         queries = test[group.queries]

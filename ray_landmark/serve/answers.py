@@ -3,40 +3,39 @@ ensemble's post-processing (``infer/postprocess.py``) and search (``infer/search
 
 ``load_served_index`` reads what an ensemble run wrote (every model's train, index and test embeddings, aligned by
 ``infer.ensemble.load_split``), the gallery's labels from the manifest, and precomputes what does not depend on the
-query: the recognition gallery and non-landmark set N in the ensemble embedding, the gallery's non-landmark bias b_j,
-and each retrieval model's index labels and confidences. ``answer_recognition`` and ``answer_retrieval`` then do, for a
+query: the recognition gallery and non-landmark set N in the ensemble embedding, the gallery's non-landmark bias b_j
+(``postprocess.nonlandmark_bias``), and each retrieval model's index labels (``postprocess.label_images``). The
+answers then call the same ``postprocess.recognize`` and ``postprocess.retrieve`` as the batch job. ``answer_recognition`` and ``answer_retrieval`` then do, for a
 batch of query embeddings, what ``infer.ensemble`` does for the test split, row by row alike, so the service's answers
 are the submission rows of the same images.
 
-One difference: the batch job's default non-landmark set (``recognition.nonlandmark.source: cross_usage``) picks N by
-the query's Public/Private usage, which a photo sent to the service does not have; the service then uses every
-non-landmark test image of both usages. With ``source: ids`` both use the same N.
+The non-landmark set N is the batch job's (``infer.ensemble.load_nonlandmark``), with one difference: under
+``recognition.nonlandmark.source: cross_usage`` the batch job picks N by the query's Public/Private usage, which a
+photo sent to the service does not have; the service then uses every non-landmark test image of both usages. A test
+image that is itself in N is left out of its own evidence by the batch job; a photo sent to the service is taken as
+no image of N.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ray_landmark.config_base import JobError
-from ray_landmark.data.storage import read_bytes, resolve
 from ray_landmark.infer import postprocess as pp
 from ray_landmark.infer.config import EnsembleConfig, EnsembleModel
-from ray_landmark.infer.ensemble import SPLITS, Stage, Tables, data_config, load_split
-from ray_landmark.infer.search import knn
+from ray_landmark.infer.ensemble import SPLITS, Stage, Tables, data_config, load_nonlandmark, load_split, own_rows
 
 
 @dataclass
 class RetrievalModel:
-    """One retrieval model's index and gallery, unit rows on the search device, and its index images' labels."""
+    """One retrieval model's index and gallery (unit float32 rows) and its index images' labels."""
 
     model: EnsembleModel
-    index: torch.Tensor  # [I, D]
-    train: torch.Tensor  # [G, D]
+    index: np.ndarray  # [I, D]
+    train: np.ndarray  # [G, D]
     index_labels: np.ndarray  # int64 [I]
     index_confidence: np.ndarray  # float32 [I]
 
@@ -46,10 +45,10 @@ class ServedIndex:
     cfg: EnsembleConfig
     device: str
     recognition_models: tuple[EnsembleModel, ...]
-    gallery: torch.Tensor  # [G, D_ensemble]: train images in the recognition models' ensemble embedding
+    gallery: np.ndarray  # [G, D_ensemble]: train images in the recognition models' ensemble embedding
     gallery_labels: np.ndarray  # int64 [G]
-    gallery_bias: np.ndarray  # float32 [G]: b_j, the mean of train image j's top-k similarities to N
-    nonlandmark: torch.Tensor  # [N, D_ensemble]
+    bias: pp.NonLandmarkBias  # b_j of every gallery image, the gallery's own rows of N left out
+    nonlandmark: np.ndarray  # [N, D_ensemble]
     nonlandmark_source: str
     retrieval: list[RetrievalModel]
     index_ids: np.ndarray  # str [I]
@@ -59,33 +58,6 @@ class ServedIndex:
         return {"gallery_images": len(self.gallery_labels), "gallery_landmarks": int(len(set(self.gallery_labels))),
                 "index_images": len(self.index_ids), "nonlandmark_images": len(self.nonlandmark),
                 "nonlandmark_source": self.nonlandmark_source, "search_device": self.device}
-
-
-def _on_device(embeddings: np.ndarray, device: str) -> torch.Tensor:
-    """Unit rows kept where the search runs: float16 on a GPU (what knn computes in there), float32 on the CPU."""
-    return torch.from_numpy(embeddings).to(device, torch.float16 if device == "cuda" else torch.float32)
-
-
-def nonlandmark_rows(cfg: EnsembleConfig, tables: Tables, test_ids: np.ndarray) -> tuple[np.ndarray, str]:
-    """Rows of ``test_ids`` that are the non-landmark set N for a query of unknown usage, and what N is."""
-    settings = cfg.recognition.nonlandmark
-    position = pd.Series(np.arange(len(test_ids)), index=test_ids)
-    if settings.source == "ids":
-        try:
-            listed = pd.read_csv(io.BytesIO(read_bytes(resolve(settings.ids, cfg.storage))), dtype=str)["id"]
-        except (KeyError, ValueError) as err:
-            raise JobError(f"recognition.nonlandmark.ids {settings.ids}: expected a CSV with an 'id' column "
-                           f"({err})") from None
-        rows = position.reindex(listed).dropna().to_numpy(np.int64)
-        what = f"the test images listed in {settings.ids}"
-    else:
-        truth = tables.recognition.set_index("id")
-        scored = truth["usage"].isin(["Public", "Private"]) & (truth["landmarks"].fillna("") == "")
-        rows = position.reindex(truth.index[scored]).dropna().to_numpy(np.int64)
-        what = "every Public and Private non-landmark test image (cross_usage: a query's usage is unknown online)"
-    if not len(rows):
-        raise JobError(f"{cfg.output_dir}: the non-landmark set N ({what}) has no embedded test image")
-    return np.sort(rows), what
 
 
 def load_served_index(cfg: EnsembleConfig, device: str) -> ServedIndex:
@@ -102,24 +74,29 @@ def load_served_index(cfg: EnsembleConfig, device: str) -> ServedIndex:
 
     used = tuple(m for m in cfg.models if "recognition" in m.tasks)
     stage = Stage("recognition", "ensemble", ("recognition",), used)
-    gallery, test = stage.embeddings(splits, "train"), stage.embeddings(splits, "test")
-    rows, source = nonlandmark_rows(cfg, tables, splits["test"].ids)
-    nonlandmark = test[rows]
-    bias = pp.nonlandmark_bias(knn(gallery, nonlandmark, rc.gallery_nonlandmark_k, device=device)[0],
-                               rc.gallery_nonlandmark_k)
+    # N as the batch job loads it; with cross_usage (N by the query's usage, which an online photo does not have)
+    # the union of its groups: every Public and Private non-landmark test image.
+    splits["nonlandmark"], groups = load_nonlandmark(cfg, tables, splits)
+    members = np.unique(np.concatenate([g.members for g in groups]))
+    if not len(members):
+        raise JobError(f"{cfg.output_dir}: the non-landmark set N has no embedded image")
+    source = groups[0].description.split(": ", 1)[1] if len(groups) == 1 else (
+        "every Public and Private non-landmark test image (cross_usage: a query's usage is unknown online)")
+    gallery = stage.embeddings(splits, "train")
+    nonlandmark = stage.embeddings(splits, "nonlandmark")[members]
+    gallery_rows = own_rows(train_ids, splits["nonlandmark"].ids[members])
+    bias = pp.nonlandmark_bias(gallery, nonlandmark, rc.gallery_nonlandmark_k, gallery_rows=gallery_rows,
+                               device=device)
 
     retrieval = []
     for model in (m for m in cfg.models if "retrieval" in m.tasks):
         single = Stage(model.name, "model", ("retrieval",), (model,))
         index, train = single.embeddings(splits, "index"), single.embeddings(splits, "train")
-        labels, confidence = pp.label_by_neighbours(*knn(index, train, rt.label_k, device=device), gallery_labels,
-                                                    top_k=rt.label_k)
-        retrieval.append(RetrievalModel(model, _on_device(index, device), _on_device(train, device), labels,
-                                        confidence))
+        labels, confidence = pp.label_images(index, train, gallery_labels, rt.label_k, device=device)
+        retrieval.append(RetrievalModel(model, index, train, labels, confidence))
     return ServedIndex(
-        cfg=cfg, device=device, recognition_models=used, gallery=_on_device(gallery, device),
-        gallery_labels=gallery_labels, gallery_bias=bias, nonlandmark=_on_device(nonlandmark, device),
-        nonlandmark_source=source, retrieval=retrieval, index_ids=splits["index"].ids,
+        cfg=cfg, device=device, recognition_models=used, gallery=gallery, gallery_labels=gallery_labels, bias=bias,
+        nonlandmark=nonlandmark, nonlandmark_source=source, retrieval=retrieval, index_ids=splits["index"].ids,
         dims={name: e.shape[1] for name, e in splits["train"].by_model.items()},
     )
 
@@ -132,18 +109,18 @@ def _single(model: EnsembleModel, queries: dict[str, np.ndarray]) -> np.ndarray:
 def answer_recognition(served: ServedIndex, queries: dict[str, np.ndarray]) -> list[dict]:
     """Per query row: the landmark and confidence of the ensemble's recognition submission, and its parts.
 
-    ``queries``: model name -> float16 [Q, D] embeddings (rounded as the embedding job writes them). The
-    confidence is ``pp.recognize``'s (non-landmark re-ranking on); ``landmark_score`` is the vote before the query's
-    penalty ``nonlandmark_score`` (the mean of its top query_nonlandmark_k similarities to N).
+    ``queries``: model name -> float16 [Q, D] embeddings (rounded as the embedding job writes them). The confidence
+    is ``pp.recognize``'s (b_j and the query penalty, as the batch job); ``landmark_score`` is the vote before the
+    query's penalty ``nonlandmark_score`` (the mean of its top query_nonlandmark_k similarities to N). A photo sent
+    to the service is no image of N, so nothing is left out of its own evidence.
     """
     rc = served.cfg.recognition
     combined = pp.combine_families([(m.family, queries[m.name].astype(np.float32))
-                                    for m in served.recognition_models])
-    scores, indices = knn(combined, served.gallery, rc.neighbours, device=served.device)
-    query_n, _ = knn(combined, served.nonlandmark, rc.query_nonlandmark_k, device=served.device)
-    landmarks, confidence = pp.recognize(scores, indices, served.gallery_labels, served.gallery_bias, query_n,
-                                         rc.top_k, rc.query_nonlandmark_k)
-    penalty = pp.nonlandmark_bias(query_n, rc.query_nonlandmark_k)
+                                    for m in served.recognition_models],
+                                   [m.weight for m in served.recognition_models])
+    penalty = pp.query_penalty(combined, served.nonlandmark, rc.query_nonlandmark_k, device=served.device)
+    landmarks, confidence = pp.recognize(combined, served.gallery, served.gallery_labels, rc, bias=served.bias,
+                                         penalty=penalty, device=served.device)
     return [{"landmark_id": int(lm), "confidence": float(c), "landmark_score": float(c + p),
              "nonlandmark_score": float(p)} for lm, c, p in zip(landmarks, confidence, penalty)]
 
@@ -156,9 +133,9 @@ def with_added_index_images(served: ServedIndex, ids: list[str], queries: dict[s
     retrieval = []
     for entry in served.retrieval:
         rows = _single(entry.model, queries)
-        labels, confidence = pp.label_by_neighbours(*knn(rows, entry.train, rt.label_k, device=served.device),
-                                                    served.gallery_labels, top_k=rt.label_k)
-        retrieval.append(replace(entry, index=torch.cat([entry.index, _on_device(rows, served.device)]),
+        labels, confidence = pp.label_images(rows, entry.train, served.gallery_labels, rt.label_k,
+                                             device=served.device)
+        retrieval.append(replace(entry, index=np.concatenate([entry.index, rows]),
                                  index_labels=np.concatenate([entry.index_labels, labels]),
                                  index_confidence=np.concatenate([entry.index_confidence, confidence])))
     return replace(served, retrieval=retrieval,
@@ -167,16 +144,8 @@ def with_added_index_images(served: ServedIndex, ids: list[str], queries: dict[s
 
 def answer_retrieval(served: ServedIndex, queries: dict[str, np.ndarray], k: int) -> list[dict]:
     """Per query row: the ``k`` best index ids and fused scores of the ensemble's retrieval submission."""
-    rt, device = served.cfg.retrieval, served.device
-    reranked = []
-    for entry in served.retrieval:
-        query = _single(entry.model, queries)
-        scores, indices = knn(query, entry.index, max(rt.rerank_pool, rt.per_model), device=device)
-        query_labels, _ = pp.label_by_neighbours(*knn(query, entry.train, rt.label_k, device=device),
-                                                 served.gallery_labels, top_k=rt.label_k)
-        scores, indices = pp.soft_rerank(scores, indices, query_labels, entry.index_labels, entry.index_confidence,
-                                         rt.same_factor, rt.other_factor)
-        reranked.append((scores[:, :rt.per_model] * entry.model.weight, indices[:, :rt.per_model]))
-    fused_scores, fused = pp.fuse_models(reranked, rt.per_model, rt.out_k)
+    models = (pp.RetrievalModel(_single(e.model, queries), e.index, e.train, weight=e.model.weight,
+                                index_labels=(e.index_labels, e.index_confidence)) for e in served.retrieval)
+    fused_scores, fused = pp.retrieve(models, served.gallery_labels, served.cfg.retrieval, device=served.device)
     return [{"ids": ids[:k], "scores": [float(s) for s in row[:len(ids[:k])]]}
             for ids, row in zip(pp.ranked_ids(fused, served.index_ids), fused_scores)]
