@@ -7,8 +7,8 @@ synthetic set in the same layout.
     <distractors>/                       R1M: JPEGs in a folder (any depth), or tar shards (.tar, .tar.gz) of JPEGs
 
 ``<data>`` and ``<distractors>`` are folders or bucket URIs. The ground truth is a pickle, and unpickling runs whatever
-code a pickle names: it is read with an unpickler that builds plain lists, dicts, tuples, strings and numbers only, and
-numeric numpy arrays (the official files come from scientific Python code), refusing any other class.
+code a pickle names: it is read with an unpickler that builds plain lists, dicts, tuples, strings and numbers only and
+refuses any class or function (the official files hold nothing else).
 
 Images are embedded in parts, the unit of work that is written once and skipped by a rerun: the queries, the database
 in slices of ``part_size`` names, and each distractor tar (or slice of a distractor folder).
@@ -45,46 +45,25 @@ class RevisitedDataError(JobError, ValueError):
 # ---------------------------------------------------------------- the ground truth
 
 
-# The only globals a ground-truth pickle may name: what numpy (1.x or 2.x) pickles a numeric array or scalar with,
-# and the bytes helper of protocol-2 pickles. None of them runs code of the pickle's choosing.
-_ALLOWED_GLOBALS = {
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("_codecs", "encode"),
-}
-
-
 class _PlainUnpickler(pickle.Unpickler):
+    """Builds what a pickle holds without naming a class or function: lists, dicts, tuples, sets, strings, bytes,
+    numbers, booleans and None. Any global (a class, a function, a numpy array) is refused, so no code of the
+    pickle's choosing runs."""
+
     def find_class(self, module: str, name: str):
-        if (module, name) not in _ALLOWED_GLOBALS:
-            raise pickle.UnpicklingError(f"it names {module}.{name}, which a ground-truth file has no use for")
-        return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, and only plain lists, dicts, strings and numbers "
+                                     f"are accepted")
 
     def persistent_load(self, pid):
-        raise pickle.UnpicklingError("it holds persistent ids, which a ground-truth file has no use for")
-
-
-def _plain(value, where: str):
-    """numpy arrays and scalars as lists and Python numbers; any other non-plain object is an error."""
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind not in "biuf":
-            raise ValueError(f"{where} is an array of {value.dtype}, not of numbers")
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict):
-        return {k: _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    return value
+        raise pickle.UnpicklingError("it holds persistent ids, and only plain lists, dicts, strings and numbers "
+                                     "are accepted")
 
 
 def load_pickle_safely(data: bytes, uri: str):
-    """The plain content of a pickle (see the module docstring); a refused or broken one is an error naming ``uri``."""
+    """The plain content of a pickle; a refused or broken one is an error naming ``uri``."""
     try:
-        return _plain(_PlainUnpickler(io.BytesIO(data), encoding="latin1").load(), "the pickle")
-    except (pickle.UnpicklingError, ValueError, EOFError, TypeError, AttributeError, IndexError) as err:
+        return _PlainUnpickler(io.BytesIO(data)).load()
+    except (pickle.UnpicklingError, ValueError, EOFError, TypeError, IndexError, KeyError) as err:
         raise RevisitedDataError(f"{uri}: refused to load this pickle: {err}") from None
 
 
@@ -112,25 +91,26 @@ def parse_ground_truth(content, dataset: str, uri: str) -> GroundTruth:
         fail(f"missing key {', '.join(repr(k) for k in missing)}")
     imlist, qimlist, gnd = (content[k] for k in GROUND_TRUTH_KEYS)
     for key, names in (("imlist", imlist), ("qimlist", qimlist)):
-        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
             fail(f"'{key}' is not a list of image names")
-    if not isinstance(gnd, list) or len(gnd) != len(qimlist):
-        fail(f"'gnd' has {len(gnd) if isinstance(gnd, list) else 'no list of'} entries for {len(qimlist)} queries")
+    if not isinstance(gnd, (list, tuple)) or len(gnd) != len(qimlist):
+        fail(f"'gnd' has {len(gnd) if isinstance(gnd, (list, tuple)) else 'no list of'} entries for "
+             f"{len(qimlist)} queries")
     queries = []
     for q, entry in enumerate(gnd):
         if not isinstance(entry, dict) or any(k not in entry for k in QUERY_KEYS):
             fail(f"gnd[{q}] lacks one of the keys {', '.join(QUERY_KEYS)}")
         box = entry["bbx"]
-        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)):
             fail(f"gnd[{q}]['bbx'] is not 4 numbers (x1, y1, x2, y2)")
         lists = {}
         for key in ("easy", "hard", "junk"):
-            positions = entry[key] if isinstance(entry[key], list) else [entry[key]]
+            positions = list(entry[key]) if isinstance(entry[key], (list, tuple)) else [entry[key]]
             if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(imlist) for i in positions):
                 fail(f"gnd[{q}]['{key}'] holds something other than positions 0..{len(imlist) - 1} of imlist")
             lists[key] = positions
         queries.append({"bbx": [float(v) for v in box], **lists})
-    return GroundTruth(dataset, uri, imlist, qimlist, queries)
+    return GroundTruth(dataset, uri, list(imlist), list(qimlist), queries)
 
 
 def _is_number(value) -> bool:

@@ -37,7 +37,7 @@ from ray_landmark.eval.revisited import KAPPAS, PROTOCOLS, evaluate
 from ray_landmark.infer.config import EnsembleConfig
 from ray_landmark.infer.embed import EmbeddingError, Embedder, _write_parquet, read_embeddings
 from ray_landmark.infer.postprocess import combine_families
-from ray_landmark.infer.report import read_jpegs, thumbnail_uri
+from ray_landmark.infer.report import thumbnail_uri
 from ray_landmark.infer.search import knn
 from ray_landmark.progress import Printer, ProgressLine, say
 from ray_landmark.train.checkpoint import checkpoint_folder, read_checkpoint_config
@@ -241,27 +241,30 @@ def model_settings(model: EvalModel, request: RevisitedRequest) -> Settings:
     return Settings(checkpoint, long_side, tuple(request.scales), request.square)
 
 
-def embed_parts(model: EvalModel, settings: Settings, request: RevisitedRequest, parts: list[rd.Part],
-                folder: Location, what: str, printer: Printer = say) -> None:
-    """Embed the parts that have no file in ``folder`` yet, ``parts_per_pass`` at a time."""
-    settings.check(folder)
-    pending = [p for p in parts if not exists(folder.child(p.name + ".parquet"))]
+def embed_parts(model: EvalModel, settings: Settings, request: RevisitedRequest,
+                placed: list[tuple[rd.Part, Location]], printer: Printer = say) -> None:
+    """Embed each (part, folder) whose folder has no file of the part yet, ``parts_per_pass`` parts per Ray Data
+    pipeline (queries, database and distractors alike: the model actors start once per pass)."""
+    for folder in {folder.uri: folder for _, folder in placed}.values():
+        settings.check(folder)
+    pending = [(part, folder) for part, folder in placed if not exists(folder.child(part.name + ".parquet"))]
     if not pending:
         return
-    listed = sum(len(p.files) for p in pending)
-    printer(f"[revisited] {model.name}: embedding {what}: {len(pending)} parts, long side {settings.long_side}, "
+    listed = sum(len(part.files) for part, _ in pending)
+    printer(f"[revisited] {model.name}: embedding {len(pending)} parts, long side {settings.long_side}, "
             f"scales {', '.join(f'{s:.3g}' for s in settings.scales)}")
-    line = ProgressLine(f"[revisited] {model.name} {what}", total=None if any(p.tar for p in pending) else listed,
+    line = ProgressLine(f"[revisited] {model.name}", total=None if any(p.tar for p, _ in pending) else listed,
                         printer=printer)
     for start in range(0, len(pending), request.parts_per_pass):
-        _embed_pass(settings, request, pending[start:start + request.parts_per_pass], folder, line)
+        _embed_pass(settings, request, pending[start:start + request.parts_per_pass], line)
     line.close()
 
 
-def _embed_pass(settings: Settings, request: RevisitedRequest, group: list[rd.Part], folder: Location,
+def _embed_pass(settings: Settings, request: RevisitedRequest, group: list[tuple[rd.Part, Location]],
                 line: ProgressLine) -> None:
-    dataset = ray.data.from_items([{"part": i} for i in range(len(group))])
-    dataset = dataset.map_batches(_read_rows, fn_kwargs={"parts": group, "storage": request.storage}, batch_size=1,
+    parts = [part for part, _ in group]
+    dataset = ray.data.from_items([{"part": i} for i in range(len(parts))])
+    dataset = dataset.map_batches(_read_rows, fn_kwargs={"parts": parts, "storage": request.storage}, batch_size=1,
                                   batch_format="numpy", num_cpus=0.25)
     dataset = dataset.map_batches(prepare_images, fn_kwargs={"long_side": settings.long_side,
                                                              "square": settings.square},
@@ -273,7 +276,7 @@ def _embed_pass(settings: Settings, request: RevisitedRequest, group: list[rd.Pa
         batch_size=request.batch_size, batch_format="numpy", num_gpus=request.gpus_per_actor or None,
         num_cpus=request.cpus_per_actor, compute=ray.data.ActorPoolStrategy(size=request.actors))
     found = {p.name: {"ids": [], "embeddings": [], "corrupt_jpeg": [], "box_clipped": [], "box_outside": []}
-             for p in group}
+             for p in parts}
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         for image_id, part, status, box, embedding in zip(batch["id"], batch["part"], batch["status"], batch["box"],
                                                           batch["embedding"]):
@@ -287,12 +290,13 @@ def _embed_pass(settings: Settings, request: RevisitedRequest, group: list[rd.Pa
                 rows[f"box_{box}"].append(str(image_id))
         line.update(len(batch["id"]))
     dim = next((len(r["embeddings"][0]) for r in found.values() if r["embeddings"]), 1)
-    for name, rows in found.items():
+    for part, folder in group:
+        rows = found[part.name]
         # The counts first, then the embeddings: an existing parquet file marks a complete part.
-        write_bytes(folder.child(name + ".json"), json.dumps({k: v for k, v in rows.items() if k != "embeddings"}
-                                                             | {"ids": len(rows["ids"])}).encode())
-        _write_parquet(folder.child(name + ".parquet"), rows["ids"],
-                      np.stack(rows["embeddings"]) if rows["embeddings"] else np.zeros((0, dim), np.float16))
+        write_bytes(folder.child(part.name + ".json"), json.dumps(
+            {k: v for k, v in rows.items() if k != "embeddings"} | {"ids": len(rows["ids"])}).encode())
+        _write_parquet(folder.child(part.name + ".parquet"), rows["ids"],
+                       np.stack(rows["embeddings"]) if rows["embeddings"] else np.zeros((0, dim), np.float16))
 
 
 def part_problems(folder: Location, parts: list[rd.Part]) -> dict[str, list[str]]:
@@ -411,14 +415,15 @@ def run_revisited(request: RevisitedRequest, inputs: Inputs | None = None, print
         settings = model_settings(model, request)
         long_sides[model.name] = settings.long_side
         folder = out.child("embeddings", model.name, request.dataset)
-        jobs = [("queries", query_parts, folder.child("queries")), ("database", database_parts, folder.child("database"))]
-        if distractor_parts:
-            jobs.append(("distractors", distractor_parts, out.child("embeddings", model.name, "distractors")))
-        problems[model.name] = {}
-        for what, parts, where in jobs:
-            embed_parts(model, settings, request, parts, where, what, printer)
-            problems[model.name] |= {f"{what}_{k}": v for k, v in part_problems(where, parts).items()}
-        embedded[model.name] = load_embedded(truth, folder, jobs[2][2] if distractor_parts else None)
+        kinds = [("queries", query_parts, folder.child("queries")),
+                 ("database", database_parts, folder.child("database"))]
+        distractor_folder = out.child("embeddings", model.name, "distractors") if distractor_parts else None
+        if distractor_folder is not None:
+            kinds.append(("distractors", distractor_parts, distractor_folder))
+        embed_parts(model, settings, request, [(p, where) for _, parts, where in kinds for p in parts], printer)
+        problems[model.name] = {f"{what}_{k}": v for what, parts, where in kinds
+                                for k, v in part_problems(where, parts).items()}
+        embedded[model.name] = load_embedded(truth, folder, distractor_folder)
     notes += _problem_notes(problems, printer)
 
     rows = [score_stage(m.name, truth, embedded[m.name].query_names, embedded[m.name].queries,
@@ -529,7 +534,7 @@ def render_report(request: RevisitedRequest, truth: rd.GroundTruth, results: dic
     jpegs = {n: read_bytes(images.child(n + rd.JPEG_SUFFIX)) for n in set(names) | wanted_database}
     distractor_names = {p: embedded.database_ids[np.flatnonzero(embedded.database_positions == p)[0]]
                         for p in top.ravel() if p >= len(truth.imlist)}
-    if distractor_names and request.distractors:
+    if distractor_names:
         jpegs |= _distractor_jpegs(request, set(distractor_names.values()))
 
     def figure(name: str, kind: str) -> str:
@@ -569,9 +574,9 @@ def render_report(request: RevisitedRequest, truth: rd.GroundTruth, results: dic
 
 
 def _distractor_jpegs(request: RevisitedRequest, ids: set[str]) -> dict[str, bytes]:
-    """The report's distractor thumbnails: read from a folder, or found in the tar shards (scanned until found)."""
-    parts = rd.distractor_parts(request.distractors, request.storage, request.part_size)
-    if parts[0].tar is None:
-        folder = resolve(request.distractors, request.storage)
-        return {i: read_bytes(folder.child(i + rd.JPEG_SUFFIX)) for i in ids}
-    return read_jpegs(resolve(request.distractors, request.storage), ids)
+    """The report's distractor thumbnails when the distractors are a folder; from tar shards none (finding a few
+    images would mean streaming gigabytes), and the report shows their names."""
+    folder = resolve(request.distractors, request.storage)
+    if rd.distractor_parts(request.distractors, request.storage, request.part_size)[0].tar is not None:
+        return {}
+    return {i: read_bytes(folder.child(i + rd.JPEG_SUFFIX)) for i in ids}
