@@ -19,7 +19,8 @@ from ray_landmark.data.config import StorageConfig
 from ray_landmark.data.revisited import DATASETS
 from ray_landmark.infer.config import EnsembleConfig
 from ray_landmark.infer.revisited import (
-    DEFAULT_SCALES, RevisitedRequest, check_inputs, models_from_checkpoint, models_from_ensemble, results_text, run_revisited,
+    DEFAULT_SCALES, RevisitedRequest, check_inputs, models_from_checkpoint, models_from_ensemble, results_text,
+    run_revisited,
 )
 from ray_landmark.runtime import init_ray
 

@@ -29,7 +29,8 @@ def main() -> None:
     summary = write_synthetic_revisited(spec, resolve(args.data, storage), resolve(args.distractors, storage),
                                         args.dataset, args.distractor_format)
     print(f"[revisited] wrote {summary['queries']} queries and {summary['database']} database images to "
-          f"{summary['data']}/{summary['dataset']}, {summary['distractors']} distractors to {summary['distractors_at']}")
+          f"{summary['data']}/{summary['dataset']}, {summary['distractors']} distractors to "
+          f"{summary['distractors_at']}")
 
 
 if __name__ == "__main__":

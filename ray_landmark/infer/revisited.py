@@ -26,7 +26,6 @@ import ray
 import ray.data
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ray_landmark.config import config_from_dict
 from ray_landmark.data import revisited as rd
@@ -518,7 +517,8 @@ td:first-child { text-align: left; }
 figure { margin: 0; width: 104px; font: 10px monospace; text-align: center; word-break: break-all; }
 img, .none { width: 98px; height: 76px; object-fit: contain; background: #f0f0f0; border: 3px solid #ccc; }
 .query img { border-color: #3b6fd8; } .easy img, .hard img { border-color: #1e8e3e; }
-.hard img { border-style: dashed; } .junk img { border-color: #999; } .negative img, .negative .none { border-color: #d93025; }
+.hard img { border-style: dashed; } .junk img { border-color: #999; }
+.negative img, .negative .none { border-color: #d93025; }
 """
 
 
@@ -565,8 +565,9 @@ def render_report(request: RevisitedRequest, truth: rd.GroundTruth, results: dic
     title = f"Revisited {request.run_name}"
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>{results['queries']} queries (cropped to their boxes), {results['database_images']:,} database images; "
-            f"long side {protocol['long_side']}, scales {', '.join(f'{s:.3g}' for s in protocol['scales'])}"
+            f"<p>{results['queries']} queries (cropped to their boxes), {results['database_images']:,} database "
+            f"images; long side {', '.join(f'{v} ({k})' for k, v in protocol['long_side'].items())}, "
+            f"scales {', '.join(f'{s:.3g}' for s in protocol['scales'])}"
             f"{', squashed square' if protocol['square'] else ''}; metrics in percent.</p>"
             f"<table><tr><th></th>{header}</tr>{table}</table><h2>Notes</h2><ul>{notes}</ul>"
             f"<h2>The first {shown} queries: top {top.shape[1]} of {html.escape(results['stages'][-1]['what'])}</h2>"
