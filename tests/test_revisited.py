@@ -108,7 +108,7 @@ class _Exploit:
     (pickle.dumps(_truth(gnd=[{"bbx": [1, 2, 3, 4], "easy": [5], "hard": [], "junk": []}])), "gnd[0]['easy']"),
     (pickle.dumps(_truth(gnd=[{"bbx": [1, 2, 3], "easy": [], "hard": [], "junk": []}])), "gnd[0]['bbx']"),
     (b"not a pickle", "refused to load this pickle"),
-])
+], ids=["a function", "a numpy array", "no gnd key", "a position outside imlist", "a box of 3", "not a pickle"])
 def test_bad_or_unsafe_ground_truth_is_refused_with_one_line(tmp_path, monkeypatch, payload, message):
     monkeypatch.chdir(tmp_path)
     _write_truth(tmp_path, payload)

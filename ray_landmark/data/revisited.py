@@ -267,7 +267,7 @@ class SyntheticRevisitedSpec:
     so a model trained on that GLDv2 recognises them."""
 
     gldv2: SyntheticSpec
-    landmarks: int = 6  # landmarks with queries (the GLDv2's first ones)
+    landmarks: int = 6  # landmarks with queries (of the GLDv2's clean view)
     queries_per_landmark: int = 2
     easy: int = 4  # database images per landmark
     hard: int = 3
@@ -286,8 +286,10 @@ def write_synthetic_revisited(spec: SyntheticRevisitedSpec, data: Location, dist
 
     g = spec.gldv2
     width, height = g.width, g.height
+    # Queried landmarks: those of the GLDv2's clean view, which a model trained on it has seen; then the others.
+    order = _landmarks_clean_first(g)
     buildings = {lm: synthetic._render_building(np.random.default_rng([g.seed, 2, lm]), width, height)
-                 for lm in range(min(g.num_landmarks, spec.landmarks + spec.negatives))}
+                 for lm in order[:spec.landmarks + spec.negatives]}
     images: dict[str, Image.Image] = {}
     imlist: list[str] = []
     counter = iter(range(10**9))
@@ -301,9 +303,9 @@ def write_synthetic_revisited(spec: SyntheticRevisitedSpec, data: Location, dist
         return len(imlist) - 1
 
     qimlist, gnd = [], []
-    for lm in range(spec.landmarks):
+    for number, lm in enumerate(order[:spec.landmarks]):
         building = buildings[lm]
-        hard = 0 if lm == spec.landmarks - 1 else spec.hard
+        hard = 0 if number == spec.landmarks - 1 else spec.hard
         easy_ids = [add(f"lm{lm:02d}_easy_{k}", synthetic._view(building, rng(), width, height, False))
                     for k in range(spec.easy)]
         hard_ids = [add(f"lm{lm:02d}_hard_{k}", synthetic._view(building, rng(), width, height, True))
@@ -315,9 +317,9 @@ def write_synthetic_revisited(spec: SyntheticRevisitedSpec, data: Location, dist
             images[f"lm{lm:02d}_query_{k}"] = query
             qimlist.append(f"lm{lm:02d}_query_{k}")
             gnd.append({"bbx": box, "easy": easy_ids, "hard": hard_ids, "junk": junk_ids})
+    others = order[spec.landmarks:]
     for k in range(spec.negatives):
-        lm = spec.landmarks + k
-        image = (synthetic._view(buildings[lm], rng(), width, height, False) if lm in buildings
+        image = (synthetic._view(buildings[others[k]], rng(), width, height, False) if k < len(others)
                  else synthetic._clutter(rng(), width, height))
         add(f"negative_{k:03d}", image)
 
@@ -340,6 +342,17 @@ def write_synthetic_revisited(spec: SyntheticRevisitedSpec, data: Location, dist
             write_bytes(distractors.child(member_name), jpeg)
     return {"data": data.uri, "dataset": name, "queries": len(qimlist), "database": len(imlist),
             "distractors": len(members), "distractors_at": distractors.uri}
+
+
+def _landmarks_clean_first(gldv2: SyntheticSpec) -> list[int]:
+    """The GLDv2's landmark numbers, those of its clean train view first (the plan alone, no image is rendered)."""
+    from ray_landmark.data import synthetic
+
+    plan = synthetic._Plan(gldv2)
+    train = [image for image in plan.images if image.split == "train"]
+    public_id = {image.filed_under: int(lid) for image, lid in zip(train, plan.train["landmark_id"])}
+    clean = set(plan.train_clean["landmark_id"].astype(int))
+    return sorted(range(gldv2.num_landmarks), key=lambda lm: (public_id.get(lm) not in clean, lm))
 
 
 def _query_view(building, rng: np.random.Generator, width: int, height: int) -> tuple[Image.Image, list[float]]:
