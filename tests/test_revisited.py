@@ -228,6 +228,25 @@ def test_distractors_read_alike_from_tar_shards_and_from_a_folder(synthetic_revi
         images(str(gzipped))
 
 
+def test_a_user_error_raised_in_a_ray_task_is_found_behind_the_wrappers():
+    from ray_landmark.infer.revisited import user_error
+
+    class Wrapper(Exception):  # as a RayTaskError: the original exception in ``cause``
+        def __init__(self, cause):
+            super().__init__("Traceback ...")
+            self.cause = cause
+
+    original = rd.RevisitedDataError("x.tar: unreadable or truncated tar")
+    try:
+        try:
+            raise Wrapper(original)
+        except Wrapper as wrapped:
+            raise RuntimeError("UserCodeException") from wrapped
+    except RuntimeError as outer:
+        assert user_error(outer) is original
+    assert user_error(RuntimeError("a bug")) is None
+
+
 # ---------------------------------------------------------------- multi-scale descriptors
 
 
@@ -318,3 +337,10 @@ def test_end_to_end_on_the_synthetic_set_with_distractors_and_an_ensemble(ray_se
     assert again["stages"] == results["stages"]
     with pytest.raises(EmbeddingError, match="holds embeddings of"):
         run_revisited(replace(request, scales=(1.0,)), printer=lambda *a, **k: None)
+    # A distractor tar that ends early, read in a Ray task, ends the run with its one line.
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "r1m_000.tar").write_bytes((root / "tars" / "distractors_000.tar").read_bytes()[:3000])
+    with pytest.raises(rd.RevisitedDataError, match=r"^\S*r1m_000.tar: unreadable or truncated tar") as err:
+        run_revisited(replace(request, models=models[:1], distractors=str(cut)), printer=lambda *a, **k: None)
+    assert "\n" not in str(err.value)

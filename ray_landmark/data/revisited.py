@@ -165,8 +165,8 @@ class Part:
 
 def dataset_parts(truth: GroundTruth, folder: Location, part_size: int,
                   skip: set[str] = frozenset()) -> tuple[list[Part], list[Part]]:
-    """The queries (cropped to their boxes) and the database in slices of ``part_size``, apart: in ROxf and RPar a
-    query's full image is a database image of the same name. ``skip``: names left out (missing images the user
+    """The queries (cropped to their boxes) and the database in slices of ``part_size``, kept apart so that a name
+    in both lists (a crop and its full image) stays two images. ``skip``: names left out (missing images the user
     allowed)."""
     queries = [(n, tuple(g["bbx"])) for n, g in zip(truth.qimlist, truth.gnd) if n not in skip]
     database = [(n, None) for n in truth.imlist if n not in skip]
@@ -214,23 +214,30 @@ def _tar_part_name(file_name: str) -> str:
 def read_part(part: Part, storage: StorageConfig | None, tries: int = 3) -> Iterator[tuple[str, bytes, tuple | None]]:
     """(id, JPEG bytes, box) of each image of a part; a file or tar that cannot be read fails with its URI."""
     if part.tar is not None:
-        yield from _tar_members(resolve(part.tar, storage), tries)
+        yield from _tar_members(resolve(part.tar, storage))
         return
     folder = resolve(part.folder, storage)
     for name, box in zip(part.files, part.boxes):
         yield name, read_bytes(folder.child(name + JPEG_SUFFIX), tries), box
 
 
-def _tar_members(loc: Location, tries: int) -> Iterator[tuple[str, bytes, None]]:
-    """The .jpg members of a tar (gzip or not), streamed; a truncated tar keeps the members before the cut."""
+def _tar_members(loc: Location) -> Iterator[tuple[str, bytes, None]]:
+    """The .jpg members of a tar (gzip or not), streamed; a tar that ends early is an error naming it (its part
+    would otherwise be written as complete without the rest)."""
+    def truncated(detail) -> RevisitedDataError:
+        return RevisitedDataError(f"{loc.uri}: unreadable or truncated tar ({detail}); download it again")
+
     with loc.fs.open_input_stream(loc.path) as f:
         try:
             with tarfile.open(fileobj=f, mode="r|*") as tar:
                 for member in tar:
                     if member.isreg() and member.name.lower().endswith(JPEG_SUFFIX):
-                        yield os.path.basename(member.name)[:-len(JPEG_SUFFIX)], tar.extractfile(member).read(), None
+                        data = tar.extractfile(member).read()
+                        if len(data) < member.size:  # a stream that ends early gives what is there
+                            raise truncated(f"{member.name} is cut off")
+                        yield os.path.basename(member.name)[:-len(JPEG_SUFFIX)], data, None
         except (tarfile.ReadError, EOFError) as err:
-            raise RevisitedDataError(f"{loc.uri}: unreadable or truncated tar ({err}); download it again") from None
+            raise truncated(err) from None
 
 
 # ---------------------------------------------------------------- pixels

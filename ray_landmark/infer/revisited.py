@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ray_landmark.config import config_from_dict
+from ray_landmark.config_base import JobError
 from ray_landmark.data import revisited as rd
 from ray_landmark.data.config import StorageConfig
 from ray_landmark.data.storage import Location, exists, read_bytes, resolve, write_bytes
@@ -276,7 +277,7 @@ def _embed_pass(settings: Settings, request: RevisitedRequest, group: list[tuple
         num_cpus=request.cpus_per_actor, compute=ray.data.ActorPoolStrategy(size=request.actors))
     found = {p.name: {"ids": [], "embeddings": [], "corrupt_jpeg": [], "box_clipped": [], "box_outside": []}
              for p in parts}
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in _batches_or_user_error(dataset):
         for image_id, part, status, box, embedding in zip(batch["id"], batch["part"], batch["status"], batch["box"],
                                                           batch["embedding"]):
             rows = found[str(part)]
@@ -296,6 +297,33 @@ def _embed_pass(settings: Settings, request: RevisitedRequest, group: list[tuple
             {k: v for k, v in rows.items() if k != "embeddings"} | {"ids": len(rows["ids"])}).encode())
         _write_parquet(folder.child(part.name + ".parquet"), rows["ids"],
                        np.stack(rows["embeddings"]) if rows["embeddings"] else np.zeros((0, dim), np.float16))
+
+
+def _batches_or_user_error(dataset: ray.data.Dataset):
+    """The dataset's batches; a problem a user can fix raised in a Ray task (an unreadable tar, a missing file)
+    comes out as that error alone, not wrapped in Ray's exceptions with their tracebacks."""
+    try:
+        yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+    except Exception as err:
+        found = user_error(err)
+        if found is None:
+            raise
+        raise type(found)(*found.args) from None
+
+
+def user_error(err: BaseException | None) -> JobError | None:
+    """The ``JobError`` behind an exception, following Ray's wrappers (``cause``) and Python's chain."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        cause = getattr(err, "cause", None)  # a RayTaskError's original exception
+        if isinstance(cause, BaseException):
+            err = cause
+            continue
+        if isinstance(err, JobError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def part_problems(folder: Location, parts: list[rd.Part]) -> dict[str, list[str]]:
