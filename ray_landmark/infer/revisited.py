@@ -308,7 +308,8 @@ def _batches_or_user_error(dataset: ray.data.Dataset):
         found = user_error(err)
         if found is None:
             raise
-        raise type(found)(*found.args) from None
+        # Our messages are one line; Ray Data appends its retry advice to the exception's message.
+        raise type(found)(str(found).splitlines()[0]) from None
 
 
 def user_error(err: BaseException | None) -> JobError | None:
