@@ -78,7 +78,7 @@ def test_the_image_builds_on_the_projects_ray_with_every_package_at_its_locked_v
     assert f"ARG BASE=rayproject/ray:{ray.__version__}-py311-gpu\nFROM ${{BASE}}\n" in dockerfile
     installs = [line for line in dockerfile.splitlines() if "pip install" in line]
     assert installs and all("-c /tmp/ray_landmark/constraints.txt" in line for line in installs)
-    assert '"/tmp/ray_landmark[gpu]"' in dockerfile
+    assert '"/tmp/ray_landmark[gpu,serve,onnx]"' in dockerfile
     assert "-c constraints.txt" in (REPO / "scripts" / "setup_venv.sh").read_text()
     pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
                 if line and not line.startswith("#"))

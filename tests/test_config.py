@@ -81,7 +81,7 @@ def test_a_training_job_without_a_manifest_fails_at_once_before_starting_ray(tmp
     )
     seconds = time.perf_counter() - started
     assert proc.returncode != 0
-    assert f"reading {tmp_path}/manifest/gldv2c/classes.parquet failed (not found)" in proc.stderr
+    assert f"error: {tmp_path}/manifest: no complete manifest there (summary.json missing" in proc.stderr
     assert "jobs/prepare_gldv2.py" in proc.stderr and "try" not in proc.stderr  # no retries of a missing file
     assert "Ray" not in proc.stdout
     assert seconds < 30, seconds  # the Python imports; the check itself reads one file

@@ -197,7 +197,7 @@ def test_a_missing_manifest_says_how_to_make_one(tmp_path):
     from ray_landmark.data.metadata import open_manifest
 
     cfg = DataConfig(root=str(tmp_path), storage=StorageConfig(retries=1))
-    with pytest.raises(StorageError, match=rf"{tmp_path}/manifest/gldv2c/classes.parquet.*jobs/prepare_gldv2.py"):
+    with pytest.raises(StorageError, match=rf"{tmp_path}/manifest: no complete manifest there.*jobs/prepare_gldv2.py"):
         open_manifest(cfg).view_classes("gldv2c")
 
 

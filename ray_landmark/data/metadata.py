@@ -294,12 +294,19 @@ def _selection(all_ids: pd.Series, selected: pd.Series) -> LabelLookup:
     return LabelLookup(ids, classes)
 
 
+def complete_manifest(cfg: DataConfig) -> Manifest | None:
+    """The manifest of ``cfg`` if one was written to the end (it has its ``summary.json``), else None."""
+    loc = resolve(cfg.manifest_uri, cfg.manifest_storage or cfg.storage)
+    return Manifest(loc) if exists(loc.child(SUMMARY_FILE)) else None
+
+
 def open_manifest(cfg: DataConfig) -> Manifest:
     """The manifest of ``cfg``; a StorageError naming it when it is missing or was left incomplete."""
-    loc = resolve(cfg.manifest_uri, cfg.manifest_storage or cfg.storage)
-    if not exists(loc.child(SUMMARY_FILE)):
+    manifest = complete_manifest(cfg)
+    if manifest is None:
+        loc = resolve(cfg.manifest_uri, cfg.manifest_storage or cfg.storage)
         raise StorageError(
             f"{loc.uri}: no complete manifest there ({SUMMARY_FILE} missing: never written, or its writing was cut "
             f"off); write it with jobs/prepare_gldv2.py --root <data.root> --out {loc.uri}, or set data.manifest"
         )
-    return Manifest(loc)
+    return manifest

@@ -40,7 +40,9 @@ from ray.data.datasource import FileBasedDatasource
 from ray_landmark.config_base import ConfigError, JobError
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig
-from ray_landmark.data.metadata import NOT_IN_VIEW, UNKNOWN_ID, LabelLookup, Manifest, open_manifest
+from ray_landmark.data.metadata import (
+    NOT_IN_VIEW, UNKNOWN_ID, LabelLookup, Manifest, complete_manifest, open_manifest,
+)
 from ray_landmark.data.shard_members import image_id_of
 from ray_landmark.data.storage import Location, list_files, resolve, with_retries
 from ray_landmark.data.transforms import CorruptImage, Preprocessing, TrainAugmentation, augment_hwc, decode_resized
@@ -367,7 +369,8 @@ def shard_index_refs(cfg: DataConfig, split: str, shards: set[str]) -> dict[str,
     ``data.ranged_reads: false``."""
     if not cfg.ranged_reads:
         return {}
-    index = open_manifest(cfg).shard_index(split)
+    manifest = complete_manifest(cfg)  # streaming a split needs no manifest; only its index does
+    index = manifest.shard_index(split) if manifest else None
     if index is None:
         where = f"{cfg.manifest_uri} ({split})"
         if where not in _said_streaming:
