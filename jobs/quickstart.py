@@ -6,7 +6,9 @@ service (ray_landmark/serve), queried over HTTP with a few test images.
 
     python jobs/quickstart.py [--config configs/quickstart.yaml] [--set data.image_size=64]
 It writes summary.json and ensemble/ (report.html, submissions, embeddings) to --out (runs/quickstart); checkpoints
-and logs go to run.output_dir on the local S3 server, which lives only as long as the job.
+and logs go to run.output_dir on the local S3 server, which lives only as long as the job: its bucket is copied to
+<out>/bucket once training is done. Rerunning into the same --out restores it and reuses what is finished (the data
+set, the trained runs, the embeddings) and says so; a changed config is refused, or with --restart trained afresh.
 """
 
 from pathlib import Path
@@ -21,7 +23,7 @@ from ray_landmark.tune.config import load_sweep
 
 
 def main() -> None:
-    parser = job_parser(__doc__, default_config="configs/quickstart.yaml")
+    parser = job_parser(__doc__, default_config="configs/quickstart.yaml", restart=True)
     parser.add_argument("--second", default="configs/quickstart_efficientnet.yaml", help="a model of another family")
     parser.add_argument("--ensemble", default="configs/ensemble/quickstart.yaml")
     parser.add_argument("--out", default="runs/quickstart", help="local folder for summary.json and the ensemble")
@@ -36,12 +38,14 @@ def main() -> None:
     second = load_config(args.second, [f"data.storage.{endpoint}", f"run.storage.{endpoint}"])
     ensemble_out = Path(args.out).resolve() / "ensemble"
     ensemble = load_config(args.ensemble, [f"storage.{endpoint}", f"output_dir={ensemble_out}"], EnsembleConfig)
+    # The data as this run's server serves it (a reused run's checkpoint names the last run's server).
+    ensemble = ensemble.model_copy(update={"data": cfg.data})
     sweep = load_sweep("configs/tune_tiny.yaml", [f"output_dir={Path(args.out).resolve() / 'sweeps'}"],
                        [f"data.storage.{endpoint}"]) if args.tune else None
     use_test_credentials()
     with server:
         init_ray()
-        quickstart.run(cfg, second, ensemble, server, Path(args.out), sweep)
+        quickstart.run(cfg, second, ensemble, server, Path(args.out), sweep, args.restart)
         if args.serve:
             quickstart.serve_and_ask(ensemble, cfg.data)
 

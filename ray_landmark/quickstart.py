@@ -10,37 +10,81 @@ from __future__ import annotations
 
 import collections
 import json
+import shutil
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray
 
 from ray_landmark.config import Config
 from ray_landmark.data.metadata import open_manifest, prepare_manifests
 from ray_landmark.data.pipeline import BYTES_READ, SKIP_REASONS, eval_stream, train_stream
 from ray_landmark.data.shard_members import dataset_shard_index
-from ray_landmark.data.storage import resolve
+from ray_landmark.data.storage import exists, read_bytes, resolve, write_bytes
 from ray_landmark.infer.config import EnsembleConfig
 from ray_landmark.infer.ensemble import HEADLINE, metrics_text, run_ensemble
 from ray_landmark.data.config import DataConfig, SyntheticSpec
 from ray_landmark.data.synthetic import write_synthetic_gldv2
 from ray_landmark.local_s3 import LocalS3Server
 from ray_landmark.progress import ProgressLine
-from ray_landmark.train.checkpoint import run_logs
+from ray_landmark.train.chain import step_state
+from ray_landmark.train.checkpoint import latest_checkpoint, run_location, run_logs
 from ray_landmark.train.metrics_log import read_metrics
-from ray_landmark.train.trainer import fit
+from ray_landmark.train.trainer import fit, load_training_data
 from ray_landmark.tune.sweep import check_sweep_rerun, run_sweep
 
 
-def prepare_dataset(cfg: Config, server: LocalS3Server) -> dict:
-    """Create the bucket named by data.root on the local server and write the synthetic set and its manifests."""
-    bucket = cfg.data.root.removeprefix("s3://").split("/", 1)[0]
+BUCKET_COPY = "bucket"  # <out>/bucket/<bucket>/: the local S3 server's bucket as the last run left it
+SYNTHETIC_RECORD = "synthetic.json"  # <data.root>/synthetic.json: the spec the set was written with, and its summary
+
+
+def _bucket(cfg: Config) -> str:
+    return cfg.data.root.removeprefix("s3://").split("/", 1)[0]
+
+
+def restore_bucket(cfg: Config, server: LocalS3Server, out_dir: Path) -> bool:
+    """Create the bucket named by data.root on the local server (new with every run) and fill it with the copy the
+    last run in ``out_dir`` saved, if there is one: its data set and trained runs are then reused."""
+    bucket = _bucket(cfg)
     server.create_bucket(bucket)
+    copy = out_dir / BUCKET_COPY / bucket
+    if not copy.is_dir():
+        return False
+    target = resolve(f"s3://{bucket}", cfg.data.storage)
+    pafs.copy_files(str(copy), target.path, destination_filesystem=target.fs)
+    print(f"[quickstart] restored s3://{bucket} from {copy} (the last run's data and trained runs)")
+    return True
+
+
+def save_bucket(cfg: Config, out_dir: Path) -> None:
+    """Copy the bucket to ``out_dir`` for the next run, replacing the last copy only once this one is whole."""
+    bucket = _bucket(cfg)
+    source = resolve(f"s3://{bucket}", cfg.data.storage)
+    copy, partial = out_dir / BUCKET_COPY / bucket, out_dir / BUCKET_COPY / f"{bucket}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    pafs.copy_files(source.path, str(partial), source_filesystem=source.fs)
+    shutil.rmtree(copy, ignore_errors=True)
+    partial.rename(copy)
+
+
+def prepare_dataset(cfg: Config) -> dict:
+    """Write the synthetic set and its manifests under data.root, unless the set there was written with the same
+    spec (a restored bucket): then it is reused as it is."""
+    spec = cfg.synthetic or SyntheticSpec()
     root = resolve(cfg.data.root, cfg.data.storage)
-    summary = write_synthetic_gldv2(cfg.synthetic or SyntheticSpec(), root)
+    record = root.child(SYNTHETIC_RECORD)
+    if exists(record):
+        earlier = json.loads(read_bytes(record))
+        if earlier["spec"] == spec.model_dump(mode="json"):
+            print(f"[quickstart] synthetic GLDv2 in {cfg.data.root}: written earlier with this spec; reused")
+            return earlier["summary"]
+    summary = write_synthetic_gldv2(spec, root)
     # With the shard index (prepare_gldv2.py --verify-shards), so that the streams read only the images they use.
     summary["manifest"] = prepare_manifests(root, resolve(cfg.data.manifest_uri, cfg.data.storage),
                                             shard_index=dataset_shard_index(root))
+    write_bytes(record, json.dumps({"spec": spec.model_dump(mode="json"), "summary": summary}, default=str).encode())
     return summary
 
 
@@ -77,13 +121,18 @@ def stream_epoch(cfg: Config, batch_size: int) -> dict:
     }
 
 
-def train(cfg: Config) -> dict:
-    """Train with Ray Train; the per-epoch validation history comes back from the run's metrics log."""
-    print(f"[quickstart] training {cfg.run.name} ({cfg.model.arch}) with {cfg.train.num_workers} workers; "
-          f"checkpoints to {cfg.run.output_dir}")
-    result = fit(cfg)
-    history = read_metrics(run_logs(cfg.run))
-    return {"final_checkpoint": result.checkpoint.path, "history": history}
+def train(cfg: Config, restart: bool = False) -> dict:
+    """Train with Ray Train, or reuse a run that holds every epoch of this config; the per-epoch validation history
+    comes back from the run's metrics log. ``restart``: a run made with another config is moved aside."""
+    done, breaking = step_state(cfg)
+    if done >= cfg.train.last_epoch and not breaking:
+        print(f"[quickstart] {cfg.run.name}: trained earlier with this config ({done} epochs); reused")
+        final = latest_checkpoint(run_location(cfg.run)).folder.path
+    else:
+        print(f"[quickstart] training {cfg.run.name} ({cfg.model.arch}) with {cfg.train.num_workers} workers; "
+              f"checkpoints to {cfg.run.output_dir}")
+        final = fit(cfg, load_training_data(cfg, restart)).checkpoint.path
+    return {"final_checkpoint": final, "history": read_metrics(run_logs(cfg.run))}
 
 
 def serve_and_ask(ensemble: EnsembleConfig, data: DataConfig, images: int = 4) -> list[dict]:
@@ -116,13 +165,16 @@ def serve_and_ask(ensemble: EnsembleConfig, data: DataConfig, images: int = 4) -
 
 
 def run(cfg: Config, second: Config, ensemble: EnsembleConfig, server: LocalS3Server, out_dir: Path,
-        sweep: tuple | None = None) -> dict:
+        sweep: tuple | None = None, restart: bool = False) -> dict:
     """The whole quickstart; ``second`` is a model of another family, ``ensemble`` combines the two, ``sweep`` (a
-    SweepConfig and its base, optional) is run last."""
+    SweepConfig and its base, optional) is run last. A rerun into the same ``out_dir`` reuses what the last one
+    finished: the data set, the trained runs (the bucket is saved to ``out_dir`` once they are) and the embeddings;
+    ``restart`` moves aside a run made with another config."""
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    print(f"[quickstart] local S3 server at {server.endpoint_url}; writing synthetic GLDv2 to {cfg.data.root}")
-    dataset = prepare_dataset(cfg, server)
+    print(f"[quickstart] local S3 server at {server.endpoint_url}; synthetic GLDv2 in {cfg.data.root}")
+    restore_bucket(cfg, server, out_dir)
+    dataset = prepare_dataset(cfg)
     print(f"[quickstart] dataset: {dataset['images']} images, {dataset['landmarks']} landmarks")
     epoch = stream_epoch(cfg, cfg.train.batch_size)
     print(
@@ -130,7 +182,8 @@ def run(cfg: Config, second: Config, ensemble: EnsembleConfig, server: LocalS3Se
         f"{epoch['classes_streamed']}/{epoch['classes_in_view']} classes at {epoch['images_per_second']} img/s; "
         f"{epoch['test_images_streamed']} test images; skipped: {epoch['skipped']}"
     )
-    training = {c.run.name: train(c) for c in (cfg, second)}
+    training = {c.run.name: train(c, restart) for c in (cfg, second)}
+    save_bucket(cfg, out_dir)
     print(f"[quickstart] ensemble of {', '.join(m.name for m in ensemble.models)}: embeddings, kNN, post-processing")
     scored = run_ensemble(ensemble)
     print(metrics_text(scored["stages"]))

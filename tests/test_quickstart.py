@@ -54,3 +54,16 @@ def test_quickstart_streams_trains_two_families_and_scores_their_ensemble(tmp_pa
     # --serve: the two models as a service, asked about four test images over HTTP.
     assert "[quickstart] the service at http://127.0.0.1:" in proc.stdout
     assert proc.stdout.count(", confidence ") == 4 and "; index " in proc.stdout
+
+    # The same command again: it reuses what the first run finished (data, both trained runs, the embeddings).
+    again = subprocess.run([sys.executable, "jobs/quickstart.py", "--out", str(out)], cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[quickstart] restored s3://quickstart-gldv2 from " in again.stdout
+    assert "written earlier with this spec; reused" in again.stdout
+    assert again.stdout.count("trained earlier with this config (8 epochs); reused") == 2, again.stdout[-3000:]
+    assert "[train] epoch" not in again.stdout
+    assert again.stdout.count("was embedded earlier with ") == 2
+    rerun = json.loads((out / "summary.json").read_text())
+    assert rerun["training"]["quickstart"]["final_checkpoint"] == final_checkpoint
+    assert rerun["gap_private"] == summary["gap_private"] and rerun["map100_private"] == summary["map100_private"]
