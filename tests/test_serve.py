@@ -55,7 +55,9 @@ def service(tiny_checkpoints, gldv2_learnable, tmp_path_factory):
         "models": [{"name": "dolg", "checkpoint": tiny_checkpoints["dolg"], "family": "dolg"},
                    {"name": "effnet", "checkpoint": tiny_checkpoints["effnet"], "family": "efficientnet"}],
         "embed": {"batch_size": 16},
-        "recognition": {"nonlandmark": {"source": "ids", "ids": str(out / "n.csv")}},
+        # 8 images in N: the ks below it (b_j and the query penalty need more images than k).
+        "recognition": {"nonlandmark": {"source": "ids", "ids": str(out / "n.csv")}, "gallery_nonlandmark_k": 3,
+                        "query_nonlandmark_k": 5},
     }, "test", EnsembleConfig)
     run_ensemble(cfg, printer=lambda line, transient=False: None)
 

@@ -20,7 +20,7 @@ from ray_landmark.progress import Printer, say
 
 # Dotted keys (or key prefixes ending in ".") that a resume may change.
 RESUMABLE = (
-    "run.storage.",  # how to reach the run folder
+    "run.",  # where the run folder is and how to reach it (a run copied or moved elsewhere resumes there)
     "data.root", "data.manifest", "data.storage.", "data.manifest_storage.",  # where the same data lives
     "data.decode", "data.decode_batch_size", "data.read_cpus", "data.decode_cpus", "data.prefetch_batches",
     "data.shuffle_buffer", "data.eval_queries", "data.eval_index",
