@@ -32,7 +32,6 @@ start-up, the first batch.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import multiprocessing as mp
 import os
@@ -44,7 +43,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -562,7 +560,6 @@ def benchmarks_md(payload: dict, results_path: Path) -> str:
     groups = list(dict.fromkeys(g for name in PATHS for g in busy[name]))
     shown = ["dataloader_tars_s3", "ray_s3", "ray_s3_ranged", "worker_decode_s3"]
     cpu_table = _table(["processes", *shown], [[g, *(busy[name].get(g, "") for name in shown)] for g in groups])
-    ranged_faster = ratios["ranged_vs_streamed_s3_gldv2c"] >= 1.0
     gldv2c_ranged = bytes_read["gldv2c_ranged"]["bytes_per_image_vs_view"]
     same_s3 = ratios["stream_vs_dataloader_same_source_s3"]
     return f"""## Data pipeline (`benchmarks/data_pipeline.py`)
