@@ -209,10 +209,20 @@ def cutout(images: torch.Tensor, centres: np.ndarray) -> torch.Tensor:
     return images.masked_fill(hole[:, None], 0)
 
 
+# Images augmented together on the CPU: a few at a time keep the warp and the copies in the cache; a whole batch of
+# 32 at 448 px costs 1.5x the CPU time per image (benchmarks/data_pipeline.py, "augmentation chunk").
+AUGMENT_CHUNK = 4
+
+
 def augment_hwc(images: np.ndarray, augmentation: TrainAugmentation) -> np.ndarray:
-    """The augmentation on a uint8 N×S×S×3 numpy batch (the Ray Data decode tasks' layout)."""
-    chw = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())  # the copy: writable, NCHW-contiguous
-    return np.ascontiguousarray(augmentation(chw).permute(0, 2, 3, 1).numpy())
+    """The augmentation on a uint8 N×S×S×3 numpy batch (the Ray Data decode tasks' layout), ``AUGMENT_CHUNK`` images
+    at a time."""
+    out = np.empty_like(images)
+    for start in range(0, len(images), AUGMENT_CHUNK):
+        part = slice(start, start + AUGMENT_CHUNK)
+        chw = torch.from_numpy(images[part].transpose(0, 3, 1, 2).copy())  # the copy: writable, NCHW-contiguous
+        out[part] = augmentation(chw).permute(0, 2, 3, 1).numpy()
+    return out
 
 
 class ImageTransform:
