@@ -16,9 +16,11 @@ same JPEGs and cores; and the bytes each way of reading fetches per delivered im
     shard index by ranged requests from the S3 server (``data.ranged_reads``), for the full view and for GLDv2c;
 (d) ``data.decode: worker`` on the CPU: the stream carries JPEG bytes and the consumer (here the driver, in training a
     Ray Train worker) decodes, resizes and augments each batch itself (``pipeline.train_batches``, device "cpu").
-The kinds of work: the Ray Data tasks' (PIL decode, resize, the batched augmentation) with fast and with original
-preprocessing, and the worker's (torchvision decode, resize and augmentation, a batch at a time). (b), (c) and (d) are
-timed round robin, one pass of each per round, so that a busy spell on a shared machine hits them alike; each one's
+The kinds of work: the Ray Data tasks' (``pipeline.decode_images`` on a batch of 32: PIL decode, resize, the
+augmentation a few images at a time) with fast and with original preprocessing, and the worker's (torchvision
+decode, resize and augmentation, a batch at a time); the DataLoaders' datasets decode and augment one image at a
+time. The augmentation alone is also timed with 1 … 32 images augmented together (``transforms.AUGMENT_CHUNK``).
+(b), (c) and (d) are timed round robin, one pass of each per round, so that a busy spell on a shared machine hits them alike; each one's
 rate is its best pass after the first (which warms up worker processes and the page cache), with the CPU time of every
 process taking part, the S3 server's own included. The first pass of (c) from S3 is taken apart: imports, worker
 start-up, the first batch.
@@ -51,11 +53,12 @@ from results_io import machine, update_benchmarks_md, write_results  # noqa: E40
 from ray_landmark.data import gldv2  # noqa: E402
 from ray_landmark.data.config import DataConfig, StorageConfig  # noqa: E402
 from ray_landmark.data.metadata import open_manifest, prepare_manifests  # noqa: E402
-from ray_landmark.data.pipeline import train_batches, train_stream  # noqa: E402
+from ray_landmark.data.pipeline import decode_images, train_batches, train_stream  # noqa: E402
 from ray_landmark.data.shard_members import dataset_shard_index  # noqa: E402
 from ray_landmark.data.storage import resolve  # noqa: E402
 from ray_landmark.data.synthetic import SyntheticSpec, write_synthetic_gldv2  # noqa: E402
-from ray_landmark.data.transforms import ImageTransform  # noqa: E402
+from ray_landmark.data import transforms  # noqa: E402
+from ray_landmark.data.transforms import TrainAugmentation, augment_hwc, decode_resized  # noqa: E402
 from ray_landmark.data.worker_decode import TrainBatchDecoder  # noqa: E402
 from ray_landmark.local_s3 import LocalS3Server, use_test_credentials  # noqa: E402
 
@@ -82,8 +85,11 @@ def _init_worker(blob_file: str, size: int, work: str, start, next_chunk) -> Non
         labels = np.zeros(BATCH, np.int64)
         _WORK = lambda chunk: decoder(chunk, labels[: len(chunk)])  # noqa: E731
     else:
-        transform = ImageTransform(size, augment=True, preprocessing=work.removeprefix("ray_task_"))
-        _WORK = lambda chunk: [transform(data) for data in chunk]  # noqa: E731
+        preprocessing = work.removeprefix("ray_task_")
+        _WORK = lambda chunk: decode_images(  # noqa: E731  exactly a Ray Data decode task's work on one batch
+            {"id": np.arange(len(chunk)).astype(str), "jpeg": np.array(chunk, dtype=object),
+             "label": np.zeros(len(chunk), np.int64)},
+            image_size=size, preprocessing=preprocessing, augment=True, keep_ids=False, counter=None)
     _WORK(_BLOBS[:BATCH])
     _START, _NEXT = start, next_chunk
 
@@ -115,11 +121,41 @@ def plain_loops(blob_file: str, size: int, processes: int, work: str) -> tuple[f
     return images / wall, images / sum(cpu for _, _, _, cpu in shares)
 
 
+class OneByOne:
+    """What a DataLoader's dataset does per item: decode and resize one JPEG, then augment it alone."""
+
+    def __init__(self, size: int):
+        self.size, self.augmentation = size, TrainAugmentation()
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        return augment_hwc(decode_resized(data, self.size)[None], self.augmentation)[0]
+
+
+def augmentation_chunk_rates(blobs: list[bytes], size: int, chunks=(1, 2, 4, 8, 32), rounds: int = 5) -> dict:
+    """Images per CPU-second of the CPU augmentation alone (``augment_hwc``) with ``transforms.AUGMENT_CHUNK`` set to
+    each of ``chunks``, on one batch of decoded images, in this process with one thread: the best of ``rounds``
+    interleaved rounds."""
+    torch.set_num_threads(1)
+    images = np.stack([decode_resized(blob, size) for blob in blobs[:BATCH]])
+    augmentation, default, best = TrainAugmentation(), transforms.AUGMENT_CHUNK, {}
+    try:
+        for _ in range(rounds):
+            for chunk in chunks:
+                transforms.AUGMENT_CHUNK = chunk
+                started = time.process_time()
+                augment_hwc(images, augmentation)
+                best[chunk] = max(best.get(chunk, 0.0), len(images) / (time.process_time() - started))
+    finally:
+        transforms.AUGMENT_CHUNK = default
+        torch.set_num_threads(os.cpu_count() or 1)
+    return {str(chunk): round(rate, 1) for chunk, rate in best.items()}
+
+
 class JpegFolder(torch.utils.data.Dataset):
     """The JPEGs extracted to local files, one image per item (the published solution's way)."""
 
     def __init__(self, paths: list[Path], size: int):
-        self.paths, self.transform = paths, ImageTransform(size, augment=True)
+        self.paths, self.transform = paths, OneByOne(size)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -140,7 +176,7 @@ class TarShards(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         order = np.random.default_rng([0, self.passes]).permutation(len(self.uris))  # the same in every worker
         self.passes += 1
-        transform = ImageTransform(self.size, augment=True)
+        transform = OneByOne(self.size)
         for i in order[worker::workers]:
             loc = resolve(self.uris[i], self.storage)
             with loc.fs.open_input_stream(loc.path, buffer_size=32 * 2**20) as f, tarfile.open(fileobj=f, mode="r|") as tar:
@@ -227,6 +263,7 @@ def timed_pass(batches, server_pid: int) -> dict:
     cpu["other: processes that exited during the pass, other programs"] = round(
         cpu[WHOLE_MACHINE] - sum(v for g, v in cpu.items() if g != WHOLE_MACHINE), 2)
     return {"images_per_s": n / seconds, "images": n, "seconds": seconds, "first_batch_s": first,
+            "after_first_batch_images_per_s": (n - BATCH) / (seconds - first) if first and n > BATCH else None,
             "started": wall_started, "cores_busy": cpu,
             "server_cpu_s": after.get(SERVER, 0.0) - before.get(SERVER, 0.0)}
 
@@ -347,6 +384,8 @@ def main() -> None:
               f"per CPU-second)")
         imports = round(import_seconds(), 2)
         print(f"importing the pipeline's modules in a fresh interpreter: {imports} s")
+        chunk_rates = augmentation_chunk_rates(blobs, args.size)
+        print(f"the augmentation alone, images per CPU-second by images augmented together: {chunk_rates}")
 
         loaders = {
             "dataloader_files": dataloader(JpegFolder(paths, args.size), cores),
@@ -433,6 +472,8 @@ def main() -> None:
         ray.shutdown()
 
     rate = {name: round(run["images_per_s"], 1) for name, run in steady.items()}
+    after_first = {name: round(max(r["after_first_batch_images_per_s"] or 0.0 for r in runs[1:]), 1)
+                   for name, runs in passes.items()}
     server = {name: {"cpu_s_per_pass": round(run["server_cpu_s"], 2),
                      "cpu_ms_per_image": round(1e3 * run["server_cpu_s"] / run["images"], 2),
                      "cores_busy": run["cores_busy"].get(SERVER, 0.0)} for name, run in steady.items()}
@@ -442,6 +483,12 @@ def main() -> None:
     ratios = {
         "stream_vs_dataloader_same_source_s3": round(rate["ray_s3"] / rate["dataloader_tars_s3"], 3),
         "stream_vs_dataloader_same_source_local": round(rate["ray_local"] / rate["dataloader_tars_local"], 3),
+        # The default path (ranged reads through the shard index) against the same DataLoader.
+        "ranged_vs_dataloader_same_source_s3": round(rate["ray_s3_ranged"] / rate["dataloader_tars_s3"], 3),
+        # Both rates once the first batch is out: what a pass costs beyond its start-up (Ray Data plans the
+        # execution and launches tasks every epoch; a pass here is a few seconds, a GLDv2 epoch hours).
+        "stream_vs_dataloader_same_source_s3_after_first_batch": round(
+            after_first["ray_s3"] / after_first["dataloader_tars_s3"], 3),
         "stream_s3_vs_dataloader_files": round(rate["ray_s3"] / rate["dataloader_files"], 3),
         "ranged_vs_streamed_s3_full": round(rate["ray_s3_ranged"] / rate["ray_s3"], 3),
         "ranged_vs_streamed_s3_gldv2c": round(rate["ray_s3_gldv2c_ranged"] / rate["ray_s3_gldv2c"], 3),
@@ -473,6 +520,8 @@ def main() -> None:
                     "definition": "cores x the best images per CPU-second of plain loops over in-memory JPEGs, over "
                                   "1..cores+1 processes sharing the work chunk by chunk and over every kind of work"},
         "images_per_second": {"ceiling": ceiling, **rate},
+        "after_first_batch_images_per_second": after_first,
+        "augmentation_images_per_cpu_second_by_chunk": chunk_rates,
         "every_pass_images_per_second": {name: [round(r["images_per_s"], 1) for r in runs]
                                          for name, runs in passes.items()},
         "ratios": ratios,
@@ -592,9 +641,18 @@ Like with like: Ray Data vs a DataLoader streaming the same tars, **from the S3 
 {ratios['stream_vs_dataloader_same_source_local']}. Against the DataLoader over extracted local files (the seed's
 comparison, which charged the S3 server to the Ray side only): {ratios['stream_s3_vs_dataloader_files']}. Ranged reads
 vs whole shards streamed, both from S3: {ratios['ranged_vs_streamed_s3_full']} for the full view,
-{ratios['ranged_vs_streamed_s3_gldv2c']} for GLDv2c. Closest to the ceiling: {_closest({
+{ratios['ranged_vs_streamed_s3_gldv2c']} for GLDv2c; the default path (ranged) vs the same DataLoader:
+{ratios['ranged_vs_dataloader_same_source_s3']}. Once each pass's first batch is out, streamed from S3 vs the
+DataLoader: {ratios['stream_vs_dataloader_same_source_s3_after_first_batch']} (a pass here is
+{setup['images']} images, a few seconds; Ray Data plans and launches each epoch afresh, which a GLDv2 epoch of hours
+does not notice). Closest to the ceiling: {_closest({
         what: rates[name] / ceiling['images_per_s'] for name, what in PATHS.items()})}. Original preprocessing vs fast,
 images per CPU-second of the plain loops: {ratios['original_vs_fast_per_cpu_second']}.
+
+The augmentation alone on the CPU, images per CPU-second by how many {size} px images are augmented together
+(`transforms.AUGMENT_CHUNK`, default {transforms.AUGMENT_CHUNK}): {", ".join(
+        f"{chunk}: {rate}" for chunk, rate in payload["augmentation_images_per_cpu_second_by_chunk"].items())}. A whole
+batch of 32 leaves the CPU's cache; a few at a time stay in it.
 
 The S3 server's own CPU is in the table (CPU-milliseconds per delivered image): it serves the same bytes to the
 DataLoader and to Ray Data when both stream whole shards, so it no longer weighs on one side only; with ranged reads
