@@ -61,6 +61,7 @@ from ray_landmark.data import transforms  # noqa: E402
 from ray_landmark.data.transforms import TrainAugmentation, augment_hwc, decode_resized  # noqa: E402
 from ray_landmark.data.worker_decode import TrainBatchDecoder  # noqa: E402
 from ray_landmark.local_s3 import LocalS3Server, use_test_credentials  # noqa: E402
+from ray_landmark.markdown import markdown_table  # noqa: E402
 
 BATCH = 32
 # The plain loops' kinds of work: what a Ray Data decode task does per image (fast / original preprocessing), and what
@@ -541,11 +542,6 @@ def main() -> None:
     print(f"wrote {path}")
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
-
 def _workers_text(first: dict) -> str:
     if first.get("ray_workers_started_during_it_and_alive_at_its_end") is None:
         return "(the Ray workers started during it were not counted in this run) "
@@ -585,30 +581,31 @@ def benchmarks_md(payload: dict, results_path: Path) -> str:
     busy, first, every = payload["cores_busy"], payload["first_pass_ray_s3"], payload["every_pass_images_per_second"]
     bytes_read, gaps = payload["bytes_read"], payload["range_gap_bytes_gldv2c"]
     process_counts = list(plain[WORKS[0]])
-    plain_table = _table(["work", *(f"{p} process{'es' if int(p) > 1 else ''}" for p in process_counts)],
-                         [[work, *plain[work].values()] for work in WORKS])
-    path_table = _table(
+    plain_table = markdown_table(["work", *(f"{p} process{'es' if int(p) > 1 else ''}" for p in process_counts)],
+                                 [[work, *plain[work].values()] for work in WORKS])
+    path_table = markdown_table(
         ["path", "images/s", "vs ceiling", "every pass", "S3 server CPU ms per image"],
         [[f"(a) ceiling: {cores} × {per_cpu_second[ceiling['work']]} ({ceiling['work']})", ceiling["images_per_s"],
           "1.00", "", ""]]
         + [[what, rates[name], f"{rates[name] / ceiling['images_per_s']:.2f}", ", ".join(map(str, every[name])),
             server[name]["cpu_ms_per_image"] if "s3" in name else ""] for name, what in PATHS.items()])
     view_mean = setup["view_mean_jpeg_bytes"]
-    bytes_table = _table(
+    bytes_table = markdown_table(
         ["view", "read", "images", "bytes per image", "vs the view's mean JPEG", "requests per image",
          "read stage s", "S3 server CPU s"],
         [[name.split("_")[0], "ranged (shard index)" if name.endswith("ranged") else "whole shards streamed",
           run["images"], f"{run['bytes_per_image']:,}", run["bytes_per_image_vs_view"],
           f"{run['requests'] / run['images']:.2f}" if run["requests"] else "", run["seconds"], run["server_cpu_s"]]
          for name, run in bytes_read.items()])
-    gap_table = _table(
+    gap_table = markdown_table(
         ["`range_gap_bytes`", "requests", "bytes per image vs the view's mean JPEG", "read stage images/s",
          "S3 server CPU s"],
         [[f"{int(gap):,}", run["requests"], run["bytes_per_image_vs_view"], run["images_per_s"], run["server_cpu_s"]]
          for gap, run in gaps.items()])
     groups = list(dict.fromkeys(g for name in PATHS for g in busy[name]))
     shown = ["dataloader_tars_s3", "ray_s3", "ray_s3_ranged", "worker_decode_s3"]
-    cpu_table = _table(["processes", *shown], [[g, *(busy[name].get(g, "") for name in shown)] for g in groups])
+    cpu_table = markdown_table(["processes", *shown],
+                               [[g, *(busy[name].get(g, "") for name in shown)] for g in groups])
     gldv2c_ranged = bytes_read["gldv2c_ranged"]["bytes_per_image_vs_view"]
     same_s3 = ratios["stream_vs_dataloader_same_source_s3"]
     return f"""## Data pipeline (`benchmarks/data_pipeline.py`)

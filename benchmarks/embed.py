@@ -31,6 +31,7 @@ from ray_landmark.data.metadata import prepare_manifests  # noqa: E402
 from ray_landmark.data.storage import resolve  # noqa: E402
 from ray_landmark.data.synthetic import write_synthetic_gldv2  # noqa: E402
 from ray_landmark.data.transforms import ImageTransform, normalize_on_device  # noqa: E402
+from ray_landmark.infer.config import EmbedSettings  # noqa: E402
 from ray_landmark.infer.embed import EmbedRequest, embed_splits  # noqa: E402
 from ray_landmark.models.factory import build_model  # noqa: E402
 from ray_landmark.runtime import init_ray  # noqa: E402
@@ -97,7 +98,7 @@ def main() -> None:
         ray_runs = {}
         for run in ("cold", "warm"):  # warm: the job again on the same Ray, its worker processes already started
             request = EmbedRequest(checkpoint=checkpoint, out=str(Path(tmp) / f"emb_{run}"), splits=("train",),
-                                   view="full", data=data, batch_size=args.batch_size)
+                                   view="full", data=data, settings=EmbedSettings(batch_size=args.batch_size))
             started = time.perf_counter()
             embedded = embed_splits(request, printer=lambda line, transient=False: None)["train"]["embedded"]
             ray_runs[run] = (embedded, time.perf_counter() - started)

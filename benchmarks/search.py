@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import REPO, machine, sync, update_benchmarks_md, write_results  # noqa: E402
 
 from ray_landmark.infer import postprocess as pp  # noqa: E402
+from ray_landmark.markdown import markdown_table  # noqa: E402
 from ray_landmark.infer.search import chunk_bytes, chunk_sizes, default_max_bytes, knn  # noqa: E402
 
 GLDV2 = {  # queries x database at 512-d
@@ -220,14 +221,12 @@ def markdown(payload: dict) -> str:
         "seconds / search seconds. Peak: resident memory above the inputs (CPU) or torch's allocations (GPU) during "
         "the search.",
         "",
-        "| device | backend | database | seconds (best) | every run, s | GFLOP/s | gemm s | vs gemm | peak MiB | "
-        "chunks (queries × rows) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        markdown_table(
+            ["device", "backend", "database", "seconds (best)", "every run, s", "GFLOP/s", "gemm s", "vs gemm",
+             "peak MiB", "chunks (queries × rows)"],
+            [[r["device"], r["backend"], f"{r['database']:,}", r["seconds"], _runs(r["all_seconds"]), r["gflops"],
+              r["gemm_seconds"], r["search_vs_gemm"], r["peak_mib"], _chunks(r)] for r in payload["runs"]]),
     ]
-    for r in payload["runs"]:
-        lines.append(f"| {r['device']} | {r['backend']} | {r['database']:,} | {r['seconds']} | "
-                     f"{', '.join(map(str, r['all_seconds']))} | {r['gflops']} | {r['gemm_seconds']} | "
-                     f"{r['search_vs_gemm']} | {r['peak_mib']} | {r['chunks'][0]:,} × {r['chunks'][1]:,} |")
     ratios = payload["ratios"]
     lines += [
         "",
@@ -237,28 +236,36 @@ def markdown(payload: dict) -> str:
     ]
     if payload["budget_sweep"]:
         lines += ["", f"Memory budget against speed (CPU, database {payload['budget_sweep'][0]['database']:,}):", "",
-                  "| backend | max_bytes MiB | chunks | seconds (best) | every run, s | peak MiB |",
-                  "|---|---|---|---|---|---|"]
-        for r in payload["budget_sweep"]:
-            lines.append(f"| {r['backend']} | {r['max_bytes_mib']} | {r['chunks'][0]:,} × {r['chunks'][1]:,} | "
-                         f"{r['seconds']} | {', '.join(map(str, r['all_seconds']))} | {r['peak_mib']} |")
+                  markdown_table(["backend", "max_bytes MiB", "chunks", "seconds (best)", "every run, s", "peak MiB"],
+                                 [[r["backend"], r["max_bytes_mib"], _chunks(r), r["seconds"], _runs(r["all_seconds"]),
+                                   r["peak_mib"]] for r in payload["budget_sweep"]])]
     if payload["gldv2_measured_on_gpu"]:
         lines += ["", "GLDv2's sizes, measured on the GPU (torch, float16):", "",
-                  "| case | queries × database | seconds | GFLOP/s | peak MiB |", "|---|---|---|---|---|"]
-        for r in payload["gldv2_measured_on_gpu"]:
-            lines.append(f"| {r['case']} | {r['queries']:,} × {r['database']:,} | {r['seconds']} | {r['gflops']} | "
-                         f"{r['peak_mib']} |")
+                  markdown_table(["case", "queries × database", "seconds", "GFLOP/s", "peak MiB"],
+                                 [[r["case"], _sizes(r), r["seconds"], r["gflops"], r["peak_mib"]]
+                                  for r in payload["gldv2_measured_on_gpu"]])]
     lines += ["", "**Extrapolation** to GLDv2's sizes at 512-d (not measured): seconds = 2·Q·N·D / the GFLOP/s "
               "measured at the largest database above; memory: the chunk pair the default budget allows plus the "
               "result (Q × k scores and indices), against the full float32 similarity matrix.", "",
-              "| case | device, backend | queries × database | extrapolated seconds | chunk MiB | result MiB | "
-              "full matrix GB |", "|---|---|---|---|---|---|---|"]
-    for r in payload["extrapolation"]:
-        lines.append(f"| {r['case']} | {r['device']}, {r['backend']} | {r['queries']:,} × {r['database']:,} | "
-                     f"{r['extrapolated_seconds']:,} | {r['chunk_mib']} | {r['result_mib']} | "
-                     f"{r['full_float32_matrix_gb']:,} |")
+              markdown_table(["case", "device, backend", "queries × database", "extrapolated seconds", "chunk MiB",
+                              "result MiB", "full matrix GB"],
+                             [[r["case"], f"{r['device']}, {r['backend']}", _sizes(r), f"{r['extrapolated_seconds']:,}",
+                               r["chunk_mib"], r["result_mib"], f"{r['full_float32_matrix_gb']:,}"]
+                              for r in payload["extrapolation"]])]
     lines += ["", f"Raw numbers: `{payload['results_path']}`."]
     return "\n".join(lines) + "\n"
+
+
+def _runs(seconds: list[float]) -> str:
+    return ", ".join(map(str, seconds))
+
+
+def _chunks(row: dict) -> str:
+    return f"{row['chunks'][0]:,} × {row['chunks'][1]:,}"
+
+
+def _sizes(row: dict) -> str:
+    return f"{row['queries']:,} × {row['database']:,}"
 
 
 def resort_shortlist(queries, gallery, k, bias, device):
@@ -378,12 +385,10 @@ def adjusted_markdown(payload: dict) -> str:
         "Times are process CPU seconds (all threads), best of the runs: the machine is shared and oversubscribed, so "
         "wall time measured the others' load (it is in the JSON). The merging's numbers below are CPU seconds too.",
         "",
-        "| step | CPU seconds (best) | every run, CPU s | wall s (best) |",
-        "|---|---|---|---|",
+        markdown_table(["step", "CPU seconds (best)", "every run, CPU s", "wall s (best)"],
+                       [[name, s["cpu_seconds"][name], _runs(seconds), s["wall_seconds"][name]]
+                        for name, seconds in s["all_cpu_seconds"].items()]),
     ]
-    for name, seconds in s["all_cpu_seconds"].items():
-        lines.append(f"| {name} | {s['cpu_seconds'][name]} | {', '.join(map(str, seconds))} | "
-                     f"{s['wall_seconds'][name]} |")
     lines += [
         "",
         f"`exact_vs_replaced` (replaced CPU seconds / exact CPU seconds) = **{payload['exact_vs_replaced']}**. On "
@@ -420,11 +425,16 @@ def main_adjusted(args) -> None:
                **run_adjusted(args), "load_average_1m_end": round(os.getloadavg()[0], 2),
                "results_path": "benchmarks/results/search_adjusted.json"}
     print(json.dumps({"exact_vs_replaced": payload["exact_vs_replaced"], **payload["gldv2_estimate_cpu"]}))
-    if args.no_write:
-        print(adjusted_markdown(payload))
+    publish("search_adjusted", payload, adjusted_markdown(payload), args.no_write)
+
+
+def publish(name: str, payload: dict, section: str, no_write: bool) -> None:
+    """Print the BENCHMARKS.md section (``no_write``), or write the results file and the section."""
+    if no_write:
+        print(section)
         return
-    path = write_results("search_adjusted", payload)
-    update_benchmarks_md("search_adjusted", adjusted_markdown(payload))
+    path = write_results(name, payload)
+    update_benchmarks_md(name, section)
     print(f"wrote {path.relative_to(REPO)} and BENCHMARKS.md")
 
 
@@ -491,12 +501,7 @@ def main() -> None:
         "results_path": "benchmarks/results/search.json",
     }
     print(json.dumps(payload["ratios"]), payload["default_backend"]["why"])
-    if args.no_write:
-        print(markdown(payload))
-        return
-    path = write_results("search", payload)
-    update_benchmarks_md("search", markdown(payload))
-    print(f"wrote {path.relative_to(REPO)} and BENCHMARKS.md")
+    publish("search", payload, markdown(payload), args.no_write)
 
 
 if __name__ == "__main__":

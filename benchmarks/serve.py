@@ -126,7 +126,8 @@ def start_served(tmp: Path, checkpoint: str, args) -> str:
     from ray_landmark.infer.config import EnsembleConfig
     from ray_landmark.infer.ensemble import run_ensemble
     from ray_landmark.runtime import init_ray
-    from ray_landmark.serve.app import free_port, start_service
+    from ray_landmark.local_s3 import free_port
+    from ray_landmark.serve.app import start_service
     from ray_landmark.serve.config import ServeSettings
 
     init_ray()

@@ -1,7 +1,8 @@
 """A real S3-protocol server on 127.0.0.1 (moto's server mode) for the quickstart, the tests and the benchmarks.
 
 It runs as a separate process so that serving shards never competes with the driver for the GIL, and every client
-reaches it through the same code path as AWS: an endpoint URL plus credentials from the environment.
+reaches it through the same code path as AWS: an endpoint URL plus credentials from the environment. ``free_port``
+gives it, and any other local server (a landmark service, a test's Ray head), a port of its own.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import urllib.request
 TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now: for this server, and the other local servers of the quickstart, the tests
+    and the benchmarks (a landmark service, a Ray head), which must not collide with another."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -27,7 +30,7 @@ class LocalS3Server:
     """``with LocalS3Server() as s3: s3.create_bucket("gldv2")``; ``s3.endpoint_url`` goes into the data config."""
 
     def __init__(self, port: int | None = None):
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self._process: subprocess.Popen | None = None
 

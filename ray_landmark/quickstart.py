@@ -26,7 +26,7 @@ from ray_landmark.infer.config import EnsembleConfig
 from ray_landmark.infer.ensemble import HEADLINE, metrics_text, run_ensemble
 from ray_landmark.data.config import DataConfig, SyntheticSpec
 from ray_landmark.data.synthetic import write_synthetic_gldv2
-from ray_landmark.local_s3 import LocalS3Server
+from ray_landmark.local_s3 import LocalS3Server, free_port
 from ray_landmark.progress import ProgressLine
 from ray_landmark.train.chain import step_state
 from ray_landmark.train.checkpoint import latest_checkpoint, run_location, run_logs
@@ -142,7 +142,7 @@ def serve_and_ask(ensemble: EnsembleConfig, data: DataConfig, images: int = 4) -
     from ray import serve
 
     from ray_landmark.infer.report import read_jpegs
-    from ray_landmark.serve.app import free_port, start_service
+    from ray_landmark.serve.app import start_service
     from ray_landmark.serve.config import read_serve_file
 
     url = start_service(read_serve_file("configs/serve/quickstart.yaml").settings, ensemble, port=free_port())

@@ -11,7 +11,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import ray
 import yaml
 
 from ray_landmark import runtime
+from ray_landmark.local_s3 import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 THE_INTERNET = ("0.0.0.0/0", "::/0")
@@ -243,12 +243,6 @@ def test_the_kuberay_job_has_a_gpu_worker_group_shared_memory_token_auth_and_a_b
     assert max(gpus) >= steps[-1].train.num_workers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout_s: float = 90) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -308,7 +302,7 @@ def test_ray_job_submit_runs_a_training_job_from_the_working_dir_on_a_token_auth
     ray_cli = str(Path(sys.executable).parent / "ray")
     # Short: Ray's unix sockets live under it, and their paths are limited to 107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="rl-cluster-", dir="/tmp"))
-    dashboard = f"http://127.0.0.1:{_free_port()}"
+    dashboard = f"http://127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *CREDENTIALS)}
     env.update(
         RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
@@ -322,9 +316,9 @@ def test_ray_job_submit_runs_a_training_job_from_the_working_dir_on_a_token_auth
     with log.open("w") as out:
         head = subprocess.Popen(
             [ray_cli, "start", "--head", "--block", "--num-cpus=4", f"--temp-dir={temp_dir}",
-             f"--port={_free_port()}", f"--dashboard-port={dashboard.rsplit(':', 1)[1]}",
-             "--dashboard-host=127.0.0.1", f"--ray-client-server-port={_free_port()}",
-             f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats"],
+             f"--port={free_port()}", f"--dashboard-port={dashboard.rsplit(':', 1)[1]}",
+             "--dashboard-host=127.0.0.1", f"--ray-client-server-port={free_port()}",
+             f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
             env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     try:

@@ -90,14 +90,15 @@ def test_a_compiled_model_trains_evaluates_and_resumes_as_eager_with_the_same_st
 
 
 def test_the_embedding_job_pads_a_compiled_model_to_one_shape(tmp_path):
+    from ray_landmark.infer.config import EmbedSettings
     from ray_landmark.infer.embed import Embedder
 
     cfg, model = _tiny("tiny_dolg")
     save_checkpoint(tmp_path, state={"model": model.state_dict(), "landmark_ids": torch.arange(CLASSES)},
                     config=cfg.model_dump(mode="json"), progress=Progress(1, 1, 0))
-    eager = Embedder(str(tmp_path), StorageConfig(), flip_tta=True, compile=False)
-    compiled = Embedder(str(tmp_path), StorageConfig(), flip_tta=True, compile=True, compile_backend="aot_eager",
-                        batch_size=8)
+    eager = Embedder(str(tmp_path), StorageConfig(), EmbedSettings(flip_tta=True, compile=False))
+    compiled = Embedder(str(tmp_path), StorageConfig(), EmbedSettings(flip_tta=True, compile=True,
+                                                                      compile_backend="aot_eager", batch_size=8))
     size = cfg.data.image_size
     rng = np.random.default_rng(0)
 

@@ -12,7 +12,7 @@ from ray_landmark.config_base import JobError
 from ray_landmark.data import gldv2
 from ray_landmark.data.metadata import open_manifest
 from ray_landmark.data.storage import list_files, resolve
-from ray_landmark.infer.config import EnsembleConfig
+from ray_landmark.infer.config import EmbedSettings, EnsembleConfig
 from ray_landmark.infer.embed import EmbeddingError, EmbedRequest, _write_parquet, embed_splits, read_embeddings
 from ray_landmark.infer.ensemble import load_split, run_ensemble
 from ray_landmark.train.checkpoint import CorruptCheckpoint, load_model, read_checkpoint_config
@@ -30,7 +30,7 @@ def test_embed_writes_every_image_of_each_split_once_and_a_rerun_embeds_only_mis
     tiny_checkpoints, gldv2_learnable, tmp_path
 ):
     request = EmbedRequest(checkpoint=tiny_checkpoints["dolg"], out=str(tmp_path / "emb"),
-                           splits=("test", "index", "train"), batch_size=16)
+                           splits=("test", "index", "train"), settings=EmbedSettings(batch_size=16))
     lines: list[str] = []
     summary = embed_splits(request, printer=lambda line, transient=False: lines.append(line))
 

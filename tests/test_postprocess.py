@@ -151,6 +151,23 @@ def test_exact_adjusted_top_k_equals_brute_force_with_queries_in_n():
     assert not np.array_equal(adjusted_topk(queries, gallery, 7, bias)[1][:30], expected[:30])
 
 
+def test_searched_sets_as_torch_tensors_give_the_numpy_answers():
+    # A service keeps its gallery, N and index resident as tensors on its device (serve.answers).
+    import torch
+
+    rng = np.random.default_rng(1)
+    gallery, n, queries = _unit(rng, 500, 8), _unit(rng, 40, 8), _unit(rng, 20, 8)
+    labels = rng.integers(0, 30, len(gallery))
+    bias = nonlandmark_bias(gallery, n, 5)
+    as_tensors = nonlandmark_bias(torch.from_numpy(gallery), torch.from_numpy(n), 5)
+    assert np.array_equal(as_tensors.bias, bias.bias) and np.array_equal(as_tensors.rows, bias.rows)
+    penalty = query_penalty(queries, n, 10)
+    assert np.array_equal(query_penalty(queries, torch.from_numpy(n), 10), penalty)
+    expected = recognize(queries, gallery, labels, TOP3, bias=bias, penalty=penalty)
+    got = recognize(queries, torch.from_numpy(gallery), labels, TOP3, bias=bias, penalty=penalty)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+
+
 def test_exact_adjusted_top_k_finds_a_winner_outside_the_raw_top_100():
     # 200 gallery images at cos 0.9 .. 0.6 but close to N (b = 0.7): adjusted at most 0.2; the next 100 at cos
     # 0.55 .. 0.1 with b = 0.3: at most 0.25. Image 250 (cos 0.32) is far from N (b = 0): its 0.32 wins, though 250

@@ -21,7 +21,8 @@ from ray_landmark.data.storage import resolve
 from ray_landmark.infer.config import EnsembleConfig
 from ray_landmark.infer.ensemble import load_split, run_ensemble
 from ray_landmark.infer.report import read_jpegs
-from ray_landmark.serve.app import free_port, landmark_app, start_service
+from ray_landmark.local_s3 import free_port
+from ray_landmark.serve.app import landmark_app, start_service
 from ray_landmark.serve.config import ServeSettings, read_serve_file
 
 

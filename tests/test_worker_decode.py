@@ -307,13 +307,14 @@ def test_training_decodes_and_augments_in_the_workers(ray_session, gldv2_learnab
 def test_embedding_decodes_in_the_model_actors(ray_session, tiny_checkpoints, tmp_path):
     from ray_landmark.config import config_from_dict
     from ray_landmark.data.storage import resolve
+    from ray_landmark.infer.config import EmbedSettings
     from ray_landmark.infer.embed import EmbedRequest, embed_splits, read_embeddings
     from ray_landmark.train.checkpoint import load_model, read_checkpoint_config
 
     checkpoint = tiny_checkpoints["dolg"]
     data = config_from_dict(read_checkpoint_config(checkpoint), "checkpoint").data
-    request = EmbedRequest(checkpoint=checkpoint, out=str(tmp_path / "emb"), splits=("test",), batch_size=16,
-                           data=data.model_copy(update={"decode": "worker"}))
+    request = EmbedRequest(checkpoint=checkpoint, out=str(tmp_path / "emb"), splits=("test",),
+                           settings=EmbedSettings(batch_size=16), data=data.model_copy(update={"decode": "worker"}))
     summary = embed_splits(request, printer=lambda line, transient=False: None)
     ids, embeddings = read_embeddings(resolve(str(tmp_path / "emb" / "test")))
     assert summary["test"]["listed_but_not_embedded"] == 0 and len(ids) == summary["test"]["listed"]

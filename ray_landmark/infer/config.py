@@ -23,13 +23,19 @@ class EnsembleModel(Section):
 
 
 class EmbedSettings(Section):
+    """How a checkpoint's images are embedded: the ensemble config's ``embed`` section, ``jobs/embed.py``'s flags and
+    ``--set embed.KEY=VALUE``, and what each model actor (``infer.embed.Embedder``) and service replica receives."""
+
     batch_size: int = Field(64, gt=0)
-    flip_tta: bool = False
+    flip_tta: bool = False  # average each image's embedding with its mirror image's
     actors: int = Field(1, ge=1)  # model replicas: one per GPU on a cluster
     gpus_per_actor: float = Field(0.0, ge=0)
-    cpus_per_actor: float = Field(2.0, gt=0)  # torch threads of a CPU-only actor (see infer.embed.EmbedRequest)
-    shards_per_pass: int = Field(32, ge=1)
-    # torch.compile of the encoder, the setting as train.compile: auto = on where the actor has a GPU.
+    # A CPU-only actor runs torch on this many threads. Unlike the decode tasks' 1 CPU, it also keeps Ray Data from
+    # fusing decoding into the model actor (it fuses stages with equal resources), which ran 3.4x slower.
+    cpus_per_actor: float = Field(2.0, gt=0)
+    shards_per_pass: int = Field(32, ge=1)  # shards embedded by one Ray Data pipeline (bounds what the driver holds)
+    # torch.compile of the encoder, the setting as train.compile (train/torch_compile.py): auto = on where the actor
+    # has a GPU; a compiled model gets every batch padded to batch_size, so it compiles once.
     compile: Literal["auto"] | bool = "auto"
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
 

@@ -10,12 +10,14 @@ the driver holds (about 1 KB per 512-d image). Every image of a split is embedde
 it wrote with the split's list (``metadata/test.csv``, ``index.csv``, or the label view for train) and with what the
 read tasks saw, and reports skipped images by reason.
 
-On a GPU each actor compiles its model's encoder (``embed.compile``, as ``train.compile``) and pads short batches to
-``batch_size``, so it compiles once.
+How the images are embedded (batch size, flip TTA, actors, compile) is one ``infer.config.EmbedSettings``, from the
+ensemble config's ``embed`` section or ``jobs/embed.py``'s arguments to each actor. On a GPU each actor compiles its
+model's encoder (``embed.compile``, as ``train.compile``) and pads short batches to ``batch_size``, so it compiles once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -40,12 +42,13 @@ from ray_landmark.data.pipeline import (
 from ray_landmark.data.storage import Location, exists, list_files, read_bytes, resolve, write_bytes
 from ray_landmark.data.transforms import normalize_on_device
 from ray_landmark.data.worker_decode import WorkerDecoder
+from ray_landmark.infer.config import EmbedSettings
 from ray_landmark.progress import Printer, ProgressLine, say
+from ray_landmark.train.amp import autocast_dtype
 from ray_landmark.train.checkpoint import checkpoint_folder, load_model, read_checkpoint_config
 from ray_landmark.train.torch_compile import compile_for_embedding, compile_wanted, pad_batch
 
 INFO_FILE = "_embedding.json"
-EMBEDDING_SPLITS = ("train", "index", "test")
 
 
 class EmbeddingError(JobError, ValueError):
@@ -54,7 +57,7 @@ class EmbeddingError(JobError, ValueError):
 
 @dataclass(frozen=True)
 class EmbedRequest:
-    """What to embed with which checkpoint, and where the parquet files go (``<out>/<split>/``)."""
+    """What to embed with which checkpoint, where the parquet files go (``<out>/<split>/``), and how (``settings``)."""
 
     checkpoint: str
     out: str
@@ -65,37 +68,28 @@ class EmbedRequest:
     # the checkpoint's: the pixels its model was trained on.
     data: DataConfig | None = None
     storage: StorageConfig = field(default_factory=StorageConfig)  # how to reach the checkpoint and ``out``
-    batch_size: int = 64
-    flip_tta: bool = False  # average each image's embedding with its mirror image's
-    actors: int = 1
-    gpus_per_actor: float = 0.0
-    # A CPU-only actor runs torch on this many threads. Unlike the decode tasks' 1 CPU, it also keeps Ray Data from
-    # fusing decoding into the model actor (it fuses stages with equal resources), which ran 3.4x slower.
-    cpus_per_actor: float = 2.0
-    shards_per_pass: int = 32
-    # torch.compile of the encoder, the setting as train.compile (train/torch_compile.py): auto = on a GPU.
-    compile: bool | str = "auto"
-    compile_backend: str = "inductor"
+    settings: EmbedSettings = field(default_factory=EmbedSettings)
 
 
 class Embedder:
-    """map_batches UDF: one model per actor, loaded from the checkpoint URI in the actor (not shipped by value)."""
+    """map_batches UDF: one model per actor, loaded from the checkpoint URI in the actor (not shipped by value). A
+    service replica embeds its requests' images with it too (``serve.app``)."""
 
-    def __init__(self, checkpoint: str, storage: StorageConfig, flip_tta: bool, decode: DataConfig | None = None,
-                 counters: dict | None = None, compile: bool | str = "auto", compile_backend: str = "inductor",
-                 batch_size: int = 64):
-        """``decode``: the data config to decode JPEGs with on this actor's device (data.decode), reporting corrupt
-        ones to ``counters`` (split -> its stream's SampleCounter); None when Ray Data tasks decode. ``compile``:
-        as ``EmbedRequest.compile``; a compiled model gets every batch padded to ``batch_size``."""
+    def __init__(self, checkpoint: str, storage: StorageConfig, settings: EmbedSettings,
+                 decode: DataConfig | None = None, counters: dict | None = None):
+        """``settings``: its flip TTA and compile (a compiled model gets every batch padded to
+        ``settings.batch_size``). ``decode``: the data config to decode JPEGs with on this actor's device
+        (data.decode), reporting corrupt ones to ``counters`` (split -> its stream's SampleCounter); None when Ray
+        Data tasks decode."""
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(checkpoint, storage).model.to(self.device, memory_format=torch.channels_last)
         self.pad_to = None
-        if compile_wanted(compile, self.device):
-            compile_for_embedding(self.model, compile_backend)
-            self.pad_to = batch_size
-        self.flip_tta = flip_tta
-        amp = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-        self.autocast = torch.autocast("cuda", dtype=amp, enabled=self.device.type == "cuda")
+        if compile_wanted(settings.compile, self.device):
+            compile_for_embedding(self.model, settings.compile_backend)
+            self.pad_to = settings.batch_size
+        self.flip_tta = settings.flip_tta
+        dtype = autocast_dtype(self.device)  # None on the CPU: the model runs in float32 there
+        self.autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         self.decoder = WorkerDecoder(decode.image_size, decode.preprocessing, self.device) if decode else None
         self.counters = counters
 
@@ -228,7 +222,8 @@ def embed_splits(request: EmbedRequest, printer: Printer = say) -> dict[str, dic
     remaining = 0  # images still to embed, for the ETA: listed minus those in the files already written
     for split in request.splits:
         info = {"checkpoint": request.checkpoint, "arch": cfg.model.arch, "image_size": data.image_size,
-                "flip_tta": request.flip_tta, "view": request.view if split == "train" else None, "split": split}
+                "flip_tta": request.settings.flip_tta, "view": request.view if split == "train" else None,
+                "split": split}
         _check_info(out.child(split), info)
         _, paths = shard_paths(data, split)
         files = {os.path.basename(p): _shard_file(out.child(split), os.path.basename(p)) for p in paths}
@@ -238,10 +233,10 @@ def embed_splits(request: EmbedRequest, printer: Printer = say) -> dict[str, dic
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # split -> reason -> images
     if pending:
         printer(f"[embed] {name}: {len(pending)} shards to embed ({', '.join(request.splits)}), "
-                f"{request.actors} model actor(s), image size {data.image_size}")
+                f"{request.settings.actors} model actor(s), image size {data.image_size}")
         line = ProgressLine(f"[embed] {name}", total=remaining or None, printer=printer)
-        for start in range(0, len(pending), request.shards_per_pass):
-            group = pending[start:start + request.shards_per_pass]
+        for start in range(0, len(pending), request.settings.shards_per_pass):
+            group = pending[start:start + request.settings.shards_per_pass]
             for split, split_counts in _embed_pass(request, data, selections, out, group, line).items():
                 for key, n in split_counts.items():
                     counts[split][key] += n
@@ -257,8 +252,10 @@ def _embed_pass(request: EmbedRequest, data: DataConfig, selections: dict, out: 
                 group: list[tuple[str, str]], line: ProgressLine) -> dict[str, dict[str, int]]:
     """Embed the shards of ``group`` in one Ray Data pipeline, then write one file per shard; returns the read
     tasks' counts per split."""
+    settings = request.settings
     # JPEG bytes when the model actors decode them (data.decode), else decoded images.
-    worker_decode = decodes_in_worker(data, request.gpus_per_actor > 0, "--gpus-per-actor above 0")
+    worker_decode = decodes_in_worker(data, settings.gpus_per_actor > 0,
+                                      "embed.gpus_per_actor above 0, in jobs/embed.py --gpus-per-actor")
     streams = {split: eval_stream(data, split, selections[split], only_shards={sh for s, sh in group if s == split},
                                   worker_decode=worker_decode)
                for split in sorted({s for s, _ in group})}
@@ -268,16 +265,14 @@ def _embed_pass(request: EmbedRequest, data: DataConfig, selections: dict, out: 
         Embedder,
         # A URI, not the model: each actor loads it (ray.md §4). Ray Data keeps these small arguments in the object
         # store and logs a warning about restarts (ray#53727); they stay in scope for the whole pass.
-        fn_constructor_kwargs={"checkpoint": request.checkpoint, "storage": request.storage,
-                               "flip_tta": request.flip_tta, "decode": data if worker_decode else None,
-                               "counters": {split: stream.counter for split, stream in streams.items()},
-                               "compile": request.compile, "compile_backend": request.compile_backend,
-                               "batch_size": request.batch_size},
-        batch_size=request.batch_size,
+        fn_constructor_kwargs={"checkpoint": request.checkpoint, "storage": request.storage, "settings": settings,
+                               "decode": data if worker_decode else None,
+                               "counters": {split: stream.counter for split, stream in streams.items()}},
+        batch_size=settings.batch_size,
         batch_format="numpy",
-        num_gpus=request.gpus_per_actor or None,
-        num_cpus=request.cpus_per_actor,
-        compute=ray.data.ActorPoolStrategy(size=request.actors),
+        num_gpus=settings.gpus_per_actor or None,
+        num_cpus=settings.cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=settings.actors),
     )
     rows: dict[tuple[str, str], tuple[list, list]] = {key: ([], []) for key in group}
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):

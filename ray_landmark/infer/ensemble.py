@@ -37,7 +37,9 @@ from ray_landmark.infer.submission import recognition_submission, retrieval_subm
 from ray_landmark.progress import Printer, say
 from ray_landmark.train.checkpoint import read_checkpoint_config
 
-SPLITS = ("test", "index", "train")
+# gldv2.SPLITS in the order they are embedded and checked: the small test split first, so that its embeddings, and any
+# problem in the pipeline, come in minutes, not after the train split's hours.
+EMBED_ORDER = ("test", "index", "train")
 
 
 def data_config(cfg: EnsembleConfig) -> DataConfig:
@@ -56,9 +58,8 @@ def embed_models(cfg: EnsembleConfig, data: DataConfig, printer: Printer = say) 
     """Every model's embeddings of the three splits; shards embedded before are reused."""
     return {
         model.name: embed_splits(
-            EmbedRequest(checkpoint=model.checkpoint, out=embeddings_folder(cfg, model).uri, splits=SPLITS,
-                         name=model.name, view=cfg.gallery_view, data=data, storage=cfg.storage,
-                         **cfg.embed.model_dump()),
+            EmbedRequest(checkpoint=model.checkpoint, out=embeddings_folder(cfg, model).uri, splits=EMBED_ORDER,
+                         name=model.name, view=cfg.gallery_view, data=data, storage=cfg.storage, settings=cfg.embed),
             printer,
         )
         for model in cfg.models
@@ -346,8 +347,8 @@ def score(cfg: EnsembleConfig, data: DataConfig) -> dict:
     device = _device()
     _use_cpus(max(1, int(cfg.score_cpus)))
     tables = Tables.read(data, cfg.gallery_view)
-    splits = {s: load_split(cfg, s) for s in SPLITS}
-    test_ids, index_ids, train_ids = (splits[s].ids for s in SPLITS)
+    splits = {s: load_split(cfg, s) for s in gldv2.SPLITS}
+    test_ids, index_ids, train_ids = splits["test"].ids, splits["index"].ids, splits["train"].ids
     known = tables.gallery_landmarks.index
     outside = ~pd.Index(train_ids).isin(known)
     if outside.any():
@@ -363,15 +364,20 @@ def score(cfg: EnsembleConfig, data: DataConfig) -> dict:
     def retrieval_row(indices) -> dict:
         return _headline(retrieval_metrics(dict(zip(test_ids, pp.ranked_ids(indices, index_ids))), tables.retrieval))
 
+    compared = stages(cfg)
+    ensemble_recognition = next(s for s in compared if s.kind == "ensemble" and "recognition" in s.tasks)
+    # steps -> (landmarks, confidence): the ensemble's recognition re-ranked with each step set of the ablation,
+    # computed in the loop below while that stage's test and gallery rows are in memory.
+    reranked: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
     rows: list[dict] = []
-    for stage in stages(cfg):
+    for stage in compared:
         row: dict = {"what": stage.what, "kind": stage.kind}
         if "recognition" in stage.tasks:
             test, train = (stage.embeddings(splits, s) for s in TASK_SPLITS["recognition"])
             row.update(recognition_row(*pp.recognize(test, train, gallery_labels, cfg.recognition, steps=(),
                                                      device=device)))
-            if stage.kind == "ensemble":
-                recognized_by_steps = recognize_with_reranking(
+            if stage is ensemble_recognition:
+                reranked = recognize_with_reranking(
                     cfg, test, train, stage.embeddings(splits, "nonlandmark"), splits, groups, gallery_labels, device)
             del test, train
         if "retrieval" in stage.tasks:
@@ -381,11 +387,11 @@ def score(cfg: EnsembleConfig, data: DataConfig) -> dict:
 
     for steps in RECOGNITION_ABLATION[:-1]:  # the last, every step, is the final row
         rows.append({"what": f"ensemble for recognition, {STEP_NAMES[steps[0]]} alone", "kind": "ablation",
-                     **recognition_row(*recognized_by_steps[steps])})
+                     **recognition_row(*reranked[steps])})
     rows.append({"what": "ensemble for retrieval, per-model score sum without label re-rank", "kind": "ablation",
                  **retrieval_row(retrieve_with_reranking(cfg, splits, gallery_labels, device, rerank=False)[1])})
     _, fused = retrieve_with_reranking(cfg, splits, gallery_labels, device)
-    landmarks, confidence = recognized_by_steps[RECOGNITION_ABLATION[-1]]
+    landmarks, confidence = reranked[RECOGNITION_ABLATION[-1]]
     recognized = _recognition_predictions(test_ids, landmarks, confidence)
     retrieved = dict(zip(test_ids, pp.ranked_ids(fused, index_ids)))
     rows.append({"what": "ensemble with post-processing", "kind": "final", **recognition_row(landmarks, confidence),
@@ -402,7 +408,7 @@ def score(cfg: EnsembleConfig, data: DataConfig) -> dict:
     notes.append("Kaggle scores Public and Private apart, and Private is the score that counts; *_pooled scores both "
                  "usages together" + (", whose confidences were lowered by different non-landmark sets, so pooled "
                                       "GAP mixes two scales" if len(groups) > 1 else ""))
-    excluded = {s: splits[s].excluded for s in SPLITS if splits[s].excluded}
+    excluded = {s: splits[s].excluded for s in gldv2.SPLITS if splits[s].excluded}
     if excluded:
         notes.append(f"images excluded because a model's embedding was NaN, infinite or zero: {excluded}")
     missing = len(set(tables.test_ids) - set(test_ids))

@@ -10,7 +10,8 @@ Retrieval: :func:`label_images` (query and index images by their train neighbour
 :func:`soft_rerank` of the query -> index kNN, then :func:`fuse_models`; :func:`ranked_ids` for the submission.
 
 Low-level pieces take kNN results as ``(scores, indices)``: float [Q, k] similarities, each row sorted descending, and
-int64 [Q, k] row numbers into the searched set.
+int64 [Q, k] row numbers into the searched set. The sets searched (gallery, N, index) may also be torch tensors, as
+``search.knn`` takes them: a service keeps them on its GPU instead of copying them there for every request.
 """
 from __future__ import annotations
 
@@ -222,7 +223,7 @@ def adjusted_topk(queries: np.ndarray, gallery: np.ndarray, k: int, bias: NonLan
         raise ValueError(f"{len(query_rows)} query rows of N for {len(queries)} queries")
     scores, indices = knn(queries, gallery, k, device=device, database_offset=-b)
     lowest = np.argsort(b, kind="stable")[:k]
-    return merge_candidates(scores, indices, _inner(queries, np.asarray(gallery)[lowest]), lowest, bias, query_rows)
+    return merge_candidates(scores, indices, _inner(queries, gallery[lowest]), lowest, bias, query_rows)
 
 
 def merge_candidates(scores: np.ndarray, indices: np.ndarray, cos_lowest: np.ndarray, lowest: np.ndarray,
@@ -246,10 +247,11 @@ def merge_candidates(scores: np.ndarray, indices: np.ndarray, cos_lowest: np.nda
     return _best_per_query(np.concatenate(q_pos), np.concatenate(j), np.concatenate(a).astype(np.float32), n_query, k)
 
 
-def _inner(queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """float32 [Q, r]: inner products with a few rows, in float32."""
-    return (torch.as_tensor(np.asarray(queries), dtype=torch.float32)
-            @ torch.as_tensor(np.asarray(rows), dtype=torch.float32).T).numpy()
+def _inner(queries, rows) -> np.ndarray:
+    """float32 [Q, r]: inner products with a few rows, in float32 on the CPU; numpy arrays or tensors on any device
+    (a service keeps its gallery on the GPU)."""
+    return (torch.as_tensor(queries, dtype=torch.float32).cpu()
+            @ torch.as_tensor(rows, dtype=torch.float32).cpu().T).numpy()
 
 
 def _best_per_query(queries: np.ndarray, gallery: np.ndarray, scores: np.ndarray, n_query: int,

@@ -34,7 +34,7 @@ from ray_landmark.data.config import StorageConfig
 from ray_landmark.data.storage import Location, exists, read_bytes, resolve, write_bytes
 from ray_landmark.data.transforms import CorruptImage, decode_pil, normalize_on_device
 from ray_landmark.eval.revisited import KAPPAS, PROTOCOLS, evaluate
-from ray_landmark.infer.config import EnsembleConfig
+from ray_landmark.infer.config import EmbedSettings, EnsembleConfig
 from ray_landmark.infer.embed import EmbeddingError, Embedder, _write_parquet, read_embeddings
 from ray_landmark.infer.postprocess import combine_families
 from ray_landmark.infer.report import thumbnail_uri
@@ -135,7 +135,7 @@ class MultiScaleEmbedder(Embedder):
 
     def __init__(self, checkpoint: str, storage: StorageConfig, scales: tuple[float, ...], batch_size: int):
         # Images of many shapes: no compile (one graph per shape) and no flip.
-        super().__init__(checkpoint, storage, flip_tta=False, compile=False)
+        super().__init__(checkpoint, storage, EmbedSettings(batch_size=batch_size, flip_tta=False, compile=False))
         self.scales, self.batch_size = scales, batch_size
         self.dim = self.model.head.weight.shape[1]
 

@@ -4,10 +4,11 @@ ensemble's post-processing (``infer/postprocess.py``) and search (``infer/search
 ``load_served_index`` reads what an ensemble run wrote (every model's train, index and test embeddings, aligned by
 ``infer.ensemble.load_split``), the gallery's labels from the manifest, and precomputes what does not depend on the
 query: the recognition gallery and non-landmark set N in the ensemble embedding, the gallery's non-landmark bias b_j
-(``postprocess.nonlandmark_bias``), and each retrieval model's index labels (``postprocess.label_images``). The
-answers then call the same ``postprocess.recognize`` and ``postprocess.retrieve`` as the batch job. ``answer_recognition`` and ``answer_retrieval`` then do, for a
-batch of query embeddings, what ``infer.ensemble`` does for the test split, row by row alike, so the service's answers
-are the submission rows of the same images.
+(``postprocess.nonlandmark_bias``), and each retrieval model's index labels (``postprocess.label_images``). The sets
+searched stay on the replica's device as torch tensors, made once here, so that no request copies them there.
+``answer_recognition`` and ``answer_retrieval`` then call the same ``postprocess.recognize`` and
+``postprocess.retrieve`` as the batch job: for a batch of query embeddings they do what ``infer.ensemble`` does for the
+test split, row by row alike, so the service's answers are the submission rows of the same images.
 
 The non-landmark set N is the batch job's (``infer.ensemble.load_nonlandmark``), with one difference: under
 ``recognition.nonlandmark.source: cross_usage`` the batch job picks N by the query's Public/Private usage, which a
@@ -22,20 +23,23 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ray_landmark.config_base import JobError
+from ray_landmark.data import gldv2
 from ray_landmark.infer import postprocess as pp
 from ray_landmark.infer.config import EnsembleConfig, EnsembleModel
-from ray_landmark.infer.ensemble import SPLITS, Stage, Tables, data_config, load_nonlandmark, load_split, own_rows
+from ray_landmark.infer.ensemble import Stage, Tables, data_config, load_nonlandmark, load_split, own_rows
 
 
 @dataclass
 class RetrievalModel:
-    """One retrieval model's index and gallery (unit float32 rows) and its index images' labels."""
+    """One retrieval model's index and gallery (unit float32 rows on the search device) and its index images'
+    labels."""
 
     model: EnsembleModel
-    index: np.ndarray  # [I, D]
-    train: np.ndarray  # [G, D]
+    index: torch.Tensor  # [I, D]
+    train: torch.Tensor  # [G, D]
     index_labels: np.ndarray  # int64 [I]
     index_confidence: np.ndarray  # float32 [I]
 
@@ -45,10 +49,10 @@ class ServedIndex:
     cfg: EnsembleConfig
     device: str
     recognition_models: tuple[EnsembleModel, ...]
-    gallery: np.ndarray  # [G, D_ensemble]: train images in the recognition models' ensemble embedding
+    gallery: torch.Tensor  # [G, D_ensemble] on the device: train images in the recognition models' ensemble embedding
     gallery_labels: np.ndarray  # int64 [G]
     bias: pp.NonLandmarkBias  # b_j of every gallery image, the gallery's own rows of N left out
-    nonlandmark: np.ndarray  # [N, D_ensemble]
+    nonlandmark: torch.Tensor  # [N, D_ensemble] on the device
     nonlandmark_source: str
     retrieval: list[RetrievalModel]
     index_ids: np.ndarray  # str [I]
@@ -63,7 +67,7 @@ class ServedIndex:
 def load_served_index(cfg: EnsembleConfig, device: str) -> ServedIndex:
     """Everything the answers need that does not depend on the query; see the module doc."""
     tables = Tables.read(data_config(cfg), cfg.gallery_view)
-    splits = {s: load_split(cfg, s) for s in SPLITS}
+    splits = {s: load_split(cfg, s) for s in gldv2.SPLITS}
     train_ids = splits["train"].ids
     known = pd.Index(train_ids).isin(tables.gallery_landmarks.index)
     if not known.all():
@@ -82,8 +86,8 @@ def load_served_index(cfg: EnsembleConfig, device: str) -> ServedIndex:
         raise JobError(f"{cfg.output_dir}: the non-landmark set N has no embedded image")
     source = groups[0].description.split(": ", 1)[1] if len(groups) == 1 else (
         "every Public and Private non-landmark test image (cross_usage: a query's usage is unknown online)")
-    gallery = stage.embeddings(splits, "train")
-    nonlandmark = stage.embeddings(splits, "nonlandmark")[members]
+    gallery = _on_device(stage.embeddings(splits, "train"), device)
+    nonlandmark = _on_device(stage.embeddings(splits, "nonlandmark")[members], device)
     gallery_rows = own_rows(train_ids, splits["nonlandmark"].ids[members])
     bias = pp.nonlandmark_bias(gallery, nonlandmark, rc.gallery_nonlandmark_k, gallery_rows=gallery_rows,
                                device=device)
@@ -91,7 +95,7 @@ def load_served_index(cfg: EnsembleConfig, device: str) -> ServedIndex:
     retrieval = []
     for model in (m for m in cfg.models if "retrieval" in m.tasks):
         single = Stage(model.name, "model", ("retrieval",), (model,))
-        index, train = single.embeddings(splits, "index"), single.embeddings(splits, "train")
+        index, train = (_on_device(single.embeddings(splits, s), device) for s in ("index", "train"))
         labels, confidence = pp.label_images(index, train, gallery_labels, rt.label_k, device=device)
         retrieval.append(RetrievalModel(model, index, train, labels, confidence))
     return ServedIndex(
@@ -99,6 +103,12 @@ def load_served_index(cfg: EnsembleConfig, device: str) -> ServedIndex:
         nonlandmark=nonlandmark, nonlandmark_source=source, retrieval=retrieval, index_ids=splits["index"].ids,
         dims={name: e.shape[1] for name, e in splits["train"].by_model.items()},
     )
+
+
+def _on_device(rows: np.ndarray, device: str) -> torch.Tensor:
+    """Rows the answers search, on the search device once (``knn`` copies an array there on every search); on the
+    CPU the array's own memory, so the search is the batch job's."""
+    return torch.from_numpy(rows).to(device)
 
 
 def _single(model: EnsembleModel, queries: dict[str, np.ndarray]) -> np.ndarray:
@@ -135,7 +145,7 @@ def with_added_index_images(served: ServedIndex, ids: list[str], queries: dict[s
         rows = _single(entry.model, queries)
         labels, confidence = pp.label_images(rows, entry.train, served.gallery_labels, rt.label_k,
                                              device=served.device)
-        retrieval.append(replace(entry, index=np.concatenate([entry.index, rows]),
+        retrieval.append(replace(entry, index=torch.cat([entry.index, _on_device(rows, served.device)]),
                                  index_labels=np.concatenate([entry.index_labels, labels]),
                                  index_confidence=np.concatenate([entry.index_confidence, confidence])))
     return replace(served, retrieval=retrieval,

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import re
-import socket
 import time
 import uuid
 
@@ -46,7 +45,7 @@ from ray_landmark.data.transforms import CorruptImage, decode_resized
 from ray_landmark.data.worker_decode import WorkerDecoder
 from ray_landmark.infer.config import EnsembleConfig
 from ray_landmark.infer.embed import INFO_FILE, Embedder, _write_parquet
-from ray_landmark.infer.ensemble import SPLITS, _use_cpus, data_config, embeddings_folder
+from ray_landmark.infer.ensemble import EMBED_ORDER, _use_cpus, data_config, embeddings_folder
 from ray_landmark.serve.answers import (
     answer_recognition, answer_retrieval, load_served_index, with_added_index_images,
 )
@@ -70,7 +69,7 @@ def served_checkpoints(cfg: EnsembleConfig) -> dict[str, tuple[str, Config]]:
     for model in cfg.models:
         resolved = checkpoint_folder(model.checkpoint, cfg.storage).uri
         model_cfg = config_from_dict(read_checkpoint_config(resolved, cfg.storage), resolved)
-        for split in SPLITS:
+        for split in EMBED_ORDER:
             info_file = embeddings_folder(cfg, model).child(split, INFO_FILE)
             if not exists(info_file):
                 raise JobError(f"{info_file.uri}: no embeddings of model {model.name}; run jobs/ensemble.py with "
@@ -119,11 +118,8 @@ class LandmarkService:
         self.models = {}
         for name, (checkpoint, model_cfg) in served_checkpoints(ensemble).items():
             pixels = (model_cfg.data.image_size, model_cfg.data.preprocessing)
-            embedder = Embedder(checkpoint, ensemble.storage, ensemble.embed.flip_tta, compile=ensemble.embed.compile,
-                                compile_backend=ensemble.embed.compile_backend,
-                                batch_size=ensemble.embed.batch_size)
-            self.models[name] = {"pixels": pixels, "embedder": embedder, "config": model_cfg,
-                                 "checkpoint": checkpoint}
+            self.models[name] = {"pixels": pixels, "embedder": Embedder(checkpoint, ensemble.storage, ensemble.embed),
+                                 "config": model_cfg, "checkpoint": checkpoint}
         self.decoders = {pixels: WorkerDecoder(*pixels, self.device) if worker_decode else None
                          for pixels in {m["pixels"] for m in self.models.values()}}
         self.served = load_served_index(ensemble, self.device.type)
@@ -286,13 +282,6 @@ def build_app(args: dict) -> Application:
     ServeSettings."""
     settings = config_from_dict(args, "serve application args", ServeSettings)
     return landmark_app(settings, load_config(settings.ensemble, settings.ensemble_overrides, EnsembleConfig))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on now, for a service that must not collide with another."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def start_service(settings: ServeSettings, ensemble: EnsembleConfig, host: str = "127.0.0.1", port: int = 8000,
