@@ -1,9 +1,10 @@
 """Images/s of a published model's training step on one GPU, next to its bare EfficientNet backbone.
 
-Synthetic uint8 batches already on the GPU (no data loading), the loop's normalisation, channels_last, AMP (bf16 where
-supported, else fp16 with a grad scaler), Adam; forward + ArcFace loss + backward + step. The full head (81,313
-classes) is built, so memory and speed include it. Results go to benchmarks/results/gpu_check.json with the card's
-name, and to BENCHMARKS.md with an estimate of hours per epoch on 8 such GPUs.
+Synthetic uint8 batches already on the GPU (no data loading), the loop's normalisation, channels_last, the loop's
+mixed precision (``train/amp.py``: bf16 where supported, else fp16 with a grad scaler), Adam; forward + ArcFace loss +
+backward + step. The full head (81,313 classes) is built, so memory and speed include it. Results go to
+benchmarks/results/gpu_check.json with the card's name, and to BENCHMARKS.md with an estimate of hours per epoch on 8
+such GPUs. Needs torch, timm (with PyYAML) and pillow alone: the config file is read with PyYAML, without pydantic.
 
     python benchmarks/gpu_check.py                      # DOLG-B5 768 px, batch 10 (the published per-GPU batch)
     python benchmarks/gpu_check.py --device cpu --config configs/tiny_dolg.yaml --image-size 64 --steps 3  # smoke
@@ -19,13 +20,14 @@ from pathlib import Path
 
 import timm
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import machine, update_benchmarks_md, write_results  # noqa: E402
 
-from ray_landmark.config import load_config  # noqa: E402
 from ray_landmark.data.transforms import normalize_on_device  # noqa: E402
 from ray_landmark.models.factory import build_model  # noqa: E402
+from ray_landmark.train.amp import MixedPrecision  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GLDV2C_IMAGES = 1_580_470
@@ -47,20 +49,17 @@ def _time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
     return (time.perf_counter() - started) / steps
 
 
-def _training_step(net, loss_fn, batch, device, amp_dtype):
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=1e-5)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+def _training_step(net, loss_fn, batch, device):
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-5)
+    precision = MixedPrecision(device)
     images_u8, labels = batch
 
     def step():
         images = normalize_on_device(images_u8).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with precision.autocast():
             loss = loss_fn(net, images, labels)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        precision.backward(loss)
+        precision.step(optimizer)
 
     return step
 
@@ -76,13 +75,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--nvidia-smi-log", help="CSV written by nvidia-smi during the run (gpu_check.sh makes it)")
     args = parser.parse_args()
-    cfg = load_config(REPO / args.config, ["model.pretrained=false"])  # the weights do not change the speed
-    size = args.image_size or cfg.data.image_size
-    batch_size = args.batch_size or cfg.train.batch_size
+    cfg = yaml.safe_load((REPO / args.config).read_text())
+    model_section = {**cfg["model"], "pretrained": False}  # the weights do not change the speed
+    size = args.image_size or cfg["data"]["image_size"]
+    batch_size = args.batch_size or cfg["train"]["batch_size"]
     device = torch.device(args.device)
-    amp_dtype = None
+    amp_dtype = MixedPrecision(device).dtype
     if device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         torch.backends.cudnn.benchmark = True
 
     counts = torch.randint(1, 200, (args.classes,))  # long-tailed enough for dynamic margins; speed is unaffected
@@ -91,11 +90,12 @@ def main() -> None:
         torch.randint(0, args.classes, (batch_size,), device=device),
     )
     results = {}
-    model = build_model(cfg.model, cfg.loss, args.classes, size, counts).to(device, memory_format=torch.channels_last)
+    model = build_model(model_section, cfg.get("loss", {}), args.classes, size, counts)
+    model = model.to(device, memory_format=torch.channels_last)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step = _training_step(model.train(), lambda net, x, y: net(x, y)["loss"], batch, device, amp_dtype)
+    step = _training_step(model.train(), lambda net, x, y: net(x, y)["loss"], batch, device)
     seconds = _time_steps(step, args.steps, args.warmup, device)
     results["model"] = {
         "images_per_s": round(batch_size / seconds, 1), "step_ms": round(1000 * seconds, 1),
@@ -104,12 +104,12 @@ def main() -> None:
     }
     del model, step
 
-    backbone = timm.create_model(cfg.model.backbone.split(".")[0], pretrained=False, num_classes=0)
+    backbone = timm.create_model(model_section["backbone"].split(".")[0], pretrained=False, num_classes=0)
     backbone = backbone.to(device, memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    step = _training_step(backbone.train(), lambda net, x, y: net(x).float().square().mean(), batch, device, amp_dtype)
+    step = _training_step(backbone.train(), lambda net, x, y: net(x).float().square().mean(), batch, device)
     seconds = _time_steps(step, args.steps, args.warmup, device)
     results["bare_backbone"] = {
         "images_per_s": round(batch_size / seconds, 1), "step_ms": round(1000 * seconds, 1),

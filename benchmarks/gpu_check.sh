@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The prepared GPU check (a few minutes): DOLG-B5 at 768 px with AMP and channels_last on one GPU, next to the bare
-# EfficientNet-B5, with nvidia-smi sampling utilisation. Writes benchmarks/results/gpu_check.json and BENCHMARKS.md.
+# EfficientNet-B5, with nvidia-smi sampling utilisation. Needs only torch, torchvision, timm and pillow (no Ray, no
+# pydantic). Writes benchmarks/results/gpu_check.json and BENCHMARKS.md.
 #   bash benchmarks/gpu_check.sh [extra args for benchmarks/gpu_check.py]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-python=${PYTHON:-.venv/bin/python}
-[ -x "$python" ] || { bash scripts/setup_venv.sh cpu; python=.venv/bin/python; }
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] && python=${PYTHON:-.venv/bin/python}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 log=$(mktemp)
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -lms 500 > "$log" &

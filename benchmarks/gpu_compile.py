@@ -19,9 +19,9 @@ intermediates differently from eager, and the differences build up over the step
 to each step's: a loss that falls near 0 would make any difference large.) The hybrid's stochastic depth (timm's
 0.1) is off, so that both runs compute the same function.
 
-No Ray and no pydantic: GPU machines may have only torch, torchvision, timm (with PyYAML) and pillow. The model
-modules import their pydantic config classes but only read attributes of a section, so plain dataclasses of the same
-names, read from the recipe YAML, stand in for them (``_install_plain_sections``); the models are the project's.
+No Ray and no pydantic: GPU machines may have only torch, torchvision, timm (with PyYAML) and pillow. The models are
+the project's, built by ``build_model`` from the config file's model and loss sections read with PyYAML; the step is
+the training loop's (``train/amp.py``).
 
     bash benchmarks/gpu_compile.sh                    # both models (sized for 5 minutes on an H200): writes
                                                       # benchmarks/results/gpu_compile.json and BENCHMARKS.md
@@ -39,7 +39,6 @@ import json
 import os
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -49,58 +48,24 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from results_io import machine, sync, update_benchmarks_md, write_results  # noqa: E402
 
+from ray_landmark.data.transforms import normalize_on_device  # noqa: E402
+from ray_landmark.markdown import markdown_table  # noqa: E402
+from ray_landmark.models.factory import build_model  # noqa: E402
+from ray_landmark.train.amp import MixedPrecision  # noqa: E402
+from ray_landmark.train.torch_compile import compile_for_embedding, compile_for_training  # noqa: E402
+
 GLDV2C_CLASSES = 81_313
 STEPS, WARMUP = 20, 5
 
 
-# The model and loss sections as plain dataclasses, defaults as in ray_landmark/models/config.py (the smoke test
-# compares what they read from each config here with what the pydantic sections read).
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class _EfficientNetBased:
-    arch: str
-    backbone: str | None
-    pretrained: bool = True
-    stem_stride: int = 2
-    embedding_dim: int = 512
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DolgConfig(_EfficientNetBased):
-    dilations: tuple[int, int, int]
-    fusion: str = "exact"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class HybridSwinConfig(_EfficientNetBased):
-    swin: str
-    swin_kwargs: dict = dataclasses.field(default_factory=dict)
-    cnn_level: int | None
-    backbone: str | None = None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class EfficientNetConfig(_EfficientNetBased):  # named by the factory's isinstance checks; no case here uses it
-    pass
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LossConfig:
-    subcenters: int = 3
-    scale: float = 45.0
-    margin: float | None = None
-    margin_a: float = 0.45
-    margin_b: float = 0.05
-    margin_power: float = 0.25
-    label_smoothing: float = 0.0
-
-
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """A model as its config trains it: the model and loss sections, image size, per-GPU batch and lr."""
+    """A model as its config trains it: the model and loss sections (plain dicts, as build_model takes them without
+    pydantic), image size, per-GPU batch and lr."""
 
     config: str
-    model: DolgConfig | HybridSwinConfig
-    loss: LossConfig
+    model: dict
+    loss: dict
     image_size: int
     batch_size: int
     lr: float
@@ -114,37 +79,15 @@ def read_case(config: str) -> Case:
 
     tree = yaml.safe_load((REPO / config).read_text())
     model = {**tree["model"], "pretrained": False}
-    if model["arch"] == "dolg":
-        section = DolgConfig(**{**model, "dilations": tuple(model["dilations"])})
-    else:
-        section = HybridSwinConfig(**{**model, "swin_kwargs": {**model.get("swin_kwargs", {}), "drop_path_rate": 0.0}})
-    return Case(config, section, LossConfig(**tree.get("loss", {})), tree["data"]["image_size"],
-                tree["train"]["batch_size"], tree["train"]["lr"])
+    if model["arch"] == "hybrid_swin":
+        model["swin_kwargs"] = {**model.get("swin_kwargs", {}), "drop_path_rate": 0.0}
+    return Case(config, model, tree.get("loss", {}), tree["data"]["image_size"], tree["train"]["batch_size"],
+                tree["train"]["lr"])
 
 
 CASES = {"dolg_b5": "configs/recipes/dolg_efficientnet_b5.yaml",
          "hybrid_b6_swin384": "configs/recipes/efficientnet_b6_swin_base_384.yaml"}
 TINY_CASES = {"tiny_dolg": "configs/tiny_dolg.yaml", "tiny_hybrid_swin": "configs/tiny_hybrid_swin.yaml"}
-
-
-def _install_plain_sections() -> None:
-    """Let ``ray_landmark.models`` import without pydantic: its config modules are replaced by the dataclasses above
-    (and ConfigError by a ValueError). A model module that starts to need more from them fails the smoke test in
-    tests/test_benchmark_scripts.py, which runs this script with pydantic and Ray unimportable."""
-    config_base = types.ModuleType("ray_landmark.config_base")
-    config_base.JobError = type("JobError", (Exception,), {})
-    config_base.ConfigError = type("ConfigError", (config_base.JobError, ValueError), {})
-    sections = types.ModuleType("ray_landmark.models.config")
-    sections.DolgConfig, sections.HybridSwinConfig = DolgConfig, HybridSwinConfig
-    sections.EfficientNetConfig, sections.LossConfig = EfficientNetConfig, LossConfig
-    sections.ModelConfig = DolgConfig | HybridSwinConfig | EfficientNetConfig
-    sys.modules.update({"ray_landmark.config_base": config_base, "ray_landmark.models.config": sections})
-
-
-_install_plain_sections()
-from ray_landmark.data.transforms import normalize_on_device  # noqa: E402
-from ray_landmark.models.factory import build_model  # noqa: E402
-from ray_landmark.train.torch_compile import compile_for_embedding, compile_for_training  # noqa: E402
 
 # What is compiled: "model" (encoder, head and loss) is what the training loop compiles; "encoder" what the
 # embedding job compiles.
@@ -160,12 +103,11 @@ def _build(case: Case, classes: int, device: torch.device, seed: int) -> torch.n
     return model.to(device, memory_format=torch.channels_last).train()
 
 
-def _train(model, batches, case: Case, steps: int, warmup: int, device: torch.device, amp_dtype) -> dict:
-    """``steps`` optimizer steps over ``batches`` (cycled): losses, the first step's seconds, the speed after
-    ``warmup`` steps and the peak device memory."""
+def _train(model, batches, case: Case, steps: int, warmup: int, device: torch.device, amp: bool) -> dict:
+    """``steps`` optimizer steps over ``batches`` (cycled), with the training loop's mixed precision when ``amp``:
+    losses, the first step's seconds, the speed after ``warmup`` steps and the peak device memory."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=case.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    precision = MixedPrecision(device, enabled=amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     losses = []
@@ -179,12 +121,10 @@ def _train(model, batches, case: Case, steps: int, warmup: int, device: torch.de
             timed_from, cpu_from = time.perf_counter(), time.process_time()
         images_u8, labels = batches[step % len(batches)]
         images = normalize_on_device(images_u8).contiguous(memory_format=torch.channels_last)
-        with autocast:
+        with precision.autocast():
             loss = model(images, labels)["loss"]
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        precision.backward(loss)
+        precision.step(optimizer)
         losses.append(loss.detach())
         if step == 0:
             sync(device)
@@ -206,7 +146,7 @@ def _max_difference(losses: list[float], reference: list[float]) -> float:
     return max(abs(a - b) for a, b in zip(losses, reference)) / abs(reference[0])
 
 
-def run_case(name: str, case: Case, args, device: torch.device, amp_dtype) -> dict:
+def run_case(name: str, case: Case, args, device: torch.device, amp: bool) -> dict:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     size, batch = case.image_size, case.batch_size
     batches = [(torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device, generator=generator),
@@ -214,17 +154,17 @@ def run_case(name: str, case: Case, args, device: torch.device, amp_dtype) -> di
     model = _build(case, args.classes, device, args.seed)
     initial = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     print(f"[{name}] eager", flush=True)
-    runs = {"eager": _train(model, batches, case, args.steps, args.warmup, device, amp_dtype)}
-    if amp_dtype is not None:
+    runs = {"eager": _train(model, batches, case, args.steps, args.warmup, device, amp)}
+    if amp:
         print(f"[{name}] eager without autocast (the bf16 reference)", flush=True)
         model.load_state_dict(initial)
-        runs["eager_fp32"] = _train(model, batches, case, args.steps, args.warmup, device, None)
+        runs["eager_fp32"] = _train(model, batches, case, args.steps, args.warmup, device, False)
     del model
     for scope in args.scopes:
         print(f"[{name}] compiled ({scope}, {args.backend}); the first step compiles", flush=True)
         model = _build(case, args.classes, device, args.seed)
         SCOPES[scope](model, args.backend)
-        runs[f"compiled_{scope}"] = _train(model, batches, case, args.steps, args.warmup, device, amp_dtype)
+        runs[f"compiled_{scope}"] = _train(model, batches, case, args.steps, args.warmup, device, amp)
         del model
         torch.compiler.reset()  # the next scope or case compiles from scratch
         if device.type == "cuda":
@@ -235,7 +175,7 @@ def run_case(name: str, case: Case, args, device: torch.device, amp_dtype) -> di
                  for scope in args.scopes}
     if "eager_fp32" in runs:
         agreement["eager_vs_eager_fp32"] = _max_difference(eager, runs["eager_fp32"]["losses"])
-    bound = args.loss_rtol if args.loss_rtol is not None else (0.02 if amp_dtype is not None else 1e-3)
+    bound = args.loss_rtol if args.loss_rtol is not None else (0.02 if amp else 1e-3)
     return {
         "config": case.config, "image_size": size, "batch_size": batch, "lr": case.lr, "runs": runs,
         "loss_agreement": {"max_difference_vs_first_loss": {k: round(v, 7) for k, v in agreement.items()},
@@ -246,19 +186,18 @@ def run_case(name: str, case: Case, args, device: torch.device, amp_dtype) -> di
 
 def _markdown(payload: dict, results_path: str) -> str:
     setup = payload["setup"]
-    lines = ["| model | px | batch | run | images/s | × eager | CPU s/step | first step s | peak GiB "
-             "| loss difference from eager |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for name, result in payload["models"].items():
         eager = result["runs"]["eager"]
         differences = result["loss_agreement"]["max_difference_vs_first_loss"]
         for run, numbers in result["runs"].items():
             difference = differences.get(f"{run}_vs_eager", differences.get(f"eager_vs_{run}"))
-            cells = [name, result["image_size"], result["batch_size"], run, numbers["images_per_s"],
-                     f"{numbers['images_per_s'] / eager['images_per_s']:.3f}", numbers["cpu_s_per_step"],
-                     numbers["first_step_s"], numbers["peak_memory_gib"],
-                     "" if difference is None else f"{difference:.1e}"]
-            lines.append("| " + " | ".join("–" if c is None else str(c) for c in cells) + " |")
+            rows.append([name, result["image_size"], result["batch_size"], run, numbers["images_per_s"],
+                         f"{numbers['images_per_s'] / eager['images_per_s']:.3f}", numbers["cpu_s_per_step"],
+                         numbers["first_step_s"], numbers["peak_memory_gib"],
+                         "" if difference is None else f"{difference:.1e}"])
+    table = markdown_table(["model", "px", "batch", "run", "images/s", "× eager", "CPU s/step", "first step s",
+                            "peak GiB", "loss difference from eager"], rows)
     bounds = ", ".join(f"{b:g}" for b in sorted({r["loss_agreement"]["bound"] for r in payload["models"].values()}))
     scope_lines = [  # the question --scopes model,encoder answers
         f"{name}: compiling the head and the loss too ran at {model['images_per_s'] / encoder['images_per_s']:.2f}× "
@@ -283,7 +222,7 @@ the largest at any step, divided by the first step's eager loss (bound {bounds})
 {setup['torch_threads']} torch thread(s); load average {setup['load_average']} when it started.
 Run: `{setup['command']}`.
 
-{chr(10).join(lines)}
+{table}
 
 {tiny_note}{" ".join(scope_lines)}{" " if scope_lines else ""}Raw numbers: `{results_path}`.
 """
@@ -323,9 +262,8 @@ def main() -> None:
     if args.warmup >= args.steps:
         parser.error("--warmup must be below --steps: the speed is measured on the steps after it")
     device = torch.device(args.device)
-    amp_dtype = None  # the training loop's precision: autocast on a GPU, fp32 on the CPU
+    amp_dtype = MixedPrecision(device).dtype  # the training loop's precision: autocast on a GPU, fp32 on the CPU
     if device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         torch.backends.cudnn.benchmark = True
     results_name = args.results or ("gpu_compile" if device.type == "cuda" else None)
     host = machine()
@@ -344,7 +282,7 @@ def main() -> None:
         case = read_case(cases[name])
         if args.batch_size:
             case = dataclasses.replace(case, batch_size=args.batch_size)
-        result = run_case(name, case, args, device, amp_dtype)
+        result = run_case(name, case, args, device, amp_dtype is not None)
         payload["models"][name] = result
         eager_rate = result["runs"]["eager"]["images_per_s"]
         for scope in args.scopes:

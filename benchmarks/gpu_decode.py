@@ -13,10 +13,9 @@ machines we measure on have neither.
    ``ratios.gpu_fed_vs_inmemory`` (target >= 0.95).
 
 The JPEGs are synthetic 800×600 "photos" (smooth colour fields, edges and grain, quality 90, about GLDv2's ~80 KB);
-their mean size is recorded. The DOLG-B5 network is built here from ``ray_landmark.models.layers`` and timm's
-``tf_efficientnet_b5`` feature extractor (the project's factory needs the pydantic config classes): the same modules
-and shapes as recipe ``dolg_efficientnet_b5`` with ``fusion: published``; its parameter count is recorded to compare
-with that recipe's 158.8 M. Results go to benchmarks/results/gpu_decode.json with the card's name, and BENCHMARKS.md.
+their mean size is recorded. The model is the project's: ``build_model`` from recipe ``dolg_efficientnet_b5`` (read
+with PyYAML; random weights), its sub-center ArcFace loss included, trained with the loop's mixed precision
+(``train/amp.py``). Results go to benchmarks/results/gpu_decode.json with the card's name, and BENCHMARKS.md.
 
     python benchmarks/gpu_decode.py            # on one GPU
     python benchmarks/gpu_decode.py --tiny     # a smoke run on the CPU at toy size (the tests run it); writes nothing
@@ -32,9 +31,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
-import torch.nn.functional as F
+import yaml
 from PIL import Image
 from torch import nn
 
@@ -43,15 +41,16 @@ from results_io import machine, sync, update_benchmarks_md, write_results  # noq
 
 from ray_landmark.data.transforms import ImageTransform, normalize_on_device  # noqa: E402
 from ray_landmark.data.worker_decode import TrainBatchDecoder  # noqa: E402
-from ray_landmark.models.layers import GeM, MultiAtrous, OrthogonalFusion, SpatialAttention, make_neck  # noqa: E402
+from ray_landmark.models.factory import build_model  # noqa: E402
+from ray_landmark.train.amp import MixedPrecision  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = dict(device="cuda", photo=(800, 600), unique_photos=256, size=768, decode_batch=128, decode_batches=24,
-            loader_workers=(4, 8, 16), loader_seconds=6.0, backbone="tf_efficientnet_b5", dilations=(6, 12, 18),
+            loader_workers=(4, 8, 16), loader_seconds=6.0, config="configs/recipes/dolg_efficientnet_b5.yaml",
             classes=81_313, batch=10, steps=20, warmup=5)
 TINY = dict(device="cpu", photo=(160, 120), unique_photos=16, size=64, decode_batch=8, decode_batches=2,
-            loader_workers=(1,), loader_seconds=0.5, backbone="test_efficientnet", dilations=(1, 2, 3), classes=100,
-            batch=4, steps=1, warmup=1)
+            loader_workers=(1,), loader_seconds=0.5, config="configs/tiny_dolg.yaml", classes=100, batch=4, steps=1,
+            warmup=1)
 LOADER_BATCH = 32
 
 
@@ -120,46 +119,25 @@ def dataloader_rate(jpegs: list[bytes], size: int, workers: int, seconds: float)
     return n / (time.perf_counter() - started)
 
 
-class DolgNet(nn.Module):
-    """DOLG-EfficientNet (solution.md §2.1) with its sub-center ArcFace loss, from plain arguments."""
-
-    def __init__(self, backbone: str, dilations: tuple[int, ...], classes: int, subcenters: int = 3,
-                 scale: float = 30.0, margin: float = 0.3):
-        super().__init__()
-        # The stride-16 and stride-32 levels; features_only builds no conv_head, as DOLG does not use it.
-        self.backbone = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(3, 4))
-        local_chs, global_chs = self.backbone.feature_info.channels()
-        self.local_branch = nn.Sequential(MultiAtrous(local_chs, dilations, out_chs=1024), SpatialAttention(1024))
-        self.global_branch = nn.Sequential(nn.Conv2d(global_chs, 1024, 1), nn.BatchNorm2d(1024, eps=1e-3),
-                                           nn.SiLU(inplace=True), GeM())
-        self.fusion = OrthogonalFusion("published")
-        self.neck = make_neck(2048, 512, "linear_bn_prelu")
-        self.head = nn.Parameter(torch.randn(classes * subcenters, 512) * 0.01)
-        self.classes, self.subcenters, self.scale, self.margin = classes, subcenters, scale, margin
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        local_map, global_map = self.backbone(images)
-        embeddings = self.neck(self.fusion(self.local_branch(local_map), self.global_branch(global_map)))
-        cosine = F.linear(F.normalize(embeddings), F.normalize(self.head))
-        cosine = cosine.view(-1, self.classes, self.subcenters).amax(dim=2).float()
-        target = cosine.gather(1, labels[:, None]).clamp(-1 + 1e-6, 1 - 1e-6)
-        logits = cosine.scatter(1, labels[:, None], torch.cos(torch.acos(target) + self.margin))
-        return F.cross_entropy(self.scale * logits, labels)
+def build_net(config: str, size: int, classes: int) -> nn.Module:
+    """The config's model (random weights), with dynamic margins from long-tailed class counts."""
+    tree = yaml.safe_load((REPO / config).read_text())
+    counts = torch.randint(1, 200, (classes,))
+    return build_model({**tree["model"], "pretrained": False}, tree.get("loss", {}), classes, size, counts)
 
 
 def training_rate(net: nn.Module, next_batch, batch: int, steps: int, warmup: int, device: torch.device) -> float:
     """Images/s of forward + loss + backward + Adam step, each step's uint8 NHWC batch from ``next_batch()``."""
-    amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    precision = MixedPrecision(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-5)
 
     def step() -> None:
         images_u8, labels = next_batch()
         images = normalize_on_device(images_u8).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = net(images, labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with precision.autocast():
+            loss = net(images, labels)["loss"]
+        precision.backward(loss)
+        precision.step(optimizer)
 
     for _ in range(warmup):
         step()
@@ -195,7 +173,7 @@ def main() -> None:
                                                 p["decode_batches"], device), 1)
         print(f"{device.type} decode ({name}): {decode[name]} img/s")
 
-    net = DolgNet(p["backbone"], p["dilations"], p["classes"]).to(device, memory_format=torch.channels_last).train()
+    net = build_net(p["config"], size, p["classes"]).to(device, memory_format=torch.channels_last).train()
     params_m = round(sum(t.numel() for t in net.parameters()) / 1e6, 1)
     batch = p["batch"]
     labels = torch.randint(0, p["classes"], (batch,), device=device)
@@ -217,15 +195,16 @@ def main() -> None:
     print(f"DOLG step, fed by {device.type} decoding: {gpu_fed:.1f} img/s")
 
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({machine()['cpu']})"
+    amp_dtype = MixedPrecision(device).dtype
+    precision = str(amp_dtype).removeprefix("torch.") if amp_dtype else "off"
     best_loader = max(loaders.values())
     payload = {
         "benchmark": "gpu_decode", "card": card, "machine": machine(),
         "setup": {"jpegs": f"{len(jpegs)} synthetic {width}x{height} q90, cycled",
                   "mean_jpeg_kb": round(float(np.mean([len(j) for j in jpegs])) / 1e3, 1), "output_px": size,
                   "decode_batch": p["decode_batch"], "loader_batch": LOADER_BATCH,
-                  "training": {"network": f"DOLG ({p['backbone']}, fusion published)", "params_m": params_m,
-                               "batch": batch, "classes": p["classes"], "steps": p["steps"], "warmup": p["warmup"],
-                               "amp": "bf16" if device.type == "cuda" else "off", "channels_last": True}},
+                  "training": {"config": p["config"], "params_m": params_m, "batch": batch, "classes": p["classes"],
+                               "steps": p["steps"], "warmup": p["warmup"], "amp": precision, "channels_last": True}},
         "images_per_second": {
             "worker_decode": decode,
             "dataloader_pil_workers": {str(w): r for w, r in loaders.items()},
@@ -257,8 +236,8 @@ def main() -> None:
 """ + "\n".join(f"| DataLoader, {w} PIL workers: decode + resize + augmentation | {rate} |"
                 for w, rate in loaders.items()) + f"""
 
-DOLG-B5 ({params_m} M parameters) training step at {size} px, batch {batch}, bf16, channels_last: fed by GPU decoding
-{r['training_step_fed_by_worker_decode']} images/s, on one synthetic batch already on the GPU
+DOLG-B5 ({params_m} M parameters) training step at {size} px, batch {batch}, {precision}, channels_last: fed by GPU
+decoding {r['training_step_fed_by_worker_decode']} images/s, on one synthetic batch already on the GPU
 {r['training_step_in_memory_batches']} images/s: `gpu_fed_vs_inmemory` = **{payload['ratios']['gpu_fed_vs_inmemory']}**
 (target ≥ 0.95). Raw numbers: `{path.relative_to(REPO)}`.
 """,

@@ -5,7 +5,9 @@ Per family, at one image size (384: the only size the B6-Swin-384 hybrid accepts
   encoder   the family's network up to the 512-d neck (build_model from the recipe), loss = mean of squares;
   model     the full landmark model: encoder + sub-center ArcFace head and loss.
 Both run in NCHW and channels_last. Each measurement runs in a fresh process, so on CPU the peak resident memory
-(ru_maxrss) belongs to that one case; on a GPU, torch.cuda.max_memory_allocated under fp16 autocast.
+(ru_maxrss) belongs to that one case; on a GPU, torch.cuda.max_memory_allocated under the training loop's autocast
+(``train/amp.py``: bf16 where supported, else fp16 with a grad scaler). Needs torch and timm (with PyYAML) alone: the
+recipes are read with PyYAML, without pydantic.
 torch.compile (inductor, fwd+bwd, channels_last) is run on the tiny configs: compile seconds and step time against
 eager. Writes benchmarks/results/model_cost.json and its section of BENCHMARKS.md.
 
@@ -27,12 +29,14 @@ from pathlib import Path
 
 import timm
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import REPO, machine, update_benchmarks_md, write_results  # noqa: E402
 
-from ray_landmark.config import load_config  # noqa: E402
+from ray_landmark.markdown import markdown_table  # noqa: E402
 from ray_landmark.models.factory import build_model  # noqa: E402
+from ray_landmark.train.amp import MixedPrecision  # noqa: E402
 
 CLASSES = 81_313
 FAMILIES = {  # family -> (recipe, the timm network its backbone is)
@@ -43,18 +47,13 @@ FAMILIES = {  # family -> (recipe, the timm network its backbone is)
 TINY = ["tiny_dolg", "tiny_hybrid_swin", "tiny_efficientnet"]
 
 
-def _config(name: str, size: int | None = None):
-    overrides = ["model.pretrained=false"] + ([f"data.image_size={size}"] if size else [])
-    return load_config(REPO / "configs" / f"{name}.yaml", overrides)
-
-
 def _build(kind: str, recipe: str, timm_name: str, size: int, num_classes: int):
     if kind == "backbone":
         net = timm.create_model(timm_name, pretrained=False, num_classes=0)
         return net, lambda module, images, labels: module(images).float().square().mean()
-    cfg = _config(recipe, size)
+    tree = yaml.safe_load((REPO / "configs" / f"{recipe}.yaml").read_text())
     counts = torch.randint(1, 100, (num_classes,))
-    model = build_model(cfg.model, cfg.loss, num_classes, size, class_counts=counts)
+    model = build_model({**tree["model"], "pretrained": False}, tree.get("loss", {}), num_classes, size, counts)
     if kind == "encoder":
         return model.encoder, lambda module, images, labels: module(images).float().square().mean()
     return model, lambda module, images, labels: module(images, labels)["loss"]
@@ -75,12 +74,12 @@ def measure(case: dict) -> dict:
     size = case["size"]
     images = torch.randn(case["batch"], 3, size, size, device=device).to(memory_format=memory_format)
     labels = torch.randint(0, case["classes"], (case["batch"],), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+    precision = MixedPrecision(device)
 
     def step():
-        with autocast:
+        with precision.autocast():
             loss = loss_of(runner, images, labels)
-        loss.backward()
+        precision.backward(loss)
         net.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -140,38 +139,37 @@ def markdown(payload: dict) -> str:
         "hybrid adds an EfficientNet stem and stages in front of Swin); model vs encoder is the ArcFace head "
         "(124.9 M parameters at 81,313 classes, normalised every step).",
         "",
-        "| family | device | layout | params M (backbone / encoder / model) | backbone ms | encoder ms | model ms | "
-        "backbone peak MiB | encoder peak MiB | model peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    family_rows = []
     for row in payload["families"]:
         b, e, f = row["backbone"], row["encoder"], row["model"]
         errors = [r["error"] for r in (b, e, f) if "error" in r]
         if errors:
-            lines.append(f"| {row['family']} | {row['device']} | {row['layout']} | error: {errors[0]} ||||||")
+            family_rows.append([row["family"], row["device"], row["layout"], f"error: {errors[0]}"] + [""] * 6)
             continue
 
         def rel(key, r):
             return f"{r[key]} ({r[key] / b[key]:.2f}×)"
 
-        lines.append(
-            f"| {row['family']} | {row['device']} | {row['layout']} | {b['params_m']} / {e['params_m']} / "
-            f"{f['params_m']} | {b['step_ms']} | {rel('step_ms', e)} | {rel('step_ms', f)} | {b['peak_mib']} | "
-            f"{rel('peak_mib', e)} | {rel('peak_mib', f)} |")
+        family_rows.append([row["family"], row["device"], row["layout"],
+                            f"{b['params_m']} / {e['params_m']} / {f['params_m']}", b["step_ms"], rel("step_ms", e),
+                            rel("step_ms", f), b["peak_mib"], rel("peak_mib", e), rel("peak_mib", f)])
+    compile_rows = []
+    for row in payload["compile"]:
+        compiled = row["compiled"]
+        compile_rows.append([row["config"], row["eager"]["step_ms"], f"error: {compiled['error']}", ""]
+                            if "error" in compiled else
+                            [row["config"], row["eager"]["step_ms"], compiled["step_ms"], compiled["first_step_s"]])
     lines += [
+        markdown_table(["family", "device", "layout", "params M (backbone / encoder / model)", "backbone ms",
+                        "encoder ms", "model ms", "backbone peak MiB", "encoder peak MiB", "model peak MiB"],
+                       family_rows),
         "",
         "torch.compile (inductor, channels_last, fwd+bwd) on the tiny configs (64 px, batch "
         f"{payload['tiny_batch']}, CPU):",
         "",
-        "| config | eager ms | compiled ms | compile + first step s (cold cache) |",
-        "|---|---|---|---|",
+        markdown_table(["config", "eager ms", "compiled ms", "compile + first step s (cold cache)"], compile_rows),
     ]
-    for row in payload["compile"]:
-        if "error" in row["compiled"]:
-            lines.append(f"| {row['config']} | {row['eager']['step_ms']} | error: {row['compiled']['error']} | |")
-        else:
-            lines.append(f"| {row['config']} | {row['eager']['step_ms']} | {row['compiled']['step_ms']} | "
-                         f"{row['compiled']['first_step_s']} |")
     return "\n".join(lines) + "\n"
 
 

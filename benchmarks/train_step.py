@@ -32,6 +32,7 @@ from ray_landmark.data.synthetic import SyntheticSpec, write_synthetic_gldv2  # 
 from ray_landmark.data.transforms import normalize_on_device  # noqa: E402
 from ray_landmark.local_s3 import LocalS3Server, use_test_credentials  # noqa: E402
 from ray_landmark.models.factory import build_model  # noqa: E402
+from ray_landmark.train.amp import MixedPrecision  # noqa: E402
 from ray_landmark.train.checkpoint import run_logs  # noqa: E402
 from ray_landmark.train.metrics_log import read_metrics  # noqa: E402
 from ray_landmark.train.optim import build_optimizer, build_scheduler  # noqa: E402
@@ -41,22 +42,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def plain_loop(cfg, batches: list[dict], class_counts: list[int], epochs: int) -> list[float]:
-    """The training step of ray_landmark.train.loop without Ray: same model, optimizer, schedule, batches."""
+    """The training step of ray_landmark.train.loop without Ray: same model, optimizer, precision, schedule, batches
+    (one optimizer step per batch)."""
     torch.set_num_threads(1)
     tc = cfg.train
     model = build_model(cfg.model, cfg.loss, len(class_counts), cfg.data.image_size, class_counts)
     model = model.to(memory_format=torch.channels_last).train()
-    optimizer = build_optimizer(model.parameters(), tc)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, tc)
+    precision = MixedPrecision(torch.device("cpu"), tc.amp)
     scheduler = build_scheduler(optimizer, tc.model_copy(update={"warmup_epochs": 0, "epochs": epochs}), len(batches))
     rates = []
     for _ in range(epochs):
         started, n = time.perf_counter(), 0
         for batch in batches:
             images = normalize_on_device(batch["image"]).contiguous(memory_format=torch.channels_last)
-            loss = model(images, batch["label"])["loss"]
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            with precision.autocast():
+                loss = model(images, batch["label"])["loss"]
+            precision.backward(loss)
+            precision.step(optimizer, params, tc.grad_clip)
             scheduler.step()
             n += len(images)
         rates.append(n / (time.perf_counter() - started))

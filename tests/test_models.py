@@ -18,7 +18,7 @@ from ray_landmark.config import config_from_dict, load_config
 from ray_landmark.config_base import ConfigError
 from ray_landmark.models.arcface import ArcFaceLoss, SubCenterArcFaceHead, dynamic_margins
 from ray_landmark.models.config import LossConfig
-from ray_landmark.models.factory import build_model, embed
+from ray_landmark.models.factory import build_model
 from ray_landmark.models.layers import OrthogonalFusion, orthogonal_component
 from ray_landmark.models.transfer import freeze_except, warm_start
 
@@ -191,7 +191,7 @@ def test_tiny_model_overfits_a_batch_through_its_encoder(name):
 
     model.eval()
     with torch.no_grad():
-        embeddings = embed(model, images)
+        embeddings = model.embed(images)
     assert embeddings.shape == (8, 512) and embeddings.dtype == torch.float32
     torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(8))
 
@@ -204,9 +204,9 @@ def test_channels_last_and_compile(name):
     images, labels = torch.randn(4, 3, size, size), torch.tensor([0, 1, 2, 3])
     model.eval()
     with torch.no_grad():
-        reference = embed(model, images)
+        reference = model.embed(images)
         model = model.to(memory_format=torch.channels_last)
-        torch.testing.assert_close(embed(model, images.to(memory_format=torch.channels_last)), reference,
+        torch.testing.assert_close(model.embed(images.to(memory_format=torch.channels_last)), reference,
                                    atol=1e-4, rtol=1e-4)
     # aot_eager traces the whole forward and backward graph as inductor would (fullgraph: no graph breaks), without
     # inductor's C++ code generation, which takes about a minute per model on 2 CPU cores; benchmarks/model_cost.py

@@ -136,7 +136,7 @@ def test_each_released_model_maps_onto_ours_and_loads_strictly(name):
     assert released is not None and released.name == name
     model = meta_model(name)
 
-    mapped = map_state_dict(original, released, model.state_dict())
+    mapped = map_state_dict(original, released, model)
 
     expected_mapped, expected_dropped = EXPECTED[name]
     assert len(mapped.tensors) == expected_mapped
@@ -159,8 +159,8 @@ def test_released_config_selects_the_original_preprocessing_and_fusion():
 
 @pytest.fixture(scope="module")
 def dolg_b5():
-    """The DOLG-B5 reference on the meta device and our model's state dict (meta) to map it onto."""
-    return meta_original("dolg_efficientnet_b5"), meta_model("dolg_efficientnet_b5").state_dict()
+    """The DOLG-B5 reference on the meta device and our model (meta) to map it onto."""
+    return meta_original("dolg_efficientnet_b5"), meta_model("dolg_efficientnet_b5")
 
 
 def test_an_unmapped_tensor_is_an_error_naming_it(dolg_b5):
@@ -187,7 +187,7 @@ def test_a_missing_tensor_is_an_error_naming_it(dolg_b5):
 
 def test_only_cnn_blocks_after_the_token_level_are_dropped_silently():
     name = "efficientnet_b3_swin_base_224"  # tokens after stage 4: stages 5 and 6 are dropped, a stray in 4 is not
-    target = meta_model(name).state_dict()
+    target = meta_model(name)
     stray = "backbone.patch_embed.backbone.blocks.4.9.conv_pw.weight"  # a block our stage 4 does not have
     with pytest.raises(ReleasedCheckpointError, match=rf"{stray} -> encoder\.swin\.patch_embed\.cnn\.blocks\.4\.9\."
                                                       r"conv_pw\.weight: our .* has no such tensor"):

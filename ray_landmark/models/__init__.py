@@ -1,11 +1,13 @@
 """Landmark embedding models and their loss (solution.md §2, §3).
 
-config.py      the ``model`` and ``loss`` config sections
-factory.py     build_model / embed: the interface the training loop, the embedding job and export use
+config.py      the ``model`` and ``loss`` config sections (pydantic): typed, validated, errors naming key and file
+factory.py     build_model: config sections (or plain dicts of the same keys) -> the classes' keyword arguments
 layers.py      GeM, necks, multi-atrous, spatial attention, orthogonal fusion
-efficientnet.py, dolg.py, hybrid_swin.py   the three model families
+efficientnet.py, dolg.py, hybrid_swin.py   the three model families, plain keyword arguments as timm's models
 arcface.py     sub-center ArcFace head, dynamic margins, ArcFace loss
 transfer.py    freeze_except / warm_start between recipe steps
+released.py    the released 2021 checkpoints -> checkpoints of this project
 
-Nothing is imported here, so that loading a config does not import torch.
+Nothing is imported here, so that loading a config does not import torch. Everything but config.py and released.py
+needs torch and timm alone (no pydantic, no Ray), as on the GPU machines the benchmarks run on.
 """

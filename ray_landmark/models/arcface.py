@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ray_landmark.config_base import ConfigError
+from ray_landmark.errors import ConfigError
 
 
 class SubCenterArcFaceHead(nn.Module):
@@ -69,8 +69,8 @@ class ArcFaceLoss(nn.Module):
     def __init__(self, margins: torch.Tensor, scale: float, label_smoothing: float = 0.0):
         super().__init__()
         self.register_buffer("margins", margins.float(), persistent=False)
-        self.scale = scale
-        self.label_smoothing = label_smoothing
+        self.scale = float(scale)  # a config read without validation may give an int
+        self.label_smoothing = float(label_smoothing)
 
     def logits(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """B x C fp32 cosines and B labels -> B x C logits with the target's margin applied."""

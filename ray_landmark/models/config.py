@@ -2,6 +2,9 @@
 
 ``model`` is one of three families, chosen by ``arch``; each family accepts only its own keys. The image size is not
 here: it is ``data.image_size`` and the builder takes it as an argument.
+
+The model classes take these keys as plain keyword arguments (``factory.py`` passes them), with the same defaults as
+here (tests/test_models_without_pydantic.py checks that they agree).
 """
 
 from __future__ import annotations

@@ -8,20 +8,25 @@ fusion: [mean over positions of (f_l orthogonal to f_g), f_g] -> neck (Linear ->
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
-from ray_landmark.models.config import DolgConfig
 from ray_landmark.models.efficientnet import create_efficientnet, level_index
-from ray_landmark.models.layers import GeM, MultiAtrous, OrthogonalFusion, SpatialAttention, make_neck
+from ray_landmark.models.layers import FusionMode, GeM, MultiAtrous, OrthogonalFusion, SpatialAttention, make_neck
 
 DOLG_CHS = 1024
 
 
 class DolgEmbedder(nn.Module):
-    def __init__(self, cfg: DolgConfig):
+    """The arguments are the ``model`` section's keys (models/config.py says what each means)."""
+
+    def __init__(self, backbone: str, dilations: Sequence[int], pretrained: bool = True, stem_stride: int = 2,
+                 fusion: FusionMode = "exact", embedding_dim: int = 512):
         super().__init__()
-        self.backbone = create_efficientnet(cfg.backbone, cfg.pretrained, cfg.stem_stride)
+        self.embedding_dim = embedding_dim
+        self.backbone = create_efficientnet(backbone, pretrained, stem_stride)
         self.level_indices = [
             level_index(self.backbone, 16, "model.backbone"),
             level_index(self.backbone, 32, "model.backbone"),
@@ -30,7 +35,7 @@ class DolgEmbedder(nn.Module):
         local_chs, global_chs = (self.backbone.feature_info[i]["num_chs"] for i in self.level_indices)
 
         self.local_branch = nn.Sequential(
-            MultiAtrous(local_chs, cfg.dilations, out_chs=DOLG_CHS),
+            MultiAtrous(local_chs, tuple(dilations), out_chs=DOLG_CHS),
             SpatialAttention(DOLG_CHS),
         )
         self.global_branch = nn.Sequential(
@@ -39,8 +44,8 @@ class DolgEmbedder(nn.Module):
             nn.SiLU(inplace=True),
             GeM(),
         )
-        self.fusion = OrthogonalFusion(cfg.fusion)
-        self.neck = make_neck(2 * DOLG_CHS, cfg.embedding_dim, "linear_bn_prelu")
+        self.fusion = OrthogonalFusion(fusion)
+        self.neck = make_neck(2 * DOLG_CHS, embedding_dim, "linear_bn_prelu")
 
     def feature_levels(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The backbone's stride-16 and stride-32 maps (halved strides with a stride-1 stem)."""

@@ -3,14 +3,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import timm
 import torch
 from timm.models.efficientnet import EfficientNet
 from torch import nn
 
-from ray_landmark.config_base import ConfigError
-from ray_landmark.models.config import EfficientNetConfig
-from ray_landmark.models.layers import GeM, make_neck
+from ray_landmark.errors import ConfigError
+from ray_landmark.models.layers import GeM, NeckKind, make_neck
 
 
 def create_efficientnet(name: str, pretrained: bool, stem_stride: int, field: str = "model.backbone") -> EfficientNet:
@@ -40,13 +41,17 @@ def effective_stride(level_stride: int, stem_stride: int) -> int:
 
 
 class EfficientNetEmbedder(nn.Module):
-    """Backbone (with its conv_head) -> avg or GeM pooling -> neck."""
+    """Backbone (with its conv_head) -> avg or GeM pooling -> neck. The arguments are the ``model`` section's keys
+    (models/config.py says what each means)."""
 
-    def __init__(self, cfg: EfficientNetConfig):
+    def __init__(self, backbone: str, pretrained: bool = True, stem_stride: int = 2,
+                 pool: Literal["avg", "gem"] = "avg", gem_trainable: bool = True, neck: NeckKind = "linear_swish",
+                 embedding_dim: int = 512):
         super().__init__()
-        self.backbone = create_efficientnet(cfg.backbone, cfg.pretrained, cfg.stem_stride)
-        self.pool = GeM(trainable=cfg.gem_trainable) if cfg.pool == "gem" else nn.AdaptiveAvgPool2d(1)
-        self.neck = make_neck(self.backbone.num_features, cfg.embedding_dim, cfg.neck)
+        self.embedding_dim = embedding_dim
+        self.backbone = create_efficientnet(backbone, pretrained, stem_stride)
+        self.pool = GeM(trainable=gem_trainable) if pool == "gem" else nn.AdaptiveAvgPool2d(1)
+        self.neck = make_neck(self.backbone.num_features, embedding_dim, neck)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pooled = self.pool(self.backbone.forward_features(images)).flatten(1)

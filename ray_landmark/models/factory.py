@@ -1,15 +1,18 @@
-"""Build a landmark model from the ``model`` and ``loss`` config sections.
+"""Build a landmark model from the ``model`` and ``loss`` config sections: the one place where config becomes the
+model classes' keyword arguments (the classes take plain arguments, as timm's do, and need torch and timm alone).
 
-Interface (what the training loop, the batch embedding job and export use):
+Interface (what the training loop and ``train/checkpoint.py``'s loader, hence embedding, export and serving, use):
 
-* ``model = build_model(cfg.model, cfg.loss, num_classes, cfg.data.image_size, class_counts)``
+* ``model = build_model(cfg.model, cfg.loss, num_classes, cfg.data.image_size, class_counts)``. The sections may also
+  be plain dicts with the same keys, e.g. a config file's ``model`` and ``loss`` read with PyYAML where pydantic is not
+  installed (the GPU benchmarks); those are not validated (``load_config`` validates), and a key left out takes the
+  default of the argument it fills.
 * Inputs are float NCHW images (3 x S x S), already normalised with ImageNet mean/std (the training loop converts
   uint8 and normalises on the device); ``channels_last`` memory format is fine.
 * ``model(images, labels)`` -> ``{"embeddings": B x 512 neck output (not normalised), "cosine": B x C fp32,
   "loss": fp32 scalar}``; without labels there is no "loss". Call it under ``torch.autocast``: the backbone runs in
   reduced precision, the head's cosines and the ArcFace loss run in fp32.
-* ``embed(model, images)`` -> B x 512 L2-normalised fp32 embeddings, without the head (also through a
-  DistributedDataParallel wrapper).
+* ``model.embed(images)`` -> B x 512 L2-normalised fp32 embeddings, without the head.
 * ``class_counts`` (images per class id in the training set) is needed for the loss with dynamic margins; without
   it the model embeds and classifies but ``model(images, labels)`` raises.
 
@@ -19,18 +22,21 @@ recipe steps lives in ``transfer.py``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ray_landmark.config_base import ConfigError
+from ray_landmark.errors import ConfigError
 from ray_landmark.models.arcface import ArcFaceLoss, SubCenterArcFaceHead, dynamic_margins
-from ray_landmark.models.config import DolgConfig, EfficientNetConfig, HybridSwinConfig, LossConfig, ModelConfig
 from ray_landmark.models.dolg import DolgEmbedder
 from ray_landmark.models.efficientnet import EfficientNetEmbedder
 from ray_landmark.models.hybrid_swin import HybridSwinEmbedder
+
+if TYPE_CHECKING:  # only for the annotations: building a model must not need pydantic
+    from ray_landmark.models.config import LossConfig, ModelConfig
 
 
 class LandmarkModel(nn.Module):
@@ -41,6 +47,7 @@ class LandmarkModel(nn.Module):
         self.loss = loss
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised embeddings of ``images`` (normalised float NCHW), skipping the ArcFace head."""
         return F.normalize(self.encoder(images).float(), dim=1)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -53,39 +60,41 @@ class LandmarkModel(nn.Module):
         return out
 
 
-def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """L2-normalised embeddings of ``images`` (normalised float NCHW), skipping the ArcFace head."""
-    return getattr(model, "module", model).embed(images)
+def build_encoder(model: ModelConfig | Mapping[str, Any], image_size: int) -> nn.Module:
+    """The family named by ``arch``, from images to the (un-normalised) embedding."""
+    kwargs = dict(model)  # a section's fields or the dict's keys: the class's keyword arguments, and arch
+    arch = kwargs.pop("arch", None)
+    if arch == "dolg":
+        return DolgEmbedder(**kwargs)
+    if arch == "hybrid_swin":
+        return HybridSwinEmbedder(image_size=image_size, **kwargs)
+    if arch == "efficientnet":
+        return EfficientNetEmbedder(**kwargs)
+    raise ConfigError(f"model.arch: '{arch}' is not one of dolg, hybrid_swin, efficientnet")
 
 
-def build_encoder(cfg: ModelConfig, image_size: int) -> nn.Module:
-    """The family's network from images to the (un-normalised) embedding."""
-    if isinstance(cfg, DolgConfig):
-        return DolgEmbedder(cfg)
-    if isinstance(cfg, HybridSwinConfig):
-        return HybridSwinEmbedder(cfg, image_size)
-    if isinstance(cfg, EfficientNetConfig):
-        return EfficientNetEmbedder(cfg)
-    raise ConfigError(f"model.arch: no builder for {type(cfg).__name__}")
-
-
-def build_loss(cfg: LossConfig, num_classes: int,
-               class_counts: Sequence[int] | torch.Tensor | None) -> ArcFaceLoss | None:
-    if cfg.margin is not None:
-        margins = torch.full((num_classes,), cfg.margin)
+def build_arcface(in_features: int, num_classes: int, class_counts: Sequence[int] | torch.Tensor | None = None, *,
+                  subcenters: int = 3, scale: float = 45.0, margin: float | None = None, margin_a: float = 0.45,
+                  margin_b: float = 0.05, margin_power: float = 0.25,
+                  label_smoothing: float = 0.0) -> tuple[SubCenterArcFaceHead, ArcFaceLoss | None]:
+    """The head and the loss; the keyword arguments are the ``loss`` section's keys (models/config.py says what each
+    means). No loss when the margins are dynamic and ``class_counts`` is None."""
+    head = SubCenterArcFaceHead(in_features, num_classes, subcenters)
+    if margin is not None:
+        margins = torch.full((num_classes,), margin)
     elif class_counts is None:
-        return None
+        return head, None
     else:
-        margins = dynamic_margins(class_counts, cfg.margin_a, cfg.margin_b, cfg.margin_power)
+        margins = dynamic_margins(class_counts, margin_a, margin_b, margin_power)
         if margins.numel() != num_classes:
             raise ConfigError(f"class_counts: {margins.numel()} counts for num_classes={num_classes}")
-    return ArcFaceLoss(margins, cfg.scale, cfg.label_smoothing)
+    return head, ArcFaceLoss(margins, scale, label_smoothing)
 
 
-def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig, num_classes: int, image_size: int,
-                class_counts: Sequence[int] | torch.Tensor | None = None) -> LandmarkModel:
+def build_model(model: ModelConfig | Mapping[str, Any], loss: LossConfig | Mapping[str, Any], num_classes: int,
+                image_size: int, class_counts: Sequence[int] | torch.Tensor | None = None) -> LandmarkModel:
     if num_classes < 1:
         raise ConfigError(f"num_classes: must be at least 1 (got {num_classes})")
-    encoder = build_encoder(model_cfg, image_size)
-    head = SubCenterArcFaceHead(model_cfg.embedding_dim, num_classes, loss_cfg.subcenters)
-    return LandmarkModel(encoder, head, build_loss(loss_cfg, num_classes, class_counts))
+    encoder = build_encoder(model, image_size)
+    head, arcface_loss = build_arcface(encoder.embedding_dim, num_classes, class_counts, **dict(loss))
+    return LandmarkModel(encoder, head, arcface_loss)

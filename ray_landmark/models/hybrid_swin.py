@@ -15,12 +15,14 @@ lower by those blocks (tests/test_models.py checks both numbers).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import timm
 import torch
 from torch import nn
 
-from ray_landmark.config_base import ConfigError
-from ray_landmark.models.config import HybridSwinConfig
+from ray_landmark.errors import ConfigError
 from ray_landmark.models.efficientnet import create_efficientnet, effective_stride, level_index
 from ray_landmark.models.layers import make_neck
 
@@ -39,28 +41,34 @@ class CnnPatchEmbed(nn.Module):
 
 
 class HybridSwinEmbedder(nn.Module):
-    def __init__(self, cfg: HybridSwinConfig, image_size: int):
+    """The arguments are the ``model`` section's keys (models/config.py says what each means) and the image size
+    (``data.image_size``), which the token grid must fit."""
+
+    def __init__(self, swin: str, cnn_level: int | None, image_size: int, backbone: str | None = None,
+                 pretrained: bool = True, stem_stride: int = 2, swin_kwargs: Mapping[str, Any] | None = None,
+                 embedding_dim: int = 512):
         super().__init__()
-        self.swin = timm.create_model(cfg.swin, pretrained=cfg.pretrained, num_classes=0, **cfg.swin_kwargs)
+        self.embedding_dim = embedding_dim
+        self.swin = timm.create_model(swin, pretrained=pretrained, num_classes=0, **(swin_kwargs or {}))
         grid = tuple(self.swin.patch_embed.grid_size)
         embed_dim = self.swin.patch_embed.proj.out_channels
-        if cfg.cnn_level is None:
+        if cnn_level is None:
             token_stride, source = self.swin.patch_embed.patch_size[0], "Swin's patch embedding"
         else:
-            cnn = create_efficientnet(cfg.backbone, cfg.pretrained, cfg.stem_stride)
-            index = level_index(cnn, cfg.cnn_level, "model.cnn_level")
+            cnn = create_efficientnet(backbone, pretrained, stem_stride)
+            index = level_index(cnn, cnn_level, "model.cnn_level")
             cnn.prune_intermediate_layers([index])
-            token_stride = effective_stride(cfg.cnn_level, cfg.stem_stride)
-            source = f"CNN stride {token_stride} (level {cfg.cnn_level}, stem stride {cfg.stem_stride})"
+            token_stride = effective_stride(cnn_level, stem_stride)
+            source = f"CNN stride {token_stride} (level {cnn_level}, stem stride {stem_stride})"
             self.swin.patch_embed = CnnPatchEmbed(cnn, cnn.feature_info[index]["num_chs"], embed_dim)
         tokens = image_size // token_stride
         if image_size % token_stride or (tokens, tokens) != grid:
             raise ConfigError(
                 f"model: image size {image_size} / {source} = {image_size / token_stride:g} tokens per side, but "
-                f"{cfg.swin} is built for a {grid[0]}x{grid[1]} token grid; data.image_size={grid[0] * token_stride} "
+                f"{swin} is built for a {grid[0]}x{grid[1]} token grid; data.image_size={grid[0] * token_stride} "
                 f"fits (or change model.cnn_level / model.stem_stride)"
             )
-        self.neck = make_neck(self.swin.num_features, cfg.embedding_dim, "linear_bn_prelu")
+        self.neck = make_neck(self.swin.num_features, embedding_dim, "linear_bn_prelu")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.swin.forward_features(images)  # B x H x W x C after the final norm

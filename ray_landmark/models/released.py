@@ -7,7 +7,7 @@ released state dict maps onto our model by name alone. Known differences, every 
   without using their output; ours does not build them, so their tensors are dropped.
 * Hybrids: timm 0.4.12 saved Swin's ``relative_position_index`` and ``attn_mask`` buffers, which timm 1.x rebuilds
   (non-persistent); and its ``layers.i.downsample`` (end of stage i) is timm 1.x's ``layers.{i+1}.downsample`` (start
-  of the next stage), the same weights.
+  of the next stage), the same weights. timm's own ``swin_transformer.checkpoint_filter_fn`` converts both.
 * Hybrids: the GeM exponent ``p`` is unused (the tokens are mean-pooled).
 
 The class order of the head is the original's: GLDv2c landmark ids (``metadata/train_clean.csv``) sorted ascending
@@ -22,7 +22,7 @@ import json
 import pickle
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,6 +32,9 @@ import pandas as pd
 import pyarrow.fs as pafs
 import torch
 import yaml
+from timm.models import clean_state_dict
+from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint_filter
+from torch import nn
 
 from ray_landmark.config import Config, config_from_dict, parse_override, set_dotted
 from ray_landmark.config_base import ConfigError, JobError
@@ -73,8 +76,7 @@ RELEASED_MODELS = {
 _STEM_WEIGHT = {"dolg": "backbone.conv_stem.weight", "hybrid": "backbone.patch_embed.backbone.conv_stem.weight"}
 
 # Original name -> ours, per family: the first pattern that matches the whole name wins.
-Rename = tuple[re.Pattern, str | Callable[[re.Match], str]]
-_RENAMES: dict[str, list[Rename]] = {
+_RENAMES: dict[str, list[tuple[re.Pattern, str]]] = {
     "dolg": [
         (re.compile(r"backbone\.(.+)"), r"encoder.backbone.\1"),
         (re.compile(r"mam\.d(\d)\.(.+)"), r"encoder.local_branch.0.branches.\1.\2"),
@@ -88,11 +90,9 @@ _RENAMES: dict[str, list[Rename]] = {
         (re.compile(r"neck\.(.+)"), r"encoder.neck.\1"),
         (re.compile(r"head\.weight"), "head.weight"),
     ],
-    "hybrid": [
+    "hybrid": [  # the Swin's tensors are timm 1.x's names already (_swin_as_timm)
         (re.compile(r"backbone\.patch_embed\.backbone\.(.+)"), r"encoder.swin.patch_embed.cnn.\1"),
         (re.compile(r"backbone\.patch_embed\.proj\.(.+)"), r"encoder.swin.patch_embed.proj.\1"),
-        (re.compile(r"backbone\.layers\.(\d+)\.downsample\.(.+)"),
-         lambda m: f"encoder.swin.layers.{int(m[1]) + 1}.downsample.{m[2]}"),
         (re.compile(r"backbone\.((?:layers|norm)\..+)"), r"encoder.swin.\1"),
         (re.compile(r"neck\.(.+)"), r"encoder.neck.\1"),
         (re.compile(r"head\.weight"), "head.weight"),
@@ -103,10 +103,12 @@ UNUSED_CNN_BLOCKS = "EfficientNet blocks after the token level (run by the origi
 SWIN_BUFFERS = "timm 0.4.12 Swin buffers relative_position_index and attn_mask (timm 1.x rebuilds them)"
 UNUSED_GEM = "GeM exponent p (unused by the hybrid: its tokens are mean-pooled)"
 _CNN_BLOCK = re.compile(r"backbone\.patch_embed\.backbone\.blocks\.(\d+)\..+")
-_SWIN_BUFFER = re.compile(r"backbone\.layers\.\d+\.blocks\.\d+\.(?:attn\.relative_position_index|attn_mask)")
+_SWIN = re.compile(r"backbone\.((?:layers|norm)\..+)")
 _OUR_CNN_BLOCK = re.compile(r"encoder\.swin\.patch_embed\.cnn\.blocks\.(\d+)\..+")
 
-# Keys under which a training script's checkpoint dict commonly holds the model's state dict, most likely first.
+# Keys under which a training script's checkpoint dict commonly holds the model's state dict, most likely first. Ours,
+# not timm's load_state_dict: that one reads local files only, prefers EMA weights and takes the whole dict when no
+# known key is there; a released file may be in a bucket, and a dict that holds no or several state dicts is an error.
 STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
 
 
@@ -119,7 +121,7 @@ def _names(names: list[str], limit: int = 5) -> str:
 class OriginalStateDict:
     tensors: dict[str, torch.Tensor]
     container_key: str | None  # the key of the dict that held the state dict; None for a bare state dict
-    stripped_prefix: bool  # every name started with 'module.' (saved from a DistributedDataParallel wrapper)
+    stripped_prefix: bool  # names had a wrapper's prefix ('module.' of DistributedDataParallel), now removed
 
 
 def _is_state_dict(obj) -> bool:
@@ -145,10 +147,8 @@ def unwrap_state_dict(obj, source: str) -> OriginalStateDict:
             )
         key = (preferred or candidates)[0]
         tensors = dict(obj[key])
-    stripped = all(name.startswith("module.") for name in tensors)
-    if stripped:
-        tensors = {name.removeprefix("module."): t for name, t in tensors.items()}
-    return OriginalStateDict(tensors, key, stripped)
+    cleaned = clean_state_dict(tensors)
+    return OriginalStateDict(cleaned, key, list(cleaned) != list(tensors))
 
 
 def detect_released_model(tensors: Mapping[str, torch.Tensor]) -> ReleasedModel | None:
@@ -186,32 +186,56 @@ class MappedStateDict:
     dropped: dict[str, list[str]] = field(default_factory=dict)  # why -> original names
 
 
+def _swin_as_timm(tensors: Mapping[str, torch.Tensor], swin: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The original's tensors with its Swin's renamed as timm 1.x names them, by timm's own converter of the original
+    Swin checkpoints; and the original names of the tensors that converter drops (the buffers timm 1.x rebuilds)."""
+    theirs = {m[1]: tensor for name, tensor in tensors.items() if (m := _SWIN.fullmatch(name))}
+    converted = swin_checkpoint_filter(theirs, swin)
+    timm_name = {id(tensor): name for name, tensor in converted.items()}
+    originals = {id(tensor) for tensor in theirs.values()}
+    resized = [name for name, tensor in converted.items() if id(tensor) not in originals]
+    if resized:  # timm resizes a relative position table of another window size: here that is another model
+        raise ReleasedCheckpointError(f"tensor(s) {_names(resized)}: shapes differ from our Swin's; is the file that "
+                                      "model?")
+    renamed, dropped = {}, []
+    for name, tensor in tensors.items():
+        if not _SWIN.fullmatch(name):
+            renamed[name] = tensor
+        elif id(tensor) in timm_name:
+            renamed[f"backbone.{timm_name[id(tensor)]}"] = tensor
+        else:
+            dropped.append(name)
+    return renamed, dropped
+
+
 def _drop_reason(name: str, family: str, last_cnn_stage: int | None) -> str | None:
     if family != "hybrid":
         return None
     if block := _CNN_BLOCK.fullmatch(name):
         return UNUSED_CNN_BLOCKS if int(block[1]) > last_cnn_stage else None
-    if _SWIN_BUFFER.fullmatch(name):
-        return SWIN_BUFFERS
     return UNUSED_GEM if name == "global_pool.p" else None
 
 
 def _our_name(name: str, family: str) -> str | None:
     for pattern, replacement in _RENAMES[family]:
         if match := pattern.fullmatch(name):
-            return replacement(match) if callable(replacement) else match.expand(replacement)
+            return match.expand(replacement)
     return None
 
 
-def map_state_dict(tensors: Mapping[str, torch.Tensor], released: ReleasedModel,
-                   target: Mapping[str, torch.Tensor]) -> MappedStateDict:
-    """Rename the original tensors to ours. ``target`` is our model's state dict (meta tensors will do): every one of
-    its tensors must be filled with the same shape, and every original tensor must map onto one of them or be one of
+def map_state_dict(tensors: Mapping[str, torch.Tensor], released: ReleasedModel, model: nn.Module) -> MappedStateDict:
+    """Rename the original tensors to ours. ``model`` is our model (on the meta device will do): every tensor of its
+    state dict must be filled with the same shape, and every original tensor must map onto one of them or be one of
     the known unused tensors; anything else is an error naming the tensors."""
+    target = model.state_dict()
     # The hybrid's CNN is built up to its token level: the stages of the original beyond our last are unused.
     our_stages = [int(m[1]) for name in target if (m := _OUR_CNN_BLOCK.fullmatch(name))]
     last_cnn_stage = max(our_stages) if our_stages else None
     mapped = MappedStateDict()
+    if released.family == "hybrid":
+        tensors, swin_buffers = _swin_as_timm(tensors, model.encoder.swin)
+        if swin_buffers:
+            mapped.dropped[SWIN_BUFFERS] = swin_buffers
     unmapped, unknown, misshapen = [], [], []
     for name, tensor in tensors.items():
         if reason := _drop_reason(name, released.family, last_cnn_stage):
@@ -377,7 +401,7 @@ def convert_released(source: str, out: str, *, recipes: Path, model_name: str | 
         )
 
     model = build_model(cfg.model, cfg.loss, len(landmark_ids), cfg.data.image_size)
-    mapped = map_state_dict(original.tensors, released, model.state_dict())
+    mapped = map_state_dict(original.tensors, released, model)
     model.load_state_dict(mapped.tensors, strict=True)
     state = {"model": model.state_dict(), "landmark_ids": torch.as_tensor(landmark_ids, dtype=torch.int64)}
 

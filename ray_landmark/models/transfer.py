@@ -17,7 +17,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-from ray_landmark.config_base import ConfigError
+from ray_landmark.errors import ConfigError
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
