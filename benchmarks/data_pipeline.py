@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from one_by_one import OneByOne  # noqa: E402
 from results_io import machine, update_benchmarks_md, write_results  # noqa: E402
 
 from ray_landmark.data import gldv2  # noqa: E402
@@ -120,16 +121,6 @@ def plain_loops(blob_file: str, size: int, processes: int, work: str) -> tuple[f
     images = sum(n for n, _, _, _ in shares)
     wall = max(end for _, _, end, _ in shares) - min(begin for _, begin, _, _ in shares)
     return images / wall, images / sum(cpu for _, _, _, cpu in shares)
-
-
-class OneByOne:
-    """What a DataLoader's dataset does per item: decode and resize one JPEG, then augment it alone."""
-
-    def __init__(self, size: int):
-        self.size, self.augmentation = size, TrainAugmentation()
-
-    def __call__(self, data: bytes) -> np.ndarray:
-        return augment_hwc(decode_resized(data, self.size)[None], self.augmentation)[0]
 
 
 def augmentation_chunk_rates(blobs: list[bytes], size: int, chunks=(1, 2, 4, 8, 32), rounds: int = 5) -> dict:

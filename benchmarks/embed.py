@@ -30,7 +30,7 @@ from ray_landmark.data.config import SyntheticSpec  # noqa: E402
 from ray_landmark.data.metadata import prepare_manifests  # noqa: E402
 from ray_landmark.data.storage import resolve  # noqa: E402
 from ray_landmark.data.synthetic import write_synthetic_gldv2  # noqa: E402
-from ray_landmark.data.transforms import ImageTransform, normalize_on_device  # noqa: E402
+from ray_landmark.data.transforms import decode_resized, normalize_on_device  # noqa: E402
 from ray_landmark.infer.config import EmbedSettings  # noqa: E402
 from ray_landmark.infer.embed import EmbedRequest, embed_splits  # noqa: E402
 from ray_landmark.models.factory import build_model  # noqa: E402
@@ -54,7 +54,6 @@ def make_checkpoint(folder: Path, image_size: int, *overrides: str) -> str:
 def plain_loop(checkpoint: str, train_dir: Path, image_size: int, batch_size: int) -> tuple[int, float]:
     started = time.perf_counter()
     model = load_model(checkpoint).model.to(memory_format=torch.channels_last)
-    transform = ImageTransform(image_size, augment=False)
     n, batch = 0, []
 
     def embed(images: list[np.ndarray]) -> None:
@@ -65,7 +64,7 @@ def plain_loop(checkpoint: str, train_dir: Path, image_size: int, batch_size: in
         with tarfile.open(tar_path) as tar:
             for member in tar:
                 if member.isreg():
-                    batch.append(transform(tar.extractfile(member).read()))
+                    batch.append(decode_resized(tar.extractfile(member).read(), image_size))
                     if len(batch) == batch_size:
                         embed(batch)
                         n, batch = n + len(batch), []

@@ -6,7 +6,7 @@ machines we measure on have neither.
 1. images/s of ``worker_decode.TrainBatchDecoder`` on the GPU (nvjpeg decode of a list of JPEGs, resize, the train
    augmentation with each image's own parameters; what a training worker runs with ``data.decode: gpu``), for both
    ``data.preprocessing`` modes and without the augmentation, against
-2. a torch DataLoader whose N workers decode, resize and augment with PIL (``transforms.ImageTransform``, what the
+2. a torch DataLoader whose N workers decode, resize and augment with PIL (``one_by_one.OneByOne``, what the
    Ray Data decode tasks and the published solution run), for N = 4, 8, 16;
 3. the DOLG-B5 training step at 768 px, batch 10, bf16, channels_last, 81,313 classes, fed by GPU decoding of JPEG
    bytes held in host memory, against the same step on one synthetic uint8 batch already on the GPU:
@@ -37,9 +37,10 @@ from PIL import Image
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from one_by_one import OneByOne  # noqa: E402
 from results_io import machine, sync, update_benchmarks_md, write_results  # noqa: E402
 
-from ray_landmark.data.transforms import ImageTransform, normalize_on_device  # noqa: E402
+from ray_landmark.data.transforms import normalize_on_device  # noqa: E402
 from ray_landmark.data.worker_decode import TrainBatchDecoder  # noqa: E402
 from ray_landmark.models.factory import build_model  # noqa: E402
 from ray_landmark.train.amp import MixedPrecision  # noqa: E402
@@ -95,7 +96,7 @@ class InMemoryJpegs(torch.utils.data.Dataset):
     """``length`` items cycling over the JPEGs, each decoded, resized and augmented with PIL in a loader worker."""
 
     def __init__(self, jpegs: list[bytes], size: int, length: int):
-        self.jpegs, self.length, self.transform = jpegs, length, ImageTransform(size, augment=True)
+        self.jpegs, self.length, self.transform = jpegs, length, OneByOne(size)
 
     def __len__(self) -> int:
         return self.length
