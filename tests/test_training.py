@@ -143,6 +143,25 @@ def test_resuming_skips_a_damaged_checkpoint_and_falls_back_to_the_previous_good
     assert result.metrics["epoch"] == 2 and result.metrics["step"] == 2 * history[0]["step"]
 
 
+def test_the_eval_split_keeps_every_row_while_train_shards_stay_equal():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray_landmark.train.trainer import CompleteEvalSplit
+
+    node = ray.get_runtime_context().get_node_id()
+
+    def rows_per_rank(name: str) -> list[list[int]]:
+        # As Ray Train V2 does: one dataset per call, the workers' nodes as locality hints; splits read concurrently.
+        splits = CompleteEvalSplit().configure({name: ray.data.range(10)}, world_size=3, worker_handles=None,
+                                               worker_node_ids=[node] * 3)
+        with ThreadPoolExecutor(3) as pool:
+            return list(pool.map(lambda split: [r["id"] for r in split[name].iter_rows()], splits))
+
+    evaluation, train = rows_per_rank("eval"), rows_per_rank("train")
+    assert sorted(sum(evaluation, [])) == list(range(10))
+    assert [len(rows) for rows in train] == [3, 3, 3]
+
+
 def test_load_latest_good_names_the_damaged_checkpoint(tmp_path, capsys):
     checkpoints = []
     for epoch in (1, 2):

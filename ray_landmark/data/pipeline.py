@@ -472,12 +472,13 @@ def _log_corrupt(ids: np.ndarray, corrupt: list[tuple[int, str]]) -> None:
 
 
 def train_batches(
-    shard, cfg: DataConfig, *, batch_size: int, device: torch.device, counter
+    shard, cfg: DataConfig, *, batch_size: int, device: torch.device, counter, worker_decode: bool
 ) -> Iterator[dict[str, torch.Tensor]]:
     """A training worker's batches from its dataset shard (a ``DataIterator``): ``image`` uint8 N×S×S×3 and ``label``
-    int64 on ``device``, N = ``batch_size``, the last partial batch dropped. With decoding in the worker, the JPEGs are
-    decoded and augmented on ``device`` and the corrupt ones reported to ``counter`` (the stream's SampleCounter)."""
-    if not decodes_in_worker(cfg, device.type == "cuda"):
+    int64 on ``device``, N = ``batch_size``, the last partial batch dropped. With ``worker_decode`` (the stream carries
+    JPEGs: ``decodes_in_worker``, decided where the stream was made) they are decoded and augmented on ``device`` and
+    the corrupt ones reported to ``counter`` (the stream's SampleCounter)."""
+    if not worker_decode:
         yield from shard.iter_torch_batches(
             batch_size=batch_size, prefetch_batches=cfg.prefetch_batches, drop_last=True, device=device
         )
@@ -511,10 +512,12 @@ def images_on_device(
     return {**rows, "image": decoded.images.permute(0, 2, 3, 1)}, [position for position, _ in decoded.corrupt]
 
 
-def eval_batches(shard, cfg: DataConfig, *, batch_size: int, device: torch.device) -> Iterator[dict]:
-    """A worker's eval batches (``images_on_device``) from its dataset shard; corrupt JPEGs are logged (the Ray Data
-    decode tasks count theirs in a counter that training does not read, so neither path counts them)."""
-    decoder = WorkerDecoder(cfg.image_size, cfg.preprocessing, device) if decodes_in_worker(
-        cfg, device.type == "cuda") else None
+def eval_batches(
+    shard, cfg: DataConfig, *, batch_size: int, device: torch.device, worker_decode: bool
+) -> Iterator[dict]:
+    """A worker's eval batches (``images_on_device``) from its dataset shard, decoded here with ``worker_decode`` (as
+    in ``train_batches``); corrupt JPEGs are logged (the Ray Data decode tasks count theirs in a counter that training
+    does not read, so neither path counts them)."""
+    decoder = WorkerDecoder(cfg.image_size, cfg.preprocessing, device) if worker_decode else None
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
         yield images_on_device(batch, device, decoder)[0]

@@ -7,7 +7,6 @@ checkpoint history when the same name is submitted again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import ray
 import ray.data
@@ -22,7 +21,7 @@ from ray_landmark.data.storage import exists, resolve
 from ray_landmark.progress import ConsoleRelay, interactive, on_this_node, run_printing_relay, say
 from ray_landmark.train.checkpoint import latest_checkpoint, run_location
 from ray_landmark.train.identity import check_rerun
-from ray_landmark.train.loop import train_loop_per_worker
+from ray_landmark.train.loop import WorkerInputs, train_loop_per_worker
 
 
 @dataclass(frozen=True)
@@ -37,20 +36,6 @@ class TrainingData:
     @property
     def train_images(self) -> int:
         return sum(self.class_counts)
-
-
-@dataclass(frozen=True)
-class WorkerInputs:
-    """Everything a training worker receives besides its dataset shards."""
-
-    config: Config
-    class_counts: list[int]
-    landmark_ids: list[int]
-    train_images: int
-    skip_counter: "ray.actor.ActorHandle"  # the train stream's SampleCounter
-    console: "ray.actor.ActorHandle"  # a ConsoleRelay: rank 0's progress and epoch lines
-    interactive_console: bool  # the driver's console is a terminal: refresh progress in place, often
-    on_step: Callable | None = None  # on_step(rank=, epoch=, step=) after each optimizer step (fault-injection tests)
 
 
 def load_training_data(cfg: Config, restart: bool = False) -> TrainingData:
@@ -73,17 +58,23 @@ def load_training_data(cfg: Config, restart: bool = False) -> TrainingData:
     return TrainingData(classes["count"].tolist(), classes["landmark_id"].tolist(), test, index)
 
 
+class _SplitKeepingEveryRow(ray.data.Dataset):
+    """A dataset whose streaming split never drops rows (``equal=False``), whatever its caller asks for."""
+
+    def streaming_split(self, n: int, *, equal: bool = False, locality_hints=None):
+        return super().streaming_split(n, equal=False, locality_hints=locality_hints)
+
+
 class CompleteEvalSplit(ray.train.DataConfig):
-    """Splits ``train`` as Ray Train does (equal shares, for DDP's lockstep) but ``eval`` with ``equal=False``: the
-    equal split drops up to world_size - 1 rows, a different one each epoch, so epochs would not score the same set.
-    (Ray Train V2 configures one dataset per call.)"""
+    """Ray Train's split of the datasets, except that ``eval`` is split with ``equal=False``: the equal split drops up
+    to world_size - 1 rows, a different one each epoch, so epochs would not score the same set."""
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        if "eval" not in datasets:
-            return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
-        evaluation = datasets["eval"].copy(datasets["eval"])
-        evaluation.context.execution_options = self._resolve_execution_options("eval")
-        return [{"eval": split} for split in evaluation.streaming_split(world_size, equal=False)]
+        # Ray's configure copies each dataset keeping its class (Dataset.copy's _as), so the eval dataset's split is
+        # the one above, and everything else (execution options, locality hints) stays Ray's.
+        datasets = {name: ray.data.Dataset.copy(ds, _as=_SplitKeepingEveryRow) if name == "eval" else ds
+                    for name, ds in datasets.items()}
+        return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
 
 
 def fit(
@@ -122,7 +113,7 @@ def build_trainer(
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
     inputs = WorkerInputs(
         config=cfg, class_counts=data.class_counts, landmark_ids=data.landmark_ids, train_images=data.train_images,
-        skip_counter=train.counter, console=console, interactive_console=interactive(), on_step=on_step,
+        worker_decode=worker_decode, skip_counter=train.counter, console=console, interactive_console=interactive(), on_step=on_step,
     )
     return TorchTrainer(
         train_loop_per_worker,
