@@ -201,6 +201,29 @@ def test_train_dolg_refuses_another_family_before_starting_ray():
     assert "Ray" not in proc.stdout + proc.stderr.replace("jobs/train.py", "")
 
 
+def test_the_training_jobs_import_ray_after_run_job_set_its_console_and_the_library_sets_nothing():
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_DEDUP_LOGS", "RAY_COLOR_PREFIX")}
+    library = "import os, ray_landmark.train.trainer; print(os.environ.get('RAY_DEDUP_LOGS'))"
+    jobs = """
+import importlib.util, os, sys
+for job in ("train", "train_dolg", "train_chain", "tune", "quickstart"):
+    spec = importlib.util.spec_from_file_location(job, f"jobs/{job}.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert "ray" not in sys.modules, job
+from ray_landmark.cli import run_job
+run_job(lambda: print(os.environ["RAY_DEDUP_LOGS"], os.environ["RAY_COLOR_PREFIX"]))
+"""
+    outputs = []
+    for code in (library, jobs):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outputs.append(proc.stdout)
+    assert outputs == ["None\n", "0 0\n"]
+
+
 def test_ctrl_c_says_that_rerunning_the_same_command_resumes(gldv2_local, tmp_path, monkeypatch, capsys):
     from ray_landmark.train import trainer
 

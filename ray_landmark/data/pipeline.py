@@ -17,7 +17,8 @@ training or embedding worker decodes its own batches on its device (``worker_dec
 Bad input never stops an epoch: a member that is not a JPEG, an empty one, a corrupt JPEG, the cut-off end of a
 truncated tar (with ranged reads: a range that comes back short of the member) and ids missing from the metadata are
 each skipped, logged and counted by reason in ``SampleCounter``, a small actor that the training loop reads once per
-epoch. A shard that cannot be opened is retried, then fails the job with its URI.
+epoch. A request to object storage that fails is retried by the S3 filesystem alone (``data.storage.retries`` tries,
+``storage.s3_filesystem``); a shard that still cannot be read fails the job with its URI.
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ class GLDv2TarDatasource(FileBasedDatasource):
         split_name: str | None = None, shard_index: dict | None = None, range_gap_bytes: int = 0,
     ):
         super().__init__(paths, filesystem=location.fs, shuffle=shuffle_files, file_extensions=["tar"])
+        # One retry layer, the S3 filesystem's (storage.s3_filesystem): Ray Data's own, which reopens and rereads a
+        # file up to 10 times on errors its DataContext.retried_io_errors matches, is off for this datasource only.
+        self._data_context = self._data_context.copy()
+        self._data_context.retried_io_errors = []
         self._split_name = split_name
         self._shuffle_rows = shuffle_rows
         self._location = location
@@ -116,11 +121,14 @@ class GLDv2TarDatasource(FileBasedDatasource):
         self._range_gap_bytes = range_gap_bytes
 
     def _open_input_source(self, filesystem, path, **open_args):
+        # Our filesystem, not Ray Data's retrying wrapper of it (``filesystem``): see __init__.
+        fs = self._location.fs
         if os.path.basename(path) in self._shard_index:
-            open_shard = lambda: filesystem.open_input_file(path)  # noqa: E731 (random access, for ranged reads)
+            open_shard = lambda: fs.open_input_file(path)  # noqa: E731 (random access, for ranged reads)
         else:
-            open_shard = lambda: super(GLDv2TarDatasource, self)._open_input_source(filesystem, path, **open_args)  # noqa: E731
-        return with_retries(f"opening shard {self._location.uri_of(path)}", open_shard, self._tries)
+            open_shard = lambda: super(GLDv2TarDatasource, self)._open_input_source(fs, path, **open_args)  # noqa: E731
+        return with_retries(f"opening shard {self._location.uri_of(path)}", open_shard,
+                            self._location.tries(self._tries))
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         lookup: LabelLookup | None = ray.get(self._lookup_ref) if self._lookup_ref is not None else None

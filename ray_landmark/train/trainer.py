@@ -79,15 +79,17 @@ class CompleteEvalSplit(ray.train.DataConfig):
 
 def fit(
     cfg: Config, data: TrainingData | None = None, on_step=None, train_dataset: ray.data.Dataset | None = None,
-    callbacks: list | None = None,
+    callbacks: list | None = None, data_cpus: float | None = None,
 ) -> ray.train.Result:
     """Train ``cfg`` on the Ray cluster this process is connected to, printing the workers' progress here. ``data``
     is ``load_training_data(cfg)``'s (which also checks the run folder's config), read here when not given.
     ``train_dataset`` replaces the streamed shards (the benchmarks feed in-memory batches through it); ``callbacks``
-    are Ray Train UserCallbacks (a sweep's TuneReportCallback)."""
+    are Ray Train UserCallbacks (a sweep's TuneReportCallback); ``data_cpus`` caps the CPUs of this run's Ray Data
+    tasks (a sweep's concurrent trials)."""
     data = data or load_training_data(cfg)
     console = ConsoleRelay.options(**on_this_node()).remote()
-    trainer = build_trainer(cfg, data, console, on_step=on_step, train_dataset=train_dataset, callbacks=callbacks)
+    trainer = build_trainer(cfg, data, console, on_step=on_step, train_dataset=train_dataset, callbacks=callbacks,
+                            data_cpus=data_cpus)
     try:
         return run_printing_relay(trainer.fit, console)
     except KeyboardInterrupt:
@@ -98,9 +100,10 @@ def fit(
 
 def build_trainer(
     cfg: Config, data: TrainingData, console, on_step=None, train_dataset: ray.data.Dataset | None = None,
-    callbacks: list | None = None,
+    callbacks: list | None = None, data_cpus: float | None = None,
 ) -> TorchTrainer:
-    """The TorchTrainer of ``cfg``, its workers posting their lines to ``console`` (a ConsoleRelay)."""
+    """The TorchTrainer of ``cfg``, its workers posting their lines to ``console`` (a ConsoleRelay); ``fit`` says
+    what the other arguments do."""
     tc = cfg.train
     # JPEG bytes when the workers decode them (data.decode), else decoded images.
     worker_decode = decodes_in_worker(cfg.data, tc.use_gpu)
@@ -130,5 +133,8 @@ def build_trainer(
             callbacks=callbacks,
         ),
         datasets={"train": train_dataset if train_dataset is not None else train.dataset, "eval": evaluation},
-        dataset_config=CompleteEvalSplit(),
+        # This run's datasets only: the process's Ray Data context (shared by the trials a Tune actor runs) stays as
+        # it was.
+        dataset_config=CompleteEvalSplit(execution_options=ray.data.ExecutionOptions(
+            resource_limits=ray.data.ExecutionResources(cpu=data_cpus)) if data_cpus else None),
     )
