@@ -52,7 +52,8 @@ class Location:
         return self.uri.startswith("s3://")
 
     def tries(self, retries: int) -> int:
-        """How many times this location's filesystem tries a request, given ``data.storage.retries``: local files once."""
+        """How many times this location's filesystem tries a request, given ``data.storage.retries``: local files
+        once."""
         return retries if self.is_s3 else 1
 
 

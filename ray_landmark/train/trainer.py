@@ -105,7 +105,7 @@ def build_trainer(
     """The TorchTrainer of ``cfg``, its workers posting their lines to ``console`` (a ConsoleRelay); ``fit`` says
     what the other arguments do."""
     tc = cfg.train
-    # JPEG bytes when the workers decode them (data.decode), else decoded images.
+    # Decided once, here (WorkerInputs tells the workers): JPEG bytes when they decode them (data.decode), else images.
     worker_decode = decodes_in_worker(cfg.data, tc.use_gpu)
     train = train_stream(cfg.data, worker_decode=worker_decode)
     # Queries and index images in one dataset (rows carry their split): one split coordinator less.
@@ -116,7 +116,8 @@ def build_trainer(
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
     inputs = WorkerInputs(
         config=cfg, class_counts=data.class_counts, landmark_ids=data.landmark_ids, train_images=data.train_images,
-        worker_decode=worker_decode, skip_counter=train.counter, console=console, interactive_console=interactive(), on_step=on_step,
+        worker_decode=worker_decode, skip_counter=train.counter, console=console, interactive_console=interactive(),
+        on_step=on_step,
     )
     return TorchTrainer(
         train_loop_per_worker,
