@@ -13,12 +13,10 @@ set, the trained runs, the embeddings) and says so; a changed config is refused,
 
 from pathlib import Path
 
-from ray_landmark import quickstart
 from ray_landmark.cli import job_parser, load_job_config, run_job
 from ray_landmark.config import load_config
 from ray_landmark.infer.config import EnsembleConfig
 from ray_landmark.local_s3 import LocalS3Server, use_test_credentials
-from ray_landmark.runtime import init_ray
 from ray_landmark.tune.config import load_sweep
 
 
@@ -42,6 +40,9 @@ def main() -> None:
     ensemble = ensemble.model_copy(update={"data": cfg.data})
     sweep = load_sweep("configs/tune_tiny.yaml", [f"output_dir={Path(args.out).resolve() / 'sweeps'}"],
                        [f"data.storage.{endpoint}"]) if args.tune else None
+    from ray_landmark import quickstart  # Ray is imported here, after run_job's plain_ray_console
+    from ray_landmark.runtime import init_ray
+
     use_test_credentials()
     with server:
         init_ray()

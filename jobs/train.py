@@ -6,19 +6,7 @@ differs in more than epochs, workers, batch size and other resumable settings is
 moves the old run aside and starts afresh).
 """
 
-from ray_landmark.cli import job_parser, load_job_config, run_job
-from ray_landmark.runtime import init_ray
-from ray_landmark.train.trainer import fit, load_training_data
-
-
-def main() -> None:
-    args = job_parser(__doc__, restart=True).parse_args()
-    cfg = load_job_config(args)
-    data = load_training_data(cfg, args.restart)  # before Ray starts: a wrong manifest URI fails at once
-    init_ray()
-    result = fit(cfg, data)
-    print(f"[train] finished {cfg.run.name}; final checkpoint {result.checkpoint.path}")
-
+from ray_landmark.cli import run_job, train_job
 
 if __name__ == "__main__":
-    run_job(main)
+    run_job(lambda: train_job(__doc__))

@@ -11,9 +11,6 @@ import sys
 
 from ray_landmark.cli import run_job
 from ray_landmark.config_base import ConfigError
-from ray_landmark.runtime import init_ray
-from ray_landmark.train.chain import load_chain, pending_steps, run_chain
-from ray_landmark.train.trainer import fit, load_training_data
 
 
 def main() -> None:
@@ -24,6 +21,11 @@ def main() -> None:
     parser.add_argument("--restart", action="store_true",
                         help="a step whose run was trained with another config: move that run aside and train afresh")
     args = parser.parse_args()
+    # Ray is imported here, after run_job's plain_ray_console.
+    from ray_landmark.runtime import init_ray
+    from ray_landmark.train.chain import load_chain, pending_steps, run_chain
+    from ray_landmark.train.trainer import fit, load_training_data
+
     try:
         chain, steps = load_chain(args.chain, args.overrides)
     except ConfigError as err:

@@ -5,21 +5,7 @@ Each published DOLG is a chain of such configs, each starting from the previous 
 train.init_from; jobs/train_chain.py --chain configs/chains/dolg_efficientnet_b5.yaml runs one whole.
 """
 
-from ray_landmark.cli import job_parser, load_job_config, require_arch, run_job
-from ray_landmark.runtime import init_ray
-from ray_landmark.train.trainer import fit, load_training_data
-
-
-def main() -> None:
-    args = job_parser(__doc__, default_config="configs/recipes/dolg_efficientnet_b5_step1.yaml",
-                      restart=True).parse_args()
-    cfg = load_job_config(args)
-    require_arch(cfg, "dolg", args.config, other_job="jobs/train.py")
-    data = load_training_data(cfg, args.restart)
-    init_ray()
-    result = fit(cfg, data)
-    print(f"[train] finished {cfg.run.name}; final checkpoint {result.checkpoint.path}")
-
+from ray_landmark.cli import run_job, train_job
 
 if __name__ == "__main__":
-    run_job(main)
+    run_job(lambda: train_job(__doc__, default_config="configs/recipes/dolg_efficientnet_b5_step1.yaml", arch="dolg"))

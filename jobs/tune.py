@@ -9,9 +9,7 @@ jobs/train.py --config best_config.yaml) to <output_dir>/<name>/.
 
 from ray_landmark.cli import job_parser, run_job
 from ray_landmark.data.metadata import open_manifest
-from ray_landmark.runtime import init_ray
 from ray_landmark.tune.config import load_sweep
-from ray_landmark.tune.sweep import check_sweep_rerun, run_sweep
 
 
 def main() -> None:
@@ -22,6 +20,9 @@ def main() -> None:
     # Every key and value of the space is checked against the base before Ray starts.
     sweep, base = load_sweep(args.config, args.overrides, args.base_overrides)
     open_manifest(base.data).view_classes(base.data.view)  # a wrong data.root fails here, before Ray starts
+    from ray_landmark.runtime import init_ray  # Ray is imported here, after run_job's plain_ray_console
+    from ray_landmark.tune.sweep import check_sweep_rerun, run_sweep
+
     check_sweep_rerun(sweep, base, args.restart)
     init_ray()
     run_sweep(sweep, base)

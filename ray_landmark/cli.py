@@ -1,9 +1,15 @@
-"""What every job script shares: ``--config`` and ``--set`` parsing, and one-line errors for the user."""
+"""What every job script shares: ``--config`` and ``--set`` parsing, one-line errors for the user, and how Ray's own
+console lines look.
+
+Ray reads some of its settings once, when it is imported: job scripts import what uses Ray inside their ``main()``,
+which ``run_job`` calls after ``plain_ray_console``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from ray_landmark.config import Config, load_config
@@ -38,10 +44,38 @@ def require_arch(cfg: Config, arch: str, source: str, other_job: str) -> None:
         raise ConfigError(f"{source}: model.arch must be '{arch}' for this job; use {other_job} for others")
 
 
+def plain_ray_console() -> None:
+    """When the output is a log file, not a terminal, Ray's own console lines (its scheduler warnings reach the
+    console whatever log_to_driver says) come without colour codes and without the deduplicator's coloured
+    "[repeated Nx]" suffix. A user's own setting wins. Ray reads RAY_DEDUP_LOGS when it is imported: call this
+    before."""
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def train_job(description: str, default_config: str | None = None, arch: str | None = None) -> None:
+    """The main() of the training jobs: ``--config``/``--set``/``--restart``; with ``arch``, a config of another model
+    family is refused. The manifests are read (a wrong data.root fails at once) before Ray starts and trains."""
+    args = job_parser(description, default_config, restart=True).parse_args()
+    cfg = load_job_config(args)
+    if arch:
+        require_arch(cfg, arch, args.config, other_job="jobs/train.py")
+    from ray_landmark.runtime import init_ray  # Ray is imported here, after run_job's plain_ray_console
+    from ray_landmark.train.trainer import fit, load_training_data
+
+    data = load_training_data(cfg, args.restart)
+    init_ray()
+    result = fit(cfg, data)
+    print(f"[train] finished {cfg.run.name}; final checkpoint {result.checkpoint.path}")
+
+
 def run_job(main) -> None:
     """Run a job's main(); errors a user can fix (config, storage, data), raised here or inside a Ray worker, end the
     job with their one-line message (plus where Ray's logs are, once Ray runs) and exit code 1.
-    Libraries' INFO chatter (botocore, Ray) stays off the console: warnings and errors still show."""
+    Libraries' INFO chatter (botocore, Ray) stays off the console: warnings and errors still show, Ray's plain in a
+    log file (``plain_ray_console``)."""
+    plain_ray_console()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         main()

@@ -28,8 +28,8 @@ from ray_landmark.data.config import DataConfig, SyntheticSpec
 from ray_landmark.data.synthetic import write_synthetic_gldv2
 from ray_landmark.local_s3 import LocalS3Server, free_port
 from ray_landmark.progress import ProgressLine
-from ray_landmark.train.chain import step_state
 from ray_landmark.train.checkpoint import latest_checkpoint, run_location, run_logs
+from ray_landmark.train.identity import run_state
 from ray_landmark.train.metrics_log import read_metrics
 from ray_landmark.train.trainer import fit, load_training_data
 from ray_landmark.tune.sweep import check_sweep_rerun, run_sweep
@@ -124,7 +124,7 @@ def stream_epoch(cfg: Config, batch_size: int) -> dict:
 def train(cfg: Config, restart: bool = False) -> dict:
     """Train with Ray Train, or reuse a run that holds every epoch of this config; the per-epoch validation history
     comes back from the run's metrics log. ``restart``: a run made with another config is moved aside."""
-    done, breaking = step_state(cfg)
+    done, breaking = run_state(cfg)
     if done >= cfg.train.last_epoch and not breaking:
         print(f"[quickstart] {cfg.run.name}: trained earlier with this config ({done} epochs); reused")
         final = latest_checkpoint(run_location(cfg.run)).folder.path

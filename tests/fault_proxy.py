@@ -1,8 +1,9 @@
-"""A fault-injecting HTTP proxy in front of the local S3 server: an object store that fails writes on demand.
+"""A fault-injecting HTTP proxy in front of the local S3 server: an object store that fails writes or reads on demand.
 
 Every request goes through to the real server unchanged, except writes of objects that ``fail_writes`` matches: those
-get S3's 500 InternalError, after their body was read, as a store failing mid-write does. Clients retry (pyarrow's S3
-retry strategy) and then give up, so the object is never written.
+get S3's 500 InternalError, after their body was read, as a store failing mid-write does; and reads (GET) of objects
+that ``fail_reads`` matches: those get S3's 503 SlowDown, a store under too much load. Clients retry (pyarrow's S3
+retry strategy) and then give up. ``requests`` lists every request as (method, path), to count the tries.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-_ERROR = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code><Message>fault injected by the '
-          b'test proxy</Message></Error>')
+_ERRORS = {code: (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>' + code.encode() +
+                  b'</Code><Message>fault injected by the test proxy</Message></Error>')
+           for code in ("InternalError", "SlowDown")}
 
 
 class FaultProxy:
@@ -27,6 +29,8 @@ class FaultProxy:
         self.spare = 0  # the first this many objects that fail_writes matches are written all the same
         self.spared: list[str] = []
         self.failed: list[str] = []  # paths of the writes refused
+        self.fail_reads: str | None = None  # a regex on the path of GET requests; None: no faults
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -46,19 +50,26 @@ class FaultProxy:
                     return b"".join(chunks)
                 return self.rfile.read(int(self.headers.get("Content-Length", 0)))
 
+            def _fail(self, status: int, code: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(_ERRORS[code])))
+                self.end_headers()
+                self.wfile.write(_ERRORS[code])
+
             def _forward(self):
                 body = self._body()
                 path = urlsplit(self.path).path
+                proxy.requests.append((self.command, path))
                 matched = self.command in ("PUT", "POST") and proxy.fail_writes and re.search(proxy.fail_writes, path)
                 if matched and path not in proxy.spared and len(proxy.spared) < proxy.spare:
                     proxy.spared.append(path)
                 if matched and path not in proxy.spared:
                     proxy.failed.append(path)
-                    self.send_response(500)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(_ERROR)))
-                    self.end_headers()
-                    self.wfile.write(_ERROR)
+                    self._fail(500, "InternalError")
+                    return
+                if self.command == "GET" and proxy.fail_reads and re.search(proxy.fail_reads, path):
+                    self._fail(503, "SlowDown")
                     return
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in ("transfer-encoding", "connection", "expect")}

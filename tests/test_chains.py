@@ -16,7 +16,8 @@ from ray_landmark.config import load_config
 from ray_landmark.config_base import ConfigError
 from ray_landmark.models.factory import build_model
 from ray_landmark.models.transfer import warm_start
-from ray_landmark.train.chain import load_chain, pending_steps, run_chain, step_state
+from ray_landmark.train.chain import load_chain, pending_steps, run_chain
+from ray_landmark.train.identity import run_state
 from ray_landmark.train.trainer import fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,7 +124,7 @@ def test_a_three_step_hybrid_chain_runs_resumes_a_half_done_step_and_skips_finis
     ]
     # Step 2 swaps Swin's patch embedding (4x4 conv and its norm) for the CNN embedder and trains only that.
     assert "dropped: encoder.swin.patch_embed.proj.weight, encoder.swin.patch_embed.proj.bias" in capsys.readouterr().out
-    assert step_state(steps[1]) == (1, [])
+    assert run_state(steps[1]) == (1, [])
 
     lines.clear()
     run_chain(chain, steps, fit, printer=lines.append)  # the same chain again
@@ -135,7 +136,7 @@ def test_a_three_step_hybrid_chain_runs_resumes_a_half_done_step_and_skips_finis
     assert "[train] resumed from" in out
     # Step 3 adds a CNN level: the 1x1 projection's input channels change, so its weight starts anew.
     assert "dropped: encoder.swin.patch_embed.proj.weight\n" in out
-    assert [step_state(step) for step in steps] == [(2, [])] * 3
+    assert [run_state(step) for step in steps] == [(2, [])] * 3
 
     # The job, rerun: every step is finished, so nothing trains and no Ray starts.
     job = subprocess.run(

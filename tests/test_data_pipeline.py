@@ -150,6 +150,24 @@ def test_an_unreachable_bucket_fails_naming_the_uri():
         stream_shards(cfg, "train", lookup=None, augment=False, keep_ids=True, shuffle=False)
 
 
+@pytest.mark.parametrize("ranged", [True, False], ids=["ranged", "streamed"])
+def test_a_shard_the_store_fails_to_serve_fails_after_exactly_retries_tries_of_its_request(gldv2_s3, s3, ranged):
+    from fault_proxy import FaultProxy
+
+    shard = gldv2.shard_name(1)
+    with FaultProxy(s3.endpoint_url) as proxy:
+        storage = StorageConfig(endpoint_url=proxy.endpoint_url, retries=3)
+        cfg = DataConfig(root=gldv2_s3, storage=storage, image_size=32, view="full", ranged_reads=ranged)
+        stream = stream_shards(cfg, "train", lookup=open_manifest(cfg).label_lookup("full"), augment=False,
+                               keep_ids=True, shuffle=False, worker_decode=True)
+        proxy.fail_reads = rf"/train/{shard}$"  # S3's 503 SlowDown, which every layer of retries would retry
+        with pytest.raises(Exception, match="AWS Error (SLOW_DOWN|SERVICE_UNAVAILABLE) during GetObject"):
+            stream.dataset.take_all()
+    # One layer retries, the S3 filesystem's: data.storage.retries tries of the one request, not tries of tries.
+    assert [p for m, p in proxy.requests if m == "GET" and p.endswith(f"/train/{shard}")] == [
+        f"/{gldv2_s3.removeprefix('s3://')}/train/{shard}"] * 3
+
+
 def test_a_missing_bucket_on_a_live_server_fails_naming_the_uri(s3):
     cfg = _config("s3://no-such-bucket/gldv2", s3)
     with pytest.raises(StorageError, match="s3://no-such-bucket/gldv2/train"):

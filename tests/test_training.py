@@ -143,6 +143,25 @@ def test_resuming_skips_a_damaged_checkpoint_and_falls_back_to_the_previous_good
     assert result.metrics["epoch"] == 2 and result.metrics["step"] == 2 * history[0]["step"]
 
 
+def test_the_eval_split_keeps_every_row_while_train_shards_stay_equal():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray_landmark.train.trainer import CompleteEvalSplit
+
+    node = ray.get_runtime_context().get_node_id()
+
+    def rows_per_rank(name: str) -> list[list[int]]:
+        # As Ray Train V2 does: one dataset per call, the workers' nodes as locality hints; splits read concurrently.
+        splits = CompleteEvalSplit().configure({name: ray.data.range(10)}, world_size=3, worker_handles=None,
+                                               worker_node_ids=[node] * 3)
+        with ThreadPoolExecutor(3) as pool:
+            return list(pool.map(lambda split: [r["id"] for r in split[name].iter_rows()], splits))
+
+    evaluation, train = rows_per_rank("eval"), rows_per_rank("train")
+    assert sorted(sum(evaluation, [])) == list(range(10))
+    assert [len(rows) for rows in train] == [3, 3, 3]
+
+
 def test_load_latest_good_names_the_damaged_checkpoint(tmp_path, capsys):
     checkpoints = []
     for epoch in (1, 2):
@@ -180,6 +199,29 @@ def test_train_dolg_refuses_another_family_before_starting_ray():
     assert proc.returncode != 0
     assert "configs/tiny_hybrid_swin.yaml: model.arch must be 'dolg'" in proc.stderr
     assert "Ray" not in proc.stdout + proc.stderr.replace("jobs/train.py", "")
+
+
+def test_the_training_jobs_import_ray_after_run_job_set_its_console_and_the_library_sets_nothing():
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_DEDUP_LOGS", "RAY_COLOR_PREFIX")}
+    library = "import os, ray_landmark.train.trainer; print(os.environ.get('RAY_DEDUP_LOGS'))"
+    jobs = """
+import importlib.util, os, sys
+for job in ("train", "train_dolg", "train_chain", "tune", "quickstart"):
+    spec = importlib.util.spec_from_file_location(job, f"jobs/{job}.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert "ray" not in sys.modules, job
+from ray_landmark.cli import run_job
+run_job(lambda: print(os.environ["RAY_DEDUP_LOGS"], os.environ["RAY_COLOR_PREFIX"]))
+"""
+    outputs = []
+    for code in (library, jobs):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outputs.append(proc.stdout)
+    assert outputs == ["None\n", "0 0\n"]
 
 
 def test_ctrl_c_says_that_rerunning_the_same_command_resumes(gldv2_local, tmp_path, monkeypatch, capsys):

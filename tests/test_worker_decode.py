@@ -242,7 +242,7 @@ def test_train_batches_decoded_in_the_worker_match_the_ray_data_stage(ray_sessio
     worker_cfg = cfg.model_copy(update={"decode": "worker"})
     stream = train_stream(worker_cfg, manifest, worker_decode=True)
     by_worker = list(train_batches(stream.dataset.iterator(), worker_cfg, batch_size=16, device=CPU,
-                                   counter=stream.counter))
+                                   counter=stream.counter, worker_decode=True))
 
     assert len(by_worker) == len(by_ray)
     means = []
@@ -275,7 +275,8 @@ def test_bad_input_on_the_worker_path_is_skipped_counted_and_every_good_sample_a
     # The training path counts what it skips, as the Ray Data decode stage does, and keeps its batches full.
     train = stream_shards(cfg, "train", lookup=manifest.label_lookup("full"), augment=True, keep_ids=False,
                           shuffle=True, worker_decode=True)
-    batches = list(train_batches(train.dataset.iterator(), cfg, batch_size=16, device=CPU, counter=train.counter))
+    batches = list(train_batches(train.dataset.iterator(), cfg, batch_size=16, device=CPU, counter=train.counter,
+                                 worker_decode=True))
     assert all(len(b["image"]) == len(b["label"]) == 16 for b in batches)
     counts = train.counts()
     assert {r: counts.get(r, 0) for r in SKIP_REASONS} == damaged_gldv2.skips

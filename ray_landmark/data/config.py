@@ -20,7 +20,8 @@ class StorageConfig(Section):
     region: str = "us-east-1"
     # Unsigned requests, for public buckets such as GLDv2's own s3://google-landmark/.
     anonymous: bool = False
-    # Tries for listing a prefix or opening a shard before the job fails naming the URI.
+    # Tries of each request (listing a prefix, opening or reading a shard, writing a checkpoint) before the job fails
+    # naming the URI: the S3 filesystem's retry strategy, the only layer that retries.
     retries: int = Field(3, ge=1)
     connect_timeout_s: float = Field(5.0, gt=0)
 

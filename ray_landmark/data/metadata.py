@@ -223,11 +223,6 @@ class LabelLookup:
         pos = int(np.searchsorted(self.ids, value))
         return int(self.classes[pos]) if pos < len(self.ids) and self.ids[pos] == value else UNKNOWN_ID
 
-    @property
-    def nbytes(self) -> int:
-        return self.ids.nbytes + self.classes.nbytes
-
-
 
 @dataclass(frozen=True)
 class Manifest:

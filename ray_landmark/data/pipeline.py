@@ -17,7 +17,8 @@ training or embedding worker decodes its own batches on its device (``worker_dec
 Bad input never stops an epoch: a member that is not a JPEG, an empty one, a corrupt JPEG, the cut-off end of a
 truncated tar (with ranged reads: a range that comes back short of the member) and ids missing from the metadata are
 each skipped, logged and counted by reason in ``SampleCounter``, a small actor that the training loop reads once per
-epoch. A shard that cannot be opened is retried, then fails the job with its URI.
+epoch. A request to object storage that fails is retried by the S3 filesystem alone (``data.storage.retries`` tries,
+``storage.s3_filesystem``); a shard that still cannot be read fails the job with its URI.
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ class GLDv2TarDatasource(FileBasedDatasource):
         split_name: str | None = None, shard_index: dict | None = None, range_gap_bytes: int = 0,
     ):
         super().__init__(paths, filesystem=location.fs, shuffle=shuffle_files, file_extensions=["tar"])
+        # One retry layer, the S3 filesystem's (storage.s3_filesystem): Ray Data's own, which reopens and rereads a
+        # file up to 10 times on errors its DataContext.retried_io_errors matches, is off for this datasource only.
+        self._data_context = self._data_context.copy()
+        self._data_context.retried_io_errors = []
         self._split_name = split_name
         self._shuffle_rows = shuffle_rows
         self._location = location
@@ -116,11 +121,14 @@ class GLDv2TarDatasource(FileBasedDatasource):
         self._range_gap_bytes = range_gap_bytes
 
     def _open_input_source(self, filesystem, path, **open_args):
+        # Our filesystem, not Ray Data's retrying wrapper of it (``filesystem``): see __init__.
+        fs = self._location.fs
         if os.path.basename(path) in self._shard_index:
-            open_shard = lambda: filesystem.open_input_file(path)  # noqa: E731 (random access, for ranged reads)
+            open_shard = lambda: fs.open_input_file(path)  # noqa: E731 (random access, for ranged reads)
         else:
-            open_shard = lambda: super(GLDv2TarDatasource, self)._open_input_source(filesystem, path, **open_args)  # noqa: E731
-        return with_retries(f"opening shard {self._location.uri_of(path)}", open_shard, self._tries)
+            open_shard = lambda: super(GLDv2TarDatasource, self)._open_input_source(fs, path, **open_args)  # noqa: E731
+        return with_retries(f"opening shard {self._location.uri_of(path)}", open_shard,
+                            self._location.tries(self._tries))
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         lookup: LabelLookup | None = ray.get(self._lookup_ref) if self._lookup_ref is not None else None
@@ -472,12 +480,13 @@ def _log_corrupt(ids: np.ndarray, corrupt: list[tuple[int, str]]) -> None:
 
 
 def train_batches(
-    shard, cfg: DataConfig, *, batch_size: int, device: torch.device, counter
+    shard, cfg: DataConfig, *, batch_size: int, device: torch.device, counter, worker_decode: bool
 ) -> Iterator[dict[str, torch.Tensor]]:
     """A training worker's batches from its dataset shard (a ``DataIterator``): ``image`` uint8 N×S×S×3 and ``label``
-    int64 on ``device``, N = ``batch_size``, the last partial batch dropped. With decoding in the worker, the JPEGs are
-    decoded and augmented on ``device`` and the corrupt ones reported to ``counter`` (the stream's SampleCounter)."""
-    if not decodes_in_worker(cfg, device.type == "cuda"):
+    int64 on ``device``, N = ``batch_size``, the last partial batch dropped. With ``worker_decode`` (the stream carries
+    JPEGs: ``decodes_in_worker``, decided where the stream was made) they are decoded and augmented on ``device`` and
+    the corrupt ones reported to ``counter`` (the stream's SampleCounter)."""
+    if not worker_decode:
         yield from shard.iter_torch_batches(
             batch_size=batch_size, prefetch_batches=cfg.prefetch_batches, drop_last=True, device=device
         )
@@ -511,10 +520,12 @@ def images_on_device(
     return {**rows, "image": decoded.images.permute(0, 2, 3, 1)}, [position for position, _ in decoded.corrupt]
 
 
-def eval_batches(shard, cfg: DataConfig, *, batch_size: int, device: torch.device) -> Iterator[dict]:
-    """A worker's eval batches (``images_on_device``) from its dataset shard; corrupt JPEGs are logged (the Ray Data
-    decode tasks count theirs in a counter that training does not read, so neither path counts them)."""
-    decoder = WorkerDecoder(cfg.image_size, cfg.preprocessing, device) if decodes_in_worker(
-        cfg, device.type == "cuda") else None
+def eval_batches(
+    shard, cfg: DataConfig, *, batch_size: int, device: torch.device, worker_decode: bool
+) -> Iterator[dict]:
+    """A worker's eval batches (``images_on_device``) from its dataset shard, decoded here with ``worker_decode`` (as
+    in ``train_batches``); corrupt JPEGs are logged (the Ray Data decode tasks count theirs in a counter that training
+    does not read, so neither path counts them)."""
+    decoder = WorkerDecoder(cfg.image_size, cfg.preprocessing, device) if worker_decode else None
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
         yield images_on_device(batch, device, decoder)[0]

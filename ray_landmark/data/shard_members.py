@@ -56,7 +56,7 @@ def shard_members(loc: Location, path: str, tries: int = 3) -> pd.DataFrame:
             "shard_bytes": np.int64(shard_bytes), "shard_complete": complete,
         }, columns=list(INDEX_COLUMNS))
 
-    return with_retries(f"listing the members of {loc.uri_of(path)}", _list, tries)
+    return with_retries(f"listing the members of {loc.uri_of(path)}", _list, loc.tries(tries))
 
 
 def split_shard_index(split: Location, threads: int = 32, tries: int = 3, progress=print) -> pd.DataFrame:

@@ -8,9 +8,7 @@ get them).
 
 from __future__ import annotations
 
-import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -20,7 +18,6 @@ import pyarrow.fs as pafs
 from ray_landmark.config_base import JobError
 from ray_landmark.data.config import StorageConfig
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Where object storage is, which a job may show: the only AWS settings it forwards to a cluster's workers. Credentials
@@ -54,6 +51,11 @@ class Location:
     def is_s3(self) -> bool:
         return self.uri.startswith("s3://")
 
+    def tries(self, retries: int) -> int:
+        """How many times this location's filesystem tries a request, given ``data.storage.retries``: local files
+        once."""
+        return retries if self.is_s3 else 1
+
 
 def aws_settings() -> dict[str, str]:
     """The region and endpoint settings of this process's environment (no credentials)."""
@@ -66,6 +68,8 @@ def s3_filesystem(storage: StorageConfig) -> pafs.S3FileSystem:
         anonymous=storage.anonymous,
         connect_timeout=storage.connect_timeout_s,
         request_timeout=max(30.0, storage.connect_timeout_s),
+        # The one retry layer: per request, so every request of every process (a listing, each read of a shard,
+        # streamed or ranged, Ray Train's checkpoint writes) gets storage.retries tries; nothing above it retries.
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=storage.retries),
     )
     endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
@@ -103,24 +107,20 @@ def resolve(uri: str, storage: StorageConfig | None = None) -> Location:
     return Location(path, pafs.LocalFileSystem(), path)
 
 
-def with_retries(what: str, fn: Callable[[], T], tries: int, base_delay_s: float = 0.5) -> T:
-    """Run ``fn``; on OSError try again with backoff, then raise a StorageError that says ``what`` failed. A missing
-    file is not retried: it will not appear by waiting."""
-    for attempt in range(1, tries + 1):
-        try:
-            return fn()
-        except OSError as err:  # pyarrow raises OSError subclasses (FileNotFoundError, ...) for every I/O failure
-            if attempt == tries or isinstance(err, FileNotFoundError):
-                tried = f"after {attempt} tries" if attempt > 1 else "(not found)"
-                raise StorageError(f"{what} failed {tried}: {err}") from err
-            log.warning("%s failed (try %d of %d): %s", what, attempt, tries, err)
-            time.sleep(base_delay_s * 2 ** (attempt - 1))
-    raise AssertionError("unreachable")
+def with_retries(what: str, fn: Callable[[], T], tries: int) -> T:
+    """Run ``fn``, whose requests the filesystem retries (the S3 filesystem's retry strategy, ``s3_filesystem``: the
+    one retry layer; ``tries``: how many times it tries each, 1 for local files); an OSError becomes a StorageError
+    saying that ``what`` failed, after how many tries, or that it was not found."""
+    try:
+        return fn()
+    except OSError as err:  # pyarrow raises OSError subclasses (FileNotFoundError, ...) for every I/O failure
+        tried = " (not found)" if isinstance(err, FileNotFoundError) else f" after {tries} tries" if tries > 1 else ""
+        raise StorageError(f"{what} failed{tried}: {err}") from err
 
 
 def list_files(loc: Location, suffix: str, tries: int = 3) -> list[str]:
     """Filesystem paths of the files under ``loc`` that end in ``suffix``, sorted; an empty or unreachable prefix
-    is an error naming the URI."""
+    is an error naming the URI (``tries``: data.storage.retries)."""
 
     def _list():
         info = loc.fs.get_file_info(loc.path)
@@ -129,7 +129,7 @@ def list_files(loc: Location, suffix: str, tries: int = 3) -> list[str]:
         selector = pafs.FileSelector(loc.path, recursive=True)
         return sorted(f.path for f in loc.fs.get_file_info(selector) if f.is_file and f.path.endswith(suffix))
 
-    paths = with_retries(f"listing {loc.uri}", _list, tries)
+    paths = with_retries(f"listing {loc.uri}", _list, loc.tries(tries))
     if not paths:
         raise StorageError(f"{loc.uri}: no *{suffix} files found; check data.root")
     return paths
@@ -140,7 +140,7 @@ def read_bytes(loc: Location, tries: int = 3) -> bytes:
         with loc.fs.open_input_stream(loc.path) as f:
             return f.read()
 
-    return with_retries(f"reading {loc.uri}", _read, tries)
+    return with_retries(f"reading {loc.uri}", _read, loc.tries(tries))
 
 
 def write_bytes(loc: Location, data: bytes) -> None:

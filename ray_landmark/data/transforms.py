@@ -225,20 +225,6 @@ def augment_hwc(images: np.ndarray, augmentation: TrainAugmentation) -> np.ndarr
     return out
 
 
-class ImageTransform:
-    """bytes -> uint8 array S×S×3, one image at a time: decode, resize, then augment when training."""
-
-    def __init__(self, size: int, augment: bool, preprocessing: Preprocessing = "fast"):
-        self.size, self.preprocessing = size, preprocessing
-        self.augmentation = TrainAugmentation() if augment else None
-
-    def __call__(self, data: bytes) -> np.ndarray:
-        image = decode_resized(data, self.size, self.preprocessing)
-        if self.augmentation is None:
-            return image
-        return augment_hwc(image[None], self.augmentation)[0]
-
-
 def normalize_on_device(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 NHWC batch -> normalised float NCHW; done on the training device so 4× fewer bytes cross the pipeline."""
     mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255

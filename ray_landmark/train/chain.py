@@ -18,8 +18,8 @@ from pydantic import Field
 from ray_landmark.config import Config, load_config
 from ray_landmark.config_base import ConfigError, Section
 from ray_landmark.progress import Printer, say
-from ray_landmark.train.checkpoint import latest_checkpoint, run_location
-from ray_landmark.train.identity import config_differences
+from ray_landmark.train.checkpoint import run_location
+from ray_landmark.train.identity import run_state
 
 
 class ChainStep(Section):
@@ -58,19 +58,11 @@ def load_chain(path: str | Path, overrides: list[str] = ()) -> tuple[ChainConfig
     return chain, steps
 
 
-def step_state(cfg: Config) -> tuple[int, list[str]]:
-    """(epochs its run holds, the keys its saved config differs in beyond what a resume may change)."""
-    latest = latest_checkpoint(run_location(cfg.run))
-    if latest is None:
-        return 0, []
-    return latest.progress.epoch, config_differences(latest.config, cfg.model_dump(mode="json"))[1]
-
-
 def pending_steps(steps: list[Config]) -> list[int]:
     """Indices of the steps whose runs do not yet hold their last epoch of their own config."""
     pending = []
     for i, cfg in enumerate(steps):
-        done, breaking = step_state(cfg)
+        done, breaking = run_state(cfg)
         if breaking or done < cfg.train.last_epoch:
             pending.append(i)
     return pending
@@ -80,7 +72,7 @@ def run_chain(chain: ChainConfig, steps: list[Config], fit_step, printer: Printe
     """Run the pending steps in order with ``fit_step(cfg)``; returns the final step's run folder."""
     for i, cfg in enumerate(steps):
         label = f"[chain] {chain.name} step {i + 1}/{len(steps)} {cfg.run.name}"
-        (done, breaking), last = step_state(cfg), cfg.train.last_epoch
+        (done, breaking), last = run_state(cfg), cfg.train.last_epoch
         if done >= last and not breaking:
             printer(f"{label}: finished earlier ({done}/{last} epochs), skipped")
             continue

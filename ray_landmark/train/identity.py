@@ -11,12 +11,17 @@ one line naming the keys, unless ``--restart`` moves the old run aside (never de
 from __future__ import annotations
 
 import datetime as dt
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
 from ray_landmark.config_base import JobError
 from ray_landmark.data.storage import Location
 from ray_landmark.progress import Printer, say
+from ray_landmark.train.checkpoint import latest_checkpoint, run_location
+
+if TYPE_CHECKING:
+    from ray_landmark.config import Config
 
 # Dotted keys (or key prefixes ending in ".") that a resume may change.
 RESUMABLE = (
@@ -58,6 +63,15 @@ def describe(keys: list[str], saved: dict, wanted: dict, limit: int = 6) -> str:
     parts = [f"{k} {old.get(k, old.get(k + '.', '(unset)'))!r} -> {new.get(k, new.get(k + '.', '(unset)'))!r}"
              for k in keys[:limit]]
     return ", ".join(parts) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def run_state(cfg: Config) -> tuple[int, list[str]]:
+    """What the run folder of training config ``cfg`` holds: (the epochs of its newest good checkpoint, the
+    keys its saved config differs in beyond what a resume may change); (0, []) for a run not started."""
+    latest = latest_checkpoint(run_location(cfg.run))
+    if latest is None:
+        return 0, []
+    return latest.progress.epoch, config_differences(latest.config, cfg.model_dump(mode="json"))[1]
 
 
 def check_rerun(run: Location, saved: dict | None, wanted: dict, *, restart: bool, resumable_keys=RESUMABLE,

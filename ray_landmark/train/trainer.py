@@ -7,7 +7,6 @@ checkpoint history when the same name is submitted again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import ray
 import ray.data
@@ -22,7 +21,7 @@ from ray_landmark.data.storage import exists, resolve
 from ray_landmark.progress import ConsoleRelay, interactive, on_this_node, run_printing_relay, say
 from ray_landmark.train.checkpoint import latest_checkpoint, run_location
 from ray_landmark.train.identity import check_rerun
-from ray_landmark.train.loop import train_loop_per_worker
+from ray_landmark.train.loop import WorkerInputs, train_loop_per_worker
 
 
 @dataclass(frozen=True)
@@ -37,20 +36,6 @@ class TrainingData:
     @property
     def train_images(self) -> int:
         return sum(self.class_counts)
-
-
-@dataclass(frozen=True)
-class WorkerInputs:
-    """Everything a training worker receives besides its dataset shards."""
-
-    config: Config
-    class_counts: list[int]
-    landmark_ids: list[int]
-    train_images: int
-    skip_counter: "ray.actor.ActorHandle"  # the train stream's SampleCounter
-    console: "ray.actor.ActorHandle"  # a ConsoleRelay: rank 0's progress and epoch lines
-    interactive_console: bool  # the driver's console is a terminal: refresh progress in place, often
-    on_step: Callable | None = None  # on_step(rank=, epoch=, step=) after each optimizer step (fault-injection tests)
 
 
 def load_training_data(cfg: Config, restart: bool = False) -> TrainingData:
@@ -73,30 +58,38 @@ def load_training_data(cfg: Config, restart: bool = False) -> TrainingData:
     return TrainingData(classes["count"].tolist(), classes["landmark_id"].tolist(), test, index)
 
 
+class _SplitKeepingEveryRow(ray.data.Dataset):
+    """A dataset whose streaming split never drops rows (``equal=False``), whatever its caller asks for."""
+
+    def streaming_split(self, n: int, *, equal: bool = False, locality_hints=None):
+        return super().streaming_split(n, equal=False, locality_hints=locality_hints)
+
+
 class CompleteEvalSplit(ray.train.DataConfig):
-    """Splits ``train`` as Ray Train does (equal shares, for DDP's lockstep) but ``eval`` with ``equal=False``: the
-    equal split drops up to world_size - 1 rows, a different one each epoch, so epochs would not score the same set.
-    (Ray Train V2 configures one dataset per call.)"""
+    """Ray Train's split of the datasets, except that ``eval`` is split with ``equal=False``: the equal split drops up
+    to world_size - 1 rows, a different one each epoch, so epochs would not score the same set."""
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        if "eval" not in datasets:
-            return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
-        evaluation = datasets["eval"].copy(datasets["eval"])
-        evaluation.context.execution_options = self._resolve_execution_options("eval")
-        return [{"eval": split} for split in evaluation.streaming_split(world_size, equal=False)]
+        # Ray's configure copies each dataset keeping its class (Dataset.copy's _as), so the eval dataset's split is
+        # the one above, and everything else (execution options, locality hints) stays Ray's.
+        datasets = {name: ray.data.Dataset.copy(ds, _as=_SplitKeepingEveryRow) if name == "eval" else ds
+                    for name, ds in datasets.items()}
+        return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
 
 
 def fit(
     cfg: Config, data: TrainingData | None = None, on_step=None, train_dataset: ray.data.Dataset | None = None,
-    callbacks: list | None = None,
+    callbacks: list | None = None, data_cpus: float | None = None,
 ) -> ray.train.Result:
     """Train ``cfg`` on the Ray cluster this process is connected to, printing the workers' progress here. ``data``
     is ``load_training_data(cfg)``'s (which also checks the run folder's config), read here when not given.
     ``train_dataset`` replaces the streamed shards (the benchmarks feed in-memory batches through it); ``callbacks``
-    are Ray Train UserCallbacks (a sweep's TuneReportCallback)."""
+    are Ray Train UserCallbacks (a sweep's TuneReportCallback); ``data_cpus`` caps the CPUs of this run's Ray Data
+    tasks (a sweep's concurrent trials)."""
     data = data or load_training_data(cfg)
     console = ConsoleRelay.options(**on_this_node()).remote()
-    trainer = build_trainer(cfg, data, console, on_step=on_step, train_dataset=train_dataset, callbacks=callbacks)
+    trainer = build_trainer(cfg, data, console, on_step=on_step, train_dataset=train_dataset, callbacks=callbacks,
+                            data_cpus=data_cpus)
     try:
         return run_printing_relay(trainer.fit, console)
     except KeyboardInterrupt:
@@ -107,11 +100,12 @@ def fit(
 
 def build_trainer(
     cfg: Config, data: TrainingData, console, on_step=None, train_dataset: ray.data.Dataset | None = None,
-    callbacks: list | None = None,
+    callbacks: list | None = None, data_cpus: float | None = None,
 ) -> TorchTrainer:
-    """The TorchTrainer of ``cfg``, its workers posting their lines to ``console`` (a ConsoleRelay)."""
+    """The TorchTrainer of ``cfg``, its workers posting their lines to ``console`` (a ConsoleRelay); ``fit`` says
+    what the other arguments do."""
     tc = cfg.train
-    # JPEG bytes when the workers decode them (data.decode), else decoded images.
+    # Decided once, here (WorkerInputs tells the workers): JPEG bytes when they decode them (data.decode), else images.
     worker_decode = decodes_in_worker(cfg.data, tc.use_gpu)
     train = train_stream(cfg.data, worker_decode=worker_decode)
     # Queries and index images in one dataset (rows carry their split): one split coordinator less.
@@ -122,7 +116,8 @@ def build_trainer(
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
     inputs = WorkerInputs(
         config=cfg, class_counts=data.class_counts, landmark_ids=data.landmark_ids, train_images=data.train_images,
-        skip_counter=train.counter, console=console, interactive_console=interactive(), on_step=on_step,
+        worker_decode=worker_decode, skip_counter=train.counter, console=console, interactive_console=interactive(),
+        on_step=on_step,
     )
     return TorchTrainer(
         train_loop_per_worker,
@@ -139,5 +134,8 @@ def build_trainer(
             callbacks=callbacks,
         ),
         datasets={"train": train_dataset if train_dataset is not None else train.dataset, "eval": evaluation},
-        dataset_config=CompleteEvalSplit(),
+        # This run's datasets only: the process's Ray Data context (shared by the trials a Tune actor runs) stays as
+        # it was.
+        dataset_config=CompleteEvalSplit(execution_options=ray.data.ExecutionOptions(
+            resource_limits=ray.data.ExecutionResources(cpu=data_cpus)) if data_cpus else None),
     )

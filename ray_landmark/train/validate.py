@@ -51,15 +51,16 @@ def embed_and_classify(
     return F.normalize(out["embeddings"][:rows].float(), dim=1), cls, score
 
 
-def _embed_shard(worker) -> dict[str, np.ndarray]:
+def _embed_shard(worker, net: torch.nn.Module, compiled: bool) -> dict[str, np.ndarray]:
     """This rank's part of the eval dataset: ids, splits, unit embeddings, arg-max class and its cosine."""
     parts = {"id": [], "split": [], "embedding": [], "class": [], "score": []}
     batch_size = 2 * worker.cfg.train.batch_size
     shard = ray.train.get_dataset_shard("eval")
-    for batch in eval_batches(shard, worker.cfg.data, batch_size=batch_size, device=worker.device):
+    for batch in eval_batches(shard, worker.cfg.data, batch_size=batch_size, device=worker.device,
+                              worker_decode=worker.inputs.worker_decode):
         embeddings, cls, score = embed_and_classify(
-            worker.raw_model, normalize_on_device(batch["image"]), worker.autocast, worker.memory_format,
-            pad_to=batch_size if worker.compiled else None,
+            net, normalize_on_device(batch["image"]), worker.precision.autocast(), worker.memory_format,
+            pad_to=batch_size if compiled else None,
         )
         parts["id"].append(batch["id"].astype(str))
         parts["split"].append(batch["split"].astype(str))
@@ -86,12 +87,13 @@ def _solutions(data: DataConfig) -> tuple[dict, dict]:
     return recognition_solution(manifest.recognition()), retrieval_solution(manifest.retrieval())
 
 
-def validate(worker) -> dict:
-    """Validation metrics on rank 0 (an empty dict on the other ranks). ``worker``: ``loop.Worker``."""
-    net = worker.raw_model  # no DDP collectives in eval: ranks may hold different batch counts
+def validate(worker, net: torch.nn.Module, compiled: bool) -> dict:
+    """Validation metrics of ``net`` on rank 0 (an empty dict on the other ranks). ``worker``: ``loop.Worker``;
+    ``net``: the model without its DDP wrapper (no DDP collectives in eval: ranks may hold different batch counts);
+    ``compiled``: torch.compile'd, so short batches are padded to one shape."""
     was_training = net.training
     net.eval()
-    rows = _gather(_embed_shard(worker), worker.world)
+    rows = _gather(_embed_shard(worker, net, compiled), worker.world)
     net.train(was_training)
     if worker.rank != 0:
         return {}

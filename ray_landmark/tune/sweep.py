@@ -19,7 +19,6 @@ import os
 
 import pandas as pd
 import ray
-import ray.data
 import ray.tune
 import yaml
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -29,6 +28,7 @@ from ray.tune.search import BasicVariantGenerator
 from ray_landmark.config import Config, config_from_dict
 from ray_landmark.config_base import JobError, user_error
 from ray_landmark.data.storage import Location, exists, read_bytes, resolve, write_bytes
+from ray_landmark.markdown import markdown_table
 from ray_landmark.progress import Printer, say
 from ray_landmark.train.identity import RESUMABLE, check_rerun
 from ray_landmark.train.trainer import fit
@@ -76,12 +76,9 @@ def _warm_start(sweep: SweepConfig) -> dict:
 def _trainable(sweep: SweepConfig, base: Config):
     def run_trial(params: dict) -> None:
         cfg = trial_config(sweep, base, params, f"trial_{ray.tune.get_context().get_trial_id()}")
-        if sweep.settings.data_cpus_per_trial:
-            # Each trial builds its own pipelines (the image size may differ): cap them so that concurrent trials'
-            # decode tasks share the CPUs instead of starving each other.
-            limits = ray.data.ExecutionResources(cpu=sweep.settings.data_cpus_per_trial)
-            ray.data.DataContext.get_current().execution_options.resource_limits = limits
-        fit(cfg, callbacks=[TuneReportCallback()])
+        # Each trial builds its own pipelines (the image size may differ): capped, so that concurrent trials' decode
+        # tasks share the CPUs instead of starving each other.
+        fit(cfg, callbacks=[TuneReportCallback()], data_cpus=sweep.settings.data_cpus_per_trial)
 
     # A trial's own actor only drives Ray Train: a sliver of a CPU, so the CPUs stay with training and decoding.
     return ray.tune.with_resources(run_trial, {"CPU": 0.1})
@@ -211,7 +208,9 @@ def write_outputs(sweep: SweepConfig, base: Config, table: pd.DataFrame, printer
     location = sweep_location(sweep)
     metric = f"best_{sweep.settings.metric}"
     write_bytes(location.child("trials.csv"), table.to_csv(index=False).encode())
-    write_bytes(location.child("trials.md"), _markdown(table).encode())
+    cells = [["" if isinstance(v, float) and math.isnan(v) else _short(v) for v in row]
+             for row in table.itertuples(index=False)]
+    write_bytes(location.child("trials.md"), (markdown_table(list(table.columns), cells) + "\n").encode())
     write_bytes(location.child("metric_vs_params.png"), _plot(table, list(sweep.space), metric))
     printer("[tune] trials:\n" + table.to_string(index=False))
     scored = table[table[metric].notna()]
@@ -242,13 +241,6 @@ def best_config(sweep: SweepConfig, base: Config, params: dict) -> Config:
 def _plain(value):
     """numpy scalars -> Python values, for YAML."""
     return value.item() if hasattr(value, "item") else value
-
-
-def _markdown(table: pd.DataFrame) -> str:
-    rows = [[_short(v) if not (isinstance(v, float) and math.isnan(v)) else "" for v in row]
-            for row in table.itertuples(index=False)]
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
 def _plot(table: pd.DataFrame, params: list[str], metric: str) -> bytes:
