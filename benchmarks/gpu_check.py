@@ -31,7 +31,7 @@ from ray_landmark.train.amp import MixedPrecision  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GLDV2C_IMAGES = 1_580_470
-GLDV2X_IMAGES = 3_200_000  # "about 3.2 M" (solution.md §1); the exact count comes from the manifest
+GLDV2X_IMAGES = 3_200_000  # "about 3.2 M" (docs/method.md §1); the exact count comes from the manifest
 GLDV2C_CLASSES = 81_313
 
 

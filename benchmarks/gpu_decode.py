@@ -1,6 +1,6 @@
 """Decoding and augmenting on the GPU (``data.decode: gpu``) against a torch DataLoader of PIL workers, and the DOLG-B5
 training step fed by GPU decoding against synthetic in-memory batches. One short script for one GPU (sized for about 3
-minutes on an H200 from the rates in gpu-h200.md; not yet run on a GPU), with neither Ray nor pydantic: the GPU
+minutes on an H200 from the rates in docs/method.md §12; not yet run on a GPU), with neither Ray nor pydantic: the GPU
 machines we measure on have neither.
 
 1. images/s of ``worker_decode.TrainBatchDecoder`` on the GPU (nvjpeg decode of a list of JPEGs, resize, the train
@@ -108,7 +108,7 @@ class InMemoryJpegs(torch.utils.data.Dataset):
 def dataloader_rate(jpegs: list[bytes], size: int, workers: int, seconds: float) -> float:
     """Images/s of a DataLoader with ``workers`` PIL workers (one thread each, as DataLoader sets), timed after their
     first batches (worker start-up)."""
-    # PIL decodes ~67 images/s a core at 768 px (gpu-h200.md); at 60 a worker's share takes about ``seconds``.
+    # PIL decodes ~67 images/s a core at 768 px (docs/method.md §12.4); at 60 a worker's share takes about ``seconds``.
     per_worker = max(4 * LOADER_BATCH, int(seconds * 60))
     loader = torch.utils.data.DataLoader(InMemoryJpegs(jpegs, size, workers * per_worker), batch_size=LOADER_BATCH,
                                          num_workers=workers, prefetch_factor=2)

@@ -39,11 +39,11 @@ def init_ray(local_cpus: int | None = None) -> None:
     workers are children of the Ray that this process starts and inherit its environment, credentials included. A
     cluster's workers get theirs from their instance role or their node's environment (cluster.yaml, k8s/); a job
     joining one forwards only where storage is (region, endpoint: ``storage.aws_settings``), since a pickled
-    filesystem does not carry environment settings (ray.md §0.12).
+    filesystem does not carry environment settings (docs/ray-notes.md §0.12).
 
     A local Ray gets more logical CPUs than cores: training workers hold theirs for the whole run, and Ray Data's
-    read and decode tasks must still be schedulable beside them (ray.md §0.6). Workers' output stays in Ray's log
-    files (log_to_driver off): jobs print what a person needs through ``progress.ConsoleRelay``.
+    read and decode tasks must still be schedulable beside them (docs/ray-notes.md §0.6). Workers' output stays in
+    Ray's log files (log_to_driver off): jobs print what a person needs through ``progress.ConsoleRelay``.
     """
     address = os.environ.get("RAY_ADDRESS", "")
     if address.startswith(("http://", "https://")):

@@ -62,7 +62,7 @@ def test_each_step_of_a_chain_builds_and_loads_the_previous_one_dropping_only_wh
             assert not report.shape_mismatched and not report.unexpected, (step.run.name, report.summary()[:500])
             assert report.loaded
         previous = model.state_dict()
-    for step in (s for s in steps if s.train.trainable):  # solution.md §2.2 step 2: the CNN embedder alone
+    for step in (s for s in steps if s.train.trainable):  # docs/method.md §2.2 step 2: the CNN embedder alone
         assert step.train.trainable == ["encoder.swin.patch_embed.*"]
         assert step.train.epochs == 1 or path.stem.startswith("tiny_"), step.run.name  # one epoch
 

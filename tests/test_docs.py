@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # The team's private notes that the code once cited; none of them is part of the repository. Written with escapes so
-# that this file does not match itself; the word boundaries keep names like the function md5_name of gldv2.py out.
+# that this file does not match itself; the word boundaries keep out an attribute md5 of a module named gldv2.
 FOREIGN = re.compile(r"\bsolution\.md\b|\bray\.md\b|\bgldv2\.md\b|\bgpu-h200\.md\b|\.\./shared\b|\bshared/reference\b")
 
 # `docs/method.md §2.1`, a bare file name and its section inside docs/, and chains such as `§2.3, §4` or `§2 and §3`;
@@ -140,7 +140,7 @@ def test_the_citation_patterns_match_what_they_should():
     assert FOREIGN.search("(" + "solution" + ".md §2.1)")
     assert FOREIGN.search("see " + "ray" + ".md §0.6")
     assert FOREIGN.search("../" + "shared" + "/reference/x.json")
-    assert not FOREIGN.search("gldv2" + ".md5_name(split, shard)")
+    assert not FOREIGN.search("gldv2" + ".md5(split, shard)")
     assert not FOREIGN.search("docs/ray-notes.md §4")
     chain = SECTION_CITATION.search("the recipe (docs/method.md §2.3, §4 and §11): ...")
     assert chain.group(1) == "docs/method.md"

@@ -1,5 +1,5 @@
-"""GAP and mAP@100 against hand-computed values of the official definitions (gldv2.md); top-1 accuracy, mP@k and the
-per-usage scoring against hand-computed values of our definitions."""
+"""GAP and mAP@100 against hand-computed values of the official definitions (docs/method.md §10.3); top-1 accuracy,
+mP@k and the per-usage scoring against hand-computed values of our definitions."""
 
 import pandas as pd
 import pytest

@@ -40,7 +40,7 @@ def build_meta(cfg, num_classes=GLDV2C_CLASSES, image_size=None):
         return build_model(cfg.model, cfg.loss, num_classes, image_size or cfg.data.image_size)
 
 
-# --- published architectures (solution.md §2.1, §2.2) -------------------------------------------------------------
+# --- published architectures (docs/method.md §2.1, §2.2) ----------------------------------------------------------
 
 @pytest.mark.parametrize("name, params_m, local_map, global_map", [
     ("dolg_efficientnet_b5", 158.8, (176, 48, 48), (512, 24, 24)),
@@ -335,7 +335,7 @@ def test_zero_classes_and_non_efficientnet_backbones_are_errors():
 
 # --- recipes --------------------------------------------------------------------------------------------------------
 
-# solution.md §4: image, stem stride, epochs, stop_at, batch, grad accum, lr, wd, warm-up, and §1 data views.
+# docs/method.md §4: image, stem stride, epochs, stop_at, batch, grad accum, lr, wd, warm-up, and §1 data views.
 TABLE = {
     "dolg_efficientnet_b7_step1": ("gldv2c", 256, 2, 10, None, 64, 1, 1e-4, 1e-4, 1),
     "dolg_efficientnet_b7_step2": ("gldv2x", 448, 2, 40, 29, 20, 1, 1e-4, 1e-4, 1),
@@ -348,7 +348,7 @@ TABLE = {
 }
 
 
-def test_every_recipe_loads_and_the_table_rows_match_solution_md():
+def test_every_recipe_loads_and_the_table_rows_match_docs_method_md():
     recipes = sorted(p.stem for p in (CONFIGS / "recipes").glob("*.yaml"))
     assert set(TABLE) <= set(recipes)
     for name in recipes:

@@ -1,7 +1,7 @@
 """The released 2021 checkpoints -> checkpoints of this project (models/released.py, jobs/convert_released.py).
 
-The six original state dicts are rebuilt from the names and shapes in tests/data/original-checkpoints.json (a copy of
-the team's reference ../shared/reference/original-checkpoints.json). A
+The six original state dicts are rebuilt from the names and shapes in tests/data/original-checkpoints.json (read off the
+original model code: docs/method.md §4). A
 real one holds a 243,939 x 512 head (0.5 GB), so the six are checked on the meta device, where tensors have shapes but
 no memory: mapping, counts and a strict load into our model built from each recipe. One real conversion through the
 job runs at real names and real backbone shapes (DOLG-B5), with the head cut to the classes of a small train_clean.csv.

@@ -1,4 +1,5 @@
-"""Kaggle submission files (gldv2.md): written, read back with pandas, and refused when the ids do not fit."""
+"""Kaggle submission files (docs/method.md §10.4): written, read back with pandas, and refused when the ids do not
+fit."""
 
 from __future__ import annotations
 

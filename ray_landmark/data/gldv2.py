@@ -1,4 +1,5 @@
-"""The GLDv2 layout (gldv2.md): file names, image ids and tar members, shared by the reader and the synthetic writer."""
+"""The GLDv2 layout (docs/method.md §10.1): file names, image ids and tar members, shared by the reader and the
+synthetic writer."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def shard_name(index: int) -> str:
     return f"images_{index:03d}.tar"
 
 
-def md5_name(split: str, index: int) -> str:
+def checksum_name(split: str, index: int) -> str:
     return f"md5sum/{split}/md5.images_{index:03d}.txt"
 
 

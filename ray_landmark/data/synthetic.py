@@ -307,7 +307,7 @@ def write_synthetic_gldv2(spec: SyntheticSpec, root: Location, progress=print) -
             tar = gldv2.pack_tar(members.get((split, shard), []))
             write_bytes(root.child(split, gldv2.shard_name(shard)), tar)
             md5 = hashlib.md5(tar).hexdigest()
-            write_bytes(root.child(gldv2.md5_name(split, shard)), f"{md5}  {gldv2.shard_name(shard)}\n".encode())
+            write_bytes(root.child(gldv2.checksum_name(split, shard)), f"{md5}  {gldv2.shard_name(shard)}\n".encode())
 
     summary = {
         "root": root.uri,

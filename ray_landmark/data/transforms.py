@@ -1,4 +1,4 @@
-"""JPEG decode, resize and the train augmentation of solution.md §1.
+"""JPEG decode, resize and the train augmentation of docs/method.md §1.
 
 Two ways to turn a JPEG into an S×S image (``data.preprocessing``), at training and evaluation alike:
 
@@ -38,7 +38,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Preprocessing = Literal["fast", "original"]
 
-# solution.md §1: probabilities and ranges of the train augmentation.
+# docs/method.md §1: probabilities and ranges of the train augmentation.
 FLIP_P = 0.5
 JPEG_P, JPEG_QUALITIES = 0.5, (99, 100)
 AFFINE_P, MAX_SHIFT, MAX_SCALE_CHANGE, MAX_ROTATION_DEG = 0.7, 0.2, 0.2, 10.0
@@ -101,7 +101,7 @@ class AugmentParams:
 
 
 class TrainAugmentation:
-    """solution.md §1 after the resize: flip p=.5; JPEG re-compression at quality 99 or 100 p=.5; shift ±0.2,
+    """docs/method.md §1 after the resize: flip p=.5; JPEG re-compression at quality 99 or 100 p=.5; shift ±0.2,
     scale ±0.2, rotate ±10° with a black border p=.7 (the distribution of torchvision's RandomAffine); one cutout hole
     of 0.4·S × 0.4·S zeros p=.5, as albumentations 1.0's Cutout: its centre is uniform over the image and the hole is
     cut off where it crosses the bottom or right edge (at the top and left edges the hole is shifted inside instead).

@@ -1,5 +1,5 @@
-"""The official GLDv2 metrics (gldv2.md, after DELF's metrics.py): GAP for recognition, mAP@100 for retrieval; and
-two extra ones for reports: top-1 accuracy and mean precision at k.
+"""The official GLDv2 metrics (docs/method.md §10.3, after DELF's metrics.py): GAP for recognition, mAP@100 for
+retrieval; and two extra ones for reports: top-1 accuracy and mean precision at k.
 
 Ground truth comes from the manifests' eval tables; rows whose usage is Ignored are dropped, and Public and Private
 can be scored apart (``usages``); :func:`recognition_metrics` and :func:`retrieval_metrics` score every usage at once.

@@ -1,4 +1,4 @@
-"""Embeddings of GLDv2 splits with a trained checkpoint: a Ray Data batch job (ray.md §4).
+"""Embeddings of GLDv2 splits with a trained checkpoint: a Ray Data batch job (docs/ray-notes.md §4).
 
     tar shards --read (CPU tasks)--> id, JPEG --decode + resize (CPU tasks, the validation transform)-->
     uint8 images --Embedder actors (the model; GPU when they have one, bf16/fp16)--> id, float16 unit embedding
@@ -263,8 +263,8 @@ def _embed_pass(request: EmbedRequest, data: DataConfig, selections: dict, out: 
     dataset = first.union(*others) if others else first
     dataset = dataset.map_batches(
         Embedder,
-        # A URI, not the model: each actor loads it (ray.md §4). Ray Data keeps these small arguments in the object
-        # store and logs a warning about restarts (ray#53727); they stay in scope for the whole pass.
+        # A URI, not the model: each actor loads it (docs/ray-notes.md §4). Ray Data keeps these small arguments in the
+        # object store and logs a warning about restarts (ray#53727); they stay in scope for the whole pass.
         fn_constructor_kwargs={"checkpoint": request.checkpoint, "storage": request.storage, "settings": settings,
                                "decode": data if worker_decode else None,
                                "counters": {split: stream.counter for split, stream in streams.items()}},

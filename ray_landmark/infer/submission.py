@@ -1,4 +1,4 @@
-"""Kaggle submission files (gldv2.md, Submission format), as CSV bytes and optionally written to a location.
+"""Kaggle submission files (docs/method.md §10.4), as CSV bytes and optionally written to a location.
 
 * recognition: ``id,landmarks`` with ``"<landmark_id> <confidence>"``, empty for an image without a prediction;
 * retrieval: ``id,images`` with up to 100 space-separated index ids, best first (empty when none).

@@ -1,4 +1,4 @@
-"""Landmark embedding models and their loss (solution.md §2, §3).
+"""Landmark embedding models and their loss (docs/method.md §2, §3).
 
 config.py      the ``model`` and ``loss`` config sections (pydantic): typed, validated, errors naming key and file
 factory.py     build_model: config sections (or plain dicts of the same keys) -> the classes' keyword arguments

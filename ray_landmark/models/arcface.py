@@ -1,4 +1,4 @@
-"""Sub-center ArcFace head and loss with dynamic margins (solution.md §2 "Head" and §3).
+"""Sub-center ArcFace head and loss with dynamic margins (docs/method.md §2 "Head" and §3).
 
 The head holds the class weights (C·k x D, the k sub-centres of class c in rows c·k .. c·k+k-1) and returns one
 cosine per class, the max over its sub-centres. The loss adds the additive angular margin of the target class and

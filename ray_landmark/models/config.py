@@ -1,4 +1,4 @@
-"""The ``model`` and ``loss`` sections (solution.md §2 and §3).
+"""The ``model`` and ``loss`` sections (docs/method.md §2 and §3).
 
 ``model`` is one of three families, chosen by ``arch``; each family accepts only its own keys. The image size is not
 here: it is ``data.image_size`` and the builder takes it as an argument.
@@ -45,7 +45,7 @@ class _EfficientNetBased(Section):
 
 
 class DolgConfig(_EfficientNetBased):
-    """DOLG-EfficientNet (solution.md §2.1)."""
+    """DOLG-EfficientNet (docs/method.md §2.1)."""
 
     arch: Literal["dolg"]
     # Dilations of the three parallel 3x3 convolutions of the local branch: B5 (6, 12, 18); B6 and B7 (3, 6, 9).
@@ -55,7 +55,7 @@ class DolgConfig(_EfficientNetBased):
 
 
 class HybridSwinConfig(_EfficientNetBased):
-    """EfficientNet feature map as the token embedding of a Swin transformer (solution.md §2.2)."""
+    """EfficientNet feature map as the token embedding of a Swin transformer (docs/method.md §2.2)."""
 
     arch: Literal["hybrid_swin"]
     swin: TimmModelName
@@ -77,7 +77,7 @@ class HybridSwinConfig(_EfficientNetBased):
 
 
 class EfficientNetConfig(_EfficientNetBased):
-    """Plain EfficientNet with a small neck (solution.md §2.3)."""
+    """Plain EfficientNet with a small neck (docs/method.md §2.3)."""
 
     arch: Literal["efficientnet"]
     # Pooling of the backbone's final (conv_head) features: avg as the 2020 3rd place, gem as the 2020 2nd place.

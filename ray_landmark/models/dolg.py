@@ -1,4 +1,4 @@
-"""DOLG-EfficientNet (solution.md §2.1).
+"""DOLG-EfficientNet (docs/method.md §2.1).
 
 EfficientNet levels at stride 16 (local branch) and 32 (global branch); the network's own conv_head is not built.
 local:  multi-atrous (3 dilated 3x3 convs -> 1x1 -> ReLU) -> spatial attention          -> f_l  B x 1024 x H x W

@@ -1,5 +1,5 @@
 """timm EfficientNet backbones (stem stride, truncation at a feature level) and the plain EfficientNet model
-(solution.md §2.3): pooled conv_head features -> neck -> embedding."""
+(docs/method.md §2.3): pooled conv_head features -> neck -> embedding."""
 
 from __future__ import annotations
 

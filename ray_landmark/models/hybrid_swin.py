@@ -1,4 +1,4 @@
-"""Hybrid EfficientNet + Swin transformer (solution.md §2.2).
+"""Hybrid EfficientNet + Swin transformer (docs/method.md §2.2).
 
 Swin's 4x4 patch embedding is replaced by an EfficientNet truncated at one feature level and a 1x1 projection to
 Swin's width; the level's map (one token per position) goes through all Swin stages, the final norm, a mean over

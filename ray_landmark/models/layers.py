@@ -1,5 +1,5 @@
 """Small building blocks shared by the model families: GeM pooling, the necks, DOLG's multi-atrous block, spatial
-attention and orthogonal fusion (solution.md §2)."""
+attention and orthogonal fusion (docs/method.md §2)."""
 
 from __future__ import annotations
 

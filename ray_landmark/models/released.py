@@ -1,6 +1,6 @@
 """The released 2021 models (the seed repository's GitHub release v0.0.1-alpha) as checkpoints of this project.
 
-The original code names every tensor differently from ours; the architectures are the same (solution.md §2), so a
+The original code names every tensor differently from ours; the architectures are the same (docs/method.md §2), so a
 released state dict maps onto our model by name alone. Known differences, every dropped tensor named in the report:
 
 * Hybrids: the original builds the whole EfficientNet feature extractor and runs the blocks after the token level
@@ -11,7 +11,7 @@ released state dict maps onto our model by name alone. Known differences, every 
 * Hybrids: the GeM exponent ``p`` is unused (the tokens are mean-pooled).
 
 The class order of the head is the original's: GLDv2c landmark ids (``metadata/train_clean.csv``) sorted ascending
-(solution.md §1), the order of this project's label maps too.
+(docs/method.md §1), the order of this project's label maps too.
 """
 
 from __future__ import annotations

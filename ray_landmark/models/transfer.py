@@ -1,4 +1,4 @@
-"""Passing weights between recipe steps (solution.md §2.2, §4).
+"""Passing weights between recipe steps (docs/method.md §2.2, §4).
 
 ``warm_start`` loads another step's state dict non-strictly, dropping named tensors (hybrid step 4 drops the 1x1
 projection, whose input channels change) and skipping shape mismatches; the report names every key that was not

@@ -1,4 +1,4 @@
-"""The ``train`` section: the optimisation recipe and the Ray Train resources (solution.md §4)."""
+"""The ``train`` section: the optimisation recipe and the Ray Train resources (docs/method.md §4)."""
 
 from __future__ import annotations
 

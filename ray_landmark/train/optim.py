@@ -1,4 +1,4 @@
-"""The optimizer and the per-step learning-rate schedule a ``train`` section describes (solution.md §4).
+"""The optimizer and the per-step learning-rate schedule a ``train`` section describes (docs/method.md §4).
 
 The 2021 models: Adam, one warm-up epoch from ~0, then cosine decay to 0 over ``epochs``. The 2020 3rd-place
 EfficientNets warm up from a tenth of the peak (``warmup_start: 0.1``); the 2020 2nd-place B5 runs SGD with momentum

@@ -1,4 +1,4 @@
-"""Per-epoch validation inside the training workers (solution.md §1: GAP and mAP@100 every epoch).
+"""Per-epoch validation inside the training workers (docs/method.md §1: GAP and mAP@100 every epoch).
 
 Every rank embeds its part of the eval dataset, test queries and index images together (so all ranks keep iterating
 their shards in lockstep); the parts are gathered on rank 0, and rank 0 scores:

@@ -55,7 +55,7 @@ class SweepSettings(Section):
     grace_period: int = Field(1, ge=1)  # epochs every trial runs before ASHA may stop it
     reduction_factor: int = Field(2, ge=2)
     # Trials at once; default: the cluster's GPUs // the GPUs one trial's training takes (Tune does not reserve the
-    # Train workers' resources, ray.md §3.3), or 1 on a cluster without GPUs.
+    # Train workers' resources, docs/ray-notes.md §3.3), or 1 on a cluster without GPUs.
     max_concurrent_trials: int | None = Field(None, ge=1)
     # CPUs each trial's Ray Data pipelines may use, so that concurrent trials' pipelines don't starve each other.
     data_cpus_per_trial: float | None = Field(None, gt=0)

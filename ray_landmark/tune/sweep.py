@@ -1,4 +1,4 @@
-"""A Ray Tune sweep over any values of a training config (ray.md §3's Train-inside-Tune pattern).
+"""A Ray Tune sweep over any values of a training config (docs/ray-notes.md §3's Train-inside-Tune pattern).
 
 Each trial is a function that builds its own config (base + sampled values) and runs the project's ordinary training
 (``train.trainer.fit``) under a stable Train run name, ``trial_<id>``, so a failed trial resumes from its checkpoint.
@@ -180,7 +180,7 @@ def run_sweep(sweep: SweepConfig, base: Config, printer: Printer = say) -> dict:
 
 
 def _default_concurrency(base: Config) -> int:
-    """Tune does not reserve the Train workers' GPUs (ray.md §3.3): run as many trials as the GPUs hold."""
+    """Tune does not reserve the Train workers' GPUs (docs/ray-notes.md §3.3): run as many trials as the GPUs hold."""
     if not base.train.use_gpu:
         return 1
     return max(1, int(ray.cluster_resources().get("GPU", 0)) // max(1, base.train.num_workers))
