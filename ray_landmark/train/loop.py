@@ -121,6 +121,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     cfg, tc, rank = worker.cfg, worker.cfg.train, worker.rank
     counter = worker.inputs.skip_counter
     log = MetricsLog(run_logs(cfg.run)) if rank == 0 else None
+    train_shard = ray.train.get_dataset_shard("train")
     if tc.validate_before_training and not training.resumed:
         with training.notices.first("validation"):
             baseline = {"epoch": 0, "step": 0, **validate(worker, training.raw_model, training.compiled)}
@@ -128,7 +129,6 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             log.write(baseline, step=0)
             worker.say(epoch_summary(baseline))
     metrics: dict = {}
-    train_shard = ray.train.get_dataset_shard("train")
     for epoch in range(training.progress.epoch, tc.last_epoch):
         skipped_before = ray.get(counter.totals.remote()) if rank == 0 else {}
         metrics = train_epoch(worker, training, train_shard, epoch)
