@@ -264,7 +264,7 @@ def stream_batches(cfg: DataConfig, worker_decode: bool = False):
     """A function giving one pass of the train stream as training consumes it (``pipeline.train_batches``)."""
     stream = train_stream(cfg, worker_decode=worker_decode)
     return lambda: train_batches(stream.dataset.iterator(), cfg, batch_size=BATCH, device=torch.device("cpu"),
-                                 counter=stream.counter)
+                                 counter=stream.counter, worker_decode=worker_decode)
 
 
 def import_seconds() -> float:

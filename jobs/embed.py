@@ -14,19 +14,21 @@ embed.compile=false, --set embed.cpus_per_actor=4), and the flags --batch-size, 
 import argparse
 
 from ray_landmark.cli import run_job
-from ray_landmark.config import config_from_dict, parse_override, set_dotted
-from ray_landmark.data import gldv2
-from ray_landmark.data.config import DataConfig, StorageConfig
-from ray_landmark.infer.config import EmbedSettings
-from ray_landmark.infer.embed import EmbedRequest, embed_splits
-from ray_landmark.runtime import init_ray
-from ray_landmark.train.checkpoint import read_checkpoint_config
 
 # The embed.* keys with a flag of their own (--batch-size for embed.batch_size, ...): those a run most often sets.
 SHORTHANDS = ("batch_size", "flip_tta", "actors", "gpus_per_actor", "shards_per_pass")
 
 
 def main() -> None:
+    # Imported here, not at the top: run_job sets Ray's console options first (Ray reads them when imported).
+    from ray_landmark.config import config_from_dict, parse_override, set_dotted
+    from ray_landmark.data import gldv2
+    from ray_landmark.data.config import DataConfig, StorageConfig
+    from ray_landmark.infer.config import EmbedSettings
+    from ray_landmark.infer.embed import EmbedRequest, embed_splits
+    from ray_landmark.runtime import init_ray
+    from ray_landmark.train.checkpoint import read_checkpoint_config
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (its newest checkpoint)")
     parser.add_argument("--split", action="append", choices=gldv2.SPLITS, required=True, help="repeatable")

@@ -7,12 +7,14 @@ report.html and summary.json. Rerunning reuses every shard already embedded.
 """
 
 from ray_landmark.cli import job_parser, load_job_config, run_job
-from ray_landmark.infer.config import EnsembleConfig
-from ray_landmark.infer.ensemble import metrics_text, run_ensemble
-from ray_landmark.runtime import init_ray
 
 
 def main() -> None:
+    # Imported here, not at the top: run_job sets Ray's console options first (Ray reads them when imported).
+    from ray_landmark.infer.config import EnsembleConfig
+    from ray_landmark.infer.ensemble import metrics_text, run_ensemble
+    from ray_landmark.runtime import init_ray
+
     cfg = load_job_config(job_parser(__doc__).parse_args(), cls=EnsembleConfig)
     init_ray()
     summary = run_ensemble(cfg)

@@ -14,15 +14,6 @@ import math
 from dataclasses import replace
 
 from ray_landmark.cli import run_job
-from ray_landmark.config import load_config
-from ray_landmark.data.config import StorageConfig
-from ray_landmark.data.revisited import DATASETS
-from ray_landmark.infer.config import EnsembleConfig
-from ray_landmark.infer.revisited import (
-    DEFAULT_SCALES, RevisitedRequest, check_inputs, models_from_checkpoint, models_from_ensemble, results_text,
-    run_revisited,
-)
-from ray_landmark.runtime import init_ray
 
 
 def _scale(text: str) -> float:
@@ -38,6 +29,17 @@ def _scale(text: str) -> float:
 
 
 def main() -> None:
+    # Imported here, not at the top: run_job sets Ray's console options first (Ray reads them when imported).
+    from ray_landmark.config import load_config
+    from ray_landmark.data.config import StorageConfig
+    from ray_landmark.data.revisited import DATASETS
+    from ray_landmark.infer.config import EnsembleConfig
+    from ray_landmark.infer.revisited import (
+        DEFAULT_SCALES, RevisitedRequest, check_inputs, models_from_checkpoint, models_from_ensemble, results_text,
+        run_revisited,
+    )
+    from ray_landmark.runtime import init_ray
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="checkpoint folder or run folder (its newest checkpoint)")

@@ -8,18 +8,20 @@ application's args. The ensemble's embeddings must exist (jobs/ensemble.py). The
 
 import time
 
-from ray import serve
-
 from ray_landmark.cli import job_parser, run_job
-from ray_landmark.config import load_config
-from ray_landmark.infer.config import EnsembleConfig
-from ray_landmark.progress import say
-from ray_landmark.runtime import init_ray
-from ray_landmark.serve.app import start_service
-from ray_landmark.serve.config import read_serve_file
 
 
 def main() -> None:
+    # Imported here, not at the top: run_job sets Ray's console options first (Ray reads them when imported).
+    from ray import serve
+
+    from ray_landmark.config import load_config
+    from ray_landmark.infer.config import EnsembleConfig
+    from ray_landmark.progress import say
+    from ray_landmark.runtime import init_ray
+    from ray_landmark.serve.app import start_service
+    from ray_landmark.serve.config import read_serve_file
+
     parser = job_parser(__doc__, default_config="configs/serve/quickstart.yaml")
     parser.add_argument("--host", help="address to listen on (default: the file's http_options.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="default: the file's http_options.port")

@@ -45,7 +45,7 @@ from ray_landmark.data.metadata import (
     NOT_IN_VIEW, UNKNOWN_ID, LabelLookup, Manifest, complete_manifest, open_manifest,
 )
 from ray_landmark.data.shard_members import image_id_of
-from ray_landmark.data.storage import Location, list_files, resolve, with_retries
+from ray_landmark.data.storage import Location, list_files, resolve, with_storage_error
 from ray_landmark.data.transforms import CorruptImage, Preprocessing, TrainAugmentation, augment_hwc, decode_resized
 from ray_landmark.data.worker_decode import CorruptBatch, TrainBatchDecoder, WorkerDecoder
 from ray_landmark.progress import on_this_node, say
@@ -127,7 +127,7 @@ class GLDv2TarDatasource(FileBasedDatasource):
             open_shard = lambda: fs.open_input_file(path)  # noqa: E731 (random access, for ranged reads)
         else:
             open_shard = lambda: super(GLDv2TarDatasource, self)._open_input_source(fs, path, **open_args)  # noqa: E731
-        return with_retries(f"opening shard {self._location.uri_of(path)}", open_shard,
+        return with_storage_error(f"opening shard {self._location.uri_of(path)}", open_shard,
                             self._location.tries(self._tries))
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:

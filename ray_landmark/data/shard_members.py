@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ray_landmark.data import gldv2
-from ray_landmark.data.storage import Location, StorageError, list_files, with_retries
+from ray_landmark.data.storage import Location, StorageError, list_files, with_storage_error
 
 # The shard index's columns: the shard's file name; the member's image id (0 for a member that is not named like a
 # GLDv2 image, whose ``name`` is then given; "" for images); where its data starts and how long it is; the shard's size
@@ -56,7 +56,7 @@ def shard_members(loc: Location, path: str, tries: int = 3) -> pd.DataFrame:
             "shard_bytes": np.int64(shard_bytes), "shard_complete": complete,
         }, columns=list(INDEX_COLUMNS))
 
-    return with_retries(f"listing the members of {loc.uri_of(path)}", _list, loc.tries(tries))
+    return with_storage_error(f"listing the members of {loc.uri_of(path)}", _list, loc.tries(tries))
 
 
 def split_shard_index(split: Location, threads: int = 32, tries: int = 3, progress=print) -> pd.DataFrame:

@@ -107,7 +107,7 @@ def resolve(uri: str, storage: StorageConfig | None = None) -> Location:
     return Location(path, pafs.LocalFileSystem(), path)
 
 
-def with_retries(what: str, fn: Callable[[], T], tries: int) -> T:
+def with_storage_error(what: str, fn: Callable[[], T], tries: int) -> T:
     """Run ``fn``, whose requests the filesystem retries (the S3 filesystem's retry strategy, ``s3_filesystem``: the
     one retry layer; ``tries``: how many times it tries each, 1 for local files); an OSError becomes a StorageError
     saying that ``what`` failed, after how many tries, or that it was not found."""
@@ -129,7 +129,7 @@ def list_files(loc: Location, suffix: str, tries: int = 3) -> list[str]:
         selector = pafs.FileSelector(loc.path, recursive=True)
         return sorted(f.path for f in loc.fs.get_file_info(selector) if f.is_file and f.path.endswith(suffix))
 
-    paths = with_retries(f"listing {loc.uri}", _list, loc.tries(tries))
+    paths = with_storage_error(f"listing {loc.uri}", _list, loc.tries(tries))
     if not paths:
         raise StorageError(f"{loc.uri}: no *{suffix} files found; check data.root")
     return paths
@@ -140,7 +140,7 @@ def read_bytes(loc: Location, tries: int = 3) -> bytes:
         with loc.fs.open_input_stream(loc.path) as f:
             return f.read()
 
-    return with_retries(f"reading {loc.uri}", _read, loc.tries(tries))
+    return with_storage_error(f"reading {loc.uri}", _read, loc.tries(tries))
 
 
 def write_bytes(loc: Location, data: bytes) -> None:

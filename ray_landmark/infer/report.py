@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 
 from PIL import Image
 
-from ray_landmark.data.storage import Location, list_files, resolve, with_retries, write_bytes
+from ray_landmark.data.storage import Location, list_files, resolve, with_storage_error, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,11 @@ def read_jpegs(split: Location, ids: Iterable[str], tries: int = 3) -> dict[str,
     found: dict[str, bytes] = {}
     if not wanted:
         return found  # no listing, which on a bucket is a request
-    for path in list_files(split, ".tar", tries=tries):
+    for path in list_files(split, ".tar", tries=split.tries(tries)):
         if wanted <= found.keys():
             break
-        # A retry re-reads the tar from the start; what a failed try already found stays valid.
         read = functools.partial(_read_members, split, path, wanted, found)
-        with_retries(f"reading {split.uri_of(path)}", read, tries)
+        with_storage_error(f"reading {split.uri_of(path)}", read, split.tries(tries))
     return found
 
 
