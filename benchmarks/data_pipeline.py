@@ -255,7 +255,6 @@ def timed_pass(batches, server_pid: int) -> dict:
     cpu["other: processes that exited during the pass, other programs"] = round(
         cpu[WHOLE_MACHINE] - sum(v for g, v in cpu.items() if g != WHOLE_MACHINE), 2)
     return {"images_per_s": n / seconds, "images": n, "seconds": seconds, "first_batch_s": first,
-            "after_first_batch_images_per_s": (n - BATCH) / (seconds - first) if first and n > BATCH else None,
             "started": wall_started, "cores_busy": cpu,
             "server_cpu_s": after.get(SERVER, 0.0) - before.get(SERVER, 0.0)}
 
@@ -464,8 +463,6 @@ def main() -> None:
         ray.shutdown()
 
     rate = {name: round(run["images_per_s"], 1) for name, run in steady.items()}
-    after_first = {name: round(max(r["after_first_batch_images_per_s"] or 0.0 for r in runs[1:]), 1)
-                   for name, runs in passes.items()}
     server = {name: {"cpu_s_per_pass": round(run["server_cpu_s"], 2),
                      "cpu_ms_per_image": round(1e3 * run["server_cpu_s"] / run["images"], 2),
                      "cores_busy": run["cores_busy"].get(SERVER, 0.0)} for name, run in steady.items()}
@@ -477,10 +474,6 @@ def main() -> None:
         "stream_vs_dataloader_same_source_local": round(rate["ray_local"] / rate["dataloader_tars_local"], 3),
         # The default path (ranged reads through the shard index) against the same DataLoader.
         "ranged_vs_dataloader_same_source_s3": round(rate["ray_s3_ranged"] / rate["dataloader_tars_s3"], 3),
-        # Both rates once the first batch is out: what a pass costs beyond its start-up (Ray Data plans the
-        # execution and launches tasks every epoch; a pass here is a few seconds, a GLDv2 epoch hours).
-        "stream_vs_dataloader_same_source_s3_after_first_batch": round(
-            after_first["ray_s3"] / after_first["dataloader_tars_s3"], 3),
         "stream_s3_vs_dataloader_files": round(rate["ray_s3"] / rate["dataloader_files"], 3),
         "ranged_vs_streamed_s3_full": round(rate["ray_s3_ranged"] / rate["ray_s3"], 3),
         "ranged_vs_streamed_s3_gldv2c": round(rate["ray_s3_gldv2c_ranged"] / rate["ray_s3_gldv2c"], 3),
@@ -512,7 +505,6 @@ def main() -> None:
                     "definition": "cores x the best images per CPU-second of plain loops over in-memory JPEGs, over "
                                   "1..cores+1 processes sharing the work chunk by chunk and over every kind of work"},
         "images_per_second": {"ceiling": ceiling, **rate},
-        "after_first_batch_images_per_second": after_first,
         "augmentation_images_per_cpu_second_by_chunk": chunk_rates,
         "every_pass_images_per_second": {name: [round(r["images_per_s"], 1) for r in runs]
                                          for name, runs in passes.items()},
@@ -630,10 +622,9 @@ Like with like: Ray Data vs a DataLoader streaming the same tars, **from the S3 
 comparison, which charged the S3 server to the Ray side only): {ratios['stream_s3_vs_dataloader_files']}. Ranged reads
 vs whole shards streamed, both from S3: {ratios['ranged_vs_streamed_s3_full']} for the full view,
 {ratios['ranged_vs_streamed_s3_gldv2c']} for GLDv2c; the default path (ranged) vs the same DataLoader:
-{ratios['ranged_vs_dataloader_same_source_s3']}. Once each pass's first batch is out, streamed from S3 vs the
-DataLoader: {ratios['stream_vs_dataloader_same_source_s3_after_first_batch']} (a pass here is
-{setup['images']} images, a few seconds; Ray Data plans and launches each epoch afresh, which a GLDv2 epoch of hours
-does not notice). Closest to the ceiling: {_closest({
+{ratios['ranged_vs_dataloader_same_source_s3']}. A pass here is {setup['images']} images, a few seconds, and Ray
+Data's first batch of a steady pass came after {payload['first_pass_ray_s3']['steady_first_batch_s']} s of it,
+so these ratios weigh each pass's start-up far more than a GLDv2 epoch of hours would. Closest to the ceiling: {_closest({
         what: rates[name] / ceiling['images_per_s'] for name, what in PATHS.items()})}. Original preprocessing vs fast,
 images per CPU-second of the plain loops: {ratios['original_vs_fast_per_cpu_second']}.
 
