@@ -128,7 +128,7 @@ class GLDv2TarDatasource(FileBasedDatasource):
         else:
             open_shard = lambda: super(GLDv2TarDatasource, self)._open_input_source(fs, path, **open_args)  # noqa: E731
         return with_storage_error(f"opening shard {self._location.uri_of(path)}", open_shard,
-                            self._location.tries(self._tries))
+                                  self._location.tries(self._tries))
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         lookup: LabelLookup | None = ray.get(self._lookup_ref) if self._lookup_ref is not None else None
