@@ -79,6 +79,18 @@ def test_train_stream_feeds_fixed_size_uint8_images_and_int64_labels(gldv2_s3, s
     assert label_counts == dict(zip(classes["class"].astype(int), classes["count"].astype(int)))
 
 
+def test_each_tar_is_read_and_decoded_by_one_task(gldv2_local):
+    cfg = _config(gldv2_local, view="full")
+    stream = train_stream(cfg)
+    for _ in stream.dataset.iter_batches(batch_size=16):
+        pass
+    # Ray fused the read and the decode: one operator, one task per tar; no split blocks, no second stage.
+    stats = stream.dataset.stats()
+    shards = len(os.listdir(os.path.join(gldv2_local, "train")))
+    assert f"Operator 1 ReadGLDv2Tar->MapBatches(decode_images): {shards} tasks executed" in stats, stats
+    assert "Operator 2" not in stats
+
+
 def test_shard_order_changes_between_epochs(gldv2_local):
     import ray.data
 

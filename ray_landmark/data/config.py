@@ -57,9 +57,10 @@ class DataConfig(Section):
     #   auto: gpu on workers with a GPU, cpu otherwise.
     # See ray_landmark/data/worker_decode.py for what decoding in the worker costs in device memory.
     decode: Literal["cpu", "gpu", "worker", "auto"] = "cpu"
-    # Images decoded per Ray Data task call (data.decode: cpu).
+    # data.decode: cpu: rows per block a read task decodes and hands on (its images decoded together).
     decode_batch_size: int = Field(32, gt=0)
-    # CPUs reserved per read task (one task reads one tar); below 1 lets more S3 streams run at once.
+    # CPUs reserved per read task (one task reads one tar) when it only reads (data.decode: gpu or worker); below 1
+    # lets more S3 streams run at once. With data.decode: cpu each task reads and decodes, holding decode_cpus.
     read_cpus: float = Field(0.25, gt=0)
     # Where the manifest has a split's shard index (jobs/prepare_gldv2.py --verify-shards), read only the members a
     # stream uses, by ranged requests; false (or no index) streams every shard whole.
@@ -67,6 +68,7 @@ class DataConfig(Section):
     # Ranged reads: a member whose data starts at most this many bytes after the previous wanted member's end is read
     # by the same request, the bytes between included (fewer requests, more bytes; measured in BENCHMARKS.md).
     range_gap_bytes: int = Field(65536, ge=0)
+    # CPUs reserved per task that reads and decodes a tar (data.decode: cpu).
     decode_cpus: float = Field(1.0, gt=0)
     # Per-epoch validation: at most this many test images as queries (None: all scored ones), and at most this many
     # index images (the selected queries' relevant ones first, then others; None: the whole index).

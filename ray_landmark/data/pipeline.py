@@ -1,7 +1,10 @@
 """Ray Data pipelines over the GLDv2 tar shards, read from a folder or a bucket with no download step.
 
-    tar shards --read (one task per tar: raw member bytes, label joined by id, view filter)-->
-    id, jpeg, label --decode + augment (CPU tasks)--> image uint8[S,S,3], label int64 --> get_dataset_shard
+    tar shards --one task per tar: read (raw member bytes, label joined by id, view filter), then decode + augment
+    each block of data.decode_batch_size rows--> image uint8[S,S,3], label int64 --> get_dataset_shard
+
+Ray Data fuses the read and the decode into one task (``stream_shards``), so each task streams its tar and decodes what
+it reads, as a DataLoader worker does; the JPEG bytes never pass through the object store.
 
 How a read task reads its tar: where the manifest has the split's shard index (``jobs/prepare_gldv2.py
 --verify-shards``; ``shard_members.py``) and ``data.ranged_reads`` is on, it fetches only the members the stream needs,
@@ -105,6 +108,7 @@ class GLDv2TarDatasource(FileBasedDatasource):
     def __init__(
         self, paths: list[str], *, location: Location, lookup_ref, counter, tries: int, shuffle_files, shuffle_rows: int,
         split_name: str | None = None, shard_index: dict | None = None, range_gap_bytes: int = 0,
+        block_rows: int = READ_BLOCK_ROWS,
     ):
         super().__init__(paths, filesystem=location.fs, shuffle=shuffle_files, file_extensions=["tar"])
         # One retry layer, the S3 filesystem's (storage.s3_filesystem): Ray Data's own, which reopens and rereads a
@@ -119,6 +123,7 @@ class GLDv2TarDatasource(FileBasedDatasource):
         self._tries = tries
         self._shard_index = shard_index or {}  # shard file name -> ObjectRef of its ShardMembers
         self._range_gap_bytes = range_gap_bytes
+        self._block_rows = block_rows
 
     def _open_input_source(self, filesystem, path, **open_args):
         # Our filesystem, not Ray Data's retrying wrapper of it (``filesystem``): see __init__.
@@ -143,7 +148,7 @@ class GLDv2TarDatasource(FileBasedDatasource):
             rows = ranged_members(f, members, uri, lookup, counts, self._range_gap_bytes)
         else:
             rows = self._labelled_members(f, uri, lookup, counts)
-        for chunk in windowed_shuffle(rows, READ_BLOCK_ROWS, self._shuffle_rows, np.random.default_rng()):
+        for chunk in windowed_shuffle(rows, self._block_rows, self._shuffle_rows, np.random.default_rng()):
             counts[READ] += len(chunk)
             report_counts(self._counter, dict(counts))
             counts.clear()
@@ -425,19 +430,25 @@ def stream_shards(
         split_name=split if split_column else None,
         shard_index=index,
         range_gap_bytes=cfg.range_gap_bytes,
+        # Decoding in Ray Data: blocks of one decode batch, decoded whole by a map with the read's resources, which Ray
+        # fuses into the read task: two stages cost more CPU per image (BENCHMARKS.md).
+        block_rows=READ_BLOCK_ROWS if worker_decode else cfg.decode_batch_size,
     )
-    dataset = ray.data.read_datasource(datasource, num_cpus=cfg.read_cpus)
-    if not worker_decode:  # else the read stage's rows go to the workers as they are
-        dataset = dataset.map_batches(
-            decode_images,
-            fn_kwargs=dict(
-                image_size=cfg.image_size, preprocessing=cfg.preprocessing, augment=augment, keep_ids=keep_ids,
-                counter=counter,
-            ),
-            batch_size=cfg.decode_batch_size,
-            batch_format="numpy",
-            num_cpus=cfg.decode_cpus,
-        )
+    # One read task per tar, its blocks as the task makes them: Ray Data otherwise splits them to reach its own target
+    # number of blocks, and a split read fuses with nothing.
+    tasks = dict(override_num_blocks=len(paths))
+    if worker_decode:  # the read stage's rows go to the workers as they are
+        return ShardStream(ray.data.read_datasource(datasource, num_cpus=cfg.read_cpus, **tasks), counter)
+    dataset = ray.data.read_datasource(datasource, num_cpus=cfg.decode_cpus, **tasks).map_batches(
+        decode_images,
+        fn_kwargs=dict(
+            image_size=cfg.image_size, preprocessing=cfg.preprocessing, augment=augment, keep_ids=keep_ids,
+            counter=counter,
+        ),
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=cfg.decode_cpus,
+    )
     return ShardStream(dataset, counter)
 
 
