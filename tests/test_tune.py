@@ -50,11 +50,9 @@ def test_every_sweep_config_loads_with_its_base():
 
 
 def _tune(config: Path, root: str, out: Path) -> subprocess.Popen:
-    # At 32 px: what is checked is how the sweep runs, resumes and stops trials, and a trial that learns is still
-    # ahead of the two that barely move at ASHA's rung.
     return subprocess.Popen(
         [sys.executable, "jobs/tune.py", "--config", str(config), "--set", f"output_dir={out}",
-         "--set-base", f"data.root={root}", "--set-base", "data.image_size=32"],
+         "--set-base", f"data.root={root}"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
