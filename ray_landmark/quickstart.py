@@ -71,7 +71,7 @@ def save_bucket(cfg: Config, out_dir: Path) -> None:
 
 def prepare_dataset(cfg: Config) -> dict:
     """Write the synthetic set and its manifests under data.root, unless the set there was written with the same
-    spec (a restored bucket): then it is reused as it is."""
+    spec (a restored bucket): then it is reused as it is, and its summary says so (``reused``)."""
     spec = cfg.synthetic or SyntheticSpec()
     root = resolve(cfg.data.root, cfg.data.storage)
     record = root.child(SYNTHETIC_RECORD)
@@ -79,13 +79,13 @@ def prepare_dataset(cfg: Config) -> dict:
         earlier = json.loads(read_bytes(record))
         if earlier["spec"] == spec.model_dump(mode="json"):
             print(f"[quickstart] synthetic GLDv2 in {cfg.data.root}: written earlier with this spec; reused")
-            return earlier["summary"]
+            return {**earlier["summary"], "reused": True}
     summary = write_synthetic_gldv2(spec, root)
     # With the shard index (prepare_gldv2.py --verify-shards), so that the streams read only the images they use.
     summary["manifest"] = prepare_manifests(root, resolve(cfg.data.manifest_uri, cfg.data.storage),
                                             shard_index=dataset_shard_index(root))
     write_bytes(record, json.dumps({"spec": spec.model_dump(mode="json"), "summary": summary}, default=str).encode())
-    return summary
+    return {**summary, "reused": False}
 
 
 def stream_epoch(cfg: Config, batch_size: int) -> dict:
@@ -122,17 +122,19 @@ def stream_epoch(cfg: Config, batch_size: int) -> dict:
 
 
 def train(cfg: Config, restart: bool = False) -> dict:
-    """Train with Ray Train, or reuse a run that holds every epoch of this config; the per-epoch validation history
-    comes back from the run's metrics log. ``restart``: a run made with another config is moved aside."""
+    """Train with Ray Train, or reuse a run that holds every epoch of this config (then ``reused`` is true); the
+    per-epoch validation history comes back from the run's metrics log. ``restart``: a run made with another config
+    is moved aside."""
     done, breaking = run_state(cfg)
-    if done >= cfg.train.last_epoch and not breaking:
+    reused = done >= cfg.train.last_epoch and not breaking
+    if reused:
         print(f"[quickstart] {cfg.run.name}: trained earlier with this config ({done} epochs); reused")
         final = latest_checkpoint(run_location(cfg.run)).folder.path
     else:
         print(f"[quickstart] training {cfg.run.name} ({cfg.model.arch}) with {cfg.train.num_workers} workers; "
               f"checkpoints to {cfg.run.output_dir}")
         final = fit(cfg, load_training_data(cfg, restart)).checkpoint.path
-    return {"final_checkpoint": final, "history": read_metrics(run_logs(cfg.run))}
+    return {"final_checkpoint": final, "reused": reused, "history": read_metrics(run_logs(cfg.run))}
 
 
 def serve_and_ask(ensemble: EnsembleConfig, data: DataConfig, images: int = 4) -> list[dict]:
@@ -168,12 +170,13 @@ def run(cfg: Config, second: Config, ensemble: EnsembleConfig, server: LocalS3Se
         sweep: tuple | None = None, restart: bool = False) -> dict:
     """The whole quickstart; ``second`` is a model of another family, ``ensemble`` combines the two, ``sweep`` (a
     SweepConfig and its base, optional) is run last. A rerun into the same ``out_dir`` reuses what the last one
-    finished: the data set, the trained runs (the bucket is saved to ``out_dir`` once they are) and the embeddings;
+    finished: the data set, the trained runs (the bucket is saved to ``out_dir`` once they are, unless the restored
+    copy already held them all) and the embeddings;
     ``restart`` moves aside a run made with another config."""
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     print(f"[quickstart] local S3 server at {server.endpoint_url}; synthetic GLDv2 in {cfg.data.root}")
-    restore_bucket(cfg, server, out_dir)
+    restored = restore_bucket(cfg, server, out_dir)
     dataset = prepare_dataset(cfg)
     print(f"[quickstart] dataset: {dataset['images']} images, {dataset['landmarks']} landmarks")
     epoch = stream_epoch(cfg, cfg.train.batch_size)
@@ -183,7 +186,9 @@ def run(cfg: Config, second: Config, ensemble: EnsembleConfig, server: LocalS3Se
         f"{epoch['test_images_streamed']} test images; skipped: {epoch['skipped']}"
     )
     training = {c.run.name: train(c, restart) for c in (cfg, second)}
-    save_bucket(cfg, out_dir)
+    # A rerun that reused the data and both runs left the bucket as it restored it: the copy is already that.
+    if not (restored and dataset["reused"] and all(t["reused"] for t in training.values())):
+        save_bucket(cfg, out_dir)
     print(f"[quickstart] ensemble of {', '.join(m.name for m in ensemble.models)}: embeddings, kNN, post-processing")
     scored = run_ensemble(ensemble)
     print(metrics_text(scored["stages"]))

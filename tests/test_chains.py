@@ -107,8 +107,11 @@ def test_a_three_step_hybrid_chain_runs_resumes_a_half_done_step_and_skips_finis
     gldv2_learnable, ray_session, tmp_path, capsys
 ):
     chain_file = REPO / "configs" / "chains" / "tiny_hybrid_swin.yaml"
+    # What is checked is what each step starts from, not what it learns: validation on a small eval set, at a step's
+    # last epoch only.
     overrides = [f"data.root={gldv2_learnable}", f"run.output_dir={tmp_path}", "train.cpus_per_worker=0.5",
-                 "data.augment=false", "train.max_failures=0"]
+                 "data.augment=false", "train.max_failures=0", "data.eval_queries=8", "data.eval_index=16",
+                 "train.eval_every=2"]
     chain, steps = load_chain(chain_file, overrides)
     lines: list[str] = []
 

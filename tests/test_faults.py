@@ -37,6 +37,8 @@ def test_a_checkpoint_the_store_fails_to_write_is_never_taken_and_the_rerun_resu
             f"data.root={gldv2_learnable}", "data.augment=false", f"run.output_dir={bucket}/runs",
             f"run.storage.endpoint_url={proxy.endpoint_url}", "run.storage.retries=1", "run.name=faulty",
             "train.epochs=2", "train.max_failures=0", "train.cpus_per_worker=0.5",
+            # What is checked is which checkpoints count, not what the model learns: small images, a small eval set.
+            "data.image_size=32", "data.eval_queries=8", "data.eval_index=16",
         ])
         proxy.fail_writes, proxy.spare = re.escape(STATE_FILE), 1  # epoch 1's checkpoint lands, epoch 2's does not
         with pytest.raises(Exception):

@@ -65,5 +65,7 @@ def test_quickstart_streams_trains_two_families_and_scores_their_ensemble(tmp_pa
     assert "[train] epoch" not in again.stdout
     assert again.stdout.count("was embedded earlier with ") == 2
     rerun = json.loads((out / "summary.json").read_text())
+    assert not summary["dataset"]["reused"] and rerun["dataset"]["reused"]
+    assert all(run["reused"] for run in rerun["training"].values())
     assert rerun["training"]["quickstart"]["final_checkpoint"] == final_checkpoint
     assert rerun["gap_private"] == summary["gap_private"] and rerun["map100_private"] == summary["map100_private"]

@@ -115,24 +115,24 @@ def test_a_killed_worker_is_replaced_and_training_resumes_without_repeating_or_s
     assert [m["epoch"] for m in _history(cfg)] == [1, 2, 3]
 
 
-def test_a_stopped_run_rerun_with_the_same_command_starts_at_the_next_epoch(gldv2_local, tmp_path):
+def test_a_stopped_run_resumes_at_the_next_epoch_and_a_damaged_checkpoint_falls_back_to_the_previous_good_one(
+    gldv2_local, tmp_path
+):
+    # One run serves both reruns (each a Ray Train start): stopped in epoch 2, rerun, then its last checkpoint damaged
+    # and rerun again.
     cfg = _config(gldv2_local, tmp_path, "stop", "data.image_size=32", "train.epochs=2", "train.max_failures=0",
                   "train.eval_every=10")
     with pytest.raises(Exception, match="stopped by the test"):
         fit(cfg, on_step=StopInEpoch(1))
     assert [m["epoch"] for m in _history(cfg)] == [1]
 
-    result = fit(cfg)  # the same command again
+    finished = fit(cfg)  # the same command again: it starts at the next epoch
 
     history = _history(cfg)
     assert [m["epoch"] for m in history] == [1, 2]
-    assert result.metrics["step"] == 2 * history[0]["step"]
+    assert finished.metrics["step"] == 2 * history[0]["step"]
 
-
-def test_resuming_skips_a_damaged_checkpoint_and_falls_back_to_the_previous_good_one(gldv2_local, tmp_path):
-    cfg = _config(gldv2_local, tmp_path, "damaged", "data.image_size=32", "train.epochs=2", "train.eval_every=10")
-    first = fit(cfg)
-    latest = Path(first.checkpoint.path) / STATE_FILE
+    latest = Path(finished.checkpoint.path) / STATE_FILE
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # a truncated upload
 
     result = fit(cfg)  # the same command again: the run finished, but its last checkpoint is unusable
