@@ -22,7 +22,8 @@ The kinds of work: the Ray Data tasks' (``pipeline.decode_images`` on a batch of
 augmentation a few images at a time) with fast and with original preprocessing, and the worker's (torchvision
 decode, resize and augmentation, a batch at a time); the DataLoaders' datasets decode and augment one image at a
 time. The augmentation alone is also timed with 1 … 32 images augmented together (``transforms.AUGMENT_CHUNK``).
-(b), (c) and (d) are timed round robin, one pass of each per round, so that a busy spell on a shared machine hits them alike; each one's
+(b), (c) and (d) are timed round robin, one pass of each per round, so that a busy spell on a shared machine hits them
+alike, the DataLoaders' passes between Ray's (so that Ray's workers never idle long enough to be retired); each one's
 rate is its best pass after the first (which warms up worker processes and the page cache), with the CPU time of every
 process taking part, the S3 server's own included. The first pass of (c) from S3 is taken apart: imports, worker
 start-up, the first batch.
@@ -412,7 +413,7 @@ def main() -> None:
                          ranged_reads=False)
         ranged = {"ranged_reads": True}
         gldv2c = {"view": "gldv2c"}
-        passes_of = {
+        ray_paths = {
             # From S3 first: its first pass is the one taken apart below (Ray's workers start during it).
             "ray_s3": stream_batches(cfg),
             "ray_local": stream_batches(cfg.model_copy(update={"root": local_root.uri})),
@@ -421,8 +422,17 @@ def main() -> None:
             "ray_s3_gldv2c": stream_batches(cfg.model_copy(update=gldv2c)),
             "ray_s3_gldv2c_ranged": stream_batches(cfg.model_copy(update={**ranged, **gldv2c})),
             "worker_decode_s3": stream_batches(cfg.model_copy(update={"decode": "worker"}), worker_decode=True),
-            **{name: (lambda loader=loader: loader) for name, loader in loaders.items()},
         }
+        # The DataLoaders' passes come between Ray's, one at a time, so that Ray's workers never idle for long: Ray
+        # retires workers idle for a minute (runtime.init_ray) and new ones import torch first. With the DataLoaders'
+        # passes in a row, the Ray pass after them saw worker processes exit during it in every round.
+        loader_paths = {name: (lambda loader=loader: loader) for name, loader in loaders.items()}
+        passes_of = {}
+        for i, (name, one_pass) in enumerate(ray_paths.items()):
+            passes_of[name] = one_pass
+            if i < len(loader_paths):
+                loader_name = list(loader_paths)[i]
+                passes_of[loader_name] = loader_paths[loader_name]
         # Round robin, one pass of each path per round, so that a busy spell on the shared machine hits them alike;
         # round 0 warms up (worker processes start); each path's steady rate is its best later pass.
         passes: dict[str, list[dict]] = {name: [] for name in passes_of}

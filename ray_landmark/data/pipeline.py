@@ -55,7 +55,7 @@ from ray_landmark.progress import on_this_node, say
 
 log = logging.getLogger(__name__)
 
-# Rows per block emitted by a read task: about 30 MB of GLDv2's ~120 KB JPEGs.
+# Rows per block emitted by a read task that only reads (the workers decode): about 30 MB of GLDv2's ~120 KB JPEGs.
 READ_BLOCK_ROWS = 256
 
 JPEG_MAGIC = b"\xff\xd8\xff"

@@ -17,7 +17,6 @@ model's encoder (``embed.compile``, as ``train.compile``) and pads short batches
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -44,7 +43,7 @@ from ray_landmark.data.transforms import normalize_on_device
 from ray_landmark.data.worker_decode import WorkerDecoder
 from ray_landmark.infer.config import EmbedSettings
 from ray_landmark.progress import Printer, ProgressLine, say
-from ray_landmark.train.amp import autocast_dtype
+from ray_landmark.train.amp import MixedPrecision
 from ray_landmark.train.checkpoint import checkpoint_folder, load_model, read_checkpoint_config
 from ray_landmark.train.torch_compile import compile_for_embedding, compile_wanted, pad_batch
 
@@ -88,8 +87,7 @@ class Embedder:
             compile_for_embedding(self.model, settings.compile_backend)
             self.pad_to = settings.batch_size
         self.flip_tta = settings.flip_tta
-        dtype = autocast_dtype(self.device)  # None on the CPU: the model runs in float32 there
-        self.autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        self.precision = MixedPrecision(self.device)  # no autocast on the CPU: the model runs in float32 there
         self.decoder = WorkerDecoder(decode.image_size, decode.preprocessing, self.device) if decode else None
         self.counters = counters
 
@@ -100,7 +98,7 @@ class Embedder:
         for split, n in Counter(str(splits[position]) for position in corrupt).items():
             report_counts(self.counters[split], {"corrupt_jpeg": n})
         images = normalize_on_device(batch["image"])
-        with self.autocast:
+        with self.precision.autocast():
             embeddings = self._embed(images)
             if self.flip_tta:
                 embeddings = torch.nn.functional.normalize(embeddings + self._embed(images.flip(3)), dim=1)

@@ -14,6 +14,7 @@ resumes; the distractor embeddings do not depend on the dataset and serve ROxf a
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import math
@@ -40,6 +41,7 @@ from ray_landmark.infer.postprocess import combine_families
 from ray_landmark.infer.report import thumbnail_uri
 from ray_landmark.infer.search import knn
 from ray_landmark.progress import Printer, ProgressLine, say
+from ray_landmark.train.amp import MixedPrecision
 from ray_landmark.train.checkpoint import checkpoint_folder, read_checkpoint_config
 
 DEFAULT_SCALES = (1 / math.sqrt(2), 1.0, math.sqrt(2))
@@ -95,10 +97,11 @@ def models_from_ensemble(cfg: EnsembleConfig) -> tuple[EvalModel, ...]:
 
 
 def multiscale_embed(model: torch.nn.Module, images: Sequence[np.ndarray], scales: Sequence[float],
-                     device: torch.device, batch_size: int = 16, autocast=None) -> torch.Tensor:
+                     device: torch.device, batch_size: int = 16, precision: MixedPrecision | None = None) -> torch.Tensor:
     """float32 [N, D] unit descriptors of uint8 H×W×3 images of any shapes: at each scale the image is resized
     (bilinear; antialiased when shrinking) and embedded, images of one shape in batches of ``batch_size``; the unit
-    embeddings are summed over the scales and L2-normalised."""
+    embeddings are summed over the scales and L2-normalised. ``precision``: the autocast to run the model under
+    (none by default)."""
     total = None
     for scale in scales:
         resized = [_rescaled(torch.from_numpy(np.ascontiguousarray(image)).to(device), scale) for image in images]
@@ -110,7 +113,7 @@ def multiscale_embed(model: torch.nn.Module, images: Sequence[np.ndarray], scale
             for start in range(0, len(positions), batch_size):
                 chunk = positions[start:start + batch_size]
                 batch = normalize_on_device(torch.stack([resized[p] for p in chunk]).permute(0, 2, 3, 1))
-                with autocast or torch.autocast(device.type, enabled=False):
+                with precision.autocast() if precision else contextlib.nullcontext():
                     out = model.embed(batch.contiguous(memory_format=torch.channels_last)).float()
                 if embeddings is None:
                     embeddings = torch.zeros((len(images), out.shape[1]), device=device)
@@ -146,7 +149,7 @@ class MultiScaleEmbedder(Embedder):
         if len(good):
             images = [batch["image"][i] for i in good]
             embeddings[good] = multiscale_embed(self.model, images, self.scales, self.device, self.batch_size,
-                                                self.autocast).cpu().numpy().astype(np.float16)
+                                                self.precision).cpu().numpy().astype(np.float16)
         return {key: batch[key] for key in ("id", "part", "status", "box")} | {"embedding": embeddings}
 
 
