@@ -200,7 +200,7 @@ WORK_ITSELF = "decode + augment work itself (images/s / best images per CPU-seco
 def cpu_seconds_by_group(server_pid: int) -> dict[str, float]:
     """CPU seconds used so far by each kind of process of this run (this process and its descendants: other programs
     on a shared machine count only in the machine's total)."""
-    import psutil
+    import psutil  # Ray's own copy: importing ray (pipeline.py does) puts ray/thirdparty_files on sys.path
 
     me = psutil.Process()
     times = me.cpu_times()
@@ -229,7 +229,7 @@ def cpu_seconds_by_group(server_pid: int) -> dict[str, float]:
 
 def ray_worker_start_times() -> list[float]:
     """When each Ray worker process of this run started (epoch seconds)."""
-    import psutil
+    import psutil  # Ray's own copy: importing ray (pipeline.py does) puts ray/thirdparty_files on sys.path
 
     started = []
     for proc in psutil.Process().children(recursive=True):
