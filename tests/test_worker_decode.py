@@ -283,7 +283,7 @@ def test_bad_input_on_the_worker_path_is_skipped_counted_and_every_good_sample_a
 
 
 # ---------------------------------------------------------------- embedding, end to end
-# (Training that decodes and augments in the workers: the fault run of tests/test_training.py resumes with it.)
+# (Training with data.decode: worker, decoding and augmenting in the workers: tests/test_training.py, fault run.)
 
 
 @pytest.mark.slow
