@@ -153,10 +153,12 @@ def test_an_eager_run_resumes_compiled_with_ddp_and_accumulation_and_writes_the_
     shutil.copytree(eager_run, tmp_path / eager_run.name)
     tree = read_checkpoint_config(str(eager_run))
     # DDP over 2 workers with accumulation makes an epoch fewer steps than the eager run's: the schedule continues at
-    # the same point of its epochs (epoch 2 of a longer one here, cut at epoch 4).
+    # the same point of its epochs (epoch 2 of a longer one here, cut at epoch 4). Validation (compiled too) of a small
+    # eval set at the last epoch only: what is checked is that it runs, not what it scores.
     for key, value in {"run.output_dir": str(tmp_path), "train.epochs": 20, "train.stop_at": 4,
                        "train.num_workers": 2, "train.grad_accum": 2, "train.compile": True,
-                       "train.compile_backend": "aot_eager"}.items():
+                       "train.compile_backend": "aot_eager", "train.eval_every": 10, "data.eval_queries": 8,
+                       "data.eval_index": 16}.items():
         set_dotted(tree, key, value, "test")
     cfg = config_from_dict(tree)
     result = fit(cfg)

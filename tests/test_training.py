@@ -1,4 +1,5 @@
-"""Training on a real local Ray with 2 CPU workers (gloo DDP): learning, worker failure, resume, damaged checkpoints."""
+"""Training on a real local Ray with 2 CPU workers (gloo DDP): learning, worker failure, resume, damaged checkpoints,
+decoding in the workers (``data.decode: worker``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import ray
@@ -72,6 +74,17 @@ class StopInEpoch:
             raise RuntimeError("stopped by the test")
 
 
+class Hooks:
+    """Several step hooks, called in turn."""
+
+    def __init__(self, *hooks):
+        self.hooks = hooks
+
+    def __call__(self, rank: int, epoch: int, step: int) -> None:
+        for hook in self.hooks:
+            hook(rank=rank, epoch=epoch, step=step)
+
+
 def test_training_raises_validation_gap_well_above_the_untrained_model_and_scores_every_epoch(
     gldv2_learnable, tmp_path
 ):
@@ -101,46 +114,49 @@ def test_training_raises_validation_gap_well_above_the_untrained_model_and_score
     assert not any(v for k, v in result.metrics.items() if k.startswith("skipped_"))
 
 
-# The reliability tests train on the smaller synthetic set at 32 px: they check counts, not learning.
-def test_a_killed_worker_is_replaced_and_training_resumes_without_repeating_or_skipping(gldv2_local, tmp_path):
-    cfg = _config(gldv2_local, tmp_path, "kill", "data.image_size=32", "train.epochs=3",
-                  "train.checkpoint_every_steps=2", "train.max_failures=1", "train.eval_every=10")
+# The reliability test trains on the smaller synthetic set at 32 px: it checks counts, not learning.
+def test_a_killed_worker_is_replaced_a_stopped_run_resumes_decoding_in_the_workers_a_damaged_checkpoint_is_passed_over(
+    gldv2_local, tmp_path, capsys
+):
+    # One run serves every case (each rerun is a Ray Train start): a worker killed in epoch 2 and replaced (the one
+    # failure train.max_failures allows), the run then stopped in epoch 3 (a second failure ends it), rerun with
+    # data.decode=worker (a setting a resume may change), then its last checkpoint damaged and rerun again.
+    overrides = ["data.image_size=32", "data.augment=true", "data.eval_queries=8", "data.eval_index=16",
+                 "train.epochs=3", "train.checkpoint_every_steps=2", "train.max_failures=1", "train.eval_every=10"]
+    cfg = _config(gldv2_local, tmp_path, "faults", *overrides)
     train_images = sum(1 for _ in open(Path(gldv2_local) / "metadata" / "train.csv")) - 1
     steps_per_epoch = train_images // 2 // 16  # 2 workers x batch 16, last partial batch dropped
     kill_step = steps_per_epoch + 3  # in epoch 2, one step after its mid-epoch checkpoint
-    result = fit(cfg, on_step=KillOnce(tmp_path / "killed", rank=1, step=kill_step))
-    assert (tmp_path / "killed").exists()
-    assert result.metrics["epoch"] == 3
-    assert result.metrics["step"] == 3 * steps_per_epoch
-    assert [m["epoch"] for m in _history(cfg)] == [1, 2, 3]
-
-
-def test_a_stopped_run_resumes_at_the_next_epoch_and_a_damaged_checkpoint_falls_back_to_the_previous_good_one(
-    gldv2_local, tmp_path
-):
-    # One run serves both reruns (each a Ray Train start): stopped in epoch 2, rerun, then its last checkpoint damaged
-    # and rerun again.
-    cfg = _config(gldv2_local, tmp_path, "stop", "data.image_size=32", "train.epochs=2", "train.max_failures=0",
-                  "train.eval_every=10")
     with pytest.raises(Exception, match="stopped by the test"):
-        fit(cfg, on_step=StopInEpoch(1))
-    assert [m["epoch"] for m in _history(cfg)] == [1]
+        fit(cfg, on_step=Hooks(KillOnce(tmp_path / "killed", rank=1, step=kill_step), StopInEpoch(2)))
+    assert (tmp_path / "killed").exists()
+    # The replaced workers finished epoch 2 from its mid-epoch checkpoint, no step repeated or skipped.
+    history = _history(cfg)
+    assert [m["epoch"] for m in history] == [1, 2] and history[-1]["step"] == 2 * steps_per_epoch
 
-    finished = fit(cfg)  # the same command again: it starts at the next epoch
+    in_workers = _config(gldv2_local, tmp_path, "faults", *overrides, "data.decode=worker")
+    finished = fit(in_workers)  # the same run again: it starts at the next epoch
 
     history = _history(cfg)
-    assert [m["epoch"] for m in history] == [1, 2]
-    assert finished.metrics["step"] == 2 * history[0]["step"]
+    assert [m["epoch"] for m in history] == [1, 2, 3]
+    metrics = finished.metrics
+    assert metrics["epoch"] == 3 and metrics["step"] == 3 * history[0]["step"] == 3 * steps_per_epoch
+    # Decoded and augmented in the workers: full batches (the steps above), a finite loss, the eval set scored and
+    # nothing skipped.
+    assert np.isfinite(metrics["loss"]) and metrics["val_queries"] > 0 and metrics["val_index"] > 0
+    assert "val_map100" in metrics and not any(v for k, v in metrics.items() if k.startswith("skipped_"))
 
     latest = Path(finished.checkpoint.path) / STATE_FILE
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # a truncated upload
+    capsys.readouterr()
 
-    result = fit(cfg)  # the same command again: the run finished, but its last checkpoint is unusable
+    result = fit(in_workers)  # the same command again: the run finished, but its last checkpoint is unusable
 
-    # Epoch 2 is trained again from epoch 1's checkpoint.
+    # Epoch 3 is finished again from the checkpoint before the damaged one.
+    assert f"checkpoint {finished.checkpoint.path}: state.pt does not match the checksum" in capsys.readouterr().out
     history = _history(cfg)
-    assert [m["epoch"] for m in history] == [1, 2, 2]
-    assert result.metrics["epoch"] == 2 and result.metrics["step"] == 2 * history[0]["step"]
+    assert [m["epoch"] for m in history] == [1, 2, 3, 3]
+    assert result.metrics["epoch"] == 3 and result.metrics["step"] == 3 * steps_per_epoch
 
 
 def test_the_eval_split_keeps_every_row_while_train_shards_stay_equal():
