@@ -34,8 +34,8 @@ from ray_landmark.data.transforms import decode_resized, normalize_on_device  # 
 from ray_landmark.infer.config import EmbedSettings  # noqa: E402
 from ray_landmark.infer.embed import EmbedRequest, embed_splits  # noqa: E402
 from ray_landmark.models.factory import build_model  # noqa: E402
+from ray_landmark.runs.checkpoint import Progress, load_model, save_checkpoint  # noqa: E402
 from ray_landmark.runtime import init_ray  # noqa: E402
-from ray_landmark.train.checkpoint import Progress, load_model, save_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

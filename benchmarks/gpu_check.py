@@ -1,7 +1,7 @@
 """Images/s of a published model's training step on one GPU, next to its bare EfficientNet backbone.
 
 Synthetic uint8 batches already on the GPU (no data loading), the loop's normalisation, channels_last, the loop's
-mixed precision (``train/amp.py``: bf16 where supported, else fp16 with a grad scaler), Adam; forward + ArcFace loss +
+mixed precision (``models/amp.py``: bf16 where supported, else fp16 with a grad scaler), Adam; forward + ArcFace loss +
 backward + step. The full head (81,313 classes) is built, so memory and speed include it. Results go to
 benchmarks/results/gpu_check.json with the card's name, and to BENCHMARKS.md with an estimate of hours per epoch on 8
 such GPUs. Needs torch, timm (with PyYAML) and pillow alone: the config file is read with PyYAML, without pydantic.
@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import machine, update_benchmarks_md, write_results  # noqa: E402
 
 from ray_landmark.data.transforms import normalize_on_device  # noqa: E402
+from ray_landmark.models.amp import MixedPrecision  # noqa: E402
 from ray_landmark.models.factory import build_model  # noqa: E402
-from ray_landmark.train.amp import MixedPrecision  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GLDV2C_IMAGES = 1_580_470

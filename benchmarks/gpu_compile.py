@@ -7,7 +7,7 @@ weights:
 
 * eager, bf16 autocast, channels_last (the training loop's settings on a GPU);
 * eager without autocast: how far bf16 alone moves the losses, printed beside the bound below;
-* compiled as the training loop compiles (``train/torch_compile.py``: the whole model, head and loss included, in
+* compiled as the training loop compiles (``models/torch_compile.py``: the whole model, head and loss included, in
   place; default mode, inductor). ``--scopes model,encoder`` adds a run with the encoder alone compiled (as the
   embedding job compiles), which answers whether compiling the head and loss too pays off.
 
@@ -21,7 +21,7 @@ to each step's: a loss that falls near 0 would make any difference large.) The h
 
 No Ray and no pydantic: GPU machines may have only torch, torchvision, timm (with PyYAML) and pillow. The models are
 the project's, built by ``build_model`` from the config file's model and loss sections read with PyYAML; the step is
-the training loop's (``train/amp.py``).
+the training loop's (``models/amp.py``).
 
     bash benchmarks/gpu_compile.sh                    # both models (sized for 5 minutes on an H200): writes
                                                       # benchmarks/results/gpu_compile.json and BENCHMARKS.md
@@ -50,9 +50,9 @@ from results_io import machine, sync, update_benchmarks_md, write_results  # noq
 
 from ray_landmark.data.transforms import normalize_on_device  # noqa: E402
 from ray_landmark.markdown import markdown_table  # noqa: E402
+from ray_landmark.models.amp import MixedPrecision  # noqa: E402
 from ray_landmark.models.factory import build_model  # noqa: E402
-from ray_landmark.train.amp import MixedPrecision  # noqa: E402
-from ray_landmark.train.torch_compile import compile_for_embedding, compile_for_training  # noqa: E402
+from ray_landmark.models.torch_compile import compile_for_embedding, compile_for_training  # noqa: E402
 
 GLDV2C_CLASSES = 81_313
 STEPS, WARMUP = 20, 5

@@ -15,7 +15,7 @@ machines we measure on have neither.
 The JPEGs are synthetic 800×600 "photos" (smooth colour fields, edges and grain, quality 90, about GLDv2's ~80 KB);
 their mean size is recorded. The model is the project's: ``build_model`` from recipe ``dolg_efficientnet_b5`` (read
 with PyYAML; random weights), its sub-center ArcFace loss included, trained with the loop's mixed precision
-(``train/amp.py``). Results go to benchmarks/results/gpu_decode.json with the card's name, and BENCHMARKS.md.
+(``models/amp.py``). Results go to benchmarks/results/gpu_decode.json with the card's name, and BENCHMARKS.md.
 
     python benchmarks/gpu_decode.py            # on one GPU
     python benchmarks/gpu_decode.py --tiny     # a smoke run on the CPU at toy size (the tests run it); writes nothing
@@ -42,8 +42,8 @@ from results_io import machine, sync, update_benchmarks_md, write_results  # noq
 
 from ray_landmark.data.transforms import normalize_on_device  # noqa: E402
 from ray_landmark.data.worker_decode import TrainBatchDecoder  # noqa: E402
+from ray_landmark.models.amp import MixedPrecision  # noqa: E402
 from ray_landmark.models.factory import build_model  # noqa: E402
-from ray_landmark.train.amp import MixedPrecision  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = dict(device="cuda", photo=(800, 600), unique_photos=256, size=768, decode_batch=128, decode_batches=24,

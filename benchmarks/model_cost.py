@@ -6,7 +6,7 @@ Per family, at one image size (384: the only size the B6-Swin-384 hybrid accepts
   model     the full landmark model: encoder + sub-center ArcFace head and loss.
 Both run in NCHW and channels_last. Each measurement runs in a fresh process, so on CPU the peak resident memory
 (ru_maxrss) belongs to that one case; on a GPU, torch.cuda.max_memory_allocated under the training loop's autocast
-(``train/amp.py``: bf16 where supported, else fp16 with a grad scaler). Needs torch and timm (with PyYAML) alone: the
+(``models/amp.py``: bf16 where supported, else fp16 with a grad scaler). Needs torch and timm (with PyYAML) alone: the
 recipes are read with PyYAML, without pydantic.
 torch.compile (inductor, fwd+bwd, channels_last) is run on the tiny configs: compile seconds and step time against
 eager. Writes benchmarks/results/model_cost.json and its section of BENCHMARKS.md.
@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import REPO, machine, update_benchmarks_md, write_results  # noqa: E402
 
 from ray_landmark.markdown import markdown_table  # noqa: E402
+from ray_landmark.models.amp import MixedPrecision  # noqa: E402
 from ray_landmark.models.factory import build_model  # noqa: E402
-from ray_landmark.train.amp import MixedPrecision  # noqa: E402
 
 CLASSES = 81_313
 FAMILIES = {  # family -> (recipe, the timm network its backbone is)

@@ -1,4 +1,4 @@
-"""Exact kNN (ray_landmark.infer.search) on this machine: seconds as the database grows, for each backend, against a
+"""Exact kNN (ray_landmark.eval.search) on this machine: seconds as the database grows, for each backend, against a
 plain matrix product of the same size in the same run; peak memory; an extrapolation to GLDv2's sizes.
 
 With --adjusted it measures recognition's exact adjusted top-k instead (ray_landmark.infer.postprocess.adjusted_topk:
@@ -35,9 +35,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import REPO, machine, sync, update_benchmarks_md, write_results  # noqa: E402
 
+from ray_landmark.eval.search import chunk_bytes, chunk_sizes, default_max_bytes, knn  # noqa: E402
 from ray_landmark.infer import postprocess as pp  # noqa: E402
 from ray_landmark.markdown import markdown_table  # noqa: E402
-from ray_landmark.infer.search import chunk_bytes, chunk_sizes, default_max_bytes, knn  # noqa: E402
 
 GLDV2 = {  # queries x database at 512-d
     "recognition: test x GLDv2c train": (117_577, 1_580_470),

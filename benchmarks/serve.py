@@ -40,11 +40,11 @@ from ray_landmark.data.metadata import open_manifest, prepare_manifests  # noqa:
 from ray_landmark.data.storage import resolve  # noqa: E402
 from ray_landmark.data.synthetic import write_synthetic_gldv2  # noqa: E402
 from ray_landmark.data.transforms import decode_resized, normalize_on_device  # noqa: E402
+from ray_landmark.eval.search import knn  # noqa: E402
 from ray_landmark.infer import postprocess as pp  # noqa: E402
 from ray_landmark.infer.onnx_export import export_onnx  # noqa: E402
 from ray_landmark.infer.report import read_jpegs  # noqa: E402
-from ray_landmark.infer.search import knn  # noqa: E402
-from ray_landmark.train.checkpoint import load_model  # noqa: E402
+from ray_landmark.runs.checkpoint import load_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONCURRENCY = (1, 8, 32)
@@ -125,8 +125,8 @@ def start_served(tmp: Path, checkpoint: str, args) -> str:
     from ray_landmark.config import config_from_dict
     from ray_landmark.infer.config import EnsembleConfig
     from ray_landmark.infer.ensemble import run_ensemble
-    from ray_landmark.runtime import init_ray
     from ray_landmark.local_s3 import free_port
+    from ray_landmark.runtime import init_ray
     from ray_landmark.serve.app import start_service
     from ray_landmark.serve.config import ServeSettings
 

@@ -31,9 +31,9 @@ from ray_landmark.data.storage import resolve  # noqa: E402
 from ray_landmark.data.synthetic import SyntheticSpec, write_synthetic_gldv2  # noqa: E402
 from ray_landmark.data.transforms import normalize_on_device  # noqa: E402
 from ray_landmark.local_s3 import LocalS3Server, use_test_credentials  # noqa: E402
+from ray_landmark.models.amp import MixedPrecision  # noqa: E402
 from ray_landmark.models.factory import build_model  # noqa: E402
-from ray_landmark.train.amp import MixedPrecision  # noqa: E402
-from ray_landmark.train.checkpoint import run_logs  # noqa: E402
+from ray_landmark.runs.checkpoint import run_logs  # noqa: E402
 from ray_landmark.train.metrics_log import read_metrics  # noqa: E402
 from ray_landmark.train.optim import build_optimizer, build_scheduler  # noqa: E402
 from ray_landmark.train.trainer import fit  # noqa: E402

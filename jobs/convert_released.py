@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ray_landmark.cli import run_job
 from ray_landmark.data.config import StorageConfig
-from ray_landmark.models.released import RELEASED_MODELS, convert_released
+from ray_landmark.runs.released import RELEASED_MODELS, convert_released
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "recipes"
 

@@ -26,8 +26,8 @@ def main() -> None:
     from ray_landmark.data.config import DataConfig, StorageConfig
     from ray_landmark.infer.config import EmbedSettings
     from ray_landmark.infer.embed import EmbedRequest, embed_splits
+    from ray_landmark.runs.checkpoint import read_checkpoint_config
     from ray_landmark.runtime import init_ray
-    from ray_landmark.train.checkpoint import read_checkpoint_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (its newest checkpoint)")

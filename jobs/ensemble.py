@@ -2,7 +2,7 @@
 solution, official metrics per model, family and stage, Kaggle submissions and an HTML report.
 
     ray job submit --working-dir . -- python jobs/ensemble.py --config configs/ensemble/gldv2_2021.yaml
-Outputs under the config's output_dir: embeddings/, submission_recognition.csv, submission_retrieval.csv,
+Outputs in the config's <output_dir>/<name>/: embeddings/, submission_recognition.csv, submission_retrieval.csv,
 report.html and summary.json. Rerunning reuses every shard already embedded.
 """
 

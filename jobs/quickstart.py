@@ -34,8 +34,8 @@ def main() -> None:
     endpoint = f"endpoint_url={server.endpoint_url}"
     cfg = load_job_config(args, [f"data.storage.{endpoint}", f"run.storage.{endpoint}"])
     second = load_config(args.second, [f"data.storage.{endpoint}", f"run.storage.{endpoint}"])
-    ensemble_out = Path(args.out).resolve() / "ensemble"
-    ensemble = load_config(args.ensemble, [f"storage.{endpoint}", f"output_dir={ensemble_out}"], EnsembleConfig)
+    ensemble = load_config(args.ensemble, [f"storage.{endpoint}", f"output_dir={Path(args.out).resolve()}"],
+                           EnsembleConfig)
     # The data as this run's server serves it (a reused run's checkpoint names the last run's server).
     ensemble = ensemble.model_copy(update={"data": cfg.data})
     sweep = load_sweep("configs/tune_tiny.yaml", [f"output_dir={Path(args.out).resolve() / 'sweeps'}"],

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from ray_landmark.cli import run_job
-from ray_landmark.config_base import ConfigError
+from ray_landmark.errors import ConfigError
 
 
 def main() -> None:

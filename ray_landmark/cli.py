@@ -13,7 +13,7 @@ import os
 import sys
 
 from ray_landmark.config import Config, load_config
-from ray_landmark.config_base import ConfigError, JobError, user_error
+from ray_landmark.errors import ConfigError, JobError, user_error
 
 
 def job_parser(description: str, default_config: str | None = None, restart: bool = False) -> argparse.ArgumentParser:

@@ -13,8 +13,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ray_landmark.config_base import ConfigError, Section
+from ray_landmark.config_base import Section
 from ray_landmark.data.config import DataConfig, StorageConfig, SyntheticSpec
+from ray_landmark.errors import ConfigError
 from ray_landmark.models.config import LossConfig, ModelConfig
 from ray_landmark.train.config import TrainConfig
 

@@ -1,12 +1,8 @@
 """Base class of every config section, kept apart from ``config.py`` so that each package can define its own section
-without importing the root config (which imports all sections). The errors live in ``errors.py`` (no pydantic there)
-and are imported here too, where every section module already looks for them."""
+without importing the root config (which imports all sections). The errors a config can raise live in ``errors.py``,
+which needs no pydantic."""
 
 from pydantic import BaseModel, ConfigDict
-
-from ray_landmark.errors import ConfigError, JobError, user_error
-
-__all__ = ["ConfigError", "JobError", "Section", "user_error"]
 
 
 class Section(BaseModel):

@@ -18,18 +18,19 @@ import pyarrow.fs as pafs
 import ray
 
 from ray_landmark.config import Config
+from ray_landmark.data.config import DataConfig, SyntheticSpec
 from ray_landmark.data.metadata import open_manifest, prepare_manifests
 from ray_landmark.data.pipeline import BYTES_READ, SKIP_REASONS, eval_stream, train_stream
 from ray_landmark.data.shard_members import dataset_shard_index
 from ray_landmark.data.storage import exists, read_bytes, resolve, write_bytes
+from ray_landmark.data.synthetic import write_synthetic_gldv2
 from ray_landmark.infer.config import EnsembleConfig
 from ray_landmark.infer.ensemble import HEADLINE, metrics_text, run_ensemble
-from ray_landmark.data.config import DataConfig, SyntheticSpec
-from ray_landmark.data.synthetic import write_synthetic_gldv2
 from ray_landmark.local_s3 import LocalS3Server, free_port
 from ray_landmark.progress import ProgressLine
-from ray_landmark.train.checkpoint import latest_checkpoint, run_location, run_logs
-from ray_landmark.train.identity import run_state
+from ray_landmark.runs.checkpoint import latest_checkpoint
+from ray_landmark.runs.folders import output_folder, run_logs
+from ray_landmark.runs.identity import run_state
 from ray_landmark.train.metrics_log import read_metrics
 from ray_landmark.train.trainer import fit, load_training_data
 from ray_landmark.tune.sweep import check_sweep_rerun, run_sweep
@@ -129,7 +130,7 @@ def train(cfg: Config, restart: bool = False) -> dict:
     reused = done >= cfg.train.last_epoch and not breaking
     if reused:
         print(f"[quickstart] {cfg.run.name}: trained earlier with this config ({done} epochs); reused")
-        final = latest_checkpoint(run_location(cfg.run)).folder.path
+        final = latest_checkpoint(output_folder(cfg.run)).folder.path
     else:
         print(f"[quickstart] training {cfg.run.name} ({cfg.model.arch}) with {cfg.train.num_workers} workers; "
               f"checkpoints to {cfg.run.output_dir}")

@@ -11,8 +11,8 @@ import ray
 import ray.data
 from ray.util.debug import log_once
 
-from ray_landmark.config_base import JobError
 from ray_landmark.data.storage import aws_settings
+from ray_landmark.errors import JobError
 from ray_landmark.progress import say
 
 # Set by Ray's job supervisor in a submitted job's driver: the job's own runtime env, as JSON.

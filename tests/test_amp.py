@@ -1,8 +1,8 @@
-"""The one mixed-precision step (train/amp.py) that the loop and the GPU benchmarks share."""
+"""The one mixed-precision step (models/amp.py) that the loop and the GPU benchmarks share."""
 
 import torch
 
-from ray_landmark.train.amp import MixedPrecision, autocast_dtype
+from ray_landmark.models.amp import MixedPrecision, autocast_dtype
 
 
 def test_no_autocast_on_cpu_or_when_off():

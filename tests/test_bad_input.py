@@ -12,7 +12,7 @@ import pytest
 import ray
 
 from ray_landmark.cli import run_job
-from ray_landmark.config_base import ConfigError, JobError, user_error
+from ray_landmark.errors import ConfigError, JobError, user_error
 
 REPO = Path(__file__).resolve().parents[1]
 

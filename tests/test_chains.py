@@ -13,11 +13,11 @@ import ray
 import torch
 
 from ray_landmark.config import load_config
-from ray_landmark.config_base import ConfigError
+from ray_landmark.errors import ConfigError
 from ray_landmark.models.factory import build_model
 from ray_landmark.models.transfer import warm_start
+from ray_landmark.runs.identity import run_state
 from ray_landmark.train.chain import load_chain, pending_steps, run_chain
-from ray_landmark.train.identity import run_state
 from ray_landmark.train.trainer import fit
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""torch.compile in training and embedding (train/torch_compile.py): the same losses, outputs and state-dict keys as
+"""torch.compile in training and embedding (models/torch_compile.py): the same losses, outputs and state-dict keys as
 eager with frozen parameters, resuming across the setting both ways, validation's and the embedding job's padding to
 one shape, and an eager run resumed compiled through the real training loop (DDP over 2 workers, gradient
 accumulation).
@@ -21,9 +21,10 @@ import torch
 from ray_landmark.config import load_config
 from ray_landmark.data.config import StorageConfig
 from ray_landmark.models.factory import build_model
+from ray_landmark.models.torch_compile import compile_for_training, compile_wanted
 from ray_landmark.models.transfer import freeze_except, warm_start
-from ray_landmark.train.checkpoint import Progress, load_model, read_checkpoint_at, run_logs, save_checkpoint
-from ray_landmark.train.torch_compile import compile_for_training, compile_wanted
+from ray_landmark.runs.checkpoint import Progress, load_model, read_checkpoint_at, save_checkpoint
+from ray_landmark.runs.folders import run_logs
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = 8
@@ -145,7 +146,7 @@ def test_an_eager_run_resumes_compiled_with_ddp_and_accumulation_and_writes_the_
 ):
     """The session's eager tiny DOLG run (2 epochs), copied, trains 2 more epochs compiled through the real loop."""
     from ray_landmark.config import config_from_dict, set_dotted
-    from ray_landmark.train.checkpoint import read_checkpoint_config
+    from ray_landmark.runs.checkpoint import read_checkpoint_config
     from ray_landmark.train.metrics_log import read_metrics
     from ray_landmark.train.trainer import fit
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ray_landmark.config import load_config
-from ray_landmark.config_base import ConfigError
+from ray_landmark.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = """

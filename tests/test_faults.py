@@ -21,7 +21,8 @@ from ray_landmark.data.config import DataConfig
 from ray_landmark.data.metadata import open_manifest
 from ray_landmark.data.storage import resolve
 from ray_landmark.infer.embed import read_ids, split_image_ids
-from ray_landmark.train.checkpoint import STATE_FILE, latest_checkpoint, read_checkpoint_config, run_location
+from ray_landmark.runs.checkpoint import STATE_FILE, latest_checkpoint, read_checkpoint_config
+from ray_landmark.runs.folders import output_folder
 from ray_landmark.train.trainer import fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def test_a_checkpoint_the_store_fails_to_write_is_never_taken_and_the_rerun_resu
         with pytest.raises(Exception):
             fit(cfg)
         assert proxy.failed and all(p.endswith(STATE_FILE) for p in proxy.failed)
-        run = run_location(cfg.run)
+        run = output_folder(cfg.run)
         lines = []
         latest = latest_checkpoint(run, printer=lines.append)
         assert latest.progress.epoch == 1  # never the half-written epoch-2 checkpoint

@@ -8,18 +8,18 @@ import pandas as pd
 import pytest
 
 from ray_landmark.config import config_from_dict
-from ray_landmark.config_base import JobError
 from ray_landmark.data import gldv2
 from ray_landmark.data.metadata import open_manifest
 from ray_landmark.data.storage import list_files, resolve
+from ray_landmark.errors import JobError
 from ray_landmark.infer.config import EmbedSettings, EnsembleConfig
-from ray_landmark.infer.embed import EmbeddingError, EmbedRequest, _write_parquet, embed_splits, read_embeddings
+from ray_landmark.infer.embed import EmbeddingError, EmbedRequest, write_embeddings, embed_splits, read_embeddings
 from ray_landmark.infer.ensemble import load_split, run_ensemble
-from ray_landmark.train.checkpoint import CorruptCheckpoint, load_model, read_checkpoint_config
+from ray_landmark.runs.checkpoint import CorruptCheckpoint, load_model, read_checkpoint_config
 
 
 def _ensemble_config(tmp_path, runs, **extra) -> EnsembleConfig:
-    tree = {"name": "test", "output_dir": str(tmp_path / "ensemble"), "report": {"queries": 6, "results": 5},
+    tree = {"name": "ensemble", "output_dir": str(tmp_path), "report": {"queries": 6, "results": 5},
             "models": [{"name": "dolg", "checkpoint": runs["dolg"], "family": "dolg"},
                        {"name": "effnet", "checkpoint": runs["effnet"], "family": "efficientnet"}], **extra}
     return config_from_dict(tree, "test", EnsembleConfig)
@@ -109,11 +109,11 @@ def test_ensemble_scores_every_stage_and_writes_submissions_report_and_summary(t
 def test_embedding_files_with_a_duplicate_id_or_another_dimension_are_errors_naming_the_file(tmp_path):
     folder = resolve(str(tmp_path / "test"))
     unit = np.eye(4, dtype=np.float16)
-    _write_parquet(folder.child("images_000.parquet"), ["a" * 16, "b" * 16], unit[:2])
-    _write_parquet(folder.child("images_001.parquet"), ["c" * 16, "a" * 16], unit[2:])
+    write_embeddings(folder.child("images_000.parquet"), ["a" * 16, "b" * 16], unit[:2])
+    write_embeddings(folder.child("images_001.parquet"), ["c" * 16, "a" * 16], unit[2:])
     with pytest.raises(EmbeddingError, match=r"images_001.parquet: image aaaaaaaaaaaaaaaa is also in .*images_000"):
         read_embeddings(folder)
-    _write_parquet(folder.child("images_001.parquet"), ["c" * 16], np.ones((1, 8), np.float16))
+    write_embeddings(folder.child("images_001.parquet"), ["c" * 16], np.ones((1, 8), np.float16))
     with pytest.raises(EmbeddingError, match=r"images_001.parquet: 8-d embeddings where .* hold 4-d"):
         read_embeddings(folder)
 
@@ -127,13 +127,13 @@ def test_models_whose_ids_differ_are_an_error_and_invalid_rows_are_dropped_for_a
     good = rng.normal(size=(4, 8)).astype(np.float16)
     bad = good.copy()
     bad[1] = 0  # a zero vector
-    _write_parquet(resolve(str(emb / "dolg" / "test" / "images_000.parquet")), ids, good)
-    _write_parquet(resolve(str(emb / "effnet" / "test" / "images_000.parquet")), ids, bad)
+    write_embeddings(resolve(str(emb / "dolg" / "test" / "images_000.parquet")), ids, good)
+    write_embeddings(resolve(str(emb / "effnet" / "test" / "images_000.parquet")), ids, bad)
     split = load_split(cfg, "test")
     assert split.excluded == 1 and list(split.ids) == [ids[0], ids[2], ids[3]]
     assert all(len(e) == 3 for e in split.by_model.values())
 
-    _write_parquet(resolve(str(emb / "effnet" / "test" / "images_000.parquet")), ids[:3], good[:3])
+    write_embeddings(resolve(str(emb / "effnet" / "test" / "images_000.parquet")), ids[:3], good[:3])
     with pytest.raises(EmbeddingError, match=r"embeddings/effnet/test: 1 image ids of split test differ"):
         load_split(cfg, "test")
 
@@ -143,7 +143,7 @@ def test_a_checkpoint_whose_config_does_not_match_its_weights_is_an_error_naming
     import json
     import shutil
 
-    from ray_landmark.train.checkpoint import CONFIG_FILE, META_FILE, checkpoint_folder
+    from ray_landmark.runs.checkpoint import CONFIG_FILE, META_FILE, checkpoint_folder
 
     source = checkpoint_folder(tiny_checkpoints["dolg"])
     copy = tmp_path / "ckpt"
@@ -166,7 +166,7 @@ def _nonlandmark_case(tmp_path, recognition: dict):
     ids = {"test": [f"t{i}" for i in range(6)], "train": [f"g{i}" for i in range(4)]}
     for model in ("dolg", "effnet"):
         for split, split_ids in ids.items():
-            _write_parquet(resolve(str(tmp_path / "ensemble" / "embeddings" / model / split / "images_000.parquet")),
+            write_embeddings(resolve(str(tmp_path / "ensemble" / "embeddings" / model / split / "images_000.parquet")),
                            split_ids, rng.normal(size=(len(split_ids), 8)).astype(np.float16))
     truth = pd.DataFrame({"id": ids["test"], "landmarks": ["1", "1", "", "", "", ""],
                           "usage": ["Public", "Private", "Public", "Private", "Ignored", "Private"]})
@@ -197,7 +197,7 @@ def test_n_is_the_ground_truths_non_landmarks_and_every_bad_n_is_one_line_naming
                                        r"\(e.g. ffffffffffffffff\)"):
         load_nonlandmark(cfg, tables, splits)
     outside = tmp_path / "outside"
-    _write_parquet(resolve(str(outside / "dolg" / "images_000.parquet")), ["x0", "x1"], np.ones((2, 8), np.float16))
+    write_embeddings(resolve(str(outside / "dolg" / "images_000.parquet")), ["x0", "x1"], np.ones((2, 8), np.float16))
     listed.write_text("id\nx0\nx1\n")
     cfg, _ = _nonlandmark_case(tmp_path, {"nonlandmark": {"source": "ids", "ids": str(listed),
                                                           "embeddings": str(outside)}})
@@ -233,9 +233,9 @@ def test_every_ablation_step_is_scored_and_an_n_no_larger_than_k_is_refused(tmp_
 
 
 def test_the_table_leads_with_private_and_pooled_metrics_say_so():
-    from ray_landmark.infer.ensemble import _headline, headline_text, metrics_text
+    from ray_landmark.infer.ensemble import headline_metrics, headline_text, metrics_text
 
-    row = {"what": "final", **_headline({"gap": 0.5, "gap_public": 0.25, "gap_private": 0.75, "map100": 0.5,
+    row = {"what": "final", **headline_metrics({"gap": 0.5, "gap_public": 0.25, "gap_private": 0.75, "map100": 0.5,
                                          "map100_private": 0.125, "top1": 0.5})}
     assert set(row) == {"what", "gap_pooled", "gap_public", "gap_private", "map100_pooled", "map100_private",
                         "top1_pooled"}

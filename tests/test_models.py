@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from ray_landmark.config import config_from_dict, load_config
-from ray_landmark.config_base import ConfigError
+from ray_landmark.errors import ConfigError
 from ray_landmark.models.arcface import ArcFaceLoss, SubCenterArcFaceHead, dynamic_margins
 from ray_landmark.models.config import LossConfig
 from ray_landmark.models.factory import build_model

@@ -1,4 +1,4 @@
-"""The released 2021 checkpoints -> checkpoints of this project (models/released.py, jobs/convert_released.py).
+"""The released 2021 checkpoints -> checkpoints of this project (runs/released.py, jobs/convert_released.py).
 
 The six original state dicts are rebuilt from the names and shapes in tests/data/original-checkpoints.json (read off the
 original model code: docs/method.md §4). A
@@ -26,7 +26,7 @@ from ray_landmark.config import config_from_dict, parse_override, set_dotted
 from ray_landmark.data.config import StorageConfig
 from ray_landmark.data.storage import resolve, write_bytes
 from ray_landmark.models.factory import build_model
-from ray_landmark.models.released import (
+from ray_landmark.runs.released import (
     CHECKPOINT_DIR,
     RELEASED_MODELS,
     REPORT_FILE,
@@ -43,7 +43,7 @@ from ray_landmark.models.released import (
     unwrap_state_dict,
 )
 from ray_landmark.models.transfer import warm_start
-from ray_landmark.train.checkpoint import checkpoint_folder, load_model, read_checkpoint_at
+from ray_landmark.runs.checkpoint import checkpoint_folder, load_model, read_checkpoint_at
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "configs" / "recipes"

@@ -15,11 +15,11 @@ import torch
 from ray_landmark.config import load_config
 from ray_landmark.data.config import StorageConfig
 from ray_landmark.data.storage import resolve
-from ray_landmark.train.checkpoint import (
+from ray_landmark.runs.checkpoint import (
     CONFIG_FILE, META_FILE, STATE_FILE, CorruptCheckpoint, Progress, checkpoint_folder, latest_checkpoint,
     read_checkpoint_at, save_checkpoint,
 )
-from ray_landmark.train.identity import RunConflict, check_rerun, config_differences
+from ray_landmark.runs.identity import RunConflict, check_rerun, config_differences
 from ray_landmark.train.trainer import load_training_data
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Exact chunked kNN (ray_landmark.infer.search): equal to brute force whatever the chunks, and bounded in memory."""
+"""Exact chunked kNN (ray_landmark.eval.search): equal to brute force whatever the chunks, and bounded in memory."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from ray_landmark.infer import search
-from ray_landmark.infer.search import chunk_bytes, chunk_sizes, knn
+from ray_landmark.eval.search import chunk_bytes, chunk_sizes, knn
+from ray_landmark.eval import search
 
 
 def unit(n: int, dim: int, seed: int, dtype=np.float32) -> np.ndarray:

@@ -14,10 +14,10 @@ import requests
 from PIL import Image
 
 from ray_landmark.config import config_from_dict
-from ray_landmark.config_base import JobError
-from ray_landmark.data.metadata import open_manifest
 from ray_landmark.data.config import DataConfig
+from ray_landmark.data.metadata import open_manifest
 from ray_landmark.data.storage import resolve
+from ray_landmark.errors import JobError
 from ray_landmark.infer.config import EnsembleConfig
 from ray_landmark.infer.ensemble import load_split, run_ensemble
 from ray_landmark.infer.report import read_jpegs
@@ -52,7 +52,7 @@ def service(tiny_checkpoints, gldv2_learnable, tmp_path_factory):
     non_landmarks = sorted(truth.loc[truth["landmarks"].fillna("") == "", "id"])
     pd.DataFrame({"id": non_landmarks[::2]}).to_csv(out / "n.csv", index=False)
     cfg = config_from_dict({
-        "name": "served", "output_dir": str(out / "ensemble"), "report": {"queries": 0},
+        "name": "ensemble", "output_dir": str(out), "report": {"queries": 0},
         "models": [{"name": "dolg", "checkpoint": tiny_checkpoints["dolg"], "family": "dolg"},
                    {"name": "effnet", "checkpoint": tiny_checkpoints["effnet"], "family": "efficientnet"}],
         "embed": {"batch_size": 16},

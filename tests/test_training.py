@@ -16,14 +16,8 @@ import ray.train
 
 from ray_landmark.config import load_config
 from ray_landmark.data.metadata import open_manifest
-from ray_landmark.train.checkpoint import (
-    STATE_FILE,
-    Progress,
-    load_latest_good,
-    load_model,
-    run_logs,
-    save_checkpoint,
-)
+from ray_landmark.runs.checkpoint import STATE_FILE, Progress, load_latest_good, load_model, save_checkpoint
+from ray_landmark.runs.folders import run_logs
 from ray_landmark.train.metrics_log import read_metrics
 from ray_landmark.train.trainer import fit
 
@@ -195,7 +189,7 @@ def test_load_latest_good_names_the_damaged_checkpoint(tmp_path, capsys):
 
 
 def test_init_from_a_run_folder_reads_its_newest_checkpoint(tmp_path):
-    from ray_landmark.train.checkpoint import read_checkpoint_at
+    from ray_landmark.runs.checkpoint import read_checkpoint_at
 
     run = tmp_path / "dolg_efficientnet_b7_step1"
     for step in (5, 10):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ray_landmark.config import load_config
-from ray_landmark.config_base import ConfigError
+from ray_landmark.errors import ConfigError
 from ray_landmark.models.factory import build_model
 from ray_landmark.train.trainer import load_training_data
 from ray_landmark.tune.config import load_sweep
@@ -125,14 +125,15 @@ def test_the_table_records_finished_stopped_and_failed_trials_best_first(tmp_pat
 def test_a_sweep_rerun_with_other_values_is_refused_and_a_resumable_change_is_named(tmp_path):
     import json
 
-    from ray_landmark.train.identity import RunConflict
-    from ray_landmark.tune.sweep import IDENTITY_FILE, _identity, check_sweep_rerun, sweep_location
+    from ray_landmark.runs.folders import output_folder
+    from ray_landmark.runs.identity import RunConflict
+    from ray_landmark.tune.sweep import IDENTITY_FILE, sweep_identity, check_sweep_rerun
 
     sweep, base = load_sweep(_sweep_file(tmp_path, "  train.lr: {grid: [0.1, 0.2]}"))
     check_sweep_rerun(sweep, base)  # a new sweep: nothing to compare
-    folder = Path(sweep_location(sweep).path)
+    folder = Path(output_folder(sweep).path)
     folder.mkdir(parents=True)
-    (folder / IDENTITY_FILE).write_text(json.dumps(_identity(sweep, base)))
+    (folder / IDENTITY_FILE).write_text(json.dumps(sweep_identity(sweep, base)))
     lines = []
     check_sweep_rerun(sweep, base, printer=lines.append)
     assert lines == []

@@ -15,9 +15,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from ray_landmark.config_base import ConfigError
 from ray_landmark.data.config import DataConfig, StorageConfig
 from ray_landmark.data.metadata import open_manifest
+from ray_landmark.errors import ConfigError
 from ray_landmark.data.pipeline import (
     SKIP_REASONS, decodes_in_worker, eval_stream, images_on_device, stream_shards, train_batches, train_stream,
 )
@@ -292,7 +292,7 @@ def test_embedding_decodes_in_the_model_actors(ray_session, tiny_checkpoints, tm
     from ray_landmark.data.storage import resolve
     from ray_landmark.infer.config import EmbedSettings
     from ray_landmark.infer.embed import EmbedRequest, embed_splits, read_embeddings
-    from ray_landmark.train.checkpoint import load_model, read_checkpoint_config
+    from ray_landmark.runs.checkpoint import load_model, read_checkpoint_config
 
     checkpoint = tiny_checkpoints["dolg"]
     data = config_from_dict(read_checkpoint_config(checkpoint), "checkpoint").data

@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ray_landmark.config import load_config  # noqa: E402
+from ray_landmark.runs.checkpoint import latest_checkpoint  # noqa: E402
+from ray_landmark.runs.folders import output_folder  # noqa: E402
 from ray_landmark.runtime import init_ray  # noqa: E402
-from ray_landmark.train.checkpoint import latest_checkpoint, run_location  # noqa: E402
 from ray_landmark.train.trainer import fit  # noqa: E402
 
 NODE_CPUS = 4
@@ -97,7 +98,7 @@ def run(cluster: Cluster, data_root: str, out: str) -> None:
     trainer.join()
     if "error" in outcome:
         raise outcome["error"]
-    latest = latest_checkpoint(run_location(cfg.run))
+    latest = latest_checkpoint(output_folder(cfg.run))
     print(json.dumps({"nodes_before": nodes_before, "second_node": second.node_id, "killed": killed,
                       "epoch": latest.progress.epoch, "step": latest.progress.step,
                       "steps_per_epoch": latest.progress.steps_per_epoch}))

@@ -27,11 +27,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ray_landmark.config_base import JobError
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig, LabelView
 from ray_landmark.data.shard_members import image_ids
 from ray_landmark.data.storage import Location, StorageError, exists, read_bytes, resolve, write_bytes
+from ray_landmark.errors import JobError
 
 log = logging.getLogger(__name__)
 

@@ -41,9 +41,9 @@ import ray.data
 import torch
 from ray.data.datasource import FileBasedDatasource
 
-from ray_landmark.config_base import ConfigError, JobError
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig
+from ray_landmark.errors import ConfigError, JobError
 from ray_landmark.data.metadata import (
     NOT_IN_VIEW, UNKNOWN_ID, LabelLookup, Manifest, complete_manifest, open_manifest,
 )

@@ -27,9 +27,9 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ray_landmark.config_base import JobError
 from ray_landmark.data.config import StorageConfig, SyntheticSpec
 from ray_landmark.data.storage import Location, StorageError, list_files, read_bytes, resolve, write_bytes
+from ray_landmark.errors import JobError
 
 DATASETS = ("roxford5k", "rparis6k")
 GROUND_TRUTH_KEYS = ("imlist", "qimlist", "gnd")

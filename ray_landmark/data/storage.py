@@ -15,8 +15,8 @@ from typing import Callable, TypeVar
 
 import pyarrow.fs as pafs
 
-from ray_landmark.config_base import JobError
 from ray_landmark.data.config import StorageConfig
+from ray_landmark.errors import JobError
 
 T = TypeVar("T")
 

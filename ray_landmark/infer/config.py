@@ -34,7 +34,7 @@ class EmbedSettings(Section):
     # fusing decoding into the model actor (it fuses stages with equal resources), which ran 3.4x slower.
     cpus_per_actor: float = Field(2.0, gt=0)
     shards_per_pass: int = Field(32, ge=1)  # shards embedded by one Ray Data pipeline (bounds what the driver holds)
-    # torch.compile of the encoder, the setting as train.compile (train/torch_compile.py): auto = on where the actor
+    # torch.compile of the encoder, the setting as train.compile (models/torch_compile.py): auto = on where the actor
     # has a GPU; a compiled model gets every batch padded to batch_size, so it compiles once.
     compile: Literal["auto"] | bool = "auto"
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
@@ -100,7 +100,7 @@ class ReportSettings(Section):
 
 class EnsembleConfig(Section):
     name: str
-    # Embeddings (<output_dir>/embeddings/<model>/<split>/), predictions, submissions, report.html, summary.json.
+    # <output_dir>/<name>/ holds the embeddings (embeddings/<model>/<split>/), submissions, report.html, summary.json.
     output_dir: str
     storage: StorageConfig = StorageConfig()  # how to reach output_dir and the checkpoints
     # Where GLDv2 lives; default: the first model's checkpoint config. The image size is each model's own.

@@ -31,10 +31,10 @@ import ray.data
 import torch
 
 from ray_landmark.config import config_from_dict
-from ray_landmark.config_base import JobError
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig, LabelView, StorageConfig
 from ray_landmark.data.metadata import Manifest, open_manifest
+from ray_landmark.errors import JobError
 from ray_landmark.data.pipeline import (
     READ, SKIP_REASONS, decodes_in_worker, eval_stream, images_on_device, report_counts, shard_paths,
 )
@@ -42,10 +42,10 @@ from ray_landmark.data.storage import Location, exists, list_files, read_bytes, 
 from ray_landmark.data.transforms import normalize_on_device
 from ray_landmark.data.worker_decode import WorkerDecoder
 from ray_landmark.infer.config import EmbedSettings
+from ray_landmark.models.amp import MixedPrecision
+from ray_landmark.models.torch_compile import compile_for_embedding, compile_wanted, pad_batch
 from ray_landmark.progress import Printer, ProgressLine, say
-from ray_landmark.train.amp import MixedPrecision
-from ray_landmark.train.checkpoint import checkpoint_folder, load_model, read_checkpoint_config
-from ray_landmark.train.torch_compile import compile_for_embedding, compile_wanted, pad_batch
+from ray_landmark.runs.checkpoint import checkpoint_folder, load_model, read_checkpoint_config
 
 INFO_FILE = "_embedding.json"
 
@@ -126,7 +126,7 @@ def _shard_file(folder: Location, shard: str) -> Location:
     return folder.child(shard.removesuffix(".tar") + ".parquet")
 
 
-def _write_parquet(loc: Location, ids: list[str], embeddings: np.ndarray) -> None:
+def write_embeddings(loc: Location, ids: list[str], embeddings: np.ndarray) -> None:
     """One shard's rows, written in one piece (``write_bytes``): a file that exists is complete."""
     flat = pa.array(embeddings.reshape(-1), pa.float16())
     table = pa.table({"id": pa.array(ids, pa.string()),
@@ -288,7 +288,7 @@ def _embed_pass(request: EmbedRequest, data: DataConfig, selections: dict, out: 
                                  f"rows were lost in the pipeline, rerun to embed those shards again")
     dim = next((len(e[0]) for _, e in rows.values() if e), 1)
     for (split, shard), (ids, embeddings) in rows.items():
-        _write_parquet(_shard_file(out.child(split), shard), ids,
+        write_embeddings(_shard_file(out.child(split), shard), ids,
                        np.stack(embeddings) if embeddings else np.zeros((0, dim), np.float16))
     return counts
 

@@ -22,20 +22,21 @@ import ray
 import torch
 
 from ray_landmark.config import config_from_dict
-from ray_landmark.config_base import JobError
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig
 from ray_landmark.data.metadata import open_manifest
 from ray_landmark.data.storage import Location, StorageError, read_bytes, resolve, write_bytes
+from ray_landmark.errors import JobError
 from ray_landmark.eval.metrics import recognition_metrics, retrieval_metrics
+from ray_landmark.eval.search import knn
 from ray_landmark.infer import postprocess as pp
 from ray_landmark.infer.config import EnsembleConfig, EnsembleModel
 from ray_landmark.infer.embed import EmbeddingError, EmbedRequest, embed_splits, read_embeddings
 from ray_landmark.infer.report import GalleryEntry, RetrievedImage, read_jpegs, write_report
-from ray_landmark.infer.search import knn
 from ray_landmark.infer.submission import recognition_submission, retrieval_submission
 from ray_landmark.progress import Printer, say
-from ray_landmark.train.checkpoint import read_checkpoint_config
+from ray_landmark.runs.checkpoint import read_checkpoint_config
+from ray_landmark.runs.folders import output_folder
 
 # gldv2.SPLITS in the order they are embedded and checked: the small test split first, so that its embeddings, and any
 # problem in the pipeline, come in minutes, not after the train split's hours.
@@ -51,7 +52,7 @@ def data_config(cfg: EnsembleConfig) -> DataConfig:
 
 
 def embeddings_folder(cfg: EnsembleConfig, model: EnsembleModel) -> Location:
-    return resolve(cfg.output_dir, cfg.storage).child("embeddings", model.name)
+    return output_folder(cfg).child("embeddings", model.name)
 
 
 def embed_models(cfg: EnsembleConfig, data: DataConfig, printer: Printer = say) -> dict[str, dict]:
@@ -328,7 +329,7 @@ def retrieve_with_reranking(cfg: EnsembleConfig, splits: dict[str, SplitEmbeddin
     return pp.retrieve(models(), gallery_labels, cfg.retrieval, rerank=rerank, device=device)
 
 
-def _use_cpus(cpus: int) -> None:
+def use_cpus(cpus: int) -> None:
     """Ray sets one thread for a 1-CPU task: let torch and faiss use the CPUs the task holds."""
     torch.set_num_threads(cpus)
     try:
@@ -345,7 +346,7 @@ def score(cfg: EnsembleConfig, data: DataConfig) -> dict:
     needs. Each stage's embeddings are built when its metrics are computed and dropped after, so memory holds the
     models' float16 rows and one stage."""
     device = _device()
-    _use_cpus(max(1, int(cfg.score_cpus)))
+    use_cpus(max(1, int(cfg.score_cpus)))
     tables = Tables.read(data, cfg.gallery_view)
     splits = {s: load_split(cfg, s) for s in gldv2.SPLITS}
     test_ids, index_ids, train_ids = splits["test"].ids, splits["index"].ids, splits["train"].ids
@@ -358,11 +359,11 @@ def score(cfg: EnsembleConfig, data: DataConfig) -> dict:
     splits["nonlandmark"], groups = load_nonlandmark(cfg, tables, splits)
 
     def recognition_row(landmarks, confidence) -> dict:
-        return _headline(recognition_metrics(_recognition_predictions(test_ids, landmarks, confidence),
+        return headline_metrics(recognition_metrics(_recognition_predictions(test_ids, landmarks, confidence),
                                              tables.recognition))
 
     def retrieval_row(indices) -> dict:
-        return _headline(retrieval_metrics(dict(zip(test_ids, pp.ranked_ids(indices, index_ids))), tables.retrieval))
+        return headline_metrics(retrieval_metrics(dict(zip(test_ids, pp.ranked_ids(indices, index_ids))), tables.retrieval))
 
     compared = stages(cfg)
     ensemble_recognition = next(s for s in compared if s.kind == "ensemble" and "recognition" in s.tasks)
@@ -397,7 +398,7 @@ def score(cfg: EnsembleConfig, data: DataConfig) -> dict:
     rows.append({"what": "ensemble with post-processing", "kind": "final", **recognition_row(landmarks, confidence),
                  **retrieval_row(fused)})
 
-    out = resolve(cfg.output_dir, cfg.storage)
+    out = output_folder(cfg)
     recognition_submission(tables.test_ids, recognized, out.child("submission_recognition.csv"))
     retrieval_submission(tables.test_ids, retrieved, out.child("submission_retrieval.csv"))
     notes = [f"non-landmark set for {g.description}" for g in groups]
@@ -421,7 +422,7 @@ def score(cfg: EnsembleConfig, data: DataConfig) -> dict:
             "retrieved": {q: r[:cfg.report.results] for q, r in retrieved.items()}}
 
 
-def _headline(metrics: dict[str, float]) -> dict[str, float]:
+def headline_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """The metrics with the usages pooled renamed ``*_pooled``: the plain names would read as the score."""
     return {(f"{k}_pooled" if k in POOLED else k): v for k, v in metrics.items()}
 
@@ -478,13 +479,13 @@ def _gallery(cfg: EnsembleConfig, data: DataConfig, scored: dict) -> list[Galler
 
 
 def run_ensemble(cfg: EnsembleConfig, printer: Printer = say) -> dict:
-    """Embed, score, write the submissions, ``report.html`` and ``summary.json`` under ``cfg.output_dir``."""
+    """Embed, score, write the submissions, ``report.html`` and ``summary.json`` under ``<output_dir>/<name>``."""
     data = data_config(cfg)
     embedded = embed_models(cfg, data, printer)
     printer(f"[ensemble] scoring {len(cfg.models)} models" + (" on a GPU" if cfg.score_gpus else ""))
     task = ray.remote(score).options(num_gpus=cfg.score_gpus, num_cpus=cfg.score_cpus, max_retries=0)
     scored = ray.get(task.remote(cfg, data))
-    out = resolve(cfg.output_dir, cfg.storage)
+    out = output_folder(cfg)
     report = out.child("report.html")
     metric_rows = [{"what": r["what"], **{c: r.get(c) for c in TABLE_COLUMNS}} for r in scored["rows"]]
     final = scored["rows"][-1]

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ray_landmark.config_base import JobError
 from ray_landmark.data.config import DataConfig, StorageConfig
 from ray_landmark.data.metadata import open_manifest
 from ray_landmark.data.storage import resolve, write_bytes
 from ray_landmark.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_resized, normalize_on_device
+from ray_landmark.errors import JobError
 from ray_landmark.infer.report import read_jpegs
-from ray_landmark.train.checkpoint import checkpoint_folder, load_model
+from ray_landmark.runs.checkpoint import checkpoint_folder, load_model
 
 OPSET = 18  # onnxruntime 1.17+ and TensorRT 10 read it
 INPUT = "images"

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ray_landmark.infer.search import knn
+from ray_landmark.eval.search import knn
 
 if TYPE_CHECKING:  # only their fields are read: no pydantic needed where the settings come from elsewhere
     from ray_landmark.infer.config import RecognitionSettings, RetrievalSettings

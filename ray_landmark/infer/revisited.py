@@ -3,7 +3,7 @@
     parts (queries cropped to their boxes, database slices, distractor tars) --read (CPU tasks)--> id, JPEG, box
     --decode, crop, long side (CPU tasks)--> uint8 images of any shape --MultiScaleEmbedder actors (the model,
     GPU when they have one)--> id, float16 unit embedding --> <out>/embeddings/<model>/<dataset or distractors>/
-    --> kNN (infer/search.py) of the queries over database + distractors --> eval/revisited.py: mAP and mP@1,5,10 for
+    --> kNN (eval/search.py) of the queries over database + distractors --> eval/revisited.py: mAP and mP@1,5,10 for
     Easy, Medium and Hard --> <out>/<dataset>[+r1m]/results.json and report.html
 
 A descriptor is the average of the image's unit embeddings at each scale (default 1/√2, 1, √2 of the long side),
@@ -29,20 +29,20 @@ import torch
 import torch.nn.functional as F
 
 from ray_landmark.config import config_from_dict
-from ray_landmark.config_base import JobError
 from ray_landmark.data import revisited as rd
 from ray_landmark.data.config import StorageConfig
 from ray_landmark.data.storage import Location, exists, read_bytes, resolve, write_bytes
 from ray_landmark.data.transforms import CorruptImage, decode_pil, normalize_on_device
+from ray_landmark.errors import JobError
 from ray_landmark.eval.revisited import KAPPAS, PROTOCOLS, evaluate
+from ray_landmark.eval.search import knn
 from ray_landmark.infer.config import EmbedSettings, EnsembleConfig
-from ray_landmark.infer.embed import EmbeddingError, Embedder, _write_parquet, read_embeddings
+from ray_landmark.infer.embed import EmbeddingError, Embedder, write_embeddings, read_embeddings
 from ray_landmark.infer.postprocess import combine_families
 from ray_landmark.infer.report import thumbnail_uri
-from ray_landmark.infer.search import knn
+from ray_landmark.models.amp import MixedPrecision
 from ray_landmark.progress import Printer, ProgressLine, say
-from ray_landmark.train.amp import MixedPrecision
-from ray_landmark.train.checkpoint import checkpoint_folder, read_checkpoint_config
+from ray_landmark.runs.checkpoint import checkpoint_folder, read_checkpoint_config
 
 DEFAULT_SCALES = (1 / math.sqrt(2), 1.0, math.sqrt(2))
 INFO_FILE = "_revisited.json"
@@ -298,7 +298,7 @@ def _embed_pass(settings: Settings, request: RevisitedRequest, group: list[tuple
         # The counts first, then the embeddings: an existing parquet file marks a complete part.
         write_bytes(folder.child(part.name + ".json"), json.dumps(
             {k: v for k, v in rows.items() if k != "embeddings"} | {"ids": len(rows["ids"])}).encode())
-        _write_parquet(folder.child(part.name + ".parquet"), rows["ids"],
+        write_embeddings(folder.child(part.name + ".parquet"), rows["ids"],
                        np.stack(rows["embeddings"]) if rows["embeddings"] else np.zeros((0, dim), np.float16))
 
 

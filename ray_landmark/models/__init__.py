@@ -6,8 +6,9 @@ layers.py      GeM, necks, multi-atrous, spatial attention, orthogonal fusion
 efficientnet.py, dolg.py, hybrid_swin.py   the three model families, plain keyword arguments as timm's models
 arcface.py     sub-center ArcFace head, dynamic margins, ArcFace loss
 transfer.py    freeze_except / warm_start between recipe steps
-released.py    the released 2021 checkpoints -> checkpoints of this project
+amp.py         mixed precision and the scaled optimizer step (training, validation, embedding, benchmarks)
+torch_compile.py   torch.compile in place, one way for training and embedding
 
-Nothing is imported here, so that loading a config does not import torch. Everything but config.py and released.py
+Nothing is imported here, so that loading a config does not import torch. Everything but config.py
 needs torch and timm alone (no pydantic, no Ray), as on the GPU machines the benchmarks run on.
 """

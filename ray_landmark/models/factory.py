@@ -1,7 +1,7 @@
 """Build a landmark model from the ``model`` and ``loss`` config sections: the one place where config becomes the
 model classes' keyword arguments (the classes take plain arguments, as timm's do, and need torch and timm alone).
 
-Interface (what the training loop and ``train/checkpoint.py``'s loader, hence embedding, export and serving, use):
+Interface (what the training loop and ``runs/checkpoint.py``'s loader, hence embedding, export and serving, use):
 
 * ``model = build_model(cfg.model, cfg.loss, num_classes, cfg.data.image_size, class_counts)``. The sections may also
   be plain dicts with the same keys, e.g. a config file's ``model`` and ``loss`` read with PyYAML where pydantic is not

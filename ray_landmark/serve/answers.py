@@ -1,5 +1,5 @@
 """What the service answers, from an ensemble run's embeddings: the glue between query embeddings and the batch
-ensemble's post-processing (``infer/postprocess.py``) and search (``infer/search.knn``).
+ensemble's post-processing (``infer/postprocess.py``) and search (``eval/search.knn``).
 
 ``load_served_index`` reads what an ensemble run wrote (every model's train, index and test embeddings, aligned by
 ``infer.ensemble.load_split``), the gallery's labels from the manifest, and precomputes what does not depend on the
@@ -25,11 +25,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ray_landmark.config_base import JobError
 from ray_landmark.data import gldv2
+from ray_landmark.errors import JobError
 from ray_landmark.infer import postprocess as pp
 from ray_landmark.infer.config import EnsembleConfig, EnsembleModel
 from ray_landmark.infer.ensemble import Stage, Tables, data_config, load_nonlandmark, load_split, own_rows
+from ray_landmark.runs.folders import output_folder
 
 
 @dataclass
@@ -71,7 +72,7 @@ def load_served_index(cfg: EnsembleConfig, device: str) -> ServedIndex:
     train_ids = splits["train"].ids
     known = pd.Index(train_ids).isin(tables.gallery_landmarks.index)
     if not known.all():
-        raise JobError(f"{cfg.output_dir}: the train embeddings hold images outside the {cfg.gallery_view} view "
+        raise JobError(f"{output_folder(cfg).uri}: the train embeddings hold images outside the {cfg.gallery_view} view "
                        f"(e.g. {train_ids[~known][0]}); rerun the ensemble")
     gallery_labels = tables.gallery_landmarks.loc[list(train_ids)].to_numpy(np.int64)
     rc, rt = cfg.recognition, cfg.retrieval
@@ -83,7 +84,7 @@ def load_served_index(cfg: EnsembleConfig, device: str) -> ServedIndex:
     splits["nonlandmark"], groups = load_nonlandmark(cfg, tables, splits)
     members = np.unique(np.concatenate([g.members for g in groups]))
     if not len(members):
-        raise JobError(f"{cfg.output_dir}: the non-landmark set N has no embedded image")
+        raise JobError(f"{output_folder(cfg).uri}: the non-landmark set N has no embedded image")
     source = groups[0].description.split(": ", 1)[1] if len(groups) == 1 else (
         "every Public and Private non-landmark test image (cross_usage: a query's usage is unknown online)")
     gallery = _on_device(stage.embeddings(splits, "train"), device)

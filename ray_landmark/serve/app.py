@@ -38,19 +38,19 @@ from ray import serve
 from ray.serve import Application
 
 from ray_landmark.config import Config, config_from_dict, load_config
-from ray_landmark.config_base import JobError
 from ray_landmark.data.pipeline import decodes_in_worker
 from ray_landmark.data.storage import exists, read_bytes
 from ray_landmark.data.transforms import CorruptImage, decode_resized
 from ray_landmark.data.worker_decode import WorkerDecoder
+from ray_landmark.errors import JobError
 from ray_landmark.infer.config import EnsembleConfig
-from ray_landmark.infer.embed import INFO_FILE, Embedder, _write_parquet
-from ray_landmark.infer.ensemble import EMBED_ORDER, _use_cpus, data_config, embeddings_folder
+from ray_landmark.infer.embed import INFO_FILE, Embedder, write_embeddings
+from ray_landmark.infer.ensemble import EMBED_ORDER, use_cpus, data_config, embeddings_folder
 from ray_landmark.serve.answers import (
     answer_recognition, answer_retrieval, load_served_index, with_added_index_images,
 )
+from ray_landmark.runs.checkpoint import checkpoint_folder, read_checkpoint_config
 from ray_landmark.serve.config import ServeSettings
-from ray_landmark.train.checkpoint import checkpoint_folder, read_checkpoint_config
 
 IMAGE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 api = FastAPI(title="ray_landmark", docs_url=None, redoc_url=None)
@@ -112,7 +112,7 @@ class LandmarkService:
     def __init__(self, settings: ServeSettings, ensemble: EnsembleConfig):
         self.settings, self.cfg = settings, ensemble
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        _use_cpus(max(1, int(settings.replicas.num_cpus)))  # torch and faiss threads: what the replica holds
+        use_cpus(max(1, int(settings.replicas.num_cpus)))  # torch and faiss threads: what the replica holds
         data = data_config(ensemble)
         worker_decode = decodes_in_worker(data, self.device.type == "cuda", "a GPU replica")
         self.models = {}
@@ -241,7 +241,7 @@ class LandmarkService:
                 return JSONResponse({"error": " ".join(str(err).split())}, status_code=err.status)
             name = f"added-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}.parquet"
             for model in self.cfg.models:  # every model: the ensemble aligns the models' rows by id
-                await asyncio.to_thread(_write_parquet, embeddings_folder(self.cfg, model).child("index", name),
+                await asyncio.to_thread(write_embeddings, embeddings_folder(self.cfg, model).child("index", name),
                                         ids, queries[model.name])
             self.served = await asyncio.to_thread(with_added_index_images, self.served, ids, queries)
         return JSONResponse({"added": ids, "index_images": len(self.served.index_ids), "file": name})

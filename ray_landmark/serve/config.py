@@ -10,7 +10,8 @@ import yaml
 from pydantic import Field
 
 from ray_landmark.config import config_from_dict, parse_override, set_dotted
-from ray_landmark.config_base import ConfigError, Section
+from ray_landmark.config_base import Section
+from ray_landmark.errors import ConfigError
 
 
 class ReplicaSettings(Section):
@@ -36,12 +37,12 @@ class LimitSettings(Section):
 
 
 class ServeSettings(Section):
-    # The ensemble config whose models and embeddings (<output_dir>/embeddings/) the service answers with.
+    # The ensemble config whose models and embeddings (<output_dir>/<name>/embeddings/) the service answers with.
     ensemble: str
     # KEY=VALUE overrides of that config, as jobs' --set (e.g. storage.endpoint_url=..., output_dir=...).
     ensemble_overrides: list[str] = []
     # POST /index/add: embed new images into the retrieval index, persisted beside the ensemble's index embeddings.
-    # Off unless asked for: it writes to the ensemble's output_dir on behalf of whoever can reach the service.
+    # Off unless asked for: it writes to the ensemble's folder on behalf of whoever can reach the service.
     allow_index_add: bool = False
     replicas: ReplicaSettings = ReplicaSettings()
     limits: LimitSettings = LimitSettings()

@@ -3,7 +3,7 @@
 Each step is an ordinary training config (a recipe). From the second step on, ``train.init_from`` is the previous
 step's run folder, so each step warm-starts from the last checkpoint of the one before, dropping the tensors its
 ``train.drop_keys`` names and training only its ``train.trainable`` ones. A step whose run already holds its last
-epoch, trained with the step's config (``train.identity``), is skipped; a half-done one resumes from its latest
+epoch, trained with the step's config (``runs.identity``), is skipped; a half-done one resumes from its latest
 checkpoint (Ray Train's ordinary resume), so rerunning the same command continues the chain wherever it stopped. A
 step whose run was trained with another config is not finished: training it refuses in one line, or with
 ``--restart`` moves the old run aside and trains the step afresh.
@@ -16,10 +16,11 @@ from pathlib import Path
 from pydantic import Field
 
 from ray_landmark.config import Config, load_config
-from ray_landmark.config_base import ConfigError, Section
+from ray_landmark.config_base import Section
+from ray_landmark.errors import ConfigError
 from ray_landmark.progress import Printer, say
-from ray_landmark.train.checkpoint import run_location
-from ray_landmark.train.identity import run_state
+from ray_landmark.runs.folders import output_folder
+from ray_landmark.runs.identity import run_state
 
 
 class ChainStep(Section):
@@ -44,14 +45,14 @@ def load_chain(path: str | Path, overrides: list[str] = ()) -> tuple[ChainConfig
         source = f"{path} step {number}"
         step_overrides = [*step.overrides, *overrides]
         if steps:  # warm-start from the previous step's run (its latest checkpoint)
-            step_overrides.append(f"train.init_from={run_location(steps[-1].run).uri}")
+            step_overrides.append(f"train.init_from={output_folder(steps[-1].run).uri}")
         try:
             cfg = load_config(step_path, step_overrides)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
         if cfg.model is None or cfg.train is None:
             raise ConfigError(f"{source}: {step.config} has no model or train section")
-        if any(run_location(cfg.run).uri == run_location(earlier.run).uri for earlier in steps):
+        if any(output_folder(cfg.run).uri == output_folder(earlier.run).uri for earlier in steps):
             raise ConfigError(f"{source}: run.name '{cfg.run.name}' is used by an earlier step; each step needs its "
                               f"own run folder")
         steps.append(cfg)
@@ -82,6 +83,6 @@ def run_chain(chain: ChainConfig, steps: list[Config], fit_step, printer: Printe
                   else "from ImageNet weights" if cfg.model.pretrained else "from random weights")
         printer(f"{label}: {state}; {cfg.data.view}, {cfg.data.image_size} px, {last} epochs, {source}")
         fit_step(cfg)
-    final = run_location(steps[-1].run).uri
+    final = output_folder(steps[-1].run).uri
     printer(f"[chain] {chain.name} finished: its model is {final}")
     return final

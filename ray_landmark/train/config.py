@@ -30,7 +30,7 @@ class TrainConfig(Section):
     seed: int = 0
     amp: bool = True
     channels_last: bool = True
-    # torch.compile of the model (train/torch_compile.py): auto = on when the worker has a GPU. compile_backend
+    # torch.compile of the model (models/torch_compile.py): auto = on when the worker has a GPU. compile_backend
     # aot_eager traces the same graphs without generating code (CPU tests, telling inductor problems apart).
     compile: Literal["auto"] | bool = "auto"
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"

@@ -3,10 +3,10 @@ eval phase and ``ray.train.report``; DDP through ``prepare_model``.
 
 Per step: uint8 images from the data shard -> normalised on the device -> model under autocast -> ArcFace loss in fp32
 -> (scaled) backward -> every ``grad_accum`` micro-batches an optimizer step and a per-step cosine/warm-up lr
-(``train/amp.py``). Per epoch (and every ``checkpoint_every_steps`` steps): validation, metrics and a checkpoint through
+(``models/amp.py``). Per epoch (and every ``checkpoint_every_steps`` steps): validation, metrics and a checkpoint through
 ``ray.train.report``, which every rank calls, so all ranks move in lockstep.
 
-With ``train.compile`` the model is compiled before the DDP wrapper (``train/torch_compile.py``); the first training
+With ``train.compile`` the model is compiled before the DDP wrapper (``models/torch_compile.py``); the first training
 step and the first validation each compile a graph, and the progress output says so.
 
 Resuming (``restore``): the latest good checkpoint gives the finished epochs and the optimizer steps already taken in
@@ -30,14 +30,15 @@ import torch
 from ray_landmark.config import Config
 from ray_landmark.data.pipeline import BYTES_READ, READ, SKIP_REASONS, counts_since, train_batches
 from ray_landmark.data.transforms import normalize_on_device
+from ray_landmark.models.amp import MixedPrecision
 from ray_landmark.models.factory import build_model
+from ray_landmark.models.torch_compile import compile_for_training, compile_wanted
 from ray_landmark.models.transfer import freeze_except, warm_start
 from ray_landmark.progress import Printer, ProgressLine, relay_printer
-from ray_landmark.train.amp import MixedPrecision
-from ray_landmark.train.checkpoint import Progress, load_latest_good, read_checkpoint_at, run_logs, save_checkpoint
+from ray_landmark.runs.checkpoint import Progress, load_latest_good, read_checkpoint_at, save_checkpoint
+from ray_landmark.runs.folders import run_logs
 from ray_landmark.train.metrics_log import MetricsLog
 from ray_landmark.train.optim import build_optimizer, build_scheduler, resume_schedule
-from ray_landmark.train.torch_compile import compile_for_training, compile_wanted
 from ray_landmark.train.validate import validate
 
 
@@ -175,7 +176,7 @@ def restore(worker: Worker) -> Training:
     freeze_except(model, tc.trainable)
     raw_model = model.to(device=worker.device, memory_format=worker.memory_format)
     compiled = compile_wanted(tc.compile, worker.device)
-    if compiled:  # before the DDP wrapper: see train/torch_compile.py
+    if compiled:  # before the DDP wrapper: see models/torch_compile.py
         compile_for_training(raw_model, tc.compile_backend)
     model = ray.train.torch.prepare_model(raw_model)
     params = [p for p in model.parameters() if p.requires_grad]

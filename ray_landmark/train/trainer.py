@@ -14,13 +14,14 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from ray_landmark.config import Config
-from ray_landmark.config_base import ConfigError
 from ray_landmark.data.metadata import LabelLookup, open_manifest
 from ray_landmark.data.pipeline import decodes_in_worker, eval_stream, train_stream
 from ray_landmark.data.storage import exists, resolve
+from ray_landmark.errors import ConfigError
 from ray_landmark.progress import ConsoleRelay, interactive, on_this_node, run_printing_relay, say
-from ray_landmark.train.checkpoint import latest_checkpoint, run_location
-from ray_landmark.train.identity import check_rerun
+from ray_landmark.runs.checkpoint import latest_checkpoint
+from ray_landmark.runs.folders import output_folder, output_parent
+from ray_landmark.runs.identity import check_rerun
 from ray_landmark.train.loop import WorkerInputs, train_loop_per_worker
 
 
@@ -40,11 +41,11 @@ class TrainingData:
 
 def load_training_data(cfg: Config, restart: bool = False) -> TrainingData:
     """What the workers need from the manifests; read before Ray starts, so that a wrong data.root, a missing
-    train.init_from or a run folder trained with another config (``train.identity``) fails at once. ``restart``
+    train.init_from or a run folder trained with another config (``runs.identity``) fails at once. ``restart``
     moves such a run folder aside instead."""
     if cfg.model is None or cfg.train is None:
         raise ConfigError(f"run {cfg.run.name}: training needs the 'model' and 'train' sections")
-    run = run_location(cfg.run)
+    run = output_folder(cfg.run)
     latest = latest_checkpoint(run)
     check_rerun(run, latest.config if latest else None, cfg.model_dump(mode="json"), restart=restart)
     if cfg.train.init_from and not exists(resolve(cfg.train.init_from, cfg.run.storage)):
@@ -94,7 +95,7 @@ def fit(
         return run_printing_relay(trainer.fit, console)
     except KeyboardInterrupt:
         say(f"\n[train] interrupted; rerun the same command to resume from the last checkpoint in "
-            f"{run_location(cfg.run).uri}")
+            f"{output_folder(cfg.run).uri}")
         raise SystemExit(130) from None
 
 
@@ -112,7 +113,7 @@ def build_trainer(
     evaluation = eval_stream(cfg.data, "test", data.test_selection, worker_decode=worker_decode).dataset.union(
         eval_stream(cfg.data, "index", data.index_selection, worker_decode=worker_decode).dataset
     )
-    storage = resolve(cfg.run.output_dir, cfg.run.storage)
+    storage = output_parent(cfg.run)
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
     inputs = WorkerInputs(
         config=cfg, class_counts=data.class_counts, landmark_ids=data.landmark_ids, train_images=data.train_images,

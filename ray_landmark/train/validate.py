@@ -5,7 +5,7 @@ their shards in lockstep); the parts are gathered on rank 0, and rank 0 scores:
 
 * ``val_gap``: GAP of the classifier head (arg-max sub-center ArcFace cosine as landmark and confidence) on the
   recognition ground truth, non-landmark test images included;
-* ``val_map100``: mAP@100 of exact inner-product kNN (``infer.search.knn``, on the worker's device, in bounded
+* ``val_map100``: mAP@100 of exact inner-product kNN (``eval.search.knn``, on the worker's device, in bounded
   memory) from the test queries to the index images, distractors included.
 
 The eval dataset is split among ranks without dropping rows (``trainer.CompleteEvalSplit``), so every epoch scores the
@@ -32,8 +32,8 @@ from ray_landmark.eval.metrics import (
     recognition_solution,
     retrieval_solution,
 )
-from ray_landmark.infer.search import knn
-from ray_landmark.train.torch_compile import pad_batch
+from ray_landmark.eval.search import knn
+from ray_landmark.models.torch_compile import pad_batch
 
 
 @torch.no_grad()

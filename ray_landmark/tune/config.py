@@ -9,8 +9,9 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ray_landmark.config import Config, config_from_dict, load_config, set_dotted
-from ray_landmark.config_base import ConfigError, Section
+from ray_landmark.config_base import Section
 from ray_landmark.data.config import StorageConfig
+from ray_landmark.errors import ConfigError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
 

@@ -4,7 +4,7 @@ Each trial is a function that builds its own config (base + sampled values) and 
 (``train.trainer.fit``) under a stable Train run name, ``trial_<id>``, so a failed trial resumes from its checkpoint.
 ``TuneReportCallback`` forwards every epoch's report to Tune, where ASHA stops the weaker trials early. Rerunning the
 same sweep restores it (``Tuner.restore``) if its sweep config and base config are those the sweep was started with
-(``sweep.json``; ``train.identity``'s rule, ``--restart`` moves a changed sweep aside); Tune does not save ASHA's
+(``sweep.json``; ``runs.identity``'s rule, ``--restart`` moves a changed sweep aside); Tune does not save ASHA's
 rungs, so after a resume the remaining trials are compared only with the trials run since. A sweep whose every trial
 failed, or whose best trial failed, ends with ``SweepFailed`` listing the failed trials. At the end: ``trials.csv``, ``trials.md``, ``metric_vs_params.png`` and
 ``best_config.yaml`` (a config ``jobs/train.py`` takes as it is) in ``<output_dir>/<name>/``.
@@ -26,11 +26,12 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from ray_landmark.config import Config, config_from_dict
-from ray_landmark.config_base import JobError, user_error
-from ray_landmark.data.storage import Location, exists, read_bytes, resolve, write_bytes
+from ray_landmark.data.storage import exists, read_bytes, write_bytes
+from ray_landmark.errors import JobError, user_error
 from ray_landmark.markdown import markdown_table
 from ray_landmark.progress import Printer, say
-from ray_landmark.train.identity import RESUMABLE, check_rerun
+from ray_landmark.runs.folders import output_folder, output_parent
+from ray_landmark.runs.identity import RESUMABLE, check_rerun
 from ray_landmark.train.trainer import fit
 from ray_landmark.tune.config import Distribution, SweepConfig, with_values
 
@@ -44,10 +45,6 @@ SWEEP_RESUMABLE = ("sweep.settings.max_concurrent_trials", "sweep.settings.data_
 
 class SweepFailed(JobError, RuntimeError):
     """Every trial, or the best one, failed; the message lists the failed trials."""
-
-
-def sweep_location(sweep: SweepConfig) -> Location:
-    return resolve(sweep.output_dir, sweep.storage).child(sweep.name)
 
 
 def _search_space(space: dict[str, Distribution]) -> dict:
@@ -64,7 +61,7 @@ def trial_config(sweep: SweepConfig, base: Config, params: dict, trial_name: str
         "train.epochs": sweep.settings.epochs, "train.stop_at": None, "train.eval_every": 1,
         "train.checkpoint_every_steps": None,  # only epoch reports, each with the metric
     }, sweep.name)
-    tree["run"] = {"name": trial_name, "output_dir": sweep_location(sweep).child(TRIALS_FOLDER).uri,
+    tree["run"] = {"name": trial_name, "output_dir": output_folder(sweep).child(TRIALS_FOLDER).uri,
                    "storage": sweep.storage.model_dump(mode="json")}
     return config_from_dict(tree, f"{sweep.name} trial {trial_name}")
 
@@ -114,30 +111,30 @@ def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _identity(sweep: SweepConfig, base: Config) -> dict:
+def sweep_identity(sweep: SweepConfig, base: Config) -> dict:
     return {"sweep": sweep.model_dump(mode="json"), "base": base.model_dump(mode="json")}
 
 
 def check_sweep_rerun(sweep: SweepConfig, base: Config, restart: bool = False, printer: Printer = say) -> None:
     """A sweep folder holds one sweep: rerunning it with other sweep or base values is refused (``restart`` moves
     the old one aside). Before Ray starts."""
-    location = sweep_location(sweep)
+    location = output_folder(sweep)
     marker = location.child(IDENTITY_FILE)
     saved = json.loads(read_bytes(marker)) if exists(marker) else None
-    check_rerun(location, saved, _identity(sweep, base), restart=restart, resumable_keys=SWEEP_RESUMABLE,
+    check_rerun(location, saved, sweep_identity(sweep, base), restart=restart, resumable_keys=SWEEP_RESUMABLE,
                 name_key="name", printer=printer)
 
 
 def run_sweep(sweep: SweepConfig, base: Config, printer: Printer = say) -> dict:
     """Run (or resume) the sweep on the connected Ray cluster; write its table, plot and best config. Raises
     SweepFailed when every trial or the best one failed (after writing the table)."""
-    location = sweep_location(sweep)
+    location = output_folder(sweep)
     settings = sweep.settings
     trainable = _trainable(sweep, base)
     # Tune's new output engine prints its own boxes and tables whatever the verbosity; the legacy one is silent at
     # verbose=0, and TrialEvents prints a line per event instead.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    parent = resolve(sweep.output_dir, sweep.storage)
+    parent = output_parent(sweep)
     run_config = ray.tune.RunConfig(
         name=sweep.name, storage_path=parent.path, storage_filesystem=parent.fs, verbose=0,
         callbacks=[TrialEvents(settings.metric, settings.epochs, printer)],
@@ -165,7 +162,7 @@ def run_sweep(sweep: SweepConfig, base: Config, printer: Printer = say) -> dict:
             ),
             run_config=run_config,
         )
-    write_bytes(location.child(IDENTITY_FILE), json.dumps(_identity(sweep, base), indent=2).encode())
+    write_bytes(location.child(IDENTITY_FILE), json.dumps(sweep_identity(sweep, base), indent=2).encode())
     results = tuner.fit()
     table = trials_table(results, sweep)
     summary = write_outputs(sweep, base, table, printer)
@@ -205,7 +202,7 @@ def trials_table(results, sweep: SweepConfig) -> pd.DataFrame:
 
 
 def write_outputs(sweep: SweepConfig, base: Config, table: pd.DataFrame, printer: Printer) -> dict:
-    location = sweep_location(sweep)
+    location = output_folder(sweep)
     metric = f"best_{sweep.settings.metric}"
     write_bytes(location.child("trials.csv"), table.to_csv(index=False).encode())
     cells = [["" if isinstance(v, float) and math.isnan(v) else _short(v) for v in row]

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
-from ray_landmark.config_base import JobError
 from ray_landmark.data.storage import Location
+from ray_landmark.errors import JobError
 from ray_landmark.progress import Printer, say
-from ray_landmark.train.checkpoint import latest_checkpoint, run_location
+from ray_landmark.runs.checkpoint import latest_checkpoint
+from ray_landmark.runs.folders import output_folder
 
 if TYPE_CHECKING:
     from ray_landmark.config import Config
@@ -68,7 +69,7 @@ def describe(keys: list[str], saved: dict, wanted: dict, limit: int = 6) -> str:
 def run_state(cfg: Config) -> tuple[int, list[str]]:
     """What the run folder of training config ``cfg`` holds: (the epochs of its newest good checkpoint, the
     keys its saved config differs in beyond what a resume may change); (0, []) for a run not started."""
-    latest = latest_checkpoint(run_location(cfg.run))
+    latest = latest_checkpoint(output_folder(cfg.run))
     if latest is None:
         return 0, []
     return latest.progress.epoch, config_differences(latest.config, cfg.model_dump(mode="json"))[1]

@@ -23,8 +23,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import torch
 
-from ray_landmark.config_base import JobError
 from ray_landmark.data.storage import Location, resolve
+from ray_landmark.errors import JobError
 from ray_landmark.progress import Printer, say
 
 
@@ -60,16 +60,6 @@ class TrainedModel:
     model: torch.nn.Module  # in eval mode
     config: "Config"  # noqa: F821 (imported lazily: loading a config must not import torch models)
     landmark_ids: torch.Tensor  # class index -> GLDv2 landmark id
-
-
-def run_location(run_config) -> Location:
-    """``<run.output_dir>/<run.name>``: a run's checkpoints (Ray Train's) and ``logs/`` (metrics, TensorBoard)."""
-    return resolve(run_config.output_dir, run_config.storage).child(run_config.name)
-
-
-def run_logs(run_config) -> Location:
-    """``<run.output_dir>/<run.name>/logs``: metrics.jsonl and TensorBoard event files."""
-    return run_location(run_config).child("logs")
 
 
 def _sha256(f) -> str:

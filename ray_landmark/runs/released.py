@@ -37,12 +37,12 @@ from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint
 from torch import nn
 
 from ray_landmark.config import Config, config_from_dict, parse_override, set_dotted
-from ray_landmark.config_base import ConfigError, JobError
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import StorageConfig
 from ray_landmark.data.storage import Location, StorageError, exists, read_bytes, resolve, write_bytes
+from ray_landmark.errors import ConfigError, JobError
 from ray_landmark.progress import Printer, say
-from ray_landmark.train.checkpoint import Progress, save_checkpoint
+from ray_landmark.runs.checkpoint import Progress, save_checkpoint
 
 # Inside the run folder the converter writes: the checkpoint folder, and the conversion's report beside it.
 CHECKPOINT_DIR = "checkpoint_released"
