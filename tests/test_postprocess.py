@@ -21,7 +21,7 @@ from ray_landmark.infer.postprocess import (
     ranked_ids,
     recognize,
     retrieve,
-    soft_rerank,
+    label_rerank,
     vote,
 )
 
@@ -214,18 +214,59 @@ def test_equal_adjusted_similarities_go_to_the_lower_gallery_row():
     assert landmarks.tolist() == [10]
 
 
-def test_soft_rerank_moves_a_same_label_index_image_up():
+def test_the_label_rerank_moves_a_same_label_index_image_up():
     # query label 5; index images 0 (label 5, c 0.5), 1 (label 6, c 0.25), 2 (label 6, c 1.0); kNN order 1, 2, 0:
     # 1: 0.75 - 0.1 * 0.25 = 0.725; 2: 0.5 - 0.1 * 1.0 = 0.4; 0: 0.25 + 0.5 = 0.75 -> order 0, 1, 2
-    scores, indices = np.array([[0.75, 0.5, 0.25]]), np.array([[1, 2, 0]])
+    query, index = _star([0.25, 0.75, 0.5])
+    pool = (np.array([[0.75, 0.5, 0.25]]), np.array([[1, 2, 0]]))
     labels, confidence = np.array([5, 6, 6]), np.array([0.5, 0.25, 1.0])
-    new_scores, new_indices = soft_rerank(scores, indices, np.array([5]), labels, confidence)
+    new_scores, new_indices = label_rerank(query, index, pool, np.array([5]), labels, confidence, keep=3)
     assert new_indices.tolist() == [[0, 1, 2]]
     assert new_scores == pytest.approx(np.array([[0.75, 0.725, 0.4]]))
     # the factors are parameters: with both 0 nothing moves
-    unchanged_scores, unchanged = soft_rerank(scores, indices, np.array([5]), labels, confidence,
-                                              same_factor=0.0, other_factor=0.0)
+    unchanged_scores, unchanged = label_rerank(query, index, pool, np.array([5]), labels, confidence, keep=3,
+                                               same_factor=0.0, other_factor=0.0)
     assert unchanged.tolist() == [[1, 2, 0]] and unchanged_scores.tolist() == [[0.75, 0.5, 0.25]]
+
+
+def test_a_same_label_image_beyond_the_pool_is_found_and_moves_up():
+    # index cosines 0.875, 0.75, 0.625, 0.5, 0.125 to the query; the pool holds the first two only. Image 4 (cos
+    # 0.125) carries the query's label with c 1: 0.125 + 1 = 1.125 beats every other image.
+    query, index = _star([0.875, 0.75, 0.625, 0.5, 0.125])
+    labels, confidence = np.array([1, 2, 3, 4, 9]), np.array([0.5, 0.5, 0.5, 0.5, 1.0])
+    pool = (np.array([[0.875, 0.75]]), np.array([[0, 1]]))
+    scores, indices = label_rerank(query, index, pool, np.array([9]), labels, confidence, keep=2)
+    assert indices.tolist() == [[4, 0]] and scores == pytest.approx(np.array([[1.125, 0.875 - 0.05]]))
+
+
+def test_a_pool_too_narrow_to_be_sure_is_searched_again():
+    # pool = image 0 only (cos 0.5, c 1 -> 0.5 - 0.1 = 0.4); image 1 (cos 0.4375, c 0 -> 0.4375) lies outside it and
+    # wins, which only a wider search can show.
+    query, index = _star([0.5, 0.4375, 0.25])
+    labels, confidence = np.array([1, 2, 3]), np.array([1.0, 0.0, 0.0])
+    pool = (np.array([[0.5]]), np.array([[0]]))
+    scores, indices = label_rerank(query, index, pool, np.array([7]), labels, confidence, keep=1)
+    assert indices.tolist() == [[1]] and scores == pytest.approx(np.array([[0.4375]]))
+
+
+@pytest.mark.parametrize("other_factor", [0.1, -0.2])
+def test_the_label_rerank_equals_a_brute_force_rerank_of_the_whole_index(other_factor):
+    rng = np.random.default_rng(3)
+    queries, index = _unit(rng, 60, 8), _unit(rng, 400, 8)
+    # Few labels with many images each, so that most same-label images lie outside a pool of 10.
+    query_labels, index_labels = rng.integers(0, 6, 60), rng.integers(0, 6, 400)
+    confidence = rng.uniform(0, 3, 400).astype(np.float32)
+    cos = queries @ index.T
+    same = query_labels[:, None] == index_labels[None, :]
+    brute = cos + np.where(same, 0.5, -other_factor) * confidence[None, :]
+    expected = np.argsort(-brute, axis=1, kind="stable")[:, :25]
+    pool = tuple(np.take_along_axis(a, np.argsort(-cos, axis=1)[:, :30], axis=1)
+                 for a in (cos, np.broadcast_to(np.arange(400), cos.shape)))
+    scores, indices = label_rerank(queries, index, pool, query_labels, index_labels, confidence, keep=25,
+                                   same_factor=0.5, other_factor=other_factor, chunk_rows=16)
+    assert (indices == expected).all()
+    assert scores == pytest.approx(np.take_along_axis(brute, expected, axis=1), abs=1e-5)
+    assert (expected[:, :, None] != pool[1][:, None, :]).all(axis=2).any()  # some winner lay beyond the pool
 
 
 def test_fusion_sums_scores_over_models_counting_a_missing_image_as_zero():

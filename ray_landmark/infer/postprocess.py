@@ -7,7 +7,7 @@ Recognition: :func:`combine_families` -> :func:`nonlandmark_bias` (b_j of every 
 (:func:`adjusted_topk`), votes, and subtracts :func:`query_penalty`. A query that is itself in N is never its own
 evidence: ``query_rows`` names its row of N, which is then left out of every b_j it meets and of its own penalty.
 Retrieval: :func:`label_images` (query and index images by their train neighbours) -> :func:`retrieve`, per model
-:func:`soft_rerank` of the query -> index kNN, then :func:`fuse_models`; :func:`ranked_ids` for the submission.
+:func:`label_rerank` of the query -> index kNN (exact over the whole index), then :func:`fuse_models`; :func:`ranked_ids` for the submission.
 
 Low-level pieces take kNN results as ``(scores, indices)``: float [Q, k] similarities, each row sorted descending, and
 int64 [Q, k] row numbers into the searched set. The sets searched (gallery, N, index) may also be torch tensors, as
@@ -362,30 +362,129 @@ def _require_finite(scores: np.ndarray, what: str) -> None:
 # ---------------------------------------------------------------- retrieval
 
 
-def soft_rerank(
-    scores: np.ndarray,
-    indices: np.ndarray,
+def label_rerank(
+    queries: np.ndarray,
+    index: np.ndarray,
+    pool: tuple[np.ndarray, np.ndarray],
     query_labels: np.ndarray,
     index_labels: np.ndarray,
     index_confidence: np.ndarray,
+    keep: int,
     same_factor: float = 1.0,
     other_factor: float = 0.1,
+    *,
+    device: str | None = None,
+    chunk_rows: int = 4096,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One model's query -> index kNN re-scored by labels (retrieval step 3) and re-sorted: (float32, int64) [Q, k].
+    """One model's retrieval re-scored by labels (retrieval step 3), exact over the whole index: each query's best
+    ``keep`` index images by ``s(q, j) = cos(q, j) + same_factor * c_j`` when ``query_labels[q] == index_labels[j]``,
+    else ``cos(q, j) - other_factor * c_j`` (c_j = ``index_confidence[j]``), as (float32, int64) [Q, keep], best
+    first; equal scores keep the kNN order.
 
-    ``s(q, j) += same_factor * c_j`` when ``query_labels[q] == index_labels[j]``, else ``s(q, j) -= other_factor *
-    c_j``, with c_j = ``index_confidence[j]`` (labels and confidences from :func:`label_images`). Ties keep the
-    kNN order.
+    ``pool``: the queries' kNN to the index (scores, indices) [Q, P], P >= keep. The candidates are the pool plus
+    every index image that carries the query's label, found by label whatever its cosine (its boost can lift it past
+    the whole pool). An image outside the pool with another label scores at most the pool's last cosine plus the
+    largest ``-other_factor * c_j``; a query whose ``keep``-th score is not above that bound is searched again with
+    a pool twice as wide, until every query is certain or its pool is the whole index. ``chunk_rows`` queries are
+    merged at a time, to bound memory.
     """
-    scores, indices = _checked_knn(scores, indices, len(index_labels), "index")
-    if len(query_labels) != len(scores) or len(index_confidence) != len(index_labels):
-        raise ValueError(f"{len(query_labels)} query labels for {len(scores)} queries, {len(index_confidence)} "
+    scores, indices = _checked_knn(*pool, len(index_labels), "index")
+    query_labels, index_labels = np.asarray(query_labels), np.asarray(index_labels)
+    confidence = np.asarray(index_confidence, dtype=np.float32)
+    if len(query_labels) != len(scores) or len(confidence) != len(index_labels):
+        raise ValueError(f"{len(query_labels)} query labels for {len(scores)} queries, {len(confidence)} "
                          f"confidences for {len(index_labels)} index labels")
-    same = np.asarray(query_labels)[:, None] == np.asarray(index_labels)[indices]
-    confidence = np.asarray(index_confidence, dtype=np.float32)[indices]
-    rescored = scores + np.where(same, same_factor * confidence, -other_factor * confidence).astype(np.float32)
-    order = np.argsort(-rescored, axis=1, kind="stable")
-    return np.take_along_axis(rescored, order, axis=1), np.take_along_axis(indices, order, axis=1)
+    size = len(index_labels)
+    keep = min(keep, size)
+    if scores.shape[1] < keep:
+        raise ValueError(f"a pool of {scores.shape[1]} index images cannot give the best {keep}")
+    labelled = LabelledIndex(index_labels, confidence, same_factor, other_factor)
+    out_scores = np.empty((len(scores), keep), np.float32)
+    out_indices = np.empty((len(scores), keep), np.int64)
+    rows, searched = np.arange(len(scores)), queries
+    while True:
+        for start in range(0, len(rows), chunk_rows):
+            part = slice(start, start + chunk_rows)
+            out_scores[rows[part]], out_indices[rows[part]] = labelled.best(
+                _take(searched, np.arange(len(rows))[part]), index, scores[part], indices[part], query_labels[rows[part]],
+                keep)
+        if scores.shape[1] >= size:
+            return out_scores, out_indices
+        unsure = out_scores[rows, -1] <= scores[:, -1] + labelled.other_label_ceiling
+        if not unsure.any():
+            return out_scores, out_indices
+        rows = rows[unsure]
+        searched = _take(queries, rows)
+        scores, indices = knn(searched, index, min(2 * scores.shape[1], size), device=device)
+
+
+@dataclass
+class LabelledIndex:
+    """The index's labels and confidences c_j, sorted by label once, for :func:`label_rerank`."""
+
+    labels: np.ndarray  # int [I]
+    confidence: np.ndarray  # float32 [I]
+    same_factor: float
+    other_factor: float
+
+    @cached_property
+    def by_label(self) -> np.ndarray:
+        return np.argsort(self.labels, kind="stable")
+
+    @cached_property
+    def other_label_ceiling(self) -> np.float32:
+        """The largest adjustment an index image of another label than the query's gets: max_j -other_factor * c_j."""
+        extreme = self.confidence.min() if self.other_factor >= 0 else self.confidence.max()
+        return np.float32(-self.other_factor * extreme)
+
+    def same_label_pairs(self, query_labels: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(query position, index row) of every index image labelled as its query and not in its pool ``indices``."""
+        sorted_labels = self.labels[self.by_label]
+        first = np.searchsorted(sorted_labels, query_labels, "left")
+        count = np.searchsorted(sorted_labels, query_labels, "right") - first
+        pair_q = np.repeat(np.arange(len(query_labels)), count)
+        pair_j = self.by_label[np.repeat(first - np.cumsum(count) + count, count) + np.arange(count.sum())]
+        size = len(self.labels)
+        pool_keys = np.sort((np.arange(len(indices))[:, None] * size + indices).ravel())
+        keys = pair_q * size + pair_j
+        found = pool_keys[np.minimum(np.searchsorted(pool_keys, keys), len(pool_keys) - 1)]
+        return pair_q[found != keys], pair_j[found != keys]
+
+    def best(self, queries, index, scores: np.ndarray, indices: np.ndarray, query_labels: np.ndarray,
+             keep: int) -> tuple[np.ndarray, np.ndarray]:
+        """The best ``keep`` of the pool (``scores``, ``indices`` [q, P]) and the same-label images outside it."""
+        same = query_labels[:, None] == self.labels[indices]
+        pool_scores = scores + np.where(same, self.same_factor, -self.other_factor) * self.confidence[indices]
+        pair_q, pair_j = self.same_label_pairs(query_labels, indices)
+        pair_scores = _pair_inner(queries, index, pair_q, pair_j) + self.same_factor * self.confidence[pair_j]
+        # The pairs as extra columns of their query's row, padded with -inf.
+        count = np.bincount(pair_q, minlength=len(scores))
+        column = np.arange(len(pair_q)) - np.repeat(np.cumsum(count) - count, count)
+        extra_scores = np.full((len(scores), count.max(initial=0)), -np.inf, np.float32)
+        extra_indices = np.full(extra_scores.shape, -1, np.int64)
+        extra_scores[pair_q, column], extra_indices[pair_q, column] = pair_scores, pair_j
+        all_scores = np.concatenate([pool_scores.astype(np.float32), extra_scores], axis=1)
+        all_indices = np.concatenate([indices, extra_indices], axis=1)
+        order = np.argsort(-all_scores, axis=1, kind="stable")[:, :keep]
+        return np.take_along_axis(all_scores, order, axis=1), np.take_along_axis(all_indices, order, axis=1)
+
+
+def _take(rows, which: np.ndarray):
+    """``rows[which]`` of a numpy array or of a tensor on any device."""
+    return rows[torch.as_tensor(which, device=rows.device)] if isinstance(rows, torch.Tensor) else rows[which]
+
+
+def _pair_inner(queries, rows, pair_q: np.ndarray, pair_j: np.ndarray, chunk: int = 1 << 18) -> np.ndarray:
+    """float32 [P]: the inner product of query ``pair_q[p]`` with row ``pair_j[p]``, ``chunk`` pairs at a time; numpy
+    arrays or tensors on any device."""
+    queries = torch.as_tensor(queries, dtype=torch.float32)
+    rows = torch.as_tensor(rows, dtype=torch.float32)
+    out = np.empty(len(pair_q), np.float32)
+    for start in range(0, len(pair_q), chunk):
+        q = torch.as_tensor(pair_q[start:start + chunk], device=queries.device)
+        j = torch.as_tensor(pair_j[start:start + chunk], device=rows.device)
+        out[start:start + chunk] = (queries[q] * rows[j].to(queries.device)).sum(dim=1).cpu().numpy()
+    return out
 
 
 @dataclass
@@ -404,10 +503,10 @@ def retrieve(models: Iterable[RetrievalModel], gallery_labels: np.ndarray, setti
              rerank: bool = True, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The method's retrieval, steps 1-4: (fused scores float32, index rows int64) [Q, out_k], best first (-1 padding).
 
-    Per model: the query's ``rerank_pool`` nearest index images are soft re-ranked by the labels of the query and the
-    index images (:func:`label_images`, top ``label_k`` train neighbours; :func:`soft_rerank`) and cut to
-    ``per_model``; weighted, summed per index image over the models (:func:`fuse_models`). The pool is wider than
-    ``per_model`` so that a same-label image just below the cut can move up into it (c_j adds up to label_k).
+    Per model: the query's ``rerank_pool`` nearest index images, plus every index image that carries the query's
+    label, are soft re-ranked by the labels of the query and the index images (:func:`label_images`, top ``label_k``
+    train neighbours; :func:`label_rerank`, exact over the whole index) and cut to ``per_model``; weighted, summed
+    per index image over the models (:func:`fuse_models`). The pool only sets how many searches that takes.
     ``rerank`` False: the plain score sum of each model's top ``per_model`` (the report's ablation). ``models`` is
     consumed one at a time, so a generator holds one model's rows in memory at once.
     """
@@ -420,8 +519,9 @@ def retrieve(models: Iterable[RetrievalModel], gallery_labels: np.ndarray, setti
                                            device=device)
             index_labels, index_confidence = model.index_labels or label_images(
                 model.index, model.train, gallery_labels, settings.label_k, device=device)
-            scores, indices = soft_rerank(scores, indices, query_labels, index_labels, index_confidence,
-                                          settings.same_factor, settings.other_factor)
+            scores, indices = label_rerank(model.queries, model.index, (scores, indices), query_labels, index_labels,
+                                           index_confidence, settings.per_model, settings.same_factor,
+                                           settings.other_factor, device=device)
         kept.append((scores[:, :settings.per_model] * np.float32(model.weight), indices[:, :settings.per_model]))
     return fuse_models(kept, settings.per_model, settings.out_k)
 
