@@ -313,6 +313,22 @@ def test_retrieve_sums_weighted_model_scores_and_the_label_rerank_moves_a_same_l
     assert indices.tolist() == [[1, 0]] and scores == pytest.approx(np.array([[0.5 + 1.0, 0.75 - 0.1 * 0.25]]))
 
 
+def test_the_boost_as_a_mean_divides_c_j_by_label_k_and_ensemble_labels_are_taken_as_given():
+    # index image 1 (cos 0.5) carries the query's label 7 with c 0.6: as a sum (0.5 + 0.6) it passes image 0 (cos
+    # 0.75, label 3, c 0.5: 0.75 - 0.05); as a mean over label_k 3 (0.5 + 0.2) it stays below it (0.75 - 0.05 / 3).
+    query, index = _star([0.75, 0.5])
+    labels = (np.array([3, 7]), np.array([0.5, 0.6]))
+    model = RetrievalModel(query, index, index.copy(), index_labels=labels, query_labels=np.array([7]))
+    settings = RetrievalSettings(per_model=2, rerank_pool=2, out_k=2, label_k=3)
+    scores, indices = retrieve([model], np.array([3, 7]), settings)
+    assert indices.tolist() == [[1, 0]] and scores == pytest.approx(np.array([[0.5 + 0.6, 0.75 - 0.05]]))
+    scores, indices = retrieve([model], np.array([3, 7]), settings.model_copy(update={"boost": "mean"}))
+    assert indices.tolist() == [[0, 1]] and scores == pytest.approx(np.array([[0.75 - 0.05 / 3, 0.5 + 0.2]]))
+    with pytest.raises(ValueError, match="retrieval.labels 'ensemble' needs the labels of the ensemble embedding"):
+        retrieve([RetrievalModel(query, index, index.copy())], np.array([3, 7]),
+                 settings.model_copy(update={"labels": "ensemble"}))
+
+
 def test_families_are_averaged_normalised_and_concatenated_in_name_order():
     # dolg: [1, 0] and [0, 2] -> unit [0, 1] -> average [0.5, 0.5] -> [1/sqrt2, 1/sqrt2]; effnet: [3] -> [1];
     # concatenated (dolg before effnet) and divided by sqrt(2): [0.5, 0.5, 1/sqrt2]

@@ -88,6 +88,14 @@ class RetrievalSettings(Section):
     rerank_pool: int = Field(3000, ge=1)
     out_k: int = Field(100, ge=1)
     label_k: int = Field(3, ge=1)  # train neighbours that label queries and index images
+    # Who labels queries and index images: each model by its own train neighbours (the published code), or the
+    # retrieval models' ensemble embedding (one label per image for every model).
+    labels: Literal["model", "ensemble"] = "model"
+    # c_j, the boost: the summed clamp(cos) of the winning label over the label_k neighbours (0..label_k, the
+    # published code), or that sum / label_k (0..1, one similarity).
+    boost: Literal["sum", "mean"] = "sum"
+    # Score each open choice flipped (labels, boost) as an ablation row of the report: one more retrieval each.
+    ablations: bool = True
     same_factor: float = 1.0  # s += same_factor * c_j when the labels agree
     other_factor: float = 0.1  # s -= other_factor * c_j otherwise
 

@@ -30,7 +30,7 @@ from ray_landmark.errors import JobError
 from ray_landmark.eval.metrics import recognition_metrics, retrieval_metrics
 from ray_landmark.eval.search import knn
 from ray_landmark.infer import postprocess as pp
-from ray_landmark.infer.config import EnsembleConfig, EnsembleModel
+from ray_landmark.infer.config import EnsembleConfig, EnsembleModel, RetrievalSettings
 from ray_landmark.infer.embed import EmbeddingError, EmbedRequest, embed_splits, read_embeddings
 from ray_landmark.infer.report import GalleryEntry, RetrievedImage, read_jpegs, write_report
 from ray_landmark.infer.submission import recognition_submission, retrieval_submission
@@ -317,16 +317,37 @@ def recognize_with_reranking(cfg: EnsembleConfig, test: np.ndarray, train: np.nd
 
 
 def retrieve_with_reranking(cfg: EnsembleConfig, splits: dict[str, SplitEmbeddings], gallery_labels: np.ndarray,
-                            device: str, rerank: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                            device: str, rerank: bool = True,
+                            settings: RetrievalSettings | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The method's retrieval by :func:`postprocess.retrieve` over the retrieval models, one model's rows in memory
-    at a time; ``rerank`` False: the weighted score sum alone."""
+    at a time; ``rerank`` False: the weighted score sum alone. ``settings``: the config's retrieval section unless
+    an ablation flips one of its choices."""
+    settings = settings or cfg.retrieval
+    used = tuple(m for m in cfg.models if "retrieval" in m.tasks)
+    query_labels = index_labels = None
+    if rerank and settings.labels == "ensemble":
+        ensemble = Stage("ensemble", "ensemble", ("retrieval",), used)
+        query_labels, index_labels = pp.ensemble_labels(
+            *(ensemble.embeddings(splits, s) for s in ("test", "index", "train")), gallery_labels, settings.label_k,
+            device=device)
+
     def models():
-        for model in (m for m in cfg.models if "retrieval" in m.tasks):
+        for model in used:
             stage = Stage(model.name, "model", ("retrieval",), (model,))
             yield pp.RetrievalModel(*(stage.embeddings(splits, s) for s in ("test", "index", "train")),
-                                    weight=model.weight)
+                                    weight=model.weight, index_labels=index_labels, query_labels=query_labels)
 
-    return pp.retrieve(models(), gallery_labels, cfg.retrieval, rerank=rerank, device=device)
+    return pp.retrieve(models(), gallery_labels, settings, rerank=rerank, device=device)
+
+
+def retrieval_alternatives(settings: RetrievalSettings) -> list[tuple[str, RetrievalSettings]]:
+    """The report's retrieval ablation: each open choice of the method flipped alone, (row name, settings)."""
+    flips = [("labels", {"model": "ensemble", "ensemble": "model"},
+              {"model": "each model's own labels", "ensemble": "labels from the ensemble embedding"}),
+             ("boost", {"sum": "mean", "mean": "sum"},
+              {"sum": "c_j as a sum of cosines", "mean": "c_j as a mean of cosines"})]
+    return [(f"ensemble for retrieval, {names[flip[getattr(settings, key)]]}",
+             settings.model_copy(update={key: flip[getattr(settings, key)]})) for key, flip, names in flips]
 
 
 def use_cpus(cpus: int) -> None:
@@ -391,6 +412,9 @@ def score(cfg: EnsembleConfig, data: DataConfig) -> dict:
                      **recognition_row(*reranked[steps])})
     rows.append({"what": "ensemble for retrieval, per-model score sum without label re-rank", "kind": "ablation",
                  **retrieval_row(retrieve_with_reranking(cfg, splits, gallery_labels, device, rerank=False)[1])})
+    for what, settings in retrieval_alternatives(cfg.retrieval) if cfg.retrieval.ablations else ():
+        rows.append({"what": what, "kind": "ablation", **retrieval_row(
+            retrieve_with_reranking(cfg, splits, gallery_labels, device, settings=settings)[1])})
     _, fused = retrieve_with_reranking(cfg, splits, gallery_labels, device)
     landmarks, confidence = reranked[RECOGNITION_ABLATION[-1]]
     recognized = _recognition_predictions(test_ids, landmarks, confidence)

@@ -495,8 +495,10 @@ class RetrievalModel:
     index: np.ndarray  # [I, D]
     train: np.ndarray  # [G, D]: the labelled gallery that labels the queries and the index images
     weight: float = 1.0
-    # label_images of the index when precomputed (an online service labels its index once): (labels, confidence)
+    # label_images of the index when precomputed (an online service labels its index once, and labels from the
+    # ensemble embedding come from outside): (labels, confidence)
     index_labels: tuple[np.ndarray, np.ndarray] | None = None
+    query_labels: np.ndarray | None = None  # int [Q], precomputed as the index labels
 
 
 def retrieve(models: Iterable[RetrievalModel], gallery_labels: np.ndarray, settings: RetrievalSettings, *,
@@ -507,23 +509,39 @@ def retrieve(models: Iterable[RetrievalModel], gallery_labels: np.ndarray, setti
     label, are soft re-ranked by the labels of the query and the index images (:func:`label_images`, top ``label_k``
     train neighbours; :func:`label_rerank`, exact over the whole index) and cut to ``per_model``; weighted, summed
     per index image over the models (:func:`fuse_models`). The pool only sets how many searches that takes.
-    ``rerank`` False: the plain score sum of each model's top ``per_model`` (the report's ablation). ``models`` is
-    consumed one at a time, so a generator holds one model's rows in memory at once.
+    ``settings.boost`` ``mean`` divides c_j by ``label_k``; ``settings.labels`` ``ensemble`` takes every model's
+    query and index labels as given (:func:`ensemble_labels`). ``rerank`` False: the plain score sum of each model's
+    top ``per_model`` (the report's ablation). ``models`` is consumed one at a time, so a generator holds one model's
+    rows in memory at once.
     """
     kept = []
     for model in models:
         pool = max(settings.rerank_pool, settings.per_model) if rerank else settings.per_model
         scores, indices = knn(model.queries, model.index, pool, device=device)
         if rerank:
-            query_labels, _ = label_images(model.queries, model.train, gallery_labels, settings.label_k,
-                                           device=device)
+            if settings.labels == "ensemble" and (model.query_labels is None or model.index_labels is None):
+                raise ValueError("retrieval.labels 'ensemble' needs the labels of the ensemble embedding "
+                                 "(ensemble_labels) for every model")
+            query_labels = model.query_labels if model.query_labels is not None else label_images(
+                model.queries, model.train, gallery_labels, settings.label_k, device=device)[0]
             index_labels, index_confidence = model.index_labels or label_images(
                 model.index, model.train, gallery_labels, settings.label_k, device=device)
+            if settings.boost == "mean":
+                index_confidence = np.asarray(index_confidence, np.float32) / np.float32(settings.label_k)
             scores, indices = label_rerank(model.queries, model.index, (scores, indices), query_labels, index_labels,
                                            index_confidence, settings.per_model, settings.same_factor,
                                            settings.other_factor, device=device)
         kept.append((scores[:, :settings.per_model] * np.float32(model.weight), indices[:, :settings.per_model]))
     return fuse_models(kept, settings.per_model, settings.out_k)
+
+
+def ensemble_labels(queries: np.ndarray, index: np.ndarray, train: np.ndarray, gallery_labels: np.ndarray,
+                    k: int, *, device: str | None = None) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """``retrieval.labels: ensemble``: queries and index images labelled once, by the train neighbours of the
+    retrieval models' ensemble embedding (:func:`combine_families` of their rows): (query labels, (index labels,
+    index confidence)), as :class:`RetrievalModel` takes them precomputed."""
+    query_labels, _ = label_images(queries, train, gallery_labels, k, device=device)
+    return query_labels, label_images(index, train, gallery_labels, k, device=device)
 
 
 def fuse_models(

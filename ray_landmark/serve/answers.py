@@ -4,7 +4,8 @@ ensemble's post-processing (``infer/postprocess.py``) and search (``eval/search.
 ``load_served_index`` reads what an ensemble run wrote (every model's train, index and test embeddings, aligned by
 ``infer.ensemble.load_split``), the gallery's labels from the manifest, and precomputes what does not depend on the
 query: the recognition gallery and non-landmark set N in the ensemble embedding, the gallery's non-landmark bias b_j
-(``postprocess.nonlandmark_bias``), and each retrieval model's index labels (``postprocess.label_images``). The sets
+(``postprocess.nonlandmark_bias``), and each retrieval model's index labels (``postprocess.label_images``; under ``retrieval.labels: ensemble``
+one labelling for every model, from the retrieval models' ensemble embedding). The sets
 searched stay on the replica's device as torch tensors, made once here, so that no request copies them there.
 ``answer_recognition`` and ``answer_retrieval`` then call the same ``postprocess.recognize`` and
 ``postprocess.retrieve`` as the batch job: for a batch of query embeddings they do what ``infer.ensemble`` does for the
@@ -56,6 +57,9 @@ class ServedIndex:
     nonlandmark: torch.Tensor  # [N, D_ensemble] on the device
     nonlandmark_source: str
     retrieval: list[RetrievalModel]
+    # retrieval.labels ensemble: the train images in the retrieval models' ensemble embedding, which labels queries
+    # and index images for every model (None: each model labels with its own train rows)
+    labelling_train: torch.Tensor | None
     index_ids: np.ndarray  # str [I]
     dims: dict[str, int]  # model name -> embedding dimension of its files
 
@@ -93,15 +97,23 @@ def load_served_index(cfg: EnsembleConfig, device: str) -> ServedIndex:
     bias = pp.nonlandmark_bias(gallery, nonlandmark, rc.gallery_nonlandmark_k, gallery_rows=gallery_rows,
                                device=device)
 
-    retrieval = []
-    for model in (m for m in cfg.models if "retrieval" in m.tasks):
+    retrieval, labelling_train = [], None
+    retrieval_models = tuple(m for m in cfg.models if "retrieval" in m.tasks)
+    if rt.labels == "ensemble":
+        ensemble = Stage("retrieval", "ensemble", ("retrieval",), retrieval_models)
+        labelling_train = _on_device(ensemble.embeddings(splits, "train"), device)
+        shared = pp.label_images(ensemble.embeddings(splits, "index"), labelling_train, gallery_labels, rt.label_k,
+                                 device=device)
+    for model in retrieval_models:
         single = Stage(model.name, "model", ("retrieval",), (model,))
         index, train = (_on_device(single.embeddings(splits, s), device) for s in ("index", "train"))
-        labels, confidence = pp.label_images(index, train, gallery_labels, rt.label_k, device=device)
+        labels, confidence = shared if labelling_train is not None else pp.label_images(
+            index, train, gallery_labels, rt.label_k, device=device)
         retrieval.append(RetrievalModel(model, index, train, labels, confidence))
     return ServedIndex(
         cfg=cfg, device=device, recognition_models=used, gallery=gallery, gallery_labels=gallery_labels, bias=bias,
-        nonlandmark=nonlandmark, nonlandmark_source=source, retrieval=retrieval, index_ids=splits["index"].ids,
+        nonlandmark=nonlandmark, nonlandmark_source=source, retrieval=retrieval, labelling_train=labelling_train,
+        index_ids=splits["index"].ids,
         dims={name: e.shape[1] for name, e in splits["train"].by_model.items()},
     )
 
@@ -141,11 +153,12 @@ def with_added_index_images(served: ServedIndex, ids: list[str], queries: dict[s
     each labelled by its train neighbours as the ensemble labels index images; ``served`` itself is not changed, so
     answers in progress keep a consistent index."""
     rt = served.cfg.retrieval
+    shared = _ensemble_labels(served, queries)
     retrieval = []
     for entry in served.retrieval:
         rows = _single(entry.model, queries)
-        labels, confidence = pp.label_images(rows, entry.train, served.gallery_labels, rt.label_k,
-                                             device=served.device)
+        labels, confidence = shared or pp.label_images(rows, entry.train, served.gallery_labels, rt.label_k,
+                                                       device=served.device)
         retrieval.append(replace(entry, index=torch.cat([entry.index, _on_device(rows, served.device)]),
                                  index_labels=np.concatenate([entry.index_labels, labels]),
                                  index_confidence=np.concatenate([entry.index_confidence, confidence])))
@@ -155,8 +168,23 @@ def with_added_index_images(served: ServedIndex, ids: list[str], queries: dict[s
 
 def answer_retrieval(served: ServedIndex, queries: dict[str, np.ndarray], k: int) -> list[dict]:
     """Per query row: the ``k`` best index ids and fused scores of the ensemble's retrieval submission."""
+    shared = _ensemble_labels(served, queries)
+    query_labels = shared[0] if shared else None
     models = (pp.RetrievalModel(_single(e.model, queries), e.index, e.train, weight=e.model.weight,
-                                index_labels=(e.index_labels, e.index_confidence)) for e in served.retrieval)
+                                index_labels=(e.index_labels, e.index_confidence), query_labels=query_labels)
+              for e in served.retrieval)
     fused_scores, fused = pp.retrieve(models, served.gallery_labels, served.cfg.retrieval, device=served.device)
     return [{"ids": ids[:k], "scores": [float(s) for s in row[:len(ids[:k])]]}
             for ids, row in zip(pp.ranked_ids(fused, served.index_ids), fused_scores)]
+
+
+def _ensemble_labels(served: ServedIndex, queries: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Under ``retrieval.labels: ensemble``: the query rows' labels and confidences by the train neighbours of the
+    retrieval models' ensemble embedding, as the batch job labels its test and index images; None otherwise."""
+    if served.labelling_train is None:
+        return None
+    models = [e.model for e in served.retrieval]
+    combined = pp.combine_families([(m.family, queries[m.name].astype(np.float32)) for m in models],
+                                   [m.weight for m in models])
+    return pp.label_images(combined, served.labelling_train, served.gallery_labels, served.cfg.retrieval.label_k,
+                           device=served.device)
