@@ -362,3 +362,38 @@ def test_bad_rows_are_found_and_refused_rather_than_combined():
         combine_families([("dolg", np.ones((1, 2))), ("dolg", np.ones((1, 3)))])
     with pytest.raises(ValueError, match="expected"):
         combine_families([("dolg", np.ones((1, 2))), ("effnet", np.ones((2, 2)))])
+
+
+@pytest.mark.parametrize("labels", ["model", "ensemble"])
+def test_the_service_retrieves_as_the_batch_job_under_either_labelling(gldv2_local, tmp_path, labels):
+    """``serve.answers`` against ``infer.ensemble`` on random embeddings of the synthetic GLDv2's ids, without Ray:
+    the same top ids for every test image, whoever labels the queries and index images."""
+    from ray_landmark.data.config import DataConfig
+    from ray_landmark.data.metadata import open_manifest
+    from ray_landmark.infer.config import EnsembleConfig
+    from ray_landmark.infer.embed import write_embeddings
+    from ray_landmark.infer.ensemble import Tables, embeddings_folder, load_split, retrieve_with_reranking
+    from ray_landmark.serve.answers import answer_retrieval, load_served_index
+
+    cfg = EnsembleConfig.model_validate({
+        "name": "e", "output_dir": str(tmp_path), "data": {"root": gldv2_local},
+        "models": [{"name": "a", "checkpoint": "x", "family": "dolg"},
+                   {"name": "b", "checkpoint": "x", "family": "effnet", "weight": 0.5}],
+        "retrieval": {"labels": labels, "per_model": 6, "rerank_pool": 8, "out_k": 6, "label_k": 2},
+        "recognition": {"gallery_nonlandmark_k": 1, "query_nonlandmark_k": 1},
+    })
+    tables = Tables.read(DataConfig(root=gldv2_local), cfg.gallery_view)
+    ids = {"test": tables.test_ids, "train": list(tables.gallery_landmarks.index),
+           "index": open_manifest(cfg.data).index()["id"].tolist()}
+    rng = np.random.default_rng(5)
+    rows = {(m, split): _unit(rng, len(split_ids), 8).astype(np.float16)
+            for m in ("a", "b") for split, split_ids in ids.items()}
+    for (m, split), embeddings in rows.items():
+        write_embeddings(embeddings_folder(cfg, cfg.models[m == "b"]).child(split, "images_000.parquet"),
+                         ids[split], embeddings)
+    splits = {s: load_split(cfg, s) for s in ids}
+    gallery_labels = tables.gallery_landmarks.loc[list(splits["train"].ids)].to_numpy(np.int64)
+    _, batch = retrieve_with_reranking(cfg, splits, gallery_labels, "cpu")
+    served = load_served_index(cfg, "cpu")
+    online = answer_retrieval(served, {m: splits["test"].by_model[m] for m in ("a", "b")}, k=6)
+    assert [answer["ids"] for answer in online] == ranked_ids(batch, splits["index"].ids)
