@@ -7,12 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ray_landmark.infer.config import RecognitionSettings, RetrievalSettings
+from ray_landmark.infer.config import Expansion, RecognitionSettings, RetrievalSettings
 from ray_landmark.infer.postprocess import (
     NonLandmarkBias,
     RetrievalModel,
     adjusted_topk,
+    augment_database,
     combine_families,
+    expand_queries,
     fuse_models,
     invalid_rows,
     label_images,
@@ -397,3 +399,39 @@ def test_the_service_retrieves_as_the_batch_job_under_either_labelling(gldv2_loc
     served = load_served_index(cfg, "cpu")
     online = answer_retrieval(served, {m: splits["test"].by_model[m] for m in ("a", "b")}, k=6)
     assert [answer["ids"] for answer in online] == ranked_ids(batch, splits["index"].ids)
+
+
+def test_query_expansion_and_database_augmentation_add_weighted_neighbours():
+    # Index rows e0, e1, and (e0 + e1) / sqrt 2 (cos 0.707 to each); a query e0.
+    e0, e1 = np.eye(2, dtype=np.float32)
+    index = np.stack([e0, e1, (e0 + e1) / np.sqrt(2)]).astype(np.float32)
+    query = e0[None, :]
+    # alpha-QE, k 2, alpha 1: q + 1 * e0 + 0.707 * (e0 + e1) / sqrt 2 = (2.5, 0.5), normalised.
+    expanded = expand_queries(query, index, k=2, alpha=1.0)
+    assert expanded == pytest.approx(np.array([[2.5, 0.5]]) / np.hypot(2.5, 0.5), abs=1e-6)
+    # alpha 0: every neighbour with weight 1 (negative similarities would count 0).
+    assert expand_queries(query, index, k=1, alpha=0.0) == pytest.approx(np.array([[1.0, 0.0]]), abs=1e-6)
+    # DBA, k 1: each row plus its nearest other row; e0's is the diagonal (cos 0.707 ** 3).
+    augmented = augment_database(index, k=1, alpha=3.0)
+    w = np.float32(np.sqrt(0.5) ** 3)
+    assert augmented[0] == pytest.approx((e0 + w * index[2]) / np.linalg.norm(e0 + w * index[2]), abs=1e-6)
+    with pytest.raises(ValueError, match=r"k 3 is larger than the index \(2 other images\)"):
+        augment_database(index, k=3, alpha=3.0)
+
+
+def test_retrieve_searches_with_the_expanded_descriptors_and_labels_with_the_models_own():
+    rng = np.random.default_rng(7)
+    queries, index, train = _unit(rng, 5, 6), _unit(rng, 40, 6), _unit(rng, 30, 6)
+    gallery_labels = rng.integers(0, 4, 30)
+    base = RetrievalSettings(per_model=10, rerank_pool=12, out_k=10, label_k=2)
+    qe = base.model_copy(update={"qe": Expansion(enabled=True, k=3), "dba": Expansion(enabled=True, k=2)})
+    _, plain = retrieve([RetrievalModel(queries, index, train)], gallery_labels, base)
+    scores, expanded = retrieve([RetrievalModel(queries, index, train)], gallery_labels, qe)
+    assert not (plain == expanded).all()
+    # The same as searching by hand with the expanded rows, whose labels are still the original rows'.
+    dba = augment_database(index, 2, 3.0)
+    by_hand = RetrievalModel(expand_queries(queries, dba, 3, 3.0), dba, train,
+                             index_labels=label_images(index, train, gallery_labels, 2),
+                             query_labels=label_images(queries, train, gallery_labels, 2)[0], augmented=True)
+    by_hand_scores, by_hand_indices = retrieve([by_hand], gallery_labels, base)  # expanded already
+    assert (by_hand_indices == expanded).all() and by_hand_scores == pytest.approx(scores, abs=1e-5)

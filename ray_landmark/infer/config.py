@@ -81,6 +81,16 @@ class RecognitionSettings(Section):
     nonlandmark: NonLandmarkSet = NonLandmarkSet()
 
 
+class Expansion(Section):
+    """Alpha query expansion (alpha-QE) or database-side augmentation (DBA), Radenovic et al., TPAMI 2019: a
+    descriptor is replaced by the L2-normalised sum of itself and its ``k`` nearest index images, each weighted by
+    its similarity to the power ``alpha`` (negative similarities count as 0). Not part of the 2021 method."""
+
+    enabled: bool = False
+    k: int = Field(10, ge=1)  # index neighbours summed (DBA: besides the image itself)
+    alpha: float = Field(3.0, ge=0)
+
+
 class RetrievalSettings(Section):
     per_model: int = Field(750, ge=1)  # index images kept per query and model before the scores are summed
     # Nearest index images re-ranked per query and model before the cut to per_model: wider, so that a same-label
@@ -94,7 +104,11 @@ class RetrievalSettings(Section):
     # c_j, the boost: the summed clamp(cos) of the winning label over the label_k neighbours (0..label_k, the
     # published code), or that sum / label_k (0..1, one similarity).
     boost: Literal["sum", "mean"] = "sum"
-    # Score each open choice flipped (labels, boost) as an ablation row of the report: one more retrieval each.
+    # Applied to each model's descriptors before its index search and label re-rank; off as published.
+    qe: Expansion = Expansion()  # the queries
+    dba: Expansion = Expansion()  # the index images
+    # Score each choice flipped alone (labels, boost, qe, dba) as an ablation row of the report: one more retrieval
+    # each.
     ablations: bool = True
     same_factor: float = 1.0  # s += same_factor * c_j when the labels agree
     other_factor: float = 0.1  # s -= other_factor * c_j otherwise

@@ -340,14 +340,37 @@ def retrieve_with_reranking(cfg: EnsembleConfig, splits: dict[str, SplitEmbeddin
     return pp.retrieve(models(), gallery_labels, settings, rerank=rerank, device=device)
 
 
-def retrieval_alternatives(settings: RetrievalSettings) -> list[tuple[str, RetrievalSettings]]:
-    """The report's retrieval ablation: each open choice of the method flipped alone, (row name, settings)."""
+def retrieval_alternatives(settings: RetrievalSettings, index_size: int) -> list[tuple[str, RetrievalSettings]]:
+    """The report's retrieval ablation: each open choice of the method, and each expansion, flipped alone (row name,
+    settings). An expansion whose k does not fit the index is left out."""
     flips = [("labels", {"model": "ensemble", "ensemble": "model"},
               {"model": "each model's own labels", "ensemble": "labels from the ensemble embedding"}),
              ("boost", {"sum": "mean", "mean": "sum"},
               {"sum": "c_j as a sum of cosines", "mean": "c_j as a mean of cosines"})]
-    return [(f"ensemble for retrieval, {names[flip[getattr(settings, key)]]}",
+    rows = [(f"ensemble for retrieval, {names[flip[getattr(settings, key)]]}",
              settings.model_copy(update={key: flip[getattr(settings, key)]})) for key, flip, names in flips]
+    for key, name in (("qe", "alpha-QE"), ("dba", "DBA")):
+        expansion = getattr(settings, key)
+        flipped = expansion.model_copy(update={"enabled": not expansion.enabled})
+        if flipped.enabled and not expansion_fits(key, flipped.k, index_size):
+            continue
+        what = f"with {name} (k {flipped.k}, alpha {flipped.alpha:g})" if flipped.enabled else f"without {name}"
+        rows.append((f"ensemble for retrieval, {what}", settings.model_copy(update={key: flipped})))
+    return rows
+
+
+def expansion_fits(key: str, k: int, index_size: int) -> bool:
+    """Whether retrieval.qe or retrieval.dba can take k neighbours (DBA's are other index images than itself)."""
+    return k + (key == "dba") <= index_size
+
+
+def check_expansions(settings: RetrievalSettings, index_size: int) -> None:
+    """An enabled retrieval.qe or retrieval.dba whose k the index cannot give: one line naming the key."""
+    for key in ("qe", "dba"):
+        expansion = getattr(settings, key)
+        if expansion.enabled and not expansion_fits(key, expansion.k, index_size):
+            raise JobError(f"retrieval.{key}.k {expansion.k} is larger than the index allows ({index_size:,} images"
+                           + (", each with itself left out" if key == "dba" else "") + "); lower it")
 
 
 def use_cpus(cpus: int) -> None:
@@ -371,6 +394,7 @@ def score(cfg: EnsembleConfig, data: DataConfig) -> dict:
     tables = Tables.read(data, cfg.gallery_view)
     splits = {s: load_split(cfg, s) for s in gldv2.SPLITS}
     test_ids, index_ids, train_ids = splits["test"].ids, splits["index"].ids, splits["train"].ids
+    check_expansions(cfg.retrieval, len(index_ids))
     known = tables.gallery_landmarks.index
     outside = ~pd.Index(train_ids).isin(known)
     if outside.any():
@@ -412,7 +436,7 @@ def score(cfg: EnsembleConfig, data: DataConfig) -> dict:
                      **recognition_row(*reranked[steps])})
     rows.append({"what": "ensemble for retrieval, per-model score sum without label re-rank", "kind": "ablation",
                  **retrieval_row(retrieve_with_reranking(cfg, splits, gallery_labels, device, rerank=False)[1])})
-    for what, settings in retrieval_alternatives(cfg.retrieval) if cfg.retrieval.ablations else ():
+    for what, settings in retrieval_alternatives(cfg.retrieval, len(index_ids)) if cfg.retrieval.ablations else ():
         rows.append({"what": what, "kind": "ablation", **retrieval_row(
             retrieve_with_reranking(cfg, splits, gallery_labels, device, settings=settings)[1])})
     _, fused = retrieve_with_reranking(cfg, splits, gallery_labels, device)
@@ -505,6 +529,7 @@ def _gallery(cfg: EnsembleConfig, data: DataConfig, scored: dict) -> list[Galler
 def run_ensemble(cfg: EnsembleConfig, printer: Printer = say) -> dict:
     """Embed, score, write the submissions, ``report.html`` and ``summary.json`` under ``<output_dir>/<name>``."""
     data = data_config(cfg)
+    check_expansions(cfg.retrieval, len(open_manifest(data).index()))  # before embedding: the index.csv rows
     embedded = embed_models(cfg, data, printer)
     printer(f"[ensemble] scoring {len(cfg.models)} models" + (" on a GPU" if cfg.score_gpus else ""))
     task = ray.remote(score).options(num_gpus=cfg.score_gpus, num_cpus=cfg.score_cpus, max_retries=0)

@@ -499,6 +499,7 @@ class RetrievalModel:
     # ensemble embedding come from outside): (labels, confidence)
     index_labels: tuple[np.ndarray, np.ndarray] | None = None
     query_labels: np.ndarray | None = None  # int [Q], precomputed as the index labels
+    augmented: bool = False  # the index rows are database-augmented already (a service does it once)
 
 
 def retrieve(models: Iterable[RetrievalModel], gallery_labels: np.ndarray, settings: RetrievalSettings, *,
@@ -509,15 +510,22 @@ def retrieve(models: Iterable[RetrievalModel], gallery_labels: np.ndarray, setti
     label, are soft re-ranked by the labels of the query and the index images (:func:`label_images`, top ``label_k``
     train neighbours; :func:`label_rerank`, exact over the whole index) and cut to ``per_model``; weighted, summed
     per index image over the models (:func:`fuse_models`). The pool only sets how many searches that takes.
-    ``settings.boost`` ``mean`` divides c_j by ``label_k``; ``settings.labels`` ``ensemble`` takes every model's
-    query and index labels as given (:func:`ensemble_labels`). ``rerank`` False: the plain score sum of each model's
-    top ``per_model`` (the report's ablation). ``models`` is consumed one at a time, so a generator holds one model's
-    rows in memory at once.
+    ``settings.dba`` and ``settings.qe``, when enabled, replace the index and query rows of the search (not those
+    that label them: labels come from the train neighbours of the model's own rows). ``settings.boost`` ``mean``
+    divides c_j by ``label_k``; ``settings.labels`` ``ensemble`` takes every model's query and index labels as given
+    (:func:`ensemble_labels`). ``rerank`` False: the plain score sum of each model's top ``per_model`` (the report's
+    ablation). ``models`` is consumed one at a time, so a generator holds one model's rows in memory at once.
     """
     kept = []
     for model in models:
+        index = model.index
+        if settings.dba.enabled and not model.augmented:
+            index = augment_database(index, settings.dba.k, settings.dba.alpha, device=device)
+        queries = model.queries
+        if settings.qe.enabled:
+            queries = expand_queries(queries, index, settings.qe.k, settings.qe.alpha, device=device)
         pool = max(settings.rerank_pool, settings.per_model) if rerank else settings.per_model
-        scores, indices = knn(model.queries, model.index, pool, device=device)
+        scores, indices = knn(queries, index, pool, device=device)
         if rerank:
             if settings.labels == "ensemble" and (model.query_labels is None or model.index_labels is None):
                 raise ValueError("retrieval.labels 'ensemble' needs the labels of the ensemble embedding "
@@ -528,11 +536,43 @@ def retrieve(models: Iterable[RetrievalModel], gallery_labels: np.ndarray, setti
                 model.index, model.train, gallery_labels, settings.label_k, device=device)
             if settings.boost == "mean":
                 index_confidence = np.asarray(index_confidence, np.float32) / np.float32(settings.label_k)
-            scores, indices = label_rerank(model.queries, model.index, (scores, indices), query_labels, index_labels,
+            scores, indices = label_rerank(queries, index, (scores, indices), query_labels, index_labels,
                                            index_confidence, settings.per_model, settings.same_factor,
                                            settings.other_factor, device=device)
         kept.append((scores[:, :settings.per_model] * np.float32(model.weight), indices[:, :settings.per_model]))
     return fuse_models(kept, settings.per_model, settings.out_k)
+
+
+def _expand(rows, index, k: int, alpha: float, *, drop_first: bool, device: str | None,
+            chunk_rows: int = 8192) -> np.ndarray:
+    """float32 [N, D] unit rows: ``rows`` plus their ``k`` nearest index rows weighted by ``max(cos, 0) ** alpha``
+    (``drop_first``: the rows are the index itself, whose nearest row is the row again); ``chunk_rows`` rows are
+    summed at a time, so memory stays at chunk_rows x k x D whatever N is."""
+    if k + drop_first > len(index):
+        raise ValueError(f"k {k} is larger than the index ({len(index) - drop_first} other images)")
+    scores, indices = knn(rows, index, k + drop_first, device=device)
+    weights = np.clip(scores[:, drop_first:], 0.0, None) ** np.float32(alpha)
+    indices = indices[:, drop_first:]
+    rows = torch.as_tensor(rows, dtype=torch.float32).cpu()
+    index = torch.as_tensor(index, dtype=torch.float32).cpu()
+    expanded = np.empty(tuple(rows.shape), np.float32)
+    for start in range(0, len(rows), chunk_rows):
+        part = slice(start, start + chunk_rows)
+        neighbours = index[torch.from_numpy(indices[part])]  # [n, k, D]
+        expanded[part] = (rows[part] + (torch.from_numpy(weights[part])[:, :, None] * neighbours).sum(dim=1)).numpy()
+    return l2_normalize(expanded)
+
+
+def expand_queries(queries, index, k: int, alpha: float, *, device: str | None = None) -> np.ndarray:
+    """Alpha query expansion: each query row plus its ``k`` nearest index images, weighted by ``max(cos, 0) **
+    alpha``, L2-normalised (:class:`infer.config.Expansion`)."""
+    return _expand(queries, index, k, alpha, drop_first=False, device=device)
+
+
+def augment_database(index, k: int, alpha: float, *, device: str | None = None) -> np.ndarray:
+    """Database-side augmentation: each index row plus its ``k`` nearest other index images, weighted as in
+    :func:`expand_queries`, L2-normalised."""
+    return _expand(index, index, k, alpha, drop_first=True, device=device)
 
 
 def ensemble_labels(queries: np.ndarray, index: np.ndarray, train: np.ndarray, gallery_labels: np.ndarray,

@@ -40,7 +40,7 @@ class RetrievalModel:
     labels."""
 
     model: EnsembleModel
-    index: torch.Tensor  # [I, D]
+    index: torch.Tensor  # [I, D], database-augmented under retrieval.dba
     train: torch.Tensor  # [G, D]
     index_labels: np.ndarray  # int64 [I]
     index_confidence: np.ndarray  # float32 [I]
@@ -109,6 +109,8 @@ def load_served_index(cfg: EnsembleConfig, device: str) -> ServedIndex:
         index, train = (_on_device(single.embeddings(splits, s), device) for s in ("index", "train"))
         labels, confidence = shared if labelling_train is not None else pp.label_images(
             index, train, gallery_labels, rt.label_k, device=device)
+        if rt.dba.enabled:  # once here, as the batch job augments its index before searching it
+            index = _on_device(pp.augment_database(index, rt.dba.k, rt.dba.alpha, device=device), device)
         retrieval.append(RetrievalModel(model, index, train, labels, confidence))
     return ServedIndex(
         cfg=cfg, device=device, recognition_models=used, gallery=gallery, gallery_labels=gallery_labels, bias=bias,
@@ -153,6 +155,9 @@ def with_added_index_images(served: ServedIndex, ids: list[str], queries: dict[s
     each labelled by its train neighbours as the ensemble labels index images; ``served`` itself is not changed, so
     answers in progress keep a consistent index."""
     rt = served.cfg.retrieval
+    if rt.dba.enabled:
+        raise JobError("retrieval.dba: adding index images is refused while DBA is on (it would change every index "
+                       "image's neighbours); rerun jobs/ensemble.py with the new images instead")
     shared = _ensemble_labels(served, queries)
     retrieval = []
     for entry in served.retrieval:
@@ -171,7 +176,8 @@ def answer_retrieval(served: ServedIndex, queries: dict[str, np.ndarray], k: int
     shared = _ensemble_labels(served, queries)
     query_labels = shared[0] if shared else None
     models = (pp.RetrievalModel(_single(e.model, queries), e.index, e.train, weight=e.model.weight,
-                                index_labels=(e.index_labels, e.index_confidence), query_labels=query_labels)
+                                index_labels=(e.index_labels, e.index_confidence), query_labels=query_labels,
+                                augmented=served.cfg.retrieval.dba.enabled)
               for e in served.retrieval)
     fused_scores, fused = pp.retrieve(models, served.gallery_labels, served.cfg.retrieval, device=served.device)
     return [{"ids": ids[:k], "scores": [float(s) for s in row[:len(ids[:k])]]}

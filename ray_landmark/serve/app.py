@@ -111,6 +111,9 @@ def check_image(data: bytes, limits) -> None:
 class LandmarkService:
     def __init__(self, settings: ServeSettings, ensemble: EnsembleConfig):
         self.settings, self.cfg = settings, ensemble
+        if settings.allow_index_add and ensemble.retrieval.dba.enabled:
+            raise JobError("allow_index_add: the ensemble's retrieval.dba is on, and an added image would change "
+                           "every index image's neighbours; turn one of them off")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         use_cpus(max(1, int(settings.replicas.num_cpus)))  # torch and faiss threads: what the replica holds
         data = data_config(ensemble)
