@@ -93,8 +93,8 @@ class Expansion(Section):
 
 class RetrievalSettings(Section):
     per_model: int = Field(750, ge=1)  # index images kept per query and model before the scores are summed
-    # Nearest index images re-ranked per query and model before the cut to per_model: wider, so that a same-label
-    # image just below the cut can move up (its boost c_j is up to label_k).
+    # Nearest index images searched per query and model for the label re-rank, which is exact whatever this is
+    # (postprocess.label_rerank): a wider pool needs fewer second searches.
     rerank_pool: int = Field(3000, ge=1)
     out_k: int = Field(100, ge=1)
     label_k: int = Field(3, ge=1)  # train neighbours that label queries and index images
