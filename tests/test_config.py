@@ -105,6 +105,11 @@ def test_every_ensemble_config_loads():
      "no model is used for retrieval"),
     ({"models": [{"name": "a", "checkpoint": "x", "family": "f"}], "recognition": {"nonlandmark": {"source": "ids"}}},
      "a CSV URI is required"),
+    ({"models": [{"name": "a", "checkpoint": "x", "family": "f"}], "retrieval": {"qe": {"k": 0}}}, r"retrieval\.qe\.k"),
+    ({"models": [{"name": "a", "checkpoint": "x", "family": "f"}], "retrieval": {"dba": {"alpha": -1}}},
+     r"retrieval\.dba\.alpha"),
+    ({"models": [{"name": "a", "checkpoint": "x", "family": "f"}], "retrieval": {"labels": "both"}},
+     r"retrieval\.labels"),
 ])
 def test_ensemble_config_mistakes_are_named(tree, message):
     from ray_landmark.config import config_from_dict

@@ -273,3 +273,18 @@ def test_each_task_compares_models_families_of_several_models_and_the_ensemble_o
     assert [m.name for m in rows["ensemble for retrieval, no post-processing (3 models)"].members] == ["d1", "d2", "e2"]
     test = rows["ensemble for recognition, no post-processing (3 models)"].embeddings(splits, "test")
     assert test.shape == (5, 8) and np.allclose(np.linalg.norm(test, axis=1), 1, atol=1e-5)
+
+
+def test_an_expansion_whose_k_the_index_cannot_give_is_one_line_naming_the_key_and_no_ablation_row():
+    from ray_landmark.infer.config import RetrievalSettings
+    from ray_landmark.infer.ensemble import check_expansions, retrieval_alternatives
+
+    settings = RetrievalSettings(dba={"enabled": True, "k": 5})
+    with pytest.raises(JobError, match=r"retrieval\.dba\.k 5 is larger than the index allows \(5 images, each with "
+                                       r"itself left out\); lower it"):
+        check_expansions(settings, 5)
+    check_expansions(settings, 6)
+    rows = [what for what, _ in retrieval_alternatives(RetrievalSettings(), 10)]  # qe's k 10 fits, dba's does not
+    assert rows == ["ensemble for retrieval, labels from the ensemble embedding",
+                    "ensemble for retrieval, c_j as a mean of cosines",
+                    "ensemble for retrieval, with alpha-QE (k 10, alpha 3)"]
