@@ -83,12 +83,14 @@ def test_ensemble_scores_every_stage_and_writes_submissions_report_and_summary(t
     assert "gap" not in summary and "gap" not in summary["final"]
     assert {"gap_pooled", "map100_pooled", "top1_private", "mp10_private"} <= set(summary["final"])
     # The ablation: each recognition step alone, the score sum without the label re-rank, each open retrieval choice
-    # flipped (labels, boost), per usage.
+    # and expansion flipped (labels, boost, qe, dba), per usage.
     ablation = {row["what"]: row for row in summary["stages"] if row["kind"] == "ablation"}
     assert set(ablation) == {"ensemble for recognition, b_j alone", "ensemble for recognition, query penalty alone",
                              "ensemble for retrieval, per-model score sum without label re-rank",
                              "ensemble for retrieval, labels from the ensemble embedding",
-                             "ensemble for retrieval, c_j as a mean of cosines"}
+                             "ensemble for retrieval, c_j as a mean of cosines",
+                             "ensemble for retrieval, with alpha-QE (k 10, alpha 3)",
+                             "ensemble for retrieval, with DBA (k 10, alpha 3)"}
     assert all({"gap_private", "gap_public"} <= set(ablation[w]) for w in list(ablation)[:2])
     assert all({"map100_private", "map100_public"} <= set(ablation[w]) for w in list(ablation)[2:])
     # The default N: the test images without a landmark, of every usage; the queries among them leave themselves out.
