@@ -62,12 +62,12 @@ def train_job(description: str, default_config: str | None = None, arch: str | N
     if arch:
         require_arch(cfg, arch, args.config, other_job="jobs/train.py")
     from ray_landmark.runtime import init_ray  # Ray is imported here, after run_job's plain_ray_console
-    from ray_landmark.train.trainer import fit, load_training_data
+    from ray_landmark.train.trainer import final_checkpoint, fit, load_training_data
 
     data = load_training_data(cfg, args.restart)
     init_ray()
-    result = fit(cfg, data)
-    print(f"[train] finished {cfg.run.name}; final checkpoint {result.checkpoint.path}")
+    fit(cfg, data)
+    print(f"[train] finished {cfg.run.name}; final checkpoint {final_checkpoint(cfg)}")
 
 
 def run_job(main) -> None:

@@ -9,8 +9,10 @@ Per step: uint8 images from the data shard -> normalised on the device -> model 
 With ``train.compile`` the model is compiled before the DDP wrapper (``models/torch_compile.py``); the first training
 step and the first validation each compile a graph, and the progress output says so.
 
-Resuming (``restore``): the latest good checkpoint gives the finished epochs and the optimizer steps already taken in
-the current one; that epoch then runs only its remaining steps, so no epoch is trained twice or skipped.
+Resuming (``restore``): the newest checkpoint of the run folder that verifies (``runs/checkpoint.py``; after a worker
+failure or a rerun alike) gives the finished epochs and the optimizer steps already taken in the current one; that
+epoch then runs only its remaining steps, so no epoch is trained twice or skipped. After each checkpoint, rank 0 keeps
+the ``train.keep_checkpoints`` newest verified ones and deletes the rest (``prune_checkpoints``).
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from ray_landmark.models.factory import build_model
 from ray_landmark.models.torch_compile import compile_for_training, compile_wanted
 from ray_landmark.models.transfer import freeze_except, warm_start
 from ray_landmark.progress import Printer, ProgressLine, relay_printer
-from ray_landmark.runs.checkpoint import Progress, load_latest_good, read_checkpoint_at, save_checkpoint
-from ray_landmark.runs.folders import run_logs
+from ray_landmark.runs.checkpoint import (
+    CorruptCheckpoint, Progress, load_latest, prune_checkpoints, read_checkpoint_at, save_checkpoint,
+)
+from ray_landmark.runs.folders import output_folder, run_logs
 from ray_landmark.train.metrics_log import MetricsLog
 from ray_landmark.train.optim import build_optimizer, build_scheduler, resume_schedule
 from ray_landmark.train.validate import validate
@@ -169,7 +173,9 @@ def restore(worker: Worker) -> Training:
     tc = cfg.train
     inputs = worker.inputs
     model = build_model(cfg.model, cfg.loss, len(inputs.class_counts), cfg.data.image_size, inputs.class_counts)
-    resume = load_latest_good(_reported_checkpoints(), printer=say)
+    # The run folder itself, not Ray Train's list of reported checkpoints: that list cannot know that one of them was
+    # damaged since, and our retention deletes checkpoints it still lists.
+    resume = load_latest(output_folder(cfg.run), printer=say)
     if resume is None and tc.init_from:
         report = warm_start(model, read_checkpoint_at(tc.init_from, cfg.run.storage).state["model"], tc.drop_keys)
         say(f"[train] warm start from {tc.init_from}: {report.summary()}")
@@ -256,15 +262,6 @@ def _mean(losses: list[torch.Tensor]) -> float:
     return torch.stack(losses).float().mean().item() if losses else float("nan")
 
 
-def _reported_checkpoints() -> list:
-    try:
-        return [c.checkpoint for c in ray.train.get_all_reported_checkpoints()]
-    except (RuntimeError, NotImplementedError, AttributeError):
-        # Local mode (num_workers=0) keeps no checkpoint history; resuming there only uses the latest.
-        latest = ray.train.get_checkpoint()
-        return [latest] if latest else []
-
-
 def _report(worker: Worker, training: Training, metrics: dict) -> None:
     """Every rank reports (ray.train.report is a barrier); rank 0 attaches the checkpoint of ``training.progress``."""
     if worker.rank != 0:
@@ -278,7 +275,11 @@ def _report(worker: Worker, training: Training, metrics: dict) -> None:
         save_checkpoint(Path(tmp), state=state, config=worker.cfg.model_dump(mode="json"), progress=progress)
         checkpoint = ray.train.Checkpoint.from_directory(tmp)
         checkpoint.set_metadata({"epoch": progress.epoch, "step": progress.step})
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report(metrics, checkpoint=checkpoint)  # uploaded when it returns (the synchronous mode)
+    try:
+        prune_checkpoints(output_folder(worker.cfg.run), worker.cfg.train.keep_checkpoints, printer=worker.say)
+    except (CorruptCheckpoint, OSError) as err:  # the store did not answer: training goes on
+        worker.say(f"[checkpoint] WARNING {err}; no checkpoint deleted this time")
 
 
 def epoch_summary(metrics: dict) -> str:

@@ -1,7 +1,11 @@
 """The driver side of training: what the workers get, the Ray Train TorchTrainer and where its checkpoints live.
 
-Resuming is rerunning: the run is named ``run.name`` under ``run.output_dir``, and Ray Train V2 reloads that run's
-checkpoint history when the same name is submitted again.
+Resuming is rerunning: the run is named ``run.name`` under ``run.output_dir``, and the workers continue from the newest
+checkpoint of that folder that verifies (``train/loop.py``). Ray Train's own list of the run's checkpoints
+(``checkpoint_manager_snapshot.json``) is not used: it cannot know that a checkpoint was damaged after it was reported,
+its retention (``CheckpointConfig(num_to_keep)``) would prune good checkpoints while keeping a damaged one, and it
+refuses to start when a checkpoint it lists was deleted by ours (``runs/checkpoint.prune_checkpoints``). So Ray keeps
+every checkpoint it is given, and its list is dropped before each start.
 """
 
 from __future__ import annotations
@@ -19,10 +23,14 @@ from ray_landmark.data.pipeline import decodes_in_worker, eval_stream, train_str
 from ray_landmark.data.storage import exists, resolve
 from ray_landmark.errors import ConfigError
 from ray_landmark.progress import ConsoleRelay, interactive, on_this_node, run_printing_relay, say
-from ray_landmark.runs.checkpoint import latest_checkpoint
+from ray_landmark.runs.checkpoint import CorruptCheckpoint, latest_checkpoint
 from ray_landmark.runs.folders import output_folder, output_parent
 from ray_landmark.runs.identity import check_rerun
 from ray_landmark.train.loop import WorkerInputs, train_loop_per_worker
+
+# Ray Train V2's list of a run's reported checkpoints, in the run folder (Ray 2.60's
+# ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME; tests/test_run_identity.py checks it).
+RAY_CHECKPOINT_LIST = "checkpoint_manager_snapshot.json"
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,7 @@ def fit(
     are Ray Train UserCallbacks (a sweep's TuneReportCallback); ``data_cpus`` caps the CPUs of this run's Ray Data
     tasks (a sweep's concurrent trials)."""
     data = data or load_training_data(cfg)
+    forget_ray_checkpoint_list(cfg)
     console = ConsoleRelay.options(**on_this_node()).remote()
     trainer = build_trainer(cfg, data, console, on_step=on_step, train_dataset=train_dataset, callbacks=callbacks,
                             data_cpus=data_cpus)
@@ -97,6 +106,24 @@ def fit(
         say(f"\n[train] interrupted; rerun the same command to resume from the last checkpoint in "
             f"{output_folder(cfg.run).uri}")
         raise SystemExit(130) from None
+
+
+def final_checkpoint(cfg: Config) -> str:
+    """The URI of the run's newest verified checkpoint, read back from its folder (not Ray's word for it)."""
+    run = output_folder(cfg.run)
+    latest = latest_checkpoint(run)
+    if latest is None:
+        raise CorruptCheckpoint(f"{run.uri}: training ended but no checkpoint there verifies; rerun the same "
+                                f"command to train its last epoch again")
+    return latest.folder.uri
+
+
+def forget_ray_checkpoint_list(cfg: Config) -> None:
+    """Delete Ray Train's list of the run's reported checkpoints (see the module's docstring): the workers resume
+    from the run folder itself, and Ray starts a new list."""
+    snapshot = output_folder(cfg.run).child(RAY_CHECKPOINT_LIST)
+    if exists(snapshot):
+        snapshot.fs.delete_file(snapshot.path)
 
 
 def build_trainer(
@@ -131,7 +158,8 @@ def build_trainer(
             storage_path=storage.path,
             storage_filesystem=storage.fs,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            # Every checkpoint kept by Ray: retention is rank 0's, after each report (train.keep_checkpoints).
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             callbacks=callbacks,
         ),
         datasets={"train": train_dataset if train_dataset is not None else train.dataset, "eval": evaluation},
