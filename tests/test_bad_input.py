@@ -129,3 +129,108 @@ def test_a_manifest_cut_off_while_written_is_refused_naming_it(gldv2_local, tmp_
     (manifest / SUMMARY_FILE).unlink()  # as prepare_gldv2 leaves it until its last write
     with pytest.raises(StorageError, match=rf"^{manifest}: no complete manifest there \(summary.json missing"):
         open_manifest(DataConfig(root=gldv2_local, manifest=str(manifest)))
+
+
+# ---------------------------------------------------------------- shards the manifest lists
+
+SHARD_DAMAGE = {"empty": "(empty, 0 bytes)", "missing": "(missing)", "folder": "(a folder, not a tar)",
+                "shorter": "bytes, shorter than the",
+                # a manifest written without --verify-shards: the tar list prepare_gldv2 records is what is expected
+                "missing from a manifest without a shard index": "(missing)"}
+
+
+def _damaged_copy(gldv2_local: str, tmp_path: Path, damage: str) -> tuple[Path, Path]:
+    """A copy of the synthetic set (its manifest with the shard index) with one train shard damaged after it was
+    indexed; (root, that shard)."""
+    import shutil
+
+    root = tmp_path / "gldv2"
+    shutil.copytree(gldv2_local, root)
+    if damage.endswith("without a shard index"):
+        from ray_landmark.data.metadata import prepare_manifests
+        from ray_landmark.data.shard_members import dataset_tar_files
+        from ray_landmark.data.storage import resolve
+
+        shutil.rmtree(root / "manifest")
+        loc = resolve(str(root))
+        prepare_manifests(loc, loc.child("manifest"), progress=None, shard_files=dataset_tar_files(loc))
+    shard = sorted((root / "train").glob("*.tar"))[1]
+    data = shard.read_bytes()
+    shard.unlink()
+    if damage == "empty":
+        shard.write_bytes(b"")
+    elif damage == "folder":
+        shard.mkdir()
+        (shard / "readme.txt").write_text("a folder where the tar was")
+    elif damage == "shorter":
+        shard.write_bytes(data[: len(data) // 2])
+    return root, shard
+
+
+@pytest.mark.parametrize("damage", list(SHARD_DAMAGE))
+def test_a_listed_shard_that_is_missing_empty_a_folder_or_short_stops_training_before_ray_or_is_skipped_by_name(
+    monkeypatch, gldv2_local, tmp_path, damage
+):
+    from ray_landmark.data.config import DataConfig
+    from ray_landmark.data.pipeline import split_shards
+
+    root, shard = _damaged_copy(gldv2_local, tmp_path, damage)
+    runs = tmp_path / "runs"
+    error = _job_error(monkeypatch, "train.py", "--config", str(REPO / "configs" / "tiny_dolg.yaml"),
+                       "--set", f"data.root={root}", "--set", f"run.output_dir={runs}")
+    assert error.startswith(f"error: data.root: 1 train shard(s) unusable: {shard} ") and SHARD_DAMAGE[damage] in error
+    assert error.endswith("or set data.missing_shards: skip to go on without them"), error
+    assert not runs.exists()  # stopped before Ray Train wrote anything
+
+    lines = []
+    found = split_shards(DataConfig(root=str(root), missing_shards="skip"), "train", printer=lines.append)
+    others = sorted(str(p) for p in (root / "train").glob("*.tar") if p != shard)
+    assert found.paths == others and list(found.skipped) == [shard.name]
+    assert SHARD_DAMAGE[damage].strip("()") in found.skipped[shard.name]
+    assert lines == [f"[data] WARNING skipping 1 train shard(s) of {root / 'train'} (data.missing_shards: skip): "
+                     f"{found.summary()}"]
+
+
+@pytest.mark.parametrize("damage, named", [("empty", "is empty (0 bytes)"), ("folder", "is a folder, not a tar"),
+                                           ("truncated", None)])
+def test_verify_shards_names_an_unusable_tar_before_writing_and_a_truncated_one_in_a_line(
+    monkeypatch, gldv2_local, tmp_path, capsys, damage, named
+):
+    root, shard = _damaged_copy(gldv2_local, tmp_path, "shorter" if damage == "truncated" else damage)
+    summary = root / "manifest" / "summary.json"
+    before = summary.stat().st_mtime_ns
+    if named:
+        error = _job_error(monkeypatch, "prepare_gldv2.py", "--root", str(root), "--verify-shards")
+        assert error == (f"error: 1 unusable shard(s) under {root / 'train'}: {shard} {named}; replace each with "
+                         f"its complete tar (or remove it) and rerun")
+        assert summary.stat().st_mtime_ns == before  # the earlier manifest is left whole
+    else:
+        monkeypatch.setattr(sys, "argv", ["prepare_gldv2.py", "--root", str(root), "--verify-shards"])
+        runpy.run_path(str(REPO / "jobs" / "prepare_gldv2.py"), run_name="__main__")
+        out = capsys.readouterr().out
+        assert f"[verify] WARNING {shard} is truncated: it ends inside a member after " in out, out
+
+
+@pytest.mark.slow
+def test_training_past_skipped_shards_names_them_every_epoch_and_an_epoch_without_a_step_fails(
+    ray_session, monkeypatch, gldv2_local, tmp_path, capsys
+):
+    root, shard = _damaged_copy(gldv2_local, tmp_path, "empty")
+    train = ["--config", str(REPO / "configs" / "tiny_dolg.yaml"), "--set", f"data.root={root}",
+             "--set", f"run.output_dir={tmp_path / 'runs'}", "--set", "data.missing_shards=skip",
+             "--set", "data.view=full", "--set", "data.image_size=32", "--set", "data.augment=false",
+             "--set", "data.eval_queries=8", "--set", "data.eval_index=16", "--set", "train.cpus_per_worker=0.5",
+             "--set", "train.epochs=1"]
+    monkeypatch.setattr(sys, "argv", ["train.py", *train])
+    runpy.run_path(str(REPO / "jobs" / "train.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    epoch_lines = [line for line in out.splitlines() if line.startswith("[train] epoch 1 done: ")]
+    assert len(epoch_lines) == 1 and epoch_lines[0].endswith(f"1 train shard(s) skipped: {shard.name} (empty, "
+                                                              f"0 bytes)"), out[-3000:]
+    assert "[train] finished tiny_dolg; final checkpoint " in out
+
+    # The same run, one epoch more, with batches larger than the stream: the epoch trains no step, and says so.
+    error = _job_error(monkeypatch, "train.py", *train, "--set", "train.epochs=2", "--set", "train.batch_size=5000")
+    assert error.startswith(f"error: epoch 2 trained no step: the train stream of {root} gave this worker fewer than "
+                            f"the 5000 images one step needs ("), error
+    assert "[train] finished" not in capsys.readouterr().out

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 NOT_IN_VIEW = -1
 UNKNOWN_ID = -2
 SUMMARY_FILE = "summary.json"  # written last: a manifest with one is complete
+# shards/<split>_tars.parquet: the split's tar files (shard, bytes) when it has no shard index (without --verify-shards)
+TARS_SUFFIX = "_tars.parquet"
 # The lookup code of a selected eval image (test or index): its rows carry the split, not a class.
 SELECTED = 0
 
@@ -102,14 +104,16 @@ def _keep_existing(images: pd.DataFrame, existing: np.ndarray | None) -> pd.Data
 
 
 def prepare_manifests(
-    root: Location, out: Location, progress=print, shard_index: dict[str, pd.DataFrame] | None = None
+    root: Location, out: Location, progress=print, shard_index: dict[str, pd.DataFrame] | None = None,
+    shard_files: dict[str, pd.DataFrame] | None = None,
 ) -> dict:
     """Read the official CSVs under ``root`` and write the manifests under ``out``; returns the summary.
 
     ``shard_index`` (split -> its shard index, from ``shard_members.split_shard_index``) is written with the manifests
     and restricts the label views to images that exist, so class counts (the dynamic margins) and steps per epoch are
     true; rows without images and images without rows are counted in the summary. Without it, counts are the CSVs'
-    and the streams read whole shards.
+    and the streams read whole shards. ``shard_files`` (split -> its tars' ``shard`` and ``bytes``, without a shard
+    index) records which tars there are, so that a job finds one missing later.
 
     Every CSV is read and checked before anything is written, and ``summary.json`` is removed first and written last:
     a manifest is complete exactly when it has one (``open_manifest`` checks), so a failed or interrupted run never
@@ -119,6 +123,9 @@ def prepare_manifests(
     shard_ids = {split: image_ids(index) for split, index in shard_index.items()} if shard_index else None
     for split, index in (shard_index or {}).items():
         tables[("shards", f"{split}.parquet")] = index
+    for split, files in (shard_files or {}).items():
+        if len(files) and split not in (shard_index or {}):
+            tables[("shards", f"{split}{TARS_SUFFIX}")] = files
     train = _read_csv(root, gldv2.TRAIN_CSV, dtype={"id": str})
     _require_columns(train, ["id", "landmark_id"], root.child(gldv2.TRAIN_CSV).uri)
     train = pd.DataFrame(
@@ -248,6 +255,19 @@ class Manifest:
         without ``--verify-shards``."""
         loc = self.location.child("shards", f"{split}.parquet")
         return _read_parquet(loc) if exists(loc) else None
+
+    def expected_shards(self, split: str) -> dict[str, int] | None:
+        """Shard file name -> its size in bytes when the manifest was written, for every tar of ``split`` the manifest
+        knows (its shard index, else the tar list ``prepare_gldv2`` records); None when it knows none (a manifest of
+        before the tar lists)."""
+        index = self.shard_index(split)
+        if index is not None:
+            return dict(zip(index["shard"], index["shard_bytes"].astype(int)))
+        loc = self.location.child("shards", f"{split}{TARS_SUFFIX}")
+        if not exists(loc):
+            return None
+        tars = _read_parquet(loc)
+        return dict(zip(tars["shard"], tars["bytes"].astype(int)))
 
     def recognition(self) -> pd.DataFrame:
         return _read_parquet(self.location.child("eval", "recognition.parquet"))

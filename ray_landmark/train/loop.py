@@ -32,6 +32,7 @@ import torch
 from ray_landmark.config import Config
 from ray_landmark.data.pipeline import BYTES_READ, READ, SKIP_REASONS, counts_since, train_batches
 from ray_landmark.data.transforms import normalize_on_device
+from ray_landmark.errors import JobError
 from ray_landmark.models.amp import MixedPrecision
 from ray_landmark.models.factory import build_model
 from ray_landmark.models.torch_compile import compile_for_training, compile_wanted
@@ -44,6 +45,10 @@ from ray_landmark.runs.folders import output_folder, run_logs
 from ray_landmark.train.metrics_log import MetricsLog
 from ray_landmark.train.optim import build_optimizer, build_scheduler, resume_schedule
 from ray_landmark.train.validate import validate
+
+
+class NoTrainingData(JobError, RuntimeError):
+    """An epoch whose stream gave no full batch: the job fails instead of saying it finished."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class WorkerInputs:
     console: "ray.actor.ActorHandle"  # a ConsoleRelay: rank 0's progress and epoch lines
     interactive_console: bool  # the driver's console is a terminal: refresh progress in place, often
     on_step: Callable | None = None  # on_step(rank=, epoch=, step=) after each optimizer step (fault-injection tests)
+    skipped_shards: dict | None = None  # train shard -> why it is left out (data.missing_shards: skip)
 
 
 @dataclass(frozen=True)
@@ -145,9 +151,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             metrics.update({f"skipped_{r}": skipped.get(r, 0) for r in SKIP_REASONS})
             # What the epoch cost in storage reads: with the shard index only the view's images are fetched.
             metrics.update(bytes_read=skipped.get(BYTES_READ, 0),
-                           images_delivered=skipped.get(READ, 0) - skipped.get("corrupt_jpeg", 0))
+                           images_delivered=skipped.get(READ, 0) - skipped.get("corrupt_jpeg", 0),
+                           shards_skipped=len(worker.inputs.skipped_shards or {}))
             log.write(metrics, step=training.progress.step)
-            worker.say(epoch_summary(metrics))
+            worker.say(epoch_summary(metrics, worker.inputs.skipped_shards))
         training.progress = Progress(epoch + 1, training.progress.step, 0, training.steps_per_epoch)
         _report(worker, training, metrics)
     return metrics
@@ -217,6 +224,7 @@ def train_epoch(worker: Worker, training: Training, shard, epoch: int) -> dict:
     steps_per_epoch = training.steps_per_epoch
     step = training.progress.step
     epoch_step = training.progress.epoch_step if epoch == training.progress.epoch else 0
+    first_step = epoch_step
     model.train()
     line = ProgressLine(
         f"[train] epoch {epoch + 1}/{tc.last_epoch}",
@@ -253,6 +261,13 @@ def train_epoch(worker: Worker, training: Training, shard, epoch: int) -> dict:
             training.progress = Progress(epoch, step, epoch_step, steps_per_epoch)
             _report(worker, training, {"epoch": epoch, "step": step, "loss": _mean(losses)})
     line.close(f"loss {_mean(losses):.3f}")
+    if epoch_step == first_step < steps_per_epoch:
+        read = ray.get(inputs.skip_counter.totals.remote())
+        dropped = ", ".join(f"{read[r]} {r}" for r in SKIP_REASONS if read.get(r)) or "none"
+        raise NoTrainingData(
+            f"epoch {epoch + 1} trained no step: the train stream of {worker.cfg.data.root} gave this worker fewer "
+            f"than the {tc.batch_size * tc.grad_accum} images one step needs (the stream so far: {read.get(READ, 0)} "
+            f"images read, dropped: {dropped}); check its train shards and data.view, or lower train.batch_size")
     training.progress = Progress(epoch, step, epoch_step, steps_per_epoch)
     return {"epoch": epoch + 1, "step": step, "loss": _mean(losses), "lr": scheduler.get_last_lr()[0],
             "images_per_s": round(line.rate, 1)}
@@ -282,8 +297,9 @@ def _report(worker: Worker, training: Training, metrics: dict) -> None:
         worker.say(f"[checkpoint] WARNING {err}; no checkpoint deleted this time")
 
 
-def epoch_summary(metrics: dict) -> str:
-    """One line a person can read: ``[train] epoch 3 done: loss 2.314 | lr 2.50e-04 | val GAP 0.412 ...``."""
+def epoch_summary(metrics: dict, skipped_shards: dict | None = None) -> str:
+    """One line a person can read: ``[train] epoch 3 done: loss 2.314 | lr 2.50e-04 | val GAP 0.412 ...``; train
+    shards left out (``data.missing_shards: skip``) are named at its end."""
     formats = [("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("images_per_s", "{:.1f} img/s"),
                ("val_gap", "val GAP {:.4f}"), ("val_map100", "val mAP@100 {:.4f}"),
                ("val_queries", "{:,} queries"), ("val_index", "{:,} index images"),
@@ -292,5 +308,8 @@ def epoch_summary(metrics: dict) -> str:
     skipped = {k.removeprefix("skipped_"): v for k, v in metrics.items() if k.startswith("skipped_") and v}
     if skipped:
         parts.append("skipped " + ", ".join(f"{n} {reason}" for reason, n in skipped.items()))
+    if skipped_shards:
+        parts.append(f"{len(skipped_shards)} train shard(s) skipped: " +
+                     ", ".join(f"{name} ({why})" for name, why in sorted(skipped_shards.items())))
     state = "done" if metrics["epoch"] else "(before training)"
     return f"[train] epoch {metrics['epoch']} {state}: " + " | ".join(parts)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import ray
 import ray.data
 import ray.train
@@ -19,7 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from ray_landmark.config import Config
 from ray_landmark.data.metadata import LabelLookup, open_manifest
-from ray_landmark.data.pipeline import decodes_in_worker, eval_stream, train_stream
+from ray_landmark.data.pipeline import decodes_in_worker, eval_stream, split_shards, train_stream
 from ray_landmark.data.storage import exists, resolve
 from ray_landmark.errors import ConfigError
 from ray_landmark.progress import ConsoleRelay, interactive, on_this_node, run_printing_relay, say
@@ -41,10 +42,12 @@ class TrainingData:
     landmark_ids: list[int]
     test_selection: LabelLookup
     index_selection: LabelLookup
+    # The view's images in train shards left out (data.missing_shards: skip), where the shard index says which.
+    skipped_images: int = 0
 
     @property
     def train_images(self) -> int:
-        return sum(self.class_counts)
+        return sum(self.class_counts) - self.skipped_images
 
 
 def load_training_data(cfg: Config, restart: bool = False) -> TrainingData:
@@ -64,7 +67,19 @@ def load_training_data(cfg: Config, restart: bool = False) -> TrainingData:
     manifest = open_manifest(cfg.data)
     classes = manifest.view_classes(cfg.data.view)
     test, index = manifest.eval_selection(cfg.data.eval_queries, cfg.data.eval_index, cfg.data.seed)
-    return TrainingData(classes["count"].tolist(), classes["landmark_id"].tolist(), test, index)
+    # Every shard training and validation read is there and whole, or named now (data.missing_shards).
+    shards = {split: split_shards(cfg.data, split) for split in ("train", "test", "index")}
+    return TrainingData(classes["count"].tolist(), classes["landmark_id"].tolist(), test, index,
+                        skipped_images=_view_images_in(manifest, cfg.data.view, set(shards["train"].skipped)))
+
+
+def _view_images_in(manifest, view: str, shards: set[str]) -> int:
+    """How many of the view's images the train ``shards`` hold (0 without a shard index, which would say)."""
+    index = manifest.shard_index("train") if shards else None
+    if index is None:
+        return 0
+    ids = index.loc[index["shard"].isin(shards) & (index["name"] == ""), "id"].to_numpy(np.uint64)
+    return int(np.isin(manifest.view_images(view)["id"].to_numpy(np.uint64), ids).sum())
 
 
 class _SplitKeepingEveryRow(ray.data.Dataset):
@@ -145,7 +160,7 @@ def build_trainer(
     inputs = WorkerInputs(
         config=cfg, class_counts=data.class_counts, landmark_ids=data.landmark_ids, train_images=data.train_images,
         worker_decode=worker_decode, skip_counter=train.counter, console=console, interactive_console=interactive(),
-        on_step=on_step,
+        on_step=on_step, skipped_shards=train.skipped_shards or {},
     )
     return TorchTrainer(
         train_loop_per_worker,
