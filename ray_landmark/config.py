@@ -67,6 +67,8 @@ def _format_error(err: ValidationError, source: str) -> str:
             lines.append(f"{source}: unknown key '{key}'")
         elif e["type"] == "missing":
             lines.append(f"{source}: missing required key '{key}'")
+        elif e["type"] == "value_error":  # a validator's own sentence, without pydantic's "Value error, "
+            lines.append(f"{source}: key '{key}': {e['ctx']['error']} (got {e.get('input')!r})")
         else:
             lines.append(f"{source}: key '{key}': {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)

@@ -234,3 +234,17 @@ def test_training_past_skipped_shards_names_them_every_epoch_and_an_epoch_withou
     assert error.startswith(f"error: epoch 2 trained no step: the train stream of {root} gave this worker fewer than "
                             f"the 5000 images one step needs ("), error
     assert "[train] finished" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("job, args", [
+    ("train.py", ["--config", "configs/tiny_dolg.yaml", "--set", "train.num_workers=0"]),
+    ("train_dolg.py", ["--config", "configs/tiny_dolg.yaml", "--set", "train.num_workers=0"]),
+    ("tune.py", ["--config", "configs/tune_tiny.yaml", "--set-base", "train.num_workers=0"]),
+])
+def test_zero_train_workers_are_refused_in_one_line_before_anything_is_written(monkeypatch, tmp_path, job, args):
+    out = "output_dir" if job == "tune.py" else "run.output_dir"
+    monkeypatch.chdir(REPO)
+    error = _job_error(monkeypatch, job, *args, "--set", f"{out}={tmp_path / 'runs'}")
+    assert error.endswith("key 'train.num_workers': 0 (Ray Train's local mode, in the driver) keeps no checkpoint once "
+                          "the job ends; use 1 or more workers (1 trains in one worker process) (got 0)"), error
+    assert not (tmp_path / "runs").exists()
