@@ -248,3 +248,147 @@ def test_zero_train_workers_are_refused_in_one_line_before_anything_is_written(m
     assert error.endswith("key 'train.num_workers': 0 (Ray Train's local mode, in the driver) keeps no checkpoint once "
                           "the job ends; use 1 or more workers (1 trains in one worker process) (got 0)"), error
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- one line for every failure
+
+
+@pytest.mark.parametrize("job, args", [
+    ("train.py", ["--config", "configs/tiny_dolg.yaml", "--set", "data.root=[unclosed"]),
+    ("train_dolg.py", ["--config", "configs/tiny_dolg.yaml", "--set", "data.root=[unclosed"]),
+    ("train_chain.py", ["--chain", "configs/chains/tiny_hybrid_swin.yaml", "--set", "data.root=[unclosed"]),
+    ("tune.py", ["--config", "configs/tune_tiny.yaml", "--set", "name=[unclosed"]),
+    ("ensemble.py", ["--config", "configs/ensemble/quickstart.yaml", "--set", "name=[unclosed"]),
+    ("embed.py", ["--checkpoint", "{tmp}/none", "--split", "test", "--out", "{tmp}/out", "--set", "data.root=[unclosed"]),
+    ("convert_released.py", ["--source", "{tmp}/none.pth", "--out", "{tmp}/out", "--set", "data.root=[unclosed"]),
+    ("make_synthetic_gldv2.py", ["--out", "{tmp}/out", "--set", "width=[unclosed"]),
+    ("quickstart.py", ["--out", "{tmp}/out", "--set", "data.root=[unclosed"]),
+    ("serve.py", ["--set", "ensemble=[unclosed"]),
+])
+def test_a_set_value_that_is_not_yaml_is_one_line_naming_it_in_every_job(monkeypatch, tmp_path, job, args):
+    monkeypatch.chdir(REPO)
+    error = _job_error(monkeypatch, job, *(a.format(tmp=tmp_path) for a in args))
+    key = args[-1].split("=")[0]
+    assert f"--set '{key}=[unclosed': the value is not valid YAML (expected ',' or ']', but got '<stream end>' at " \
+           f"line 1, column 10); quote it as a string" in error, error
+    assert error.startswith(("error: ", "config error: ")) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("job, option", [("train.py", "--config"), ("tune.py", "--config"),
+                                         ("ensemble.py", "--config"), ("serve.py", "--config"),
+                                         ("train_chain.py", "--chain")])
+def test_a_config_file_that_is_not_utf8_or_not_yaml_is_one_line_naming_it(monkeypatch, tmp_path, job, option):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("run:\n  name: café\n".encode("latin-1"))
+    error = _job_error(monkeypatch, job, option, str(latin1))
+    assert error.endswith(f"{latin1}: not UTF-8 text (byte 0xe9 at offset 16); save the "
+                          f"{'Serve ' if job == 'serve.py' else ''}config file as UTF-8"), error
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("run:\n  name: [a, b\n")
+    error = _job_error(monkeypatch, job, option, str(broken))
+    assert re.search(rf"{broken}: not valid YAML \(.* at line \d+, column \d+\)$", error), error
+
+
+def test_an_s3_root_on_an_endpoint_that_refuses_connections_is_one_line_naming_the_uri(monkeypatch, tmp_path):
+    from ray_landmark.local_s3 import free_port, use_test_credentials
+
+    use_test_credentials()
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    error = _job_error(monkeypatch, "train.py", "--config", str(REPO / "configs" / "tiny_dolg.yaml"),
+                       "--set", "data.root=s3://gldv2/v2", "--set", f"data.storage.endpoint_url={endpoint}",
+                       "--set", "data.storage.retries=1", "--set", "data.storage.connect_timeout_s=1",
+                       "--set", f"run.output_dir={tmp_path / 'runs'}")
+    assert error.startswith("error: looking for s3://gldv2/v2/manifest/summary.json failed: "), error
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_landmark_id_that_is_not_a_number_names_the_csv_and_row_and_writes_nothing(monkeypatch, gldv2_local,
+                                                                                     tmp_path):
+    import shutil
+
+    from ray_landmark.data import gldv2
+
+    root = tmp_path / "gldv2"
+    shutil.copytree(gldv2_local, root)
+    csv = root / gldv2.TRAIN_CSV
+    lines = csv.read_text().splitlines()
+    head, first = lines[0].split(","), lines[3].split(",")
+    first[head.index("landmark_id")] = "eiffel"
+    csv.write_text("\n".join([*lines[:3], ",".join(first), *lines[4:]]) + "\n")
+    before = (root / "manifest" / "summary.json").stat().st_mtime_ns
+    error = _job_error(monkeypatch, "prepare_gldv2.py", "--root", str(root))
+    assert error == (f"error: {csv}: 1 landmark_id value(s) are not whole numbers, the first 'eiffel' on data row 3; "
+                     f"is it GLDv2's file?")
+    assert (root / "manifest" / "summary.json").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("job, args", [
+    ("make_synthetic_gldv2.py", ["--out", "{file}/gldv2"]),
+    ("export_onnx.py", ["--checkpoint", "{tmp}/none", "--out", "{file}/exported"]),
+    ("make_synthetic_gldv2.py", ["--out", "{file}"]),
+])
+def test_an_output_path_under_a_regular_file_is_one_line_before_any_work(monkeypatch, tmp_path, job, args):
+    file = tmp_path / "notes.txt"
+    file.write_text("a file, not a folder")
+    error = _job_error(monkeypatch, job, *(a.format(tmp=tmp_path, file=file) for a in args))
+    out = args[args.index("--out") + 1].format(file=file)
+    where = "it" if out == str(file) else f"{file}, a folder it would be in,"
+    assert error == f"error: --out: {out}: {where} is a file, not a folder; choose another path", error
+    assert file.read_text() == "a file, not a folder"
+
+
+@pytest.mark.parametrize("case", ["nothing listens at RAY_ADDRESS", "joining fails", "a local Ray fails to start"])
+def test_ray_that_cannot_be_reached_or_started_is_one_line_after_a_bounded_wait(monkeypatch, case):
+    import socket
+
+    from ray_landmark import runtime
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setenv("RAY_LANDMARK_CONNECT_WAIT_S", "0")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    if case == "nothing listens at RAY_ADDRESS":
+        listener.close()
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init would wait for ever"))
+        expected = (rf"^RAY_ADDRESS=127.0.0.1:{port}: nothing answers there \(Connection refused, waited 0 s\); "
+                    rf"start the cluster .* or unset it to run on a local Ray$")
+    else:
+        listener.listen()
+        if case == "joining fails":
+            monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        else:
+            monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+        def fail(**kwargs):
+            raise RuntimeError("The current node timed out during startup. This could happen because some of the\n"
+                               "raylet failed to startup or the GCS has become overloaded.")
+
+        monkeypatch.setattr(ray, "init", fail)
+        expected = (rf"^RAY_ADDRESS=127.0.0.1:{port}: could not join the Ray cluster there \(The current node timed "
+                    rf"out during startup\. .*\); check that it names" if case == "joining fails" else
+                    r"^a local Ray did not start \(The current node timed out during startup\. .*overloaded\.\); check "
+                    r"free memory")
+    with pytest.raises(runtime.RayStartError if case != "nothing listens at RAY_ADDRESS" else JobError,
+                       match=expected) as raised:
+        runtime.init_ray()
+    listener.close()
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("error, expected", [
+    (OSError("AWS Error NETWORK_CONNECTION during CreateMultipartUpload operation: curlCode: 7"),
+     r"^error: AWS Error NETWORK_CONNECTION during CreateMultipartUpload operation: curlCode: 7: a file or storage "
+     r"request failed; check the path or URI, its permissions and the storage credentials \(traceback: (\S+)\)$"),
+    (KeyError("landmark"), r"^error: unexpected KeyError: 'landmark' \(the whole traceback: (\S+); please report it\)$"),
+])
+def test_any_other_failure_ends_a_job_in_one_line_naming_the_file_with_its_traceback(error, expected):
+    def main():
+        raise error
+
+    with pytest.raises(SystemExit) as exit_:
+        run_job(main)
+    match = re.match(expected, exit_.value.code)
+    assert match, exit_.value.code
+    assert "Traceback" in Path(match.group(1)).read_text()

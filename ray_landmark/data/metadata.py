@@ -73,6 +73,19 @@ def _valid_ids(ids: pd.Series, uri: str) -> np.ndarray:
     return gldv2.ids_to_u64(ids)
 
 
+def _landmark_ids(values: pd.Series, uri: str, nullable: bool = False) -> pd.Series:
+    """A CSV's landmark_id column as integers; a value that is not one is a MetadataError naming the file, how many
+    and the first, with its row."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    missing = numbers.isna() & (values.notna() if nullable else True)
+    bad = missing | (numbers.notna() & (numbers % 1 != 0))
+    if bad.any():
+        first = bad.to_numpy().nonzero()[0][0]
+        raise MetadataError(f"{uri}: {int(bad.sum())} landmark_id value(s) are not whole numbers, the first "
+                            f"{values.iloc[first]!r} on data row {first + 1}; is it GLDv2's file?")
+    return numbers.astype("Int64" if nullable else np.int64)
+
+
 def _to_parquet(loc: Location, df: pd.DataFrame) -> None:
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
@@ -129,13 +142,15 @@ def prepare_manifests(
     train = _read_csv(root, gldv2.TRAIN_CSV, dtype={"id": str})
     _require_columns(train, ["id", "landmark_id"], root.child(gldv2.TRAIN_CSV).uri)
     train = pd.DataFrame(
-        {"id": _valid_ids(train["id"], gldv2.TRAIN_CSV), "landmark_id": train["landmark_id"].astype(np.int64)}
+        {"id": _valid_ids(train["id"], gldv2.TRAIN_CSV),
+         "landmark_id": _landmark_ids(train["landmark_id"], root.child(gldv2.TRAIN_CSV).uri)}
     ).drop_duplicates("id")
     clean = _read_csv(root, gldv2.TRAIN_CLEAN_CSV, dtype={"images": str})
     _require_columns(clean, ["landmark_id", "images"], root.child(gldv2.TRAIN_CLEAN_CSV).uri)
     clean = clean.assign(id=clean["images"].fillna("").str.split()).explode("id").dropna(subset=["id"])
     clean = pd.DataFrame(
-        {"id": _valid_ids(clean["id"], gldv2.TRAIN_CLEAN_CSV), "landmark_id": clean["landmark_id"].astype(np.int64)}
+        {"id": _valid_ids(clean["id"], gldv2.TRAIN_CLEAN_CSV),
+         "landmark_id": _landmark_ids(clean["landmark_id"], root.child(gldv2.TRAIN_CLEAN_CSV).uri)}
     ).drop_duplicates("id")
 
     view_images = {
@@ -171,7 +186,8 @@ def prepare_manifests(
     _require_columns(index_landmarks, ["id", "landmark_id"], root.child(gldv2.INDEX_TO_LANDMARK_CSV).uri)
     # index.csv defines the index; index_image_to_landmark.csv only labels part of it.
     index = index_ids[["id"]].merge(index_landmarks[["id", "landmark_id"]], on="id", how="left")
-    index["landmark_id"] = index["landmark_id"].astype("Int64")
+    index["landmark_id"] = _landmark_ids(index["landmark_id"], root.child(gldv2.INDEX_TO_LANDMARK_CSV).uri,
+                                         nullable=True)
     tables[("eval", "test.parquet")] = test_ids[["id"]]
     tables[("eval", "index.parquet")] = index
     tables[("eval", "recognition.parquet")] = pd.DataFrame(
@@ -311,8 +327,9 @@ def _selection(all_ids: pd.Series, selected: pd.Series) -> LabelLookup:
 
 def complete_manifest(cfg: DataConfig) -> Manifest | None:
     """The manifest of ``cfg`` if one was written to the end (it has its ``summary.json``), else None."""
-    loc = resolve(cfg.manifest_uri, cfg.manifest_storage or cfg.storage)
-    return Manifest(loc) if exists(loc.child(SUMMARY_FILE)) else None
+    storage = cfg.manifest_storage or cfg.storage
+    loc = resolve(cfg.manifest_uri, storage)
+    return Manifest(loc) if exists(loc.child(SUMMARY_FILE), storage.retries) else None
 
 
 def open_manifest(cfg: DataConfig) -> Manifest:
