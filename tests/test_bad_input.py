@@ -392,3 +392,112 @@ def test_any_other_failure_ends_a_job_in_one_line_naming_the_file_with_its_trace
     match = re.match(expected, exit_.value.code)
     assert match, exit_.value.code
     assert "Traceback" in Path(match.group(1)).read_text()
+
+
+# ---------------------------------------------------------------- checked before the expensive part
+
+
+def _fake_checkpoint(folder: Path) -> Path:
+    """A small checkpoint folder with a valid config (the tiny DOLG's): enough for every check made before a model
+    is built."""
+    import torch
+
+    from ray_landmark.config import load_config
+    from ray_landmark.runs.checkpoint import Progress, save_checkpoint
+
+    cfg = load_config(REPO / "configs" / "tiny_dolg.yaml")
+    save_checkpoint(folder, state={"w": torch.zeros(256)}, config=cfg.model_dump(mode="json"),
+                    progress=Progress(1, 10, 0))
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["missing", "damaged checkpoint folder", "run folder without a good checkpoint"])
+@pytest.mark.parametrize("job", ["ensemble.py", "embed.py", "export_onnx.py"])
+def test_a_checkpoint_missing_or_damaged_is_refused_before_ray_or_the_first_model(monkeypatch, tmp_path, damage,
+                                                                                   job):
+    from ray_landmark.runs.checkpoint import STATE_FILE
+
+    good = _fake_checkpoint(tmp_path / "good" / "checkpoint_1")
+    bad = tmp_path / "second"
+    if damage != "missing":
+        folder = _fake_checkpoint((bad / "checkpoint_1") if damage.startswith("run folder") else bad)
+        (folder / STATE_FILE).write_bytes((folder / STATE_FILE).read_bytes()[:100])
+    out = tmp_path / "out"
+    if job == "ensemble.py":
+        config = tmp_path / "ensemble.yaml"
+        config.write_text(f"name: e\noutput_dir: {out}\nmodels:\n"
+                          f"  - {{name: first, checkpoint: {good.parent}, family: dolg}}\n"
+                          f"  - {{name: second, checkpoint: {bad}, family: efficientnet}}\n")
+        args = ["--config", str(config)]
+    elif job == "embed.py":
+        args = ["--checkpoint", str(bad), "--split", "test", "--out", str(out)]
+    else:
+        args = ["--checkpoint", str(bad), "--out", str(out)]
+    error = _job_error(monkeypatch, job, *args)
+    prefix = "error: models[second].checkpoint: " if job == "ensemble.py" else "error: "
+    expected = {
+        "missing": f"{bad}: no such checkpoint or run folder",
+        "damaged checkpoint folder": f"checkpoint {bad}: state.pt has 100 bytes, not the ",
+        "run folder without a good checkpoint": f"{bad}: neither a checkpoint folder (state.pt) nor a run with a "
+                                                f"complete checkpoint",
+    }[damage]
+    assert error.startswith(prefix + expected), error
+    assert not out.exists()  # nothing embedded, exported or written
+
+
+def test_an_error_in_a_ray_actors_init_reaches_the_user_as_its_one_line(ray_session):
+    from ray_landmark.runs.checkpoint import CorruptCheckpoint
+
+    message = "checkpoint /runs/x/checkpoint_1: its weights do not fit the model its config.json describes"
+
+    @ray.remote
+    class LoadsAModel:  # as a Ray Data map worker's __init__ loads the checkpoint
+        def __init__(self):
+            raise CorruptCheckpoint(message)
+
+        def ready(self):
+            return True
+
+    with pytest.raises(ray.exceptions.ActorDiedError) as died:
+        ray.get(LoadsAModel.remote().ready.remote())
+    found = user_error(died.value)
+    assert isinstance(found, CorruptCheckpoint) and str(found) == message
+
+
+@pytest.mark.slow
+def test_embedding_a_guard_left_by_a_failed_run_never_blocks_the_rerun_and_a_model_that_cannot_load_is_one_line(
+    monkeypatch, tiny_checkpoints, tmp_path
+):
+    import json
+    import shutil
+
+    from ray_landmark.runs.checkpoint import CONFIG_FILE, META_FILE, latest_checkpoint
+    from ray_landmark.data.storage import resolve
+
+    good = latest_checkpoint(resolve(tiny_checkpoints["dolg"])).folder.path
+    # A copy whose config describes another model than its weights (and whose meta.json records the new size): it
+    # verifies, so only the embedding actors' __init__, loading the model, finds out.
+    unfit = tmp_path / "unfit"
+    shutil.copytree(good, unfit)
+    config = json.loads((unfit / CONFIG_FILE).read_text())
+    config["model"]["embedding_dim"] = config["model"].get("embedding_dim", 512) // 2
+    (unfit / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    meta = json.loads((unfit / META_FILE).read_text())
+    meta["sizes"][CONFIG_FILE] = (unfit / CONFIG_FILE).stat().st_size
+    (unfit / META_FILE).write_text(json.dumps(meta))
+    out = tmp_path / "embeddings"
+    embed = ["--split", "test", "--out", str(out), "--batch-size", "16"]
+
+    error = _job_error(monkeypatch, "embed.py", "--checkpoint", str(unfit), *embed)
+    assert error.startswith(f"error: checkpoint {unfit}: its weights do not fit the model its config.json "
+                            f"describes"), error
+    assert (out / "test" / "_embedding.json").exists() and not list(out.glob("test/*.parquet"))
+
+    # The same folder with the right checkpoint: the failed run's guard guards no embedding, and is replaced.
+    monkeypatch.setattr(sys, "argv", ["embed.py", "--checkpoint", good, *embed])
+    runpy.run_path(str(REPO / "jobs" / "embed.py"), run_name="__main__")
+    assert json.loads((out / "test" / "_embedding.json").read_text())["checkpoint"] == good
+    assert list(out.glob("test/*.parquet"))
+    # With embeddings beside it, the guard holds: another checkpoint is refused.
+    error = _job_error(monkeypatch, "embed.py", "--checkpoint", str(unfit), *embed)
+    assert error.startswith(f"error: {out / 'test'} holds embeddings of checkpoint={good}"), error

@@ -120,10 +120,12 @@ def read_checkpoint(folder: Path, name: str, map_location="cpu") -> LoadedCheckp
 
 
 def checkpoint_folder(uri: str, storage=None, printer: Printer = say) -> Location:
-    """A checkpoint folder as given, or the newest complete, verified checkpoint of a run folder
-    (``<output_dir>/<name>``)."""
+    """A checkpoint folder as given, verified as a run folder's are (complete, its state matching its checksum: a
+    CorruptCheckpoint naming it, before anything is built on it), or the newest complete, verified checkpoint of a
+    run folder (``<output_dir>/<name>``)."""
     loc = resolve(uri, storage)
     if loc.fs.get_file_info(loc.child(STATE_FILE).path).type != pafs.FileType.NotFound:
+        _check(loc)
         return loc
     if loc.fs.get_file_info(loc.path).type == pafs.FileType.NotFound:
         raise CorruptCheckpoint(f"{loc.uri}: no such checkpoint or run folder")

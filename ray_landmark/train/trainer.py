@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 from ray_landmark.config import Config
 from ray_landmark.data.metadata import LabelLookup, open_manifest
 from ray_landmark.data.pipeline import decodes_in_worker, eval_stream, split_shards, train_stream
-from ray_landmark.data.storage import exists, resolve
+from ray_landmark.data.storage import check_writable, exists, resolve
 from ray_landmark.errors import ConfigError
 from ray_landmark.progress import ConsoleRelay, interactive, on_this_node, run_printing_relay, say
 from ray_landmark.runs.checkpoint import CorruptCheckpoint, latest_checkpoint
@@ -57,6 +57,7 @@ def load_training_data(cfg: Config, restart: bool = False) -> TrainingData:
     if cfg.model is None or cfg.train is None:
         raise ConfigError(f"run {cfg.run.name}: training needs the 'model' and 'train' sections")
     run = output_folder(cfg.run)
+    check_writable(run, "run.output_dir")
     latest = latest_checkpoint(run)
     check_rerun(run, latest.config if latest else None, cfg.model_dump(mode="json"), restart=restart)
     if cfg.train.init_from and not exists(resolve(cfg.train.init_from, cfg.run.storage)):
@@ -126,6 +127,7 @@ def fit(
 def final_checkpoint(cfg: Config) -> str:
     """The URI of the run's newest verified checkpoint, read back from its folder (not Ray's word for it)."""
     run = output_folder(cfg.run)
+    check_writable(run, "run.output_dir")
     latest = latest_checkpoint(run)
     if latest is None:
         raise CorruptCheckpoint(f"{run.uri}: training ended but no checkpoint there verifies; rerun the same "
