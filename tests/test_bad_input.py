@@ -501,3 +501,20 @@ def test_embedding_a_guard_left_by_a_failed_run_never_blocks_the_rerun_and_a_mod
     # With embeddings beside it, the guard holds: another checkpoint is refused.
     error = _job_error(monkeypatch, "embed.py", "--checkpoint", str(unfit), *embed)
     assert error.startswith(f"error: {out / 'test'} holds embeddings of checkpoint={good}"), error
+
+
+def test_a_job_whose_ray_address_nothing_answers_stops_after_the_bounded_wait_naming_it(gldv2_local, tmp_path):
+    import os
+    import subprocess
+
+    from ray_landmark.local_s3 import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "RAY_ADDRESS": address, "RAY_LANDMARK_CONNECT_WAIT_S": "2", "PYTHONPATH": str(REPO)}
+    job = subprocess.run([sys.executable, "jobs/train.py", "--config", "configs/tiny_dolg.yaml",
+                          "--set", f"data.root={gldv2_local}", "--set", f"run.output_dir={tmp_path / 'runs'}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert job.returncode == 1 and "[ray]" not in job.stdout, job.stdout[-2000:] + job.stderr[-2000:]
+    assert job.stderr.strip().splitlines() == [
+        f"error: RAY_ADDRESS={address}: nothing answers there (Connection refused, waited 2 s); start the cluster (ray "
+        f"up cluster.yaml, or ray start --head) or point RAY_ADDRESS at its head, or unset it to run on a local Ray"]
