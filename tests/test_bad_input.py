@@ -1,5 +1,8 @@
 """Bad input a user can hit gives one line naming the key, file or address, exit code 1, and nothing half-written:
-checked in the driver before Ray starts, or carried out of a Ray worker as the same line."""
+checked in the driver before Ray starts, or carried out of a Ray worker as the same line. By mechanism: the shards a
+manifest lists, one line for every failure (files, --set, storage, Ray's start), checks before the expensive part
+(checkpoints, output paths); checkpoint retention is in tests/test_run_identity.py and tests/test_training.py, the
+service's answers to bad images in tests/test_serve.py."""
 
 from __future__ import annotations
 
@@ -259,7 +262,8 @@ def test_zero_train_workers_are_refused_in_one_line_before_anything_is_written(m
     ("train_chain.py", ["--chain", "configs/chains/tiny_hybrid_swin.yaml", "--set", "data.root=[unclosed"]),
     ("tune.py", ["--config", "configs/tune_tiny.yaml", "--set", "name=[unclosed"]),
     ("ensemble.py", ["--config", "configs/ensemble/quickstart.yaml", "--set", "name=[unclosed"]),
-    ("embed.py", ["--checkpoint", "{tmp}/none", "--split", "test", "--out", "{tmp}/out", "--set", "data.root=[unclosed"]),
+    ("embed.py", ["--checkpoint", "{tmp}/none", "--split", "test", "--out", "{tmp}/out",
+                  "--set", "data.root=[unclosed"]),
     ("convert_released.py", ["--source", "{tmp}/none.pth", "--out", "{tmp}/out", "--set", "data.root=[unclosed"]),
     ("make_synthetic_gldv2.py", ["--out", "{tmp}/out", "--set", "width=[unclosed"]),
     ("quickstart.py", ["--out", "{tmp}/out", "--set", "data.root=[unclosed"]),
@@ -381,7 +385,8 @@ def test_ray_that_cannot_be_reached_or_started_is_one_line_after_a_bounded_wait(
     (OSError("AWS Error NETWORK_CONNECTION during CreateMultipartUpload operation: curlCode: 7"),
      r"^error: AWS Error NETWORK_CONNECTION during CreateMultipartUpload operation: curlCode: 7: a file or storage "
      r"request failed; check the path or URI, its permissions and the storage credentials \(traceback: (\S+)\)$"),
-    (KeyError("landmark"), r"^error: unexpected KeyError: 'landmark' \(the whole traceback: (\S+); please report it\)$"),
+    (KeyError("landmark"),
+     r"^error: unexpected KeyError: 'landmark' \(the whole traceback: (\S+); please report it\)$"),
 ])
 def test_any_other_failure_ends_a_job_in_one_line_naming_the_file_with_its_traceback(error, expected):
     def main():

@@ -21,7 +21,10 @@ Bad input never stops an epoch: a member that is not a JPEG, an empty one, a cor
 truncated tar (with ranged reads: a range that comes back short of the member) and ids missing from the metadata are
 each skipped, logged and counted by reason in ``SampleCounter``, a small actor that the training loop reads once per
 epoch. A request to object storage that fails is retried by the S3 filesystem alone (``data.storage.retries`` tries,
-``storage.s3_filesystem``); a shard that still cannot be read fails the job with its URI.
+``storage.s3_filesystem``); a shard that still cannot be read fails the job with its URI. Before any of that, a
+stream's shards are compared with what the manifest expects (``split_shards``): a listed shard that is missing, empty,
+a folder or shorter than its index fails the job at once naming it, or with ``data.missing_shards: skip`` is left out
+and named.
 """
 
 from __future__ import annotations
