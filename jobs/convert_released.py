@@ -13,7 +13,9 @@ import argparse
 from pathlib import Path
 
 from ray_landmark.cli import run_job
+from ray_landmark.config import parse_override
 from ray_landmark.data.config import StorageConfig
+from ray_landmark.data.storage import check_writable, resolve
 from ray_landmark.runs.released import RELEASED_MODELS, convert_released
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "recipes"
@@ -32,7 +34,10 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value of the written config, e.g. --set data.manifest=s3://my-bucket/manifest")
     args = parser.parse_args()
+    for text in args.overrides:  # each --set parses before the file is read
+        parse_override(text)
     storage = StorageConfig(endpoint_url=args.endpoint_url)
+    check_writable(resolve(args.out, storage), "--out")
     report = convert_released(
         args.source, args.out, recipes=RECIPES, model_name=args.model, storage=storage, data_root=args.data_root,
         data_storage=StorageConfig(endpoint_url=args.endpoint_url, anonymous=args.anonymous),

@@ -26,6 +26,8 @@ def main() -> None:
     from ray_landmark.data.config import DataConfig, StorageConfig
     from ray_landmark.infer.config import EmbedSettings
     from ray_landmark.infer.embed import EmbedRequest, embed_splits
+    from ray_landmark.data.pipeline import split_shards
+    from ray_landmark.data.storage import check_writable, resolve
     from ray_landmark.runs.checkpoint import read_checkpoint_config
     from ray_landmark.runtime import init_ray
 
@@ -65,6 +67,9 @@ def main() -> None:
     data = config_from_dict(data_tree, "--set data.*", DataConfig)
     request = EmbedRequest(checkpoint=args.checkpoint, out=args.out, splits=tuple(dict.fromkeys(args.split)),
                            view=args.view, data=data, storage=storage, settings=settings)
+    check_writable(resolve(args.out, storage), "--out")
+    for split in request.splits:  # the shards the manifest lists are there, before Ray starts
+        split_shards(data, split)
     init_ray()
     embed_splits(request)
 

@@ -12,12 +12,16 @@ from ray_landmark.cli import job_parser, load_job_config, run_job
 def main() -> None:
     # Imported here, not at the top: run_job sets Ray's console options first (Ray reads them when imported).
     from ray_landmark.infer.config import EnsembleConfig
-    from ray_landmark.infer.ensemble import metrics_text, run_ensemble
+    from ray_landmark.data.metadata import open_manifest
+    from ray_landmark.infer.ensemble import check_models, data_config, metrics_text, run_ensemble
     from ray_landmark.runtime import init_ray
 
     cfg = load_job_config(job_parser(__doc__).parse_args(), cls=EnsembleConfig)
+    # Before Ray starts: every model's checkpoint and config, the output folder, the data's manifest.
+    check_models(cfg)
+    open_manifest(data_config(cfg))
     init_ray()
-    summary = run_ensemble(cfg)
+    summary = run_ensemble(cfg, models_checked=True)
     print(metrics_text(summary["stages"]))
     print(f"[ensemble] report: {summary['report']}; submissions: {', '.join(summary['submissions'])}")
 

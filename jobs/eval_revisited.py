@@ -33,6 +33,7 @@ def main() -> None:
     from ray_landmark.config import load_config
     from ray_landmark.data.config import StorageConfig
     from ray_landmark.data.revisited import DATASETS
+    from ray_landmark.data.storage import check_writable, resolve
     from ray_landmark.infer.config import EnsembleConfig
     from ray_landmark.infer.revisited import (
         DEFAULT_SCALES, RevisitedRequest, check_inputs, models_from_checkpoint, models_from_ensemble, results_text,
@@ -75,6 +76,7 @@ def main() -> None:
         ranking_depth=args.ranking_depth, allow_missing=args.allow_missing, part_size=args.part_size,
         batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
     )
+    check_writable(resolve(args.out, storage), "--out")
     inputs = check_inputs(request)  # bad ground truth or missing images: refused before any model or Ray
     models = models_from_ensemble(ensemble) if ensemble else models_from_checkpoint(args.checkpoint, storage)
     request = replace(request, models=models)

@@ -11,6 +11,7 @@ import argparse
 
 from ray_landmark.cli import run_job
 from ray_landmark.data.config import StorageConfig
+from ray_landmark.data.storage import check_writable, resolve
 from ray_landmark.infer.onnx_export import export_onnx
 from ray_landmark.progress import say
 
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("--check-images", type=int, default=8, help="test images compared with PyTorch")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed")
     args = parser.parse_args()
+    check_writable(resolve(args.out), "--out")  # before the model is loaded and traced
     result = export_onnx(args.checkpoint, args.out, StorageConfig(endpoint_url=args.endpoint_url), head=args.head,
                          triton=args.triton, check_images=args.check_images, tolerance=args.tolerance)
     check = result.metadata["check"]

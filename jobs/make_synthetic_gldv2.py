@@ -11,7 +11,7 @@ from ray_landmark.config import config_from_dict, parse_override
 from ray_landmark.data.config import StorageConfig
 from ray_landmark.data.metadata import prepare_manifests
 from ray_landmark.data.shard_members import dataset_shard_index
-from ray_landmark.data.storage import resolve
+from ray_landmark.data.storage import check_writable, resolve
 from ray_landmark.data.synthetic import SyntheticSpec, write_synthetic_gldv2
 
 
@@ -26,6 +26,7 @@ def main() -> None:
     args = parser.parse_args()
     spec = config_from_dict(dict(parse_override(o) for o in args.overrides), "--set", SyntheticSpec)
     root = resolve(args.out, StorageConfig(endpoint_url=args.endpoint_url))
+    check_writable(root, "--out")
     write_synthetic_gldv2(spec, root)
     prepare_manifests(root, root.child("manifest"), shard_index=dataset_shard_index(root))
 

@@ -12,8 +12,8 @@ import argparse
 from ray_landmark.cli import run_job
 from ray_landmark.data.config import StorageConfig
 from ray_landmark.data.metadata import prepare_manifests
-from ray_landmark.data.shard_members import dataset_shard_index
-from ray_landmark.data.storage import resolve
+from ray_landmark.data.shard_members import dataset_shard_index, dataset_tar_files
+from ray_landmark.data.storage import check_writable, resolve
 
 
 def main() -> None:
@@ -30,8 +30,12 @@ def main() -> None:
     write = StorageConfig(endpoint_url=args.endpoint_url, region=args.region)
     out = args.out or args.root.rstrip("/") + "/manifest"
     root = resolve(args.root, read)
+    out_loc = resolve(out, write)
+    check_writable(out_loc, "--out")  # before the shards are listed
     shard_index = dataset_shard_index(root) if args.verify_shards else None
-    summary = prepare_manifests(root, resolve(out, write), shard_index=shard_index)
+    # Without the index, the tar list alone: every job then knows which shards to expect.
+    shard_files = None if args.verify_shards else dataset_tar_files(root)
+    summary = prepare_manifests(root, out_loc, shard_index=shard_index, shard_files=shard_files)
     print(f"wrote manifests to {out}: {summary}")
 
 

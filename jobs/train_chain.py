@@ -24,7 +24,7 @@ def main() -> None:
     # Ray is imported here, after run_job's plain_ray_console.
     from ray_landmark.runtime import init_ray
     from ray_landmark.train.chain import load_chain, pending_steps, run_chain
-    from ray_landmark.train.trainer import fit, load_training_data
+    from ray_landmark.train.trainer import final_checkpoint, fit, load_training_data
 
     try:
         chain, steps = load_chain(args.chain, args.overrides)
@@ -36,8 +36,8 @@ def main() -> None:
 
     def fit_step(cfg):
         data = first_data if cfg is steps[pending[0]] else load_training_data(cfg, args.restart)
-        result = fit(cfg, data)
-        print(f"[train] finished {cfg.run.name}; final checkpoint {result.checkpoint.path}")
+        fit(cfg, data)
+        print(f"[train] finished {cfg.run.name}; final checkpoint {final_checkpoint(cfg)}")
 
     if pending:
         init_ray()

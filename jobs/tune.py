@@ -20,10 +20,13 @@ def main() -> None:
     # Every key and value of the space is checked against the base before Ray starts.
     sweep, base = load_sweep(args.config, args.overrides, args.base_overrides)
     open_manifest(base.data).view_classes(base.data.view)  # a wrong data.root fails here, before Ray starts
+    from ray_landmark.data.storage import check_writable
+    from ray_landmark.runs.folders import output_folder
     from ray_landmark.runtime import init_ray  # Ray is imported here, after run_job's plain_ray_console
     from ray_landmark.tune.sweep import check_sweep_rerun, run_sweep
 
     check_sweep_rerun(sweep, base, args.restart)
+    check_writable(output_folder(sweep), "output_dir")
     init_ray()
     run_sweep(sweep, base)
 

@@ -62,17 +62,18 @@ def train_job(description: str, default_config: str | None = None, arch: str | N
     if arch:
         require_arch(cfg, arch, args.config, other_job="jobs/train.py")
     from ray_landmark.runtime import init_ray  # Ray is imported here, after run_job's plain_ray_console
-    from ray_landmark.train.trainer import fit, load_training_data
+    from ray_landmark.train.trainer import final_checkpoint, fit, load_training_data
 
     data = load_training_data(cfg, args.restart)
     init_ray()
-    result = fit(cfg, data)
-    print(f"[train] finished {cfg.run.name}; final checkpoint {result.checkpoint.path}")
+    fit(cfg, data)
+    print(f"[train] finished {cfg.run.name}; final checkpoint {final_checkpoint(cfg)}")
 
 
 def run_job(main) -> None:
-    """Run a job's main(); errors a user can fix (config, storage, data), raised here or inside a Ray worker, end the
-    job with their one-line message (plus where Ray's logs are, once Ray runs) and exit code 1.
+    """Run a job's main(); every failure ends the job with one line and exit code 1: errors a user can fix (config,
+    storage, data), raised here or inside a Ray worker, with their own message (plus where Ray's logs are, once Ray
+    runs); any other with what it was and the file that holds its traceback (``failure_line``).
     Libraries' INFO chatter (botocore, Ray) stays off the console: warnings and errors still show, Ray's plain in a
     log file (``plain_ray_console``)."""
     plain_ray_console()
@@ -80,10 +81,58 @@ def run_job(main) -> None:
     try:
         main()
     except Exception as err:
-        cause = user_error(err)
-        if cause is None:
-            raise
-        sys.exit(f"error: {cause}{_ray_logs_hint(err)}")
+        sys.exit(failure_line(err))
+
+
+def failure_line(err: BaseException) -> str:
+    """The one line a job ends with. A JobError (also one at the root of Ray's wrappers) is the user's to fix and
+    says how; a file or storage request that failed (an OSError: pyarrow's S3 errors are OSErrors) names what it
+    could; anything else is unexpected. Those two keep their traceback in a file the line names."""
+    cause = user_error(err)
+    if cause is not None:
+        return f"error: {cause}{_ray_logs_hint(err)}"
+    root = root_cause(err)
+    trace = save_traceback(err)
+    what = " ".join(str(root).split())[:400] or type(root).__name__
+    if isinstance(root, OSError):
+        return (f"error: {what}: a file or storage request failed; check the path or URI, its permissions and the "
+                f"storage credentials (traceback: {trace})")
+    return f"error: unexpected {type(root).__name__}: {what} (the whole traceback: {trace}; please report it)"
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost error of an exception's chain, Ray's wrappers included (a RayTaskError's ``cause``)."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        inner = getattr(err, "cause", None) or err.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        err = inner
+    return err
+
+
+def save_traceback(err: BaseException) -> str:
+    """Write ``err``'s traceback beside Ray's logs (once Ray runs), else in the temporary folder; its path."""
+    import tempfile
+    import time
+    import traceback
+
+    folder = None
+    if "ray" in sys.modules:  # importing Ray only to say that it never ran would be slow
+        from ray_landmark.runtime import ray_logs_folder
+
+        folder = ray_logs_folder()
+    folder = folder or os.path.join(tempfile.gettempdir(), "ray_landmark")
+    job = os.path.splitext(os.path.basename(sys.argv[0] or "job"))[0] or "job"
+    path = os.path.join(folder, f"{job}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.traceback.txt")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "w") as f:
+            f.write("".join(traceback.format_exception(err)))
+    except OSError:
+        return "not saved: the folder for it cannot be written"
+    return path
 
 
 def _ray_logs_hint(err: Exception) -> str:

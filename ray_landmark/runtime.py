@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import time
 from pathlib import Path
 
 import ray
@@ -56,26 +58,78 @@ def init_ray(local_cpus: int | None = None) -> None:
         _keep_token_private()
         return
     common = dict(log_to_driver=False, logging_level=logging.WARNING)
-    if address:
-        context = ray.init(runtime_env=cluster_runtime_env(), **common)
-    else:
-        context = ray.init(
-            # "local": a new Ray of this job's own. Without it, ray.init() joins the last cluster that `ray start`
-            # began on this machine (/tmp/ray/ray_current_cluster), which RAY_ADDRESS did not name.
-            address="local",
-            num_cpus=local_cpus or max(4, 2 * (os.cpu_count() or 1)),
-            include_dashboard=False,
-            # Ray replaces workers idle for 1 s by default; every new one imports torch again. On 2 cores that churn
-            # took 0.2 of a core away from decoding (benchmarks/data_pipeline.py); keep idle workers for a minute.
-            _system_config={"idle_worker_killing_time_threshold_ms": 60_000},
-            **common,
-        )
+    try:
+        if address:
+            # Ray waits for an address where nothing listens forever, retrying: the address is tried first.
+            check_reachable(address)
+            context = ray.init(runtime_env=cluster_runtime_env(), **common)
+        else:
+            context = ray.init(
+                # "local": a new Ray of this job's own. Without it, ray.init() joins the last cluster that `ray
+                # start` began on this machine (/tmp/ray/ray_current_cluster), which RAY_ADDRESS did not name.
+                address="local",
+                num_cpus=local_cpus or max(4, 2 * (os.cpu_count() or 1)),
+                include_dashboard=False,
+                # Ray replaces workers idle for 1 s by default; every new one imports torch again. On 2 cores that
+                # churn took 0.2 of a core away from decoding (benchmarks/data_pipeline.py); keep idle workers for
+                # a minute.
+                _system_config={"idle_worker_killing_time_threshold_ms": 60_000},
+                **common,
+            )
+    except JobError:
+        raise
+    except Exception as err:  # noqa: BLE001 (Ray raises RuntimeError, ConnectionError, its own and plain Exception)
+        first = " ".join(str(err).split())[:300] or type(err).__name__
+        if address:
+            raise RayStartError(f"RAY_ADDRESS={address}: could not join the Ray cluster there ({first}); check that "
+                                f"it names the head node's GCS address (host:6379) and that the cluster runs Ray "
+                                f"{ray.__version__}, or unset RAY_ADDRESS to run on a local Ray") from err
+        raise RayStartError(f"a local Ray did not start ({first}); check free memory and /dev/shm (Ray's object "
+                            f"store) and that /tmp/ray can be written; Ray's own logs: "
+                            f"/tmp/ray/session_latest/logs") from err
     _quiet_ray_console()
     _keep_token_private()
     global _session_logs
     _session_logs = logs = os.path.join(context.address_info.get("session_dir", ""), "logs")
     say(f"[ray] {'joined ' + os.environ['RAY_ADDRESS'] if os.environ.get('RAY_ADDRESS') else 'local Ray started'}; "
         f"Ray's logs: {logs}")
+
+
+class RayStartError(JobError, RuntimeError):
+    """Ray could not be started or joined; the message names the address and what to check."""
+
+
+def connect_wait_s() -> float:
+    """How long a job waits for ``RAY_ADDRESS`` to answer (a cluster still starting): RAY_LANDMARK_CONNECT_WAIT_S,
+    default 30 s."""
+    try:
+        return max(0.0, float(os.environ.get("RAY_LANDMARK_CONNECT_WAIT_S", "30")))
+    except ValueError:
+        raise JobError(f"RAY_LANDMARK_CONNECT_WAIT_S={os.environ['RAY_LANDMARK_CONNECT_WAIT_S']!r}: expected a "
+                       f"number of seconds") from None
+
+
+def check_reachable(address: str) -> None:
+    """That something accepts connections at a cluster address (``host:port`` or ``ray://host:port``), trying for
+    ``connect_wait_s``; else a JobError naming it. ``auto`` (the cluster `ray start` began here) is Ray's to find."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise JobError(f"RAY_ADDRESS={address}: expected host:port (the head node's GCS address, e.g. 10.0.0.5:6379), "
+                       f"ray://host:10001, or auto")
+    deadline = time.monotonic() + connect_wait_s()
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise JobError(f"RAY_ADDRESS={address}: nothing answers there ({err.strerror or err}, waited "
+                               f"{connect_wait_s():g} s); start the cluster (ray up cluster.yaml, or ray start "
+                               f"--head) or point RAY_ADDRESS at its head, or unset it to run on a local Ray") \
+                    from None
+            time.sleep(1)
 
 
 def _keep_token_private() -> None:

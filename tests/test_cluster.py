@@ -179,6 +179,7 @@ def _init_ray_call(monkeypatch, env: dict[str, str]) -> dict:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     calls = []
+    monkeypatch.setattr(runtime, "check_reachable", lambda address: None)  # the address is made up: nothing answers
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs) or SimpleNamespace(address_info={}))
     runtime.init_ray()

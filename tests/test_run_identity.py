@@ -17,7 +17,7 @@ from ray_landmark.data.config import StorageConfig
 from ray_landmark.data.storage import resolve
 from ray_landmark.runs.checkpoint import (
     CONFIG_FILE, META_FILE, STATE_FILE, CorruptCheckpoint, Progress, checkpoint_folder, latest_checkpoint,
-    read_checkpoint_at, save_checkpoint,
+    prune_checkpoints, read_checkpoint_at, save_checkpoint,
 )
 from ray_landmark.runs.identity import RunConflict, check_rerun, config_differences
 from ray_landmark.train.trainer import load_training_data
@@ -149,3 +149,74 @@ def test_a_run_with_only_damaged_checkpoints_is_an_error_naming_it(tmp_path):
     assert meta["sizes"][CONFIG_FILE] > 1  # the size check catches the truncated config first
     with pytest.raises(CorruptCheckpoint, match=f"{run}: neither a checkpoint folder .* nor a run with a complete"):
         checkpoint_folder(str(run), printer=lambda line: None)
+
+
+@pytest.mark.parametrize("damage", ["truncated state", "altered state", "truncated meta", "no meta",
+                                    "a store that fails reads"])
+def test_retention_keeps_verified_checkpoints_and_never_a_damaged_one_in_their_place(tmp_path, damage, request):
+    """train.keep_checkpoints=2 with the newest checkpoint damaged (a resume passed over it, then wrote nothing newer):
+    the two good ones are kept, the damaged one is named and deleted, never counted; one the store would not read is
+    neither counted nor deleted."""
+    local = tmp_path / "run"
+    _fake_run(local, {}, steps=(10, 20, 30))
+    newest = local / "checkpoint_2026-12-02_00-00-02"
+    run = resolve(str(local))
+    if damage == "truncated state":
+        (newest / STATE_FILE).write_bytes((newest / STATE_FILE).read_bytes()[:100])
+    elif damage == "altered state":
+        data = bytearray((newest / STATE_FILE).read_bytes())
+        data[-10] ^= 0xFF
+        (newest / STATE_FILE).write_bytes(bytes(data))
+    elif damage == "truncated meta":
+        (newest / META_FILE).write_text((newest / META_FILE).read_text()[:30])
+    elif damage == "no meta":
+        (newest / META_FILE).unlink()
+    if damage == "a store that fails reads":
+        import pyarrow.fs as pafs
+
+        from fault_proxy import FaultProxy
+
+        s3 = request.getfixturevalue("s3")
+        bucket = s3.create_bucket("retention")
+        with FaultProxy(s3.endpoint_url) as proxy:
+            run = resolve(f"{bucket}/run", StorageConfig(endpoint_url=proxy.endpoint_url, retries=1))
+            pafs.copy_files(str(local), run.path, destination_filesystem=run.fs)
+            proxy.fail_reads = r"00-00-02/state\.pt"
+            lines = []
+            pruned = prune_checkpoints(run, keep=2, printer=lines.append)
+        newest_uri = run.child(newest.name).uri
+        assert len(lines) == 1 and lines[0].startswith(f"[checkpoint] WARNING checkpoint {newest_uri}: could not be "
+                                                        f"read (") and lines[0].endswith("; not counted, kept")
+        assert pruned.deleted_damaged == [] and pruned.deleted_old == []
+        assert run.fs.get_file_info(run.child(newest.name, STATE_FILE).path).is_file  # the store may answer later
+    else:
+        lines = []
+        pruned = prune_checkpoints(run, keep=2, printer=lines.append)
+        newest_uri = str(newest)
+        assert pruned.deleted_damaged == [newest_uri] and pruned.deleted_old == [] and not newest.exists()
+        assert len(lines) == 1 and lines[0].startswith(f"[checkpoint] WARNING checkpoint {newest_uri}: ")
+        assert lines[0].endswith("; deleted (damaged; the run keeps its newest verified checkpoints)")
+    assert pruned.kept == [run.child(f"checkpoint_2026-12-02_00-00-0{n}").uri for n in (1, 0)]
+    assert latest_checkpoint(run, printer=lambda line: None).progress.step == 20
+
+
+def test_retention_deletes_good_checkpoints_only_beyond_the_newest_kept(tmp_path):
+    run = tmp_path / "run"
+    _fake_run(run, {}, steps=(10, 20, 30))
+    pruned = prune_checkpoints(resolve(str(run)), keep=2, printer=pytest.fail)
+    assert [Path(p).name for p in pruned.kept] == ["checkpoint_2026-12-02_00-00-02", "checkpoint_2026-12-02_00-00-01"]
+    assert pruned.deleted_old == [str(run / "checkpoint_2026-12-02_00-00-00")] and pruned.deleted_damaged == []
+    assert sorted(p.name for p in run.iterdir()) == [Path(p).name for p in reversed(pruned.kept)]
+    # Nothing verifies: nothing is deleted.
+    for folder in run.iterdir():
+        (folder / STATE_FILE).write_bytes(b"")
+    assert prune_checkpoints(resolve(str(run)), keep=2, printer=lambda line: None).kept == []
+    assert len(list(run.iterdir())) == 2
+
+
+def test_the_file_the_trainer_drops_is_ray_trains_checkpoint_list():
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    from ray_landmark.train.trainer import RAY_CHECKPOINT_LIST
+
+    assert RAY_CHECKPOINT_LIST == CHECKPOINT_MANAGER_SNAPSHOT_FILENAME

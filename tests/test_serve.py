@@ -73,6 +73,39 @@ def service(tiny_checkpoints, gldv2_learnable, tmp_path_factory):
     serve.shutdown()
 
 
+def _claiming(jpeg: bytes, width: int, height: int) -> bytes:
+    """A JPEG whose frame header (SOF0) claims another size than its data holds."""
+    sof = jpeg.index(b"\xff\xc0")
+    return jpeg[:sof + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpeg[sof + 9:]
+
+
+@pytest.mark.parametrize("what, body, content_type, status, message", [
+    ("a header claiming 20000x20000", _claiming(_jpeg(), 20000, 20000), "image/jpeg", 413, "claims too many pixels"),
+    ("a header claiming 12000x12000", _claiming(_jpeg(), 12000, 12000), "image/jpeg", 413, "144.0 megapixels"),
+    ("a header that cannot be read", b"\xff\xd8\xff\xc0\x00\x02", "image/jpeg", 415, "not an image"),
+    ("curl -d", _jpeg(), "application/x-www-form-urlencoded", 415, "Content-Type application/x-www-form-urlencoded "
+                                                                    "is not taken"),
+    ("JSON", b'{"image": "..."}', "application/json", 415, "Content-Type application/json is not taken"),
+    ("a JPEG", _jpeg(), "image/jpeg", None, None),
+    ("bytes", _jpeg(), "application/octet-stream", None, None),
+    ("no type", _jpeg(), "", None, None),
+])
+def test_an_image_the_decoder_cannot_take_or_a_body_of_another_type_is_a_4xx_not_a_500(what, body, content_type,
+                                                                                      status, message):
+    from ray_landmark.serve.app import BadRequest, check_content_type, check_image
+
+    limits = ServeSettings(ensemble="(in memory)").limits
+    if status is None:
+        check_content_type(content_type)
+        check_image(body, limits)
+        return
+    with pytest.raises(BadRequest) as refused:
+        check_content_type(content_type)
+        check_image(body, limits)
+    assert refused.value.status == status and message in str(refused.value), str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
 def post(url: str, images: list[bytes], **params) -> requests.Response:
     if len(images) == 1:
         return requests.post(url, data=images[0], headers={"Content-Type": "image/jpeg"}, params=params, timeout=120)
@@ -145,6 +178,8 @@ def test_each_bad_input_gets_a_4xx_with_a_one_line_json_error_and_the_service_ke
         "truncated": (f"{service.url}/retrieve", [truncated], 400, "truncated"),
         "too many": (f"{service.url}/recognize", [good] * 9, 413, "more than 8 images"),
         "one bad of two": (f"{service.url}/recognize", [good, b"\xff\xd8garbage"], 415, "not an image"),
+        "a header claiming 20000x20000": (f"{service.url}/recognize", [_claiming(_jpeg(), 20000, 20000)], 413,
+                                          "claims too many pixels"),
     }
     for what, (url, images, status, message) in cases.items():
         response = post(url, images)
@@ -153,6 +188,9 @@ def test_each_bad_input_gets_a_4xx_with_a_one_line_json_error_and_the_service_ke
     for k in ("0", "101", "ten"):
         response = post(f"{service.url}/retrieve", [good], k=k)
         assert response.status_code == 400 and "k must be an integer from 1 to 100" in response.json()["error"]
+    form = requests.post(f"{service.url}/recognize", data=good, timeout=120,
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})  # curl -d
+    assert form.status_code == 415 and "is not taken" in form.json()["error"], form.text
     assert requests.get(f"{service.url}/nowhere", timeout=30).status_code == 404
     assert post(f"{service.url}/recognize", [good]).status_code == 200
 

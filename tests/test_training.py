@@ -16,7 +16,10 @@ import ray.train
 
 from ray_landmark.config import load_config
 from ray_landmark.data.metadata import open_manifest
-from ray_landmark.runs.checkpoint import STATE_FILE, Progress, load_latest_good, load_model, save_checkpoint
+from ray_landmark.data.storage import resolve
+from ray_landmark.runs.checkpoint import (
+    META_FILE, STATE_FILE, Progress, latest_checkpoint, load_latest, load_model, prune_checkpoints, save_checkpoint,
+)
 from ray_landmark.runs.folders import run_logs
 from ray_landmark.train.metrics_log import read_metrics
 from ray_landmark.train.trainer import fit
@@ -116,7 +119,8 @@ def test_a_killed_worker_is_replaced_a_stopped_run_resumes_decoding_in_the_worke
     # failure train.max_failures allows), the run then stopped in epoch 3 (a second failure ends it), rerun with
     # data.decode=worker (a setting a resume may change), then its last checkpoint damaged and rerun again.
     overrides = ["data.image_size=32", "data.augment=true", "data.eval_queries=8", "data.eval_index=16",
-                 "train.epochs=3", "train.checkpoint_every_steps=2", "train.max_failures=1", "train.eval_every=10"]
+                 "train.epochs=3", "train.checkpoint_every_steps=2", "train.max_failures=1", "train.eval_every=10",
+                 "train.keep_checkpoints=2"]
     cfg = _config(gldv2_local, tmp_path, "faults", *overrides)
     train_images = sum(1 for _ in open(Path(gldv2_local) / "metadata" / "train.csv")) - 1
     steps_per_epoch = train_images // 2 // 16  # 2 workers x batch 16, last partial batch dropped
@@ -142,15 +146,28 @@ def test_a_killed_worker_is_replaced_a_stopped_run_resumes_decoding_in_the_worke
 
     latest = Path(finished.checkpoint.path) / STATE_FILE
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # a truncated upload
+    truncated_size = latest.stat().st_size
     capsys.readouterr()
 
     result = fit(in_workers)  # the same command again: the run finished, but its last checkpoint is unusable
 
     # Epoch 3 is finished again from the checkpoint before the damaged one.
-    assert f"checkpoint {finished.checkpoint.path}: state.pt does not match the checksum" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    damaged = f"checkpoint {finished.checkpoint.path}: state.pt has {truncated_size} bytes, not the"
+    assert damaged in out, out[-3000:]
     history = _history(cfg)
     assert [m["epoch"] for m in history] == [1, 2, 3, 3]
     assert result.metrics["epoch"] == 3 and result.metrics["step"] == 3 * steps_per_epoch
+    # Retention (train.keep_checkpoints=2) counted only verified checkpoints: the damaged one was named and deleted,
+    # never kept in place of a good one; the two kept both verify, the newest is the rerun's last.
+    assert any(line.startswith(f"[checkpoint] WARNING {damaged}") and "; deleted (damaged" in line
+               for line in out.splitlines()), out[-3000:]
+    assert not Path(finished.checkpoint.path).exists()
+    run = tmp_path / "faults"
+    assert len([p for p in run.iterdir() if (p / META_FILE).exists()]) == 2
+    kept = prune_checkpoints(resolve(str(run)), keep=2, printer=pytest.fail)  # both verify; nothing to delete
+    assert len(kept.kept) == 2 and not kept.deleted_damaged and not kept.deleted_old
+    assert latest_checkpoint(resolve(str(run))).folder.path == result.checkpoint.path
 
 
 def test_the_eval_split_keeps_every_row_while_train_shards_stay_equal():
@@ -172,17 +189,14 @@ def test_the_eval_split_keeps_every_row_while_train_shards_stay_equal():
     assert [len(rows) for rows in train] == [3, 3, 3]
 
 
-def test_load_latest_good_names_the_damaged_checkpoint(tmp_path, capsys):
-    checkpoints = []
+def test_a_resume_loads_the_newest_checkpoint_that_verifies_naming_the_damaged_one(tmp_path, capsys):
     for epoch in (1, 2):
-        folder = tmp_path / f"checkpoint_{epoch}"
-        save_checkpoint(folder, state={"model": {}}, config={}, progress=Progress(epoch, 10 * epoch, 0))
-        ckpt = ray.train.Checkpoint.from_directory(str(folder))
-        ckpt.set_metadata({"epoch": epoch, "step": 10 * epoch})
-        checkpoints.append(ckpt)
-    (tmp_path / "checkpoint_2" / STATE_FILE).write_bytes(b"\0" * 10)
+        save_checkpoint(tmp_path / f"checkpoint_{epoch}", state={"model": {}}, config={},
+                        progress=Progress(epoch, 10 * epoch, 0))
+    state = tmp_path / "checkpoint_2" / STATE_FILE
+    state.write_bytes(b"\0" * state.stat().st_size)  # the same size, other bytes
 
-    loaded = load_latest_good(checkpoints)
+    loaded = load_latest(resolve(str(tmp_path)))
 
     assert loaded.progress.epoch == 1 and loaded.name == str(tmp_path / "checkpoint_1")
     assert f"checkpoint {tmp_path / 'checkpoint_2'}: state.pt does not match the checksum" in capsys.readouterr().out

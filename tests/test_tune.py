@@ -171,6 +171,10 @@ def test_a_sweep_whose_every_trial_failed_exits_1_listing_them(gldv2_learnable, 
     assert re.fullmatch(
         rf"error: sweep s: every trial failed \(\w+, \w+\), the first with: train.init_from: nothing at "
         rf"{tmp_path / 'missing_step'}; train the step before first .*; each trial's error.txt under {tmp_path / 's'} "
-        rf"has the whole error", last), last
+        rf"has the whole error, and Tune's log (/\S+/tune_s\.log)", last), last
+    # Tune's traceback of each failed trial is in that log, not on the console: one line per failed trial there.
+    assert "Traceback" not in job.stdout + job.stderr, job.stdout[-3000:] + job.stderr[-3000:]
+    log = re.search(r"Tune's log (/\S+)$", last).group(1)
+    assert "Traceback" in open(log).read()
     assert job.stdout.count(" FAILED: ") == 2
     assert (tmp_path / "s" / "trials.csv").read_text().count("failed") == 2

@@ -74,6 +74,10 @@ class DataConfig(Section):
     # index images (the selected queries' relevant ones first, then others; None: the whole index).
     eval_queries: int | None = Field(None, gt=0)
     eval_index: int | None = Field(None, gt=0)
+    # A tar shard the manifest lists (its shard index, or the tar list jobs/prepare_gldv2.py records) that is missing,
+    # empty, a folder, or shorter than its index: error (the job stops before reading, naming it) or skip (the job
+    # goes on without it, naming it at the start and in every epoch's line).
+    missing_shards: Literal["error", "skip"] = "error"
 
     @property
     def manifest_uri(self) -> str:

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 NOT_IN_VIEW = -1
 UNKNOWN_ID = -2
 SUMMARY_FILE = "summary.json"  # written last: a manifest with one is complete
+# shards/<split>_tars.parquet: the split's tar files (shard, bytes) when it has no shard index (without --verify-shards)
+TARS_SUFFIX = "_tars.parquet"
 # The lookup code of a selected eval image (test or index): its rows carry the split, not a class.
 SELECTED = 0
 
@@ -69,6 +71,19 @@ def _valid_ids(ids: pd.Series, uri: str) -> np.ndarray:
     if bad.any():
         raise MetadataError(f"{uri}: {int(bad.sum())} image id(s) are not 16 hex characters, e.g. {ids[bad].iloc[0]!r}")
     return gldv2.ids_to_u64(ids)
+
+
+def _landmark_ids(values: pd.Series, uri: str, nullable: bool = False) -> pd.Series:
+    """A CSV's landmark_id column as integers; a value that is not one is a MetadataError naming the file, how many
+    and the first, with its row."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    missing = numbers.isna() & (values.notna() if nullable else True)
+    bad = missing | (numbers.notna() & (numbers % 1 != 0))
+    if bad.any():
+        first = bad.to_numpy().nonzero()[0][0]
+        raise MetadataError(f"{uri}: {int(bad.sum())} landmark_id value(s) are not whole numbers, the first "
+                            f"{values.iloc[first]!r} on data row {first + 1}; is it GLDv2's file?")
+    return numbers.astype("Int64" if nullable else np.int64)
 
 
 def _to_parquet(loc: Location, df: pd.DataFrame) -> None:
@@ -102,14 +117,16 @@ def _keep_existing(images: pd.DataFrame, existing: np.ndarray | None) -> pd.Data
 
 
 def prepare_manifests(
-    root: Location, out: Location, progress=print, shard_index: dict[str, pd.DataFrame] | None = None
+    root: Location, out: Location, progress=print, shard_index: dict[str, pd.DataFrame] | None = None,
+    shard_files: dict[str, pd.DataFrame] | None = None,
 ) -> dict:
     """Read the official CSVs under ``root`` and write the manifests under ``out``; returns the summary.
 
     ``shard_index`` (split -> its shard index, from ``shard_members.split_shard_index``) is written with the manifests
     and restricts the label views to images that exist, so class counts (the dynamic margins) and steps per epoch are
     true; rows without images and images without rows are counted in the summary. Without it, counts are the CSVs'
-    and the streams read whole shards.
+    and the streams read whole shards. ``shard_files`` (split -> its tars' ``shard`` and ``bytes``, without a shard
+    index) records which tars there are, so that a job finds one missing later.
 
     Every CSV is read and checked before anything is written, and ``summary.json`` is removed first and written last:
     a manifest is complete exactly when it has one (``open_manifest`` checks), so a failed or interrupted run never
@@ -119,16 +136,21 @@ def prepare_manifests(
     shard_ids = {split: image_ids(index) for split, index in shard_index.items()} if shard_index else None
     for split, index in (shard_index or {}).items():
         tables[("shards", f"{split}.parquet")] = index
+    for split, files in (shard_files or {}).items():
+        if len(files) and split not in (shard_index or {}):
+            tables[("shards", f"{split}{TARS_SUFFIX}")] = files
     train = _read_csv(root, gldv2.TRAIN_CSV, dtype={"id": str})
     _require_columns(train, ["id", "landmark_id"], root.child(gldv2.TRAIN_CSV).uri)
     train = pd.DataFrame(
-        {"id": _valid_ids(train["id"], gldv2.TRAIN_CSV), "landmark_id": train["landmark_id"].astype(np.int64)}
+        {"id": _valid_ids(train["id"], gldv2.TRAIN_CSV),
+         "landmark_id": _landmark_ids(train["landmark_id"], root.child(gldv2.TRAIN_CSV).uri)}
     ).drop_duplicates("id")
     clean = _read_csv(root, gldv2.TRAIN_CLEAN_CSV, dtype={"images": str})
     _require_columns(clean, ["landmark_id", "images"], root.child(gldv2.TRAIN_CLEAN_CSV).uri)
     clean = clean.assign(id=clean["images"].fillna("").str.split()).explode("id").dropna(subset=["id"])
     clean = pd.DataFrame(
-        {"id": _valid_ids(clean["id"], gldv2.TRAIN_CLEAN_CSV), "landmark_id": clean["landmark_id"].astype(np.int64)}
+        {"id": _valid_ids(clean["id"], gldv2.TRAIN_CLEAN_CSV),
+         "landmark_id": _landmark_ids(clean["landmark_id"], root.child(gldv2.TRAIN_CLEAN_CSV).uri)}
     ).drop_duplicates("id")
 
     view_images = {
@@ -164,7 +186,8 @@ def prepare_manifests(
     _require_columns(index_landmarks, ["id", "landmark_id"], root.child(gldv2.INDEX_TO_LANDMARK_CSV).uri)
     # index.csv defines the index; index_image_to_landmark.csv only labels part of it.
     index = index_ids[["id"]].merge(index_landmarks[["id", "landmark_id"]], on="id", how="left")
-    index["landmark_id"] = index["landmark_id"].astype("Int64")
+    index["landmark_id"] = _landmark_ids(index["landmark_id"], root.child(gldv2.INDEX_TO_LANDMARK_CSV).uri,
+                                         nullable=True)
     tables[("eval", "test.parquet")] = test_ids[["id"]]
     tables[("eval", "index.parquet")] = index
     tables[("eval", "recognition.parquet")] = pd.DataFrame(
@@ -249,6 +272,19 @@ class Manifest:
         loc = self.location.child("shards", f"{split}.parquet")
         return _read_parquet(loc) if exists(loc) else None
 
+    def expected_shards(self, split: str) -> dict[str, int] | None:
+        """Shard file name -> its size in bytes when the manifest was written, for every tar of ``split`` the manifest
+        knows (its shard index, else the tar list ``prepare_gldv2`` records); None when it knows none (a manifest of
+        before the tar lists)."""
+        index = self.shard_index(split)
+        if index is not None:
+            return dict(zip(index["shard"], index["shard_bytes"].astype(int)))
+        loc = self.location.child("shards", f"{split}{TARS_SUFFIX}")
+        if not exists(loc):
+            return None
+        tars = _read_parquet(loc)
+        return dict(zip(tars["shard"], tars["bytes"].astype(int)))
+
     def recognition(self) -> pd.DataFrame:
         return _read_parquet(self.location.child("eval", "recognition.parquet"))
 
@@ -291,8 +327,9 @@ def _selection(all_ids: pd.Series, selected: pd.Series) -> LabelLookup:
 
 def complete_manifest(cfg: DataConfig) -> Manifest | None:
     """The manifest of ``cfg`` if one was written to the end (it has its ``summary.json``), else None."""
-    loc = resolve(cfg.manifest_uri, cfg.manifest_storage or cfg.storage)
-    return Manifest(loc) if exists(loc.child(SUMMARY_FILE)) else None
+    storage = cfg.manifest_storage or cfg.storage
+    loc = resolve(cfg.manifest_uri, storage)
+    return Manifest(loc) if exists(loc.child(SUMMARY_FILE), storage.retries) else None
 
 
 def open_manifest(cfg: DataConfig) -> Manifest:

@@ -21,7 +21,10 @@ Bad input never stops an epoch: a member that is not a JPEG, an empty one, a cor
 truncated tar (with ranged reads: a range that comes back short of the member) and ids missing from the metadata are
 each skipped, logged and counted by reason in ``SampleCounter``, a small actor that the training loop reads once per
 epoch. A request to object storage that fails is retried by the S3 filesystem alone (``data.storage.retries`` tries,
-``storage.s3_filesystem``); a shard that still cannot be read fails the job with its URI.
+``storage.s3_filesystem``); a shard that still cannot be read fails the job with its URI. Before any of that, a
+stream's shards are compared with what the manifest expects (``split_shards``): a listed shard that is missing, empty,
+a folder or shorter than its index fails the job at once naming it, or with ``data.missing_shards: skip`` is left out
+and named.
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ from ray_landmark.errors import ConfigError, JobError
 from ray_landmark.data.metadata import (
     NOT_IN_VIEW, UNKNOWN_ID, LabelLookup, Manifest, complete_manifest, open_manifest,
 )
-from ray_landmark.data.shard_members import image_id_of
-from ray_landmark.data.storage import Location, list_files, resolve, with_storage_error
+from ray_landmark.data.shard_members import image_id_of, split_tars
+from ray_landmark.data.storage import Location, resolve, with_storage_error
 from ray_landmark.data.transforms import CorruptImage, Preprocessing, TrainAugmentation, augment_hwc, decode_resized
 from ray_landmark.data.worker_decode import CorruptBatch, TrainBatchDecoder, WorkerDecoder
 from ray_landmark.progress import on_this_node, say
@@ -362,15 +365,72 @@ class ShardStream:
 
     dataset: ray.data.Dataset
     counter: "ray.actor.ActorHandle"
+    skipped_shards: dict[str, str] | None = None  # shard -> why it is left out (data.missing_shards: skip)
 
     def counts(self) -> dict[str, int]:
         return ray.get(self.counter.totals.remote())
 
 
+class ShardError(JobError, OSError):
+    """A tar shard the manifest lists that is missing, empty, a folder or shorter than its shard index; the message
+    names it and what to do."""
+
+
+@dataclass(frozen=True)
+class SplitShards:
+    """A split's tar shards as found against what the manifest expects (``Manifest.expected_shards``)."""
+
+    location: Location
+    paths: list[str]  # the usable tars' filesystem paths, sorted
+    skipped: dict[str, str]  # shard file name -> why it is left out (data.missing_shards: skip)
+
+    def summary(self) -> str:
+        """``train_001.tar (missing), train_002.tar (empty, 0 bytes)``."""
+        return ", ".join(f"{name} ({why})" for name, why in sorted(self.skipped.items()))
+
+
+_said_skipping: set[str] = set()
+
+
+def split_shards(cfg: DataConfig, split: str, printer=say) -> SplitShards:
+    """The split's usable tar shards. Each shard the manifest expects (its shard index, or the tar list
+    ``prepare_gldv2`` records) must be a file at least as long as when it was listed; a missing, empty or shorter
+    one, or a folder named like a tar, is a ShardError naming them (``data.missing_shards: error``), or is left out
+    and named once (``skip``). Found before any Ray task reads a byte."""
+    loc = resolve(cfg.root, cfg.storage).child(split)
+    tars = split_tars(loc, tries=cfg.storage.retries)
+    manifest = complete_manifest(cfg)
+    expected = (manifest.expected_shards(split) if manifest else None) or {}
+    by_name = {os.path.basename(p): p for p in tars.files}
+    problems = {os.path.basename(p): "a folder, not a tar" for p in tars.folders}
+    for name, size in ((os.path.basename(p), size) for p, size in tars.files.items()):
+        if size == 0:
+            problems[name] = "empty, 0 bytes"
+        elif size < expected.get(name, 0):
+            problems[name] = f"{size} bytes, shorter than the {expected[name]} the manifest recorded"
+    for name in expected:
+        if name not in by_name and name not in problems:
+            problems[name] = "missing"
+    usable = [p for name, p in by_name.items() if name not in problems]
+    if problems and (cfg.missing_shards == "error" or not usable):
+        listed = ", ".join(f"{loc.uri}/{name} ({why})" for name, why in sorted(problems.items())[:3])
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        remedy = ("restore them (or rerun jobs/prepare_gldv2.py if they changed on purpose), or set "
+                  "data.missing_shards: skip to go on without them") if usable else \
+            "no usable shard is left: check data.root"
+        raise ShardError(f"data.root: {len(problems)} {split} shard(s) unusable: {listed}{more}; {remedy}")
+    found = SplitShards(loc, sorted(usable), dict(sorted(problems.items())))
+    if found.skipped and f"{loc.uri}:{found.summary()}" not in _said_skipping:
+        _said_skipping.add(f"{loc.uri}:{found.summary()}")
+        printer(f"[data] WARNING skipping {len(found.skipped)} {split} shard(s) of {loc.uri} "
+                f"(data.missing_shards: skip): {found.summary()}")
+    return found
+
+
 def shard_paths(cfg: DataConfig, split: str) -> tuple[Location, list[str]]:
-    """The split's location and the filesystem paths of its tar shards, sorted."""
-    split_loc = resolve(cfg.root, cfg.storage).child(split)
-    return split_loc, list_files(split_loc, ".tar", tries=cfg.storage.retries)
+    """The split's location and the filesystem paths of its usable tar shards, sorted (``split_shards``)."""
+    found = split_shards(cfg, split)
+    return found.location, found.paths
 
 
 _said_streaming: set[str] = set()
@@ -412,7 +472,8 @@ def stream_shards(
     the ids it selects are kept (with the split's shard index, only their bytes are read; without it, every member's
     bytes are read and the others dropped); without one, every member is kept. Rows carry the lookup's class as
     ``label``, or with ``split_column`` the split's name as ``split``."""
-    loc, paths = shard_paths(cfg, split)
+    shards = split_shards(cfg, split)
+    loc, paths = shards.location, shards.paths
     if only_shards is not None:
         paths = [p for p in paths if os.path.basename(p) in only_shards]
     counter = SampleCounter.options(**on_this_node()).remote()
@@ -437,8 +498,9 @@ def stream_shards(
     # One read task per tar, its blocks as the task makes them: Ray Data otherwise splits them to reach its own target
     # number of blocks, and a split read fuses with nothing.
     tasks = dict(override_num_blocks=len(paths))
+    skipped = shards.skipped if only_shards is None else {k: v for k, v in shards.skipped.items() if k in only_shards}
     if worker_decode:  # the read stage's rows go to the workers as they are
-        return ShardStream(ray.data.read_datasource(datasource, num_cpus=cfg.read_cpus, **tasks), counter)
+        return ShardStream(ray.data.read_datasource(datasource, num_cpus=cfg.read_cpus, **tasks), counter, skipped)
     dataset = ray.data.read_datasource(datasource, num_cpus=cfg.decode_cpus, **tasks).map_batches(
         decode_images,
         fn_kwargs=dict(
@@ -449,7 +511,7 @@ def stream_shards(
         batch_format="numpy",
         num_cpus=cfg.decode_cpus,
     )
-    return ShardStream(dataset, counter)
+    return ShardStream(dataset, counter, skipped)
 
 
 def train_stream(cfg: DataConfig, manifest: Manifest | None = None, worker_decode: bool = False) -> ShardStream:

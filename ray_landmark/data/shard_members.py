@@ -13,17 +13,61 @@ from __future__ import annotations
 import os
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+import pyarrow.fs as pafs
+
 from ray_landmark.data import gldv2
-from ray_landmark.data.storage import Location, StorageError, list_files, with_storage_error
+from ray_landmark.data.storage import Location, StorageError, with_storage_error
+from ray_landmark.errors import JobError
 
 # The shard index's columns: the shard's file name; the member's image id (0 for a member that is not named like a
 # GLDv2 image, whose ``name`` is then given; "" for images); where its data starts and how long it is; the shard's size
 # when it was listed, and whether the listing reached the tar's end (False: the tar ends inside a header or a member).
 INDEX_COLUMNS = ("shard", "id", "name", "offset", "size", "shard_bytes", "shard_complete")
+
+
+class UnusableShard(JobError, ValueError):
+    """A tar shard that cannot be read at all (empty, not a tar, a folder); the message names it."""
+
+
+@dataclass(frozen=True)
+class SplitTars:
+    """What a split's folder holds: its tar files (path -> size in bytes) and the folders named like tars."""
+
+    files: dict[str, int]
+    folders: list[str]
+
+
+def split_tars(split: Location, tries: int = 3) -> SplitTars:
+    """The ``*.tar`` entries under ``split`` (a missing or empty folder is an error naming it)."""
+
+    def _list():
+        if split.fs.get_file_info(split.path).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{split.uri} does not exist")
+        return split.fs.get_file_info(pafs.FileSelector(split.path, recursive=True))
+
+    entries = with_storage_error(f"listing {split.uri}", _list, split.tries(tries))
+    tars = [e for e in entries if e.path.endswith(".tar")]
+    found = SplitTars({e.path: e.size for e in sorted(tars, key=lambda e: e.path) if e.is_file},
+                      sorted(e.path for e in tars if e.type == pafs.FileType.Directory))
+    if not found.files and not found.folders:
+        raise StorageError(f"{split.uri}: no *.tar files found; check data.root")
+    return found
+
+
+def split_tar_files(split: Location, tries: int = 3) -> pd.DataFrame:
+    """``shard`` (file name) and ``bytes`` of every tar file under ``split``: the tar list a manifest without a shard
+    index records. Empty when the split has no tars."""
+    try:
+        files = split_tars(split, tries).files
+    except StorageError:
+        files = {}
+    return pd.DataFrame({"shard": [os.path.basename(p) for p in files], "bytes": np.array(list(files.values()),
+                                                                                       np.int64)})
 
 
 def image_id_of(member_name: str) -> str | None:
@@ -40,7 +84,13 @@ def shard_members(loc: Location, path: str, tries: int = 3) -> pd.DataFrame:
         rows, complete = [], True
         with loc.fs.open_input_file(path) as f:
             shard_bytes = f.size()
-            with tarfile.open(fileobj=f, mode="r:") as tar:
+            if shard_bytes == 0:
+                raise UnusableShard(f"{loc.uri_of(path)} is empty (0 bytes)")
+            try:
+                tar = tarfile.open(fileobj=f, mode="r:")
+            except tarfile.ReadError as err:  # not an OSError: tarfile's own
+                raise UnusableShard(f"{loc.uri_of(path)} is not a tar ({err})") from None
+            with tar:
                 try:
                     for member in tar:
                         if member.isreg():
@@ -59,24 +109,50 @@ def shard_members(loc: Location, path: str, tries: int = 3) -> pd.DataFrame:
     return with_storage_error(f"listing the members of {loc.uri_of(path)}", _list, loc.tries(tries))
 
 
-def split_shard_index(split: Location, threads: int = 32, tries: int = 3, progress=print) -> pd.DataFrame:
-    """The shard index of every tar under ``split``, shards in name order, members in tar order."""
-    paths = list_files(split, ".tar", tries=tries)
+def split_shard_index(split: Location, threads: int = 32, tries: int = 3, progress=print,
+                      warn=print) -> pd.DataFrame:
+    """The shard index of every tar under ``split``, shards in name order, members in tar order. A tar that cannot be
+    listed at all (empty, not a tar, a folder named like one) is an ``UnusableShard`` naming every such one; a
+    truncated tar is indexed up to where it ends and named in one line (``warn``)."""
+    tars = split_tars(split, tries)
+    paths = list(tars.files)
+    unusable = [f"{split.uri_of(p)} is a folder, not a tar" for p in tars.folders]
+
+    def members_of(path: str) -> pd.DataFrame | None:
+        try:
+            return shard_members(split, path, tries)
+        except UnusableShard as err:
+            unusable.append(str(err))
+            return None
+
     found: list[pd.DataFrame] = []
-    with ThreadPoolExecutor(max_workers=min(threads, len(paths))) as pool:
-        for done, members in enumerate(pool.map(lambda p: shard_members(split, p, tries), paths), start=1):
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(paths)))) as pool:
+        for done, (path, members) in enumerate(zip(paths, pool.map(members_of, paths)), start=1):
+            if members is None:
+                continue
             found.append(members)
+            cut_off = (members["offset"] + members["size"] > members["shard_bytes"]).any()
+            if not members["shard_complete"].iloc[0] or cut_off:
+                warn(f"[verify] WARNING {split.uri_of(path)} is truncated: it ends inside a member "
+                     f"after {len(members)} members; training and embedding skip its cut-off end (truncated_tar); "
+                     f"replace the file to use all of it")
             if progress and (done % 20 == 0 or done == len(paths)):
                 images = sum(int((m["name"] == "").sum()) for m in found)
                 progress(f"verify {split.uri}: {done}/{len(paths)} shards listed, {images:,} images")
-    if not found:
-        raise StorageError(f"{split.uri}: no tar shards to verify")
+    if unusable:
+        raise UnusableShard(f"{len(unusable)} unusable shard(s) under {split.uri}: {'; '.join(sorted(unusable))}; "
+                            f"replace each with its complete tar (or remove it) and rerun")
     return pd.concat(found, ignore_index=True)
 
 
-def dataset_shard_index(root: Location, progress=print) -> dict[str, pd.DataFrame]:
+def dataset_shard_index(root: Location, progress=print, warn=print) -> dict[str, pd.DataFrame]:
     """Split -> shard index of every split of the GLDv2 under ``root``: ``prepare_manifests``'s ``shard_index``."""
-    return {split: split_shard_index(root.child(split), progress=progress) for split in gldv2.SPLITS}
+    return {split: split_shard_index(root.child(split), progress=progress, warn=warn) for split in gldv2.SPLITS}
+
+
+def dataset_tar_files(root: Location) -> dict[str, pd.DataFrame]:
+    """Split -> its tars' names and sizes: ``prepare_manifests``'s ``shard_files`` (without ``--verify-shards``)."""
+    return {split: split_tar_files(root.child(split)) for split in gldv2.SPLITS}
 
 
 def image_ids(index: pd.DataFrame) -> np.ndarray:

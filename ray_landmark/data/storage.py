@@ -157,5 +157,29 @@ def write_bytes(loc: Location, data: bytes) -> None:
     os.replace(partial, loc.path)
 
 
-def exists(loc: Location) -> bool:
-    return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+def exists(loc: Location, tries: int = 1) -> bool:
+    """Whether anything is at ``loc``; a store that does not answer is a StorageError naming the URI (``tries``: its
+    storage's ``retries``, for the message)."""
+    info = with_storage_error(f"looking for {loc.uri}", lambda: loc.fs.get_file_info(loc.path), loc.tries(tries))
+    return info.type != pafs.FileType.NotFound
+
+
+def check_writable(loc: Location, what: str) -> None:
+    """That a job can write at ``loc`` (``what``: the argument or key that names it), checked before its expensive
+    part: a local path whose nearest existing folder is a file, or a folder this process may not write, is a
+    StorageError naming both. A bucket is only checked to be reachable (writing is refused only when it is tried)."""
+    if loc.is_s3:
+        bucket = loc.path.split("/", 1)[0]
+        info = with_storage_error(f"{what}: looking for bucket s3://{bucket}", lambda: loc.fs.get_file_info(bucket),
+                                  loc.tries(3))
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"{what}: {loc.uri}: bucket s3://{bucket} does not exist (or is not yours to list)")
+        return
+    path = Path(loc.path)
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if existing.exists() and not existing.is_dir():
+        where = "it" if existing == path else f"{existing}, a folder it would be in,"
+        raise StorageError(f"{what}: {loc.uri}: {where} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StorageError(f"{what}: {loc.uri}: {existing} cannot be written by this user; choose another path or "
+                           f"fix its permissions")

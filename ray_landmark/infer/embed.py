@@ -38,7 +38,7 @@ from ray_landmark.errors import JobError
 from ray_landmark.data.pipeline import (
     READ, SKIP_REASONS, decodes_in_worker, eval_stream, images_on_device, report_counts, shard_paths,
 )
-from ray_landmark.data.storage import Location, exists, list_files, read_bytes, resolve, write_bytes
+from ray_landmark.data.storage import Location, StorageError, exists, list_files, read_bytes, resolve, write_bytes
 from ray_landmark.data.transforms import normalize_on_device
 from ray_landmark.data.worker_decode import WorkerDecoder
 from ray_landmark.infer.config import EmbedSettings
@@ -184,10 +184,20 @@ def read_embeddings(folder: Location) -> tuple[np.ndarray, np.ndarray]:
     return ids, (np.concatenate(parts) if parts else np.zeros((0, dim or 0), np.float16))
 
 
+def _has_embeddings(folder: Location) -> bool:
+    try:
+        list_files(folder, ".parquet")
+    except StorageError:  # no parquet file there (or no folder)
+        return False
+    return True
+
+
 def _check_info(folder: Location, info: dict) -> None:
     """A folder holds one checkpoint's embeddings of one selection of images: refuse to mix."""
     loc = folder.child(INFO_FILE)
-    if exists(loc):
+    # A guard file with no embedding beside it (left by a run that failed before its first shard) guards nothing:
+    # a correct rerun replaces it.
+    if exists(loc) and _has_embeddings(folder):
         old = json.loads(read_bytes(loc))
         keys = ("checkpoint", "image_size", "flip_tta", "view")
         if any(old.get(k) != info.get(k) for k in keys):

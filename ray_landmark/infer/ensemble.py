@@ -25,7 +25,7 @@ from ray_landmark.config import config_from_dict
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig
 from ray_landmark.data.metadata import open_manifest
-from ray_landmark.data.storage import Location, StorageError, read_bytes, resolve, write_bytes
+from ray_landmark.data.storage import Location, StorageError, check_writable, read_bytes, resolve, write_bytes
 from ray_landmark.errors import JobError
 from ray_landmark.eval.metrics import recognition_metrics, retrieval_metrics
 from ray_landmark.eval.search import knn
@@ -35,7 +35,7 @@ from ray_landmark.infer.embed import EmbeddingError, EmbedRequest, embed_splits,
 from ray_landmark.infer.report import GalleryEntry, RetrievedImage, read_jpegs, write_report
 from ray_landmark.infer.submission import recognition_submission, retrieval_submission
 from ray_landmark.progress import Printer, say
-from ray_landmark.runs.checkpoint import read_checkpoint_config
+from ray_landmark.runs.checkpoint import checkpoint_folder, read_checkpoint_config
 from ray_landmark.runs.folders import output_folder
 
 # gldv2.SPLITS in the order they are embedded and checked: the small test split first, so that its embeddings, and any
@@ -49,6 +49,22 @@ def data_config(cfg: EnsembleConfig) -> DataConfig:
         return cfg.data
     first = cfg.models[0].checkpoint
     return config_from_dict(read_checkpoint_config(first, cfg.storage)["data"], f"{first} (data)", DataConfig)
+
+
+def check_models(cfg: EnsembleConfig, printer: Printer = say) -> dict[str, str]:
+    """Every model's checkpoint (a run folder's newest verified one, or a checkpoint folder, verified) and its config,
+    and the output folder, checked before the first model is embedded: model name -> its checkpoint's URI. A
+    missing or damaged checkpoint of the ninth model fails here, not after eight models' embeddings."""
+    check_writable(output_folder(cfg), "output_dir")
+    resolved = {}
+    for model in cfg.models:
+        try:
+            folder = checkpoint_folder(model.checkpoint, cfg.storage, printer)
+            config_from_dict(read_checkpoint_config(folder.uri, cfg.storage), f"{folder.uri} (config.json)")
+        except JobError as err:
+            raise JobError(f"models[{model.name}].checkpoint: {err}") from None
+        resolved[model.name] = folder.uri
+    return resolved
 
 
 def embeddings_folder(cfg: EnsembleConfig, model: EnsembleModel) -> Location:
@@ -526,8 +542,11 @@ def _gallery(cfg: EnsembleConfig, data: DataConfig, scored: dict) -> list[Galler
     return entries
 
 
-def run_ensemble(cfg: EnsembleConfig, printer: Printer = say) -> dict:
-    """Embed, score, write the submissions, ``report.html`` and ``summary.json`` under ``<output_dir>/<name>``."""
+def run_ensemble(cfg: EnsembleConfig, printer: Printer = say, models_checked: bool = False) -> dict:
+    """Embed, score, write the submissions, ``report.html`` and ``summary.json`` under ``<output_dir>/<name>``;
+    every model is checked first (``check_models``) unless the caller did (``models_checked``)."""
+    if not models_checked:
+        check_models(cfg, printer)
     data = data_config(cfg)
     check_expansions(cfg.retrieval, len(open_manifest(data).index()))  # before embedding: the index.csv rows
     embedded = embed_models(cfg, data, printer)

@@ -8,6 +8,11 @@ lists is there at its size (``complete``) and ``state.pt`` hashes to its checksu
 ``latest_checkpoint`` picks the newest such one for every consumer (resume, ``init_from``, chain skipping, embedding,
 the ensemble), naming each one it passes over.
 
+Retention is ours, not Ray Train's (whose ``CheckpointConfig(num_to_keep)`` prunes by the order it reported them and
+cannot know that one was damaged since): ``prune_checkpoints`` keeps the ``train.keep_checkpoints`` newest verified
+checkpoints, deletes the older ones, and names and deletes each damaged one, so a damaged checkpoint never takes a
+good one's place. A checkpoint that could not be read (an I/O error that may pass) is neither counted nor deleted.
+
 The model's state dict is the same with and without ``train.compile`` (the model is compiled in place, so no key
 carries a ``_orig_mod.`` prefix): a checkpoint resumes, warm-starts or loads whichever way it was written.
 """
@@ -35,6 +40,10 @@ META_FILE = "meta.json"
 
 class CorruptCheckpoint(JobError, RuntimeError):
     """A checkpoint folder that cannot be used; the message names it and says why."""
+
+
+class UnreadableCheckpoint(CorruptCheckpoint):
+    """A checkpoint whose files could not be read (an I/O error, which may pass): not used, but never deleted."""
 
 
 @dataclass(frozen=True)
@@ -81,10 +90,21 @@ def save_checkpoint(folder: Path, *, state: dict, config: dict, progress: Progre
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
+def _check_size(checkpoint: str, name: str, size: int, meta: dict) -> None:
+    expected = meta.get("sizes", {}).get(name)  # checkpoints of before sizes were recorded have none
+    if expected is not None and size != expected:
+        raise CorruptCheckpoint(f"checkpoint {checkpoint}: {name} has {size} bytes, not the {expected} recorded in "
+                                f"{META_FILE} (an interrupted write)")
+
+
 def read_checkpoint(folder: Path, name: str, map_location="cpu") -> LoadedCheckpoint:
     """The checkpoint in ``folder``; ``name`` (its URI) is what errors report."""
     try:
         meta = json.loads((folder / META_FILE).read_text())
+        for file in (STATE_FILE, CONFIG_FILE):
+            if not (folder / file).is_file():
+                raise CorruptCheckpoint(f"checkpoint {name}: {file} is missing (an interrupted write)")
+            _check_size(name, file, (folder / file).stat().st_size, meta)
         with open(folder / STATE_FILE, "rb") as f:
             checksum = _sha256(f)
         if checksum != meta["sha256"]:
@@ -99,27 +119,13 @@ def read_checkpoint(folder: Path, name: str, map_location="cpu") -> LoadedCheckp
     return LoadedCheckpoint(state, config, progress, name)
 
 
-def load_latest_good(checkpoints, printer: Printer = say) -> LoadedCheckpoint | None:
-    """The newest readable checkpoint among ``ray.train.Checkpoint`` objects; each damaged one is reported by name and
-    skipped, so resuming falls back to the previous good one. None when there is none."""
-    def step_of(ckpt) -> int:
-        return int(ckpt.get_metadata().get("step", -1))
-
-    for ckpt in sorted(checkpoints, key=step_of, reverse=True):
-        name = f"s3://{ckpt.path}" if isinstance(ckpt.filesystem, pafs.S3FileSystem) else ckpt.path
-        try:
-            with ckpt.as_directory() as folder:
-                return read_checkpoint(Path(folder), name)
-        except CorruptCheckpoint as err:
-            printer(f"[train] WARNING {err}; falling back to the previous checkpoint")
-    return None
-
-
 def checkpoint_folder(uri: str, storage=None, printer: Printer = say) -> Location:
-    """A checkpoint folder as given, or the newest complete, verified checkpoint of a run folder
-    (``<output_dir>/<name>``)."""
+    """A checkpoint folder as given, verified as a run folder's are (complete, its state matching its checksum: a
+    CorruptCheckpoint naming it, before anything is built on it), or the newest complete, verified checkpoint of a
+    run folder (``<output_dir>/<name>``)."""
     loc = resolve(uri, storage)
     if loc.fs.get_file_info(loc.child(STATE_FILE).path).type != pafs.FileType.NotFound:
+        _check(loc)
         return loc
     if loc.fs.get_file_info(loc.path).type == pafs.FileType.NotFound:
         raise CorruptCheckpoint(f"{loc.uri}: no such checkpoint or run folder")
@@ -156,10 +162,7 @@ def _check(folder: Location) -> CheckpointInfo:
         for name, info in infos.items():
             if info.type == pafs.FileType.NotFound:
                 raise CorruptCheckpoint(f"checkpoint {folder.uri}: {name} is missing (an interrupted write)")
-            expected = meta.get("sizes", {}).get(name)  # checkpoints of before sizes were recorded have none
-            if expected is not None and info.size != expected:
-                raise CorruptCheckpoint(f"checkpoint {folder.uri}: {name} has {info.size} bytes, not the "
-                                        f"{expected} recorded in {META_FILE} (an interrupted write)")
+            _check_size(folder.uri, name, info.size, meta)
         with folder.fs.open_input_stream(folder.child(STATE_FILE).path) as f:
             if _sha256(f) != meta["sha256"]:
                 raise CorruptCheckpoint(f"checkpoint {folder.uri}: {STATE_FILE} does not match the checksum in "
@@ -167,30 +170,40 @@ def _check(folder: Location) -> CheckpointInfo:
         config = _read_json(folder.child(CONFIG_FILE))
     except CorruptCheckpoint:
         raise
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except FileNotFoundError as err:
+        raise CorruptCheckpoint(f"checkpoint {folder.uri}: a file is missing ({err})") from None
+    except OSError as err:  # the store did not answer: the checkpoint may be fine
+        raise UnreadableCheckpoint(f"checkpoint {folder.uri}: could not be read ({type(err).__name__}: {err})") \
+            from None
+    except (ValueError, KeyError, TypeError) as err:
         raise CorruptCheckpoint(f"checkpoint {folder.uri}: unreadable ({type(err).__name__}: {err})") from None
     return CheckpointInfo(folder, progress, config)
 
 
-def latest_checkpoint(run: Location, printer: Printer = say) -> CheckpointInfo | None:
-    """The newest complete, verified checkpoint of a run folder; None when it has none. Checkpoints are ordered by
-    the step their ``meta.json`` records (Ray Train names folders by time); each partial or corrupt one is named in
-    one line and passed over, so every consumer falls back to the previous good one."""
+def _newest_first(run: Location, printer: Printer) -> list[Location]:
+    """The checkpoint folders of a run folder (each holds a ``meta.json``), newest first by the step their
+    ``meta.json`` records (Ray Train names folders by time; a tie goes to the later name); one whose ``meta.json`` is
+    unreadable is named and left out."""
     try:
         entries = run.fs.get_file_info(pafs.FileSelector(run.path, recursive=True, allow_not_found=True))
     except OSError as err:
         raise CorruptCheckpoint(f"{run.uri}: cannot list its checkpoints ({err})") from None
     folders = [run.child(f.path[len(run.path):].strip("/").rsplit("/", 1)[0])
                for f in entries if f.is_file and f.path.endswith("/" + META_FILE)]
-
     by_step = []
     for folder in folders:
         try:
-            by_step.append((int(_read_json(folder.child(META_FILE))["step"]), folder))
+            by_step.append((int(_read_json(folder.child(META_FILE))["step"]), folder.path, folder))
         except (OSError, ValueError, KeyError, TypeError) as err:
             printer(f"[checkpoint] WARNING checkpoint {folder.uri}: {META_FILE} unreadable ({type(err).__name__}: "
                     f"{err}); passed over")
-    for _, folder in sorted(by_step, key=lambda entry: entry[0], reverse=True):
+    return [folder for _, _, folder in sorted(by_step, key=lambda entry: entry[:2], reverse=True)]
+
+
+def latest_checkpoint(run: Location, printer: Printer = say) -> CheckpointInfo | None:
+    """The newest complete, verified checkpoint of a run folder; None when it has none. Each partial or corrupt one
+    newer than it is named in one line and passed over, so every consumer falls back to the previous good one."""
+    for folder in _newest_first(run, printer):
         try:
             return _check(folder)
         except CorruptCheckpoint as err:
@@ -198,13 +211,97 @@ def latest_checkpoint(run: Location, printer: Printer = say) -> CheckpointInfo |
     return None
 
 
+def load_latest(run: Location, printer: Printer = say, map_location="cpu") -> LoadedCheckpoint | None:
+    """The newest checkpoint of a run folder that reads and verifies, loaded (what a resume continues from); each
+    damaged one newer than it is named and passed over. None when there is none."""
+    for folder in _newest_first(run, printer):
+        try:
+            return load_checkpoint(folder, map_location)
+        except CorruptCheckpoint as err:
+            printer(f"[checkpoint] WARNING {err}; passed over")
+    return None
+
+
+def load_checkpoint(folder: Location, map_location="cpu") -> LoadedCheckpoint:
+    """``read_checkpoint`` of a checkpoint folder on any filesystem (copied to a temporary folder first)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            pafs.copy_files(folder.path, tmp, source_filesystem=folder.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        except FileNotFoundError as err:
+            raise CorruptCheckpoint(f"checkpoint {folder.uri}: a file is missing ({err})") from None
+        except OSError as err:
+            raise UnreadableCheckpoint(f"checkpoint {folder.uri}: could not be read ({err})") from None
+        return read_checkpoint(Path(tmp), folder.uri, map_location)
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What ``prune_checkpoints`` did: the checkpoints kept (verified, newest first) and those it deleted."""
+
+    kept: list[str]
+    deleted_damaged: list[str]
+    deleted_old: list[str]
+
+
+def prune_checkpoints(run: Location, keep: int, printer: Printer = say) -> Pruned:
+    """Keep the ``keep`` newest complete, verified checkpoints of a run folder and delete every checkpoint folder
+    older than the last of them, and every damaged one (named in one line, with why) wherever it is: a damaged
+    checkpoint is never counted, so it never takes a good one's place. Only the run's own checkpoint folders count
+    (directly in it, where Ray Train writes them); one without a ``meta.json`` is an interrupted write. Nothing is
+    deleted while no checkpoint verifies, nor one that could not be read (the store may answer next time)."""
+    try:
+        entries = run.fs.get_file_info(pafs.FileSelector(run.path, recursive=True, allow_not_found=True))
+    except OSError as err:
+        raise UnreadableCheckpoint(f"{run.uri}: cannot list its checkpoints ({err})") from None
+    files: dict[str, set[str]] = {}
+    for f in entries:
+        parts = f.path[len(run.path):].strip("/").split("/")
+        if f.is_file and len(parts) == 2 and parts[1] in (STATE_FILE, CONFIG_FILE, META_FILE):
+            files.setdefault(parts[0], set()).add(parts[1])
+    damaged: dict[str, tuple[Location, str]] = {}
+    by_step = []
+    for name, held in sorted(files.items()):
+        folder = run.child(name)
+        if META_FILE not in held:
+            damaged[folder.uri] = (folder, f"checkpoint {folder.uri}: {META_FILE} is missing (an interrupted write)")
+            continue
+        try:
+            by_step.append((int(_read_json(folder.child(META_FILE))["step"]), folder.path, folder))
+        except FileNotFoundError:
+            continue  # gone since the listing
+        except OSError as err:
+            printer(f"[checkpoint] WARNING checkpoint {folder.uri}: {META_FILE} could not be read ({err}); not "
+                    f"counted, kept")
+        except (ValueError, KeyError, TypeError) as err:
+            damaged[folder.uri] = (folder, f"checkpoint {folder.uri}: {META_FILE} unreadable ({type(err).__name__}: "
+                                           f"{err})")
+    kept, old = [], []
+    for _, _, folder in sorted(by_step, key=lambda entry: entry[:2], reverse=True):
+        if len(kept) >= keep:
+            old.append(folder)
+            continue
+        try:
+            _check(folder)
+            kept.append(folder)
+        except UnreadableCheckpoint as err:
+            printer(f"[checkpoint] WARNING {err}; not counted, kept")
+        except CorruptCheckpoint as err:
+            damaged[folder.uri] = (folder, str(err))
+    if not kept:
+        return Pruned([], [], [])
+    for folder, why in damaged.values():
+        printer(f"[checkpoint] WARNING {why}; deleted (damaged; the run keeps its newest verified checkpoints)")
+        folder.fs.delete_dir(folder.path)
+    for folder in old:
+        folder.fs.delete_dir(folder.path)
+    return Pruned([f.uri for f in kept], sorted(damaged), [f.uri for f in old])
+
+
 def read_checkpoint_at(uri: str, storage=None, map_location="cpu") -> LoadedCheckpoint:
     """``read_checkpoint`` of a checkpoint folder given as a path or bucket URI; a run folder means its latest
     checkpoint (what a recipe step's train.init_from names)."""
-    loc = checkpoint_folder(uri, storage)
-    with tempfile.TemporaryDirectory() as tmp:
-        pafs.copy_files(loc.path, tmp, source_filesystem=loc.fs, destination_filesystem=pafs.LocalFileSystem())
-        return read_checkpoint(Path(tmp), loc.uri, map_location)
+    return load_checkpoint(checkpoint_folder(uri, storage), map_location)
 
 
 def load_model(uri: str, storage=None, map_location="cpu") -> TrainedModel:

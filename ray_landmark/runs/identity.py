@@ -29,7 +29,7 @@ RESUMABLE = (
     "run.",  # where the run folder is and how to reach it (a run copied or moved elsewhere resumes there)
     "data.root", "data.manifest", "data.storage.", "data.manifest_storage.",  # where the same data lives
     "data.decode", "data.decode_batch_size", "data.read_cpus", "data.decode_cpus", "data.prefetch_batches",
-    "data.shuffle_buffer", "data.eval_queries", "data.eval_index",
+    "data.shuffle_buffer", "data.eval_queries", "data.eval_index", "data.missing_shards",
     "train.epochs", "train.stop_at", "train.num_workers", "train.batch_size", "train.grad_accum", "train.use_gpu",
     "train.cpus_per_worker", "train.amp", "train.channels_last", "train.compile", "train.compile_backend",
     "train.max_failures", "train.checkpoint_every_steps", "train.keep_checkpoints", "train.eval_every",

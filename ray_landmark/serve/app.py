@@ -15,8 +15,9 @@ the embedding job's Ray Data tasks decode (``data.decode: cpu``), else by the wo
 together (``@serve.batch``) by ``infer.embed.Embedder``, the batch job's own model wrapper (its autocast, flip TTA,
 compile and float16 rounding), then each request is answered by ``answers``.
 
-Bad input (not a JPEG, empty, too large, truncated, too many images) gets a 4xx with ``{"error": "<one line>"}``
-and the replica keeps serving.
+Bad input (not a JPEG, empty, too large, truncated, a header claiming too many pixels, any image the decoder cannot
+read, too many images, a body of another content type) gets a 4xx with ``{"error": "<one line>"}`` and the replica
+keeps serving.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request) at runtime.
@@ -87,16 +88,38 @@ def served_checkpoints(cfg: EnsembleConfig) -> dict[str, tuple[str, Config]]:
     return checkpoints
 
 
+# Bodies the service reads as one image (an absent Content-Type too); multipart/form-data carries files. Any other
+# type (curl -d's application/x-www-form-urlencoded, text/plain, JSON) is refused with 415.
+BODY_TYPES = ("image/", "application/octet-stream")
+MULTIPART = "multipart/form-data"
+
+
+def check_content_type(content_type: str) -> None:
+    """415 for a body of a type the service does not take."""
+    media = content_type.split(";")[0].strip().lower()
+    if media and media != MULTIPART and not media.startswith(BODY_TYPES):
+        raise BadRequest(415, f"Content-Type {media} is not taken: send one JPEG as the body with Content-Type "
+                              f"image/jpeg (curl --data-binary @photo.jpg -H 'Content-Type: image/jpeg'), or "
+                              f"several as multipart/form-data files (curl -F image=@photo.jpg)")
+
+
 def check_image(data: bytes, limits) -> None:
-    """Refuse what the decoder must not see: empty, not a JPEG, too many bytes or pixels (read from the header)."""
+    """Refuse what the decoder must not see: empty, not a JPEG, too many bytes or pixels (read from the header).
+    Whatever PIL cannot make of the header is the sender's: a 4xx, never a 500."""
     if not data:
         raise BadRequest(400, "an empty image: send JPEG bytes")
     if len(data) > limits.max_image_bytes:
         raise BadRequest(413, f"an image of {len(data):,} bytes; the limit is {limits.max_image_bytes:,}")
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:  # the header claims more pixels than PIL will ever decode
+        raise BadRequest(413, f"an image whose header claims too many pixels ({err}); the limit is "
+                              f"{limits.max_pixels / 1e6:g} megapixels") from None
     except (UnidentifiedImageError, OSError):
         raise BadRequest(415, "not an image: send a JPEG") from None
+    except Exception as err:  # noqa: BLE001 (a malformed header: PIL raises SyntaxError, ValueError, struct.error)
+        raise BadRequest(400, f"an image header that cannot be read ({type(err).__name__}: {err}): send a JPEG") \
+            from None
     if image.format != "JPEG":
         raise BadRequest(415, f"a {image.format} image: only JPEG is accepted (the models were evaluated on JPEG "
                               "decodes); convert it to JPEG")
@@ -141,6 +164,8 @@ class LandmarkService:
                     decoded[size, preprocessing] = decode_resized(data, size, preprocessing)
                 except CorruptImage as err:
                     raise BadRequest(400, f"a corrupt or truncated JPEG: {err}") from None
+                except Exception as err:  # noqa: BLE001 (the sender's bytes, whatever the decoder trips on)
+                    raise BadRequest(400, f"a JPEG that cannot be decoded ({type(err).__name__}: {err})") from None
             else:
                 result = decoder.decode([data])
                 if result.corrupt:
@@ -167,7 +192,8 @@ class LandmarkService:
         """(file name, bytes) of each image: the body, or each multipart file; checked (``check_image``)."""
         limits = self.settings.limits
         content_type = request.headers.get("content-type", "")
-        if content_type.startswith("multipart/form-data"):
+        check_content_type(content_type)
+        if content_type.lower().startswith(MULTIPART):
             parts = (await request.form()).multi_items()
             if len(parts) > limits.max_images:
                 raise BadRequest(413, f"more than {limits.max_images} images in one request; send them in several")

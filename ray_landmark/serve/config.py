@@ -6,10 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field
 
-from ray_landmark.config import config_from_dict, parse_override, set_dotted
+from ray_landmark.config import config_from_dict, parse_override, read_yaml_file, set_dotted
 from ray_landmark.config_base import Section
 from ray_landmark.errors import ConfigError
 
@@ -62,11 +61,11 @@ class ServeFile:
 def read_serve_file(path: str | Path, overrides: list[str] = ()) -> ServeFile:
     """A Serve config file (``configs/serve/*.yaml``) with ``KEY=VALUE`` overrides of its first application's args."""
     path = Path(path)
+    tree = read_yaml_file(path, "Serve config file") or {}
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
         app = tree["applications"][0]
         args = dict(app.get("args") or {})
-    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError) as err:
+    except (KeyError, IndexError, TypeError, AttributeError) as err:
         raise ConfigError(f"{path}: not a Serve config file with an application ({type(err).__name__}: {err})") \
             from None
     for text in overrides:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ray_landmark.config_base import Section
 
@@ -34,8 +34,9 @@ class TrainConfig(Section):
     # aot_eager traces the same graphs without generating code (CPU tests, telling inductor problems apart).
     compile: Literal["auto"] | bool = "auto"
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
-    # Ray Train resources: the published recipes use 8 GPU workers.
-    num_workers: int = Field(8, ge=0)
+    # Ray Train resources: the published recipes use 8 GPU workers. At least one: Ray Train's local mode (0) trains in
+    # the driver and keeps its checkpoints in a temporary folder, which is gone when the job ends.
+    num_workers: int = Field(8, ge=1)
     use_gpu: bool = True
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(3, ge=0)
@@ -55,6 +56,14 @@ class TrainConfig(Section):
     def last_epoch(self) -> int:
         """The epoch training ends after: ``stop_at`` if set, else ``epochs``."""
         return self.stop_at or self.epochs
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers_not_local_mode(cls, value):
+        if value == 0:
+            raise ValueError("0 (Ray Train's local mode, in the driver) keeps no checkpoint once the job ends; use 1 "
+                             "or more workers (1 trains in one worker process)")
+        return value
 
     @model_validator(mode="after")
     def _stop_within_schedule(self):

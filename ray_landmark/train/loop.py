@@ -9,8 +9,10 @@ Per step: uint8 images from the data shard -> normalised on the device -> model 
 With ``train.compile`` the model is compiled before the DDP wrapper (``models/torch_compile.py``); the first training
 step and the first validation each compile a graph, and the progress output says so.
 
-Resuming (``restore``): the latest good checkpoint gives the finished epochs and the optimizer steps already taken in
-the current one; that epoch then runs only its remaining steps, so no epoch is trained twice or skipped.
+Resuming (``restore``): the newest checkpoint of the run folder that verifies (``runs/checkpoint.py``; after a worker
+failure or a rerun alike) gives the finished epochs and the optimizer steps already taken in the current one; that
+epoch then runs only its remaining steps, so no epoch is trained twice or skipped. After each checkpoint, rank 0 keeps
+the ``train.keep_checkpoints`` newest verified ones and deletes the rest (``prune_checkpoints``).
 """
 
 from __future__ import annotations
@@ -30,16 +32,23 @@ import torch
 from ray_landmark.config import Config
 from ray_landmark.data.pipeline import BYTES_READ, READ, SKIP_REASONS, counts_since, train_batches
 from ray_landmark.data.transforms import normalize_on_device
+from ray_landmark.errors import JobError
 from ray_landmark.models.amp import MixedPrecision
 from ray_landmark.models.factory import build_model
 from ray_landmark.models.torch_compile import compile_for_training, compile_wanted
 from ray_landmark.models.transfer import freeze_except, warm_start
 from ray_landmark.progress import Printer, ProgressLine, relay_printer
-from ray_landmark.runs.checkpoint import Progress, load_latest_good, read_checkpoint_at, save_checkpoint
-from ray_landmark.runs.folders import run_logs
+from ray_landmark.runs.checkpoint import (
+    CorruptCheckpoint, Progress, load_latest, prune_checkpoints, read_checkpoint_at, save_checkpoint,
+)
+from ray_landmark.runs.folders import output_folder, run_logs
 from ray_landmark.train.metrics_log import MetricsLog
 from ray_landmark.train.optim import build_optimizer, build_scheduler, resume_schedule
 from ray_landmark.train.validate import validate
+
+
+class NoTrainingData(JobError, RuntimeError):
+    """An epoch whose stream gave no full batch: the job fails instead of saying it finished."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class WorkerInputs:
     console: "ray.actor.ActorHandle"  # a ConsoleRelay: rank 0's progress and epoch lines
     interactive_console: bool  # the driver's console is a terminal: refresh progress in place, often
     on_step: Callable | None = None  # on_step(rank=, epoch=, step=) after each optimizer step (fault-injection tests)
+    skipped_shards: dict | None = None  # train shard -> why it is left out (data.missing_shards: skip)
 
 
 @dataclass(frozen=True)
@@ -141,9 +151,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             metrics.update({f"skipped_{r}": skipped.get(r, 0) for r in SKIP_REASONS})
             # What the epoch cost in storage reads: with the shard index only the view's images are fetched.
             metrics.update(bytes_read=skipped.get(BYTES_READ, 0),
-                           images_delivered=skipped.get(READ, 0) - skipped.get("corrupt_jpeg", 0))
+                           images_delivered=skipped.get(READ, 0) - skipped.get("corrupt_jpeg", 0),
+                           shards_skipped=len(worker.inputs.skipped_shards or {}))
             log.write(metrics, step=training.progress.step)
-            worker.say(epoch_summary(metrics))
+            worker.say(epoch_summary(metrics, worker.inputs.skipped_shards))
         training.progress = Progress(epoch + 1, training.progress.step, 0, training.steps_per_epoch)
         _report(worker, training, metrics)
     return metrics
@@ -169,7 +180,9 @@ def restore(worker: Worker) -> Training:
     tc = cfg.train
     inputs = worker.inputs
     model = build_model(cfg.model, cfg.loss, len(inputs.class_counts), cfg.data.image_size, inputs.class_counts)
-    resume = load_latest_good(_reported_checkpoints(), printer=say)
+    # The run folder itself, not Ray Train's list of reported checkpoints: that list cannot know that one of them was
+    # damaged since, and our retention deletes checkpoints it still lists.
+    resume = load_latest(output_folder(cfg.run), printer=say)
     if resume is None and tc.init_from:
         report = warm_start(model, read_checkpoint_at(tc.init_from, cfg.run.storage).state["model"], tc.drop_keys)
         say(f"[train] warm start from {tc.init_from}: {report.summary()}")
@@ -211,6 +224,7 @@ def train_epoch(worker: Worker, training: Training, shard, epoch: int) -> dict:
     steps_per_epoch = training.steps_per_epoch
     step = training.progress.step
     epoch_step = training.progress.epoch_step if epoch == training.progress.epoch else 0
+    first_step = epoch_step
     model.train()
     line = ProgressLine(
         f"[train] epoch {epoch + 1}/{tc.last_epoch}",
@@ -247,6 +261,13 @@ def train_epoch(worker: Worker, training: Training, shard, epoch: int) -> dict:
             training.progress = Progress(epoch, step, epoch_step, steps_per_epoch)
             _report(worker, training, {"epoch": epoch, "step": step, "loss": _mean(losses)})
     line.close(f"loss {_mean(losses):.3f}")
+    if epoch_step == first_step < steps_per_epoch:
+        read = ray.get(inputs.skip_counter.totals.remote())
+        dropped = ", ".join(f"{read[r]} {r}" for r in SKIP_REASONS if read.get(r)) or "none"
+        raise NoTrainingData(
+            f"epoch {epoch + 1} trained no step: the train stream of {worker.cfg.data.root} gave this worker fewer "
+            f"than the {tc.batch_size * tc.grad_accum} images one step needs (the stream so far: {read.get(READ, 0)} "
+            f"images read, dropped: {dropped}); check its train shards and data.view, or lower train.batch_size")
     training.progress = Progress(epoch, step, epoch_step, steps_per_epoch)
     return {"epoch": epoch + 1, "step": step, "loss": _mean(losses), "lr": scheduler.get_last_lr()[0],
             "images_per_s": round(line.rate, 1)}
@@ -254,15 +275,6 @@ def train_epoch(worker: Worker, training: Training, shard, epoch: int) -> dict:
 
 def _mean(losses: list[torch.Tensor]) -> float:
     return torch.stack(losses).float().mean().item() if losses else float("nan")
-
-
-def _reported_checkpoints() -> list:
-    try:
-        return [c.checkpoint for c in ray.train.get_all_reported_checkpoints()]
-    except (RuntimeError, NotImplementedError, AttributeError):
-        # Local mode (num_workers=0) keeps no checkpoint history; resuming there only uses the latest.
-        latest = ray.train.get_checkpoint()
-        return [latest] if latest else []
 
 
 def _report(worker: Worker, training: Training, metrics: dict) -> None:
@@ -278,11 +290,16 @@ def _report(worker: Worker, training: Training, metrics: dict) -> None:
         save_checkpoint(Path(tmp), state=state, config=worker.cfg.model_dump(mode="json"), progress=progress)
         checkpoint = ray.train.Checkpoint.from_directory(tmp)
         checkpoint.set_metadata({"epoch": progress.epoch, "step": progress.step})
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report(metrics, checkpoint=checkpoint)  # uploaded when it returns (the synchronous mode)
+    try:
+        prune_checkpoints(output_folder(worker.cfg.run), worker.cfg.train.keep_checkpoints, printer=worker.say)
+    except (CorruptCheckpoint, OSError) as err:  # the store did not answer: training goes on
+        worker.say(f"[checkpoint] WARNING {err}; no checkpoint deleted this time")
 
 
-def epoch_summary(metrics: dict) -> str:
-    """One line a person can read: ``[train] epoch 3 done: loss 2.314 | lr 2.50e-04 | val GAP 0.412 ...``."""
+def epoch_summary(metrics: dict, skipped_shards: dict | None = None) -> str:
+    """One line a person can read: ``[train] epoch 3 done: loss 2.314 | lr 2.50e-04 | val GAP 0.412 ...``; train
+    shards left out (``data.missing_shards: skip``) are named at its end."""
     formats = [("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("images_per_s", "{:.1f} img/s"),
                ("val_gap", "val GAP {:.4f}"), ("val_map100", "val mAP@100 {:.4f}"),
                ("val_queries", "{:,} queries"), ("val_index", "{:,} index images"),
@@ -291,5 +308,8 @@ def epoch_summary(metrics: dict) -> str:
     skipped = {k.removeprefix("skipped_"): v for k, v in metrics.items() if k.startswith("skipped_") and v}
     if skipped:
         parts.append("skipped " + ", ".join(f"{n} {reason}" for reason, n in skipped.items()))
+    if skipped_shards:
+        parts.append(f"{len(skipped_shards)} train shard(s) skipped: " +
+                     ", ".join(f"{name} ({why})" for name, why in sorted(skipped_shards.items())))
     state = "done" if metrics["epoch"] else "(before training)"
     return f"[train] epoch {metrics['epoch']} {state}: " + " | ".join(parts)

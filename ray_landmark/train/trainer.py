@@ -1,13 +1,18 @@
 """The driver side of training: what the workers get, the Ray Train TorchTrainer and where its checkpoints live.
 
-Resuming is rerunning: the run is named ``run.name`` under ``run.output_dir``, and Ray Train V2 reloads that run's
-checkpoint history when the same name is submitted again.
+Resuming is rerunning: the run is named ``run.name`` under ``run.output_dir``, and the workers continue from the newest
+checkpoint of that folder that verifies (``train/loop.py``). Ray Train's own list of the run's checkpoints
+(``checkpoint_manager_snapshot.json``) is not used: it cannot know that a checkpoint was damaged after it was reported,
+its retention (``CheckpointConfig(num_to_keep)``) would prune good checkpoints while keeping a damaged one, and it
+refuses to start when a checkpoint it lists was deleted by ours (``runs/checkpoint.prune_checkpoints``). So Ray keeps
+every checkpoint it is given, and its list is dropped before each start.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import ray
 import ray.data
 import ray.train
@@ -15,14 +20,18 @@ from ray.train.torch import TorchTrainer
 
 from ray_landmark.config import Config
 from ray_landmark.data.metadata import LabelLookup, open_manifest
-from ray_landmark.data.pipeline import decodes_in_worker, eval_stream, train_stream
-from ray_landmark.data.storage import exists, resolve
+from ray_landmark.data.pipeline import decodes_in_worker, eval_stream, split_shards, train_stream
+from ray_landmark.data.storage import check_writable, exists, resolve
 from ray_landmark.errors import ConfigError
 from ray_landmark.progress import ConsoleRelay, interactive, on_this_node, run_printing_relay, say
-from ray_landmark.runs.checkpoint import latest_checkpoint
+from ray_landmark.runs.checkpoint import CorruptCheckpoint, latest_checkpoint
 from ray_landmark.runs.folders import output_folder, output_parent
 from ray_landmark.runs.identity import check_rerun
 from ray_landmark.train.loop import WorkerInputs, train_loop_per_worker
+
+# Ray Train V2's list of a run's reported checkpoints, in the run folder (Ray 2.60's
+# ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME; tests/test_run_identity.py checks it).
+RAY_CHECKPOINT_LIST = "checkpoint_manager_snapshot.json"
 
 
 @dataclass(frozen=True)
@@ -33,10 +42,12 @@ class TrainingData:
     landmark_ids: list[int]
     test_selection: LabelLookup
     index_selection: LabelLookup
+    # The view's images in train shards left out (data.missing_shards: skip), where the shard index says which.
+    skipped_images: int = 0
 
     @property
     def train_images(self) -> int:
-        return sum(self.class_counts)
+        return sum(self.class_counts) - self.skipped_images
 
 
 def load_training_data(cfg: Config, restart: bool = False) -> TrainingData:
@@ -46,6 +57,7 @@ def load_training_data(cfg: Config, restart: bool = False) -> TrainingData:
     if cfg.model is None or cfg.train is None:
         raise ConfigError(f"run {cfg.run.name}: training needs the 'model' and 'train' sections")
     run = output_folder(cfg.run)
+    check_writable(run, "run.output_dir")
     latest = latest_checkpoint(run)
     check_rerun(run, latest.config if latest else None, cfg.model_dump(mode="json"), restart=restart)
     if cfg.train.init_from and not exists(resolve(cfg.train.init_from, cfg.run.storage)):
@@ -56,7 +68,19 @@ def load_training_data(cfg: Config, restart: bool = False) -> TrainingData:
     manifest = open_manifest(cfg.data)
     classes = manifest.view_classes(cfg.data.view)
     test, index = manifest.eval_selection(cfg.data.eval_queries, cfg.data.eval_index, cfg.data.seed)
-    return TrainingData(classes["count"].tolist(), classes["landmark_id"].tolist(), test, index)
+    # Every shard training and validation read is there and whole, or named now (data.missing_shards).
+    shards = {split: split_shards(cfg.data, split) for split in ("train", "test", "index")}
+    return TrainingData(classes["count"].tolist(), classes["landmark_id"].tolist(), test, index,
+                        skipped_images=_view_images_in(manifest, cfg.data.view, set(shards["train"].skipped)))
+
+
+def _view_images_in(manifest, view: str, shards: set[str]) -> int:
+    """How many of the view's images the train ``shards`` hold (0 without a shard index, which would say)."""
+    index = manifest.shard_index("train") if shards else None
+    if index is None:
+        return 0
+    ids = index.loc[index["shard"].isin(shards) & (index["name"] == ""), "id"].to_numpy(np.uint64)
+    return int(np.isin(manifest.view_images(view)["id"].to_numpy(np.uint64), ids).sum())
 
 
 class _SplitKeepingEveryRow(ray.data.Dataset):
@@ -88,6 +112,7 @@ def fit(
     are Ray Train UserCallbacks (a sweep's TuneReportCallback); ``data_cpus`` caps the CPUs of this run's Ray Data
     tasks (a sweep's concurrent trials)."""
     data = data or load_training_data(cfg)
+    forget_ray_checkpoint_list(cfg)
     console = ConsoleRelay.options(**on_this_node()).remote()
     trainer = build_trainer(cfg, data, console, on_step=on_step, train_dataset=train_dataset, callbacks=callbacks,
                             data_cpus=data_cpus)
@@ -97,6 +122,25 @@ def fit(
         say(f"\n[train] interrupted; rerun the same command to resume from the last checkpoint in "
             f"{output_folder(cfg.run).uri}")
         raise SystemExit(130) from None
+
+
+def final_checkpoint(cfg: Config) -> str:
+    """The URI of the run's newest verified checkpoint, read back from its folder (not Ray's word for it)."""
+    run = output_folder(cfg.run)
+    check_writable(run, "run.output_dir")
+    latest = latest_checkpoint(run)
+    if latest is None:
+        raise CorruptCheckpoint(f"{run.uri}: training ended but no checkpoint there verifies; rerun the same "
+                                f"command to train its last epoch again")
+    return latest.folder.uri
+
+
+def forget_ray_checkpoint_list(cfg: Config) -> None:
+    """Delete Ray Train's list of the run's reported checkpoints (see the module's docstring): the workers resume
+    from the run folder itself, and Ray starts a new list."""
+    snapshot = output_folder(cfg.run).child(RAY_CHECKPOINT_LIST)
+    if exists(snapshot):
+        snapshot.fs.delete_file(snapshot.path)
 
 
 def build_trainer(
@@ -118,7 +162,7 @@ def build_trainer(
     inputs = WorkerInputs(
         config=cfg, class_counts=data.class_counts, landmark_ids=data.landmark_ids, train_images=data.train_images,
         worker_decode=worker_decode, skip_counter=train.counter, console=console, interactive_console=interactive(),
-        on_step=on_step,
+        on_step=on_step, skipped_shards=train.skipped_shards or {},
     )
     return TorchTrainer(
         train_loop_per_worker,
@@ -131,7 +175,8 @@ def build_trainer(
             storage_path=storage.path,
             storage_filesystem=storage.fs,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            # Every checkpoint kept by Ray: retention is rank 0's, after each report (train.keep_checkpoints).
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             callbacks=callbacks,
         ),
         datasets={"train": train_dataset if train_dataset is not None else train.dataset, "eval": evaluation},

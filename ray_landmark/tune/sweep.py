@@ -12,10 +12,13 @@ failed, or whose best trial failed, ends with ``SweepFailed`` listing the failed
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import math
 import os
+import tempfile
 
 import pandas as pd
 import ray
@@ -104,7 +107,8 @@ class TrialEvents(ray.tune.Callback):
         self.printer(f"[tune] {trial.trial_id} {state}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.printer(f"[tune] {trial.trial_id} FAILED: {trial.error_file or 'see its log'}; the sweep goes on")
+        self.printer(f"[tune] {trial.trial_id} FAILED: {trial.error_file or 'see its log'} has its error; the sweep "
+                     f"goes on")
 
 
 def _short(value) -> str:
@@ -163,7 +167,9 @@ def run_sweep(sweep: SweepConfig, base: Config, printer: Printer = say) -> dict:
             run_config=run_config,
         )
     write_bytes(location.child(IDENTITY_FILE), json.dumps(sweep_identity(sweep, base), indent=2).encode())
-    results = tuner.fit()
+    tune_log = tune_log_path(sweep)
+    with tune_logs_to(tune_log):
+        results = tuner.fit()
     table = trials_table(results, sweep)
     summary = write_outputs(sweep, base, table, printer)
     failed = table.loc[table["status"] == "failed", "trial"].astype(str).tolist()
@@ -172,8 +178,35 @@ def run_sweep(sweep: SweepConfig, base: Config, printer: Printer = say) -> dict:
         first = results.errors[0]
         reason = user_error(first) or str(first).strip().splitlines()[-1]
         raise SweepFailed(f"sweep {sweep.name}: {which} failed ({', '.join(failed)}), the first with: {reason}; "
-                          f"each trial's error.txt under {location.uri} has the whole error")
+                          f"each trial's error.txt under {location.uri} has the whole error, and Tune's log "
+                          f"{tune_log}")
     return summary
+
+
+def tune_log_path(sweep: SweepConfig) -> str:
+    """Where the driver's Tune log goes: beside Ray's logs (the head node's session folder)."""
+    from ray_landmark.runtime import ray_logs_folder
+
+    return os.path.join(ray_logs_folder() or tempfile.gettempdir(), f"tune_{sweep.name}.log")
+
+
+@contextlib.contextmanager
+def tune_logs_to(path: str):
+    """Tune's own log records (a failed trial's traceback above all) go to ``path``, not the console, while the
+    sweep runs: the console has TrialEvents' line per event and the job's one-line end."""
+    logger = logging.getLogger("ray.tune")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        handler.close()
 
 
 def _default_concurrency(base: Config) -> int:
