@@ -13,15 +13,12 @@ embed.compile=false, --set embed.cpus_per_actor=4), and the flags --batch-size, 
 
 import argparse
 
-from ray_landmark.cli import run_job
-
-# The embed.* keys with a flag of their own (--batch-size for embed.batch_size, ...): those a run most often sets.
-SHORTHANDS = ("batch_size", "flip_tta", "actors", "gpus_per_actor", "shards_per_pass")
+from ray_landmark.cli import add_embed_arguments, embed_tree, run_job, split_overrides
 
 
 def main() -> None:
     # Imported here, not at the top: run_job sets Ray's console options first (Ray reads them when imported).
-    from ray_landmark.config import config_from_dict, parse_override, set_dotted
+    from ray_landmark.config import config_from_dict, set_dotted
     from ray_landmark.data import gldv2
     from ray_landmark.data.config import DataConfig, StorageConfig
     from ray_landmark.infer.config import EmbedSettings
@@ -37,32 +34,14 @@ def main() -> None:
     parser.add_argument("--view", default="gldv2c", choices=["gldv2c", "gldv2x", "full"], help="train images")
     parser.add_argument("--out", required=True, help="folder or bucket URI; each split goes to <out>/<split>/")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint of the checkpoint and --out; default AWS")
-    # Each is short for --set embed.<its key> (and wins over it); unset, the key keeps EmbedSettings' default.
-    parser.add_argument("--batch-size", type=int, help="embed.batch_size")
-    parser.add_argument("--flip-tta", action="store_const", const=True,
-                        help="embed.flip_tta: average with the mirrored image's embedding")
-    parser.add_argument("--actors", type=int, help="embed.actors: model replicas (one per GPU on a cluster)")
-    parser.add_argument("--gpus-per-actor", type=float, help="embed.gpus_per_actor")
-    parser.add_argument("--shards-per-pass", type=int, help="embed.shards_per_pass")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a data.* or embed.* key, e.g. --set data.root=s3://google-landmark (repeatable)")
+    add_embed_arguments(parser, "a data.* or embed.* key, e.g. --set data.root=s3://google-landmark (repeatable)")
     args = parser.parse_args()
-    embed_tree, data_overrides = {}, []
-    for text in args.overrides:
-        key, value = parse_override(text)
-        section, _, rest = key.partition(".")
-        if section not in ("data", "embed") or not rest:
-            parser.error(f"--set {text}: only data.* and embed.* keys can be set here")
-        if section == "embed":
-            set_dotted(embed_tree, rest, value, "--set")
-        else:
-            data_overrides.append((rest, value))
-    embed_tree.update({key: value for key in SHORTHANDS if (value := getattr(args, key)) is not None})
+    overrides = split_overrides(parser, args.overrides, ("data", "embed"))
     # Checked by the ensemble config's own model, before anything is read or Ray starts.
-    settings = config_from_dict(embed_tree, "jobs/embed.py arguments", EmbedSettings)
+    settings = config_from_dict(embed_tree(args, overrides["embed"]), "jobs/embed.py arguments", EmbedSettings)
     storage = StorageConfig(endpoint_url=args.endpoint_url)
     data_tree = read_checkpoint_config(args.checkpoint, storage)["data"]
-    for key, value in data_overrides:
+    for key, value in overrides["data"]:
         set_dotted(data_tree, key, value, "--set")
     data = config_from_dict(data_tree, "--set data.*", DataConfig)
     request = EmbedRequest(checkpoint=args.checkpoint, out=args.out, splits=tuple(dict.fromkeys(args.split)),

@@ -7,13 +7,17 @@ multi-scale descriptors.
         --long-side 1024 --out s3://my-bucket/revisited/dolg_b5 --actors 8 --gpus-per-actor 1
 <data> holds <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/ as the revisitop project distributes them. Writes
 <out>/<dataset>[+r1m]/results.json and report.html; embeddings go to <out>/embeddings/ and a rerun reuses them.
+The images are embedded as jobs/embed.py embeds them, with the ensemble config's `embed` section and its defaults
+(but the scales: 1/sqrt(2) 1 sqrt(2) unless --scales or --set embed.scales=[...] say otherwise): --set
+embed.KEY=VALUE sets any of its keys, and --batch-size, --flip-tta, --actors, --gpus-per-actor and
+--shards-per-pass are short for the keys a run most often sets.
 """
 
 import argparse
 import math
 from dataclasses import replace
 
-from ray_landmark.cli import run_job
+from ray_landmark.cli import add_embed_arguments, embed_tree, run_job, split_overrides
 
 
 def _scale(text: str) -> float:
@@ -36,7 +40,7 @@ def main() -> None:
     from ray_landmark.data.storage import check_writable, resolve
     from ray_landmark.infer.config import EnsembleConfig
     from ray_landmark.infer.revisited import (
-        DEFAULT_SCALES, RevisitedRequest, check_inputs, models_from_checkpoint, models_from_ensemble, results_text,
+        RevisitedRequest, check_inputs, embed_settings, models_from_checkpoint, models_from_ensemble, results_text,
         run_revisited,
     )
     from ray_landmark.runtime import init_ray
@@ -51,8 +55,8 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder or bucket for embeddings/ and the results")
     parser.add_argument("--long-side", type=int, help="the image's long side at scale 1; default: the checkpoint's "
                         "data.image_size (DELG and DOLG: 1024, the images as distributed)")
-    parser.add_argument("--scales", type=_scale, nargs="+", default=list(DEFAULT_SCALES),
-                        help="default: 1/sqrt(2) 1 sqrt(2), as DELG and DOLG")
+    parser.add_argument("--scales", type=_scale, nargs="+",
+                        help="embed.scales; default here: 1/sqrt(2) 1 sqrt(2), as DELG and DOLG")
     parser.add_argument("--square", action="store_true", help="squash each image to a square, as in training")
     parser.add_argument("--ranking-depth", type=int, default=10_000, help="ranked images per query (exact AP when "
                         "the database is not larger)")
@@ -60,11 +64,13 @@ def main() -> None:
                         help="score although images of the ground truth are missing (not comparable then)")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint of --data, --distractors, --out and the "
                         "checkpoint; default AWS (an ensemble uses its storage section)")
-    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--part-size", type=int, default=2000, help="images embedded and written together")
-    parser.add_argument("--actors", type=int, default=1, help="model replicas (one per GPU on a cluster)")
-    parser.add_argument("--gpus-per-actor", type=float, default=0.0)
+    add_embed_arguments(parser, "an embed.* key, e.g. --set embed.cpus_per_actor=4 (repeatable)")
     args = parser.parse_args()
+    tree = embed_tree(args, split_overrides(parser, args.overrides, ("embed",))["embed"])
+    if args.scales:  # like the other flags, it wins over --set
+        tree["scales"] = args.scales
+    settings = embed_settings(tree, "jobs/eval_revisited.py arguments")  # checked before anything is read or Ray starts
     storage = StorageConfig(endpoint_url=args.endpoint_url)
     ensemble = None
     if args.ensemble:
@@ -72,9 +78,8 @@ def main() -> None:
         storage = storage if args.endpoint_url else ensemble.storage
     request = RevisitedRequest(
         dataset=args.dataset, data=args.data, out=args.out, models=(), distractors=args.distractors,
-        storage=storage, long_side=args.long_side, scales=tuple(args.scales), square=args.square,
+        storage=storage, long_side=args.long_side, square=args.square, settings=settings,
         ranking_depth=args.ranking_depth, allow_missing=args.allow_missing, part_size=args.part_size,
-        batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
     )
     check_writable(resolve(args.out, storage), "--out")
     inputs = check_inputs(request)  # bad ground truth or missing images: refused before any model or Ray

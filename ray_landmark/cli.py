@@ -1,5 +1,5 @@
-"""What every job script shares: ``--config`` and ``--set`` parsing, one-line errors for the user, and how Ray's own
-console lines look.
+"""What every job script shares: ``--config`` and ``--set`` parsing, the embedding jobs' ``embed.*`` flags, one-line
+errors for the user, and how Ray's own console lines look.
 
 Ray reads some of its settings once, when it is imported: job scripts import what uses Ray inside their ``main()``,
 which ``run_job`` calls after ``plain_ray_console``.
@@ -11,9 +11,15 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
-from ray_landmark.config import Config, load_config
+from ray_landmark.config import Config, load_config, parse_override, set_dotted
 from ray_landmark.errors import ConfigError, JobError, user_error
+from ray_landmark.infer.config import EmbedSettings
+
+# The embed.* keys with a flag of their own (--batch-size for embed.batch_size, ...): those a run most often sets.
+EMBED_FLAGS = {"batch_size": "", "flip_tta": "average with the mirrored image's embedding",
+               "actors": "model replicas (one per GPU on a cluster)", "gpus_per_actor": "", "shards_per_pass": ""}
 
 
 def job_parser(description: str, default_config: str | None = None, restart: bool = False) -> argparse.ArgumentParser:
@@ -36,6 +42,42 @@ def load_job_config(args: argparse.Namespace, extra_overrides: list[str] = (), c
         return load_config(args.config, [*args.overrides, *extra_overrides], cls)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
+
+
+def add_embed_arguments(parser: argparse.ArgumentParser, set_help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable) and a flag per key of ``EMBED_FLAGS``, short for ``--set embed.<key>`` (and
+    winning over it); unset, a key keeps EmbedSettings' default."""
+    for key, text in EMBED_FLAGS.items():
+        field = EmbedSettings.model_fields[key]
+        flag, help_text = "--" + key.replace("_", "-"), f"embed.{key}" + (f": {text}" if text else "")
+        if field.annotation is bool:
+            parser.add_argument(flag, action="store_const", const=True, help=help_text)
+        else:
+            parser.add_argument(flag, type=field.annotation, help=f"{help_text} (default {field.default})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+
+
+def split_overrides(parser: argparse.ArgumentParser, texts: list[str],
+                    sections: tuple[str, ...]) -> dict[str, list[tuple[str, Any]]]:
+    """``--set`` values by section (the key's first part): (the rest of the key, the value); a key of another
+    section is a usage error."""
+    found: dict[str, list[tuple[str, Any]]] = {section: [] for section in sections}
+    for text in texts:
+        key, value = parse_override(text)
+        section, _, rest = key.partition(".")
+        if section not in found or not rest:
+            parser.error(f"--set {text}: only {' and '.join(f'{s}.*' for s in sections)} keys can be set here")
+        found[section].append((rest, value))
+    return found
+
+
+def embed_tree(args: argparse.Namespace, overrides: list[tuple[str, Any]]) -> dict:
+    """The embed section a job was given: its ``--set embed.*`` values, then the ``EMBED_FLAGS`` flags it was given."""
+    tree: dict = {}
+    for key, value in overrides:
+        set_dotted(tree, key, value, "--set")
+    tree.update({key: value for key in EMBED_FLAGS if (value := getattr(args, key)) is not None})
+    return tree
 
 
 def require_arch(cfg: Config, arch: str, source: str, other_job: str) -> None:

@@ -229,7 +229,7 @@ def test_distractors_read_alike_from_tar_shards_and_from_a_folder(synthetic_revi
 
 
 def test_a_user_error_raised_in_a_ray_task_is_found_behind_the_wrappers():
-    from ray_landmark.infer.revisited import user_error
+    from ray_landmark.errors import user_error
 
     class Wrapper(Exception):  # as a RayTaskError: the original exception in ``cause``
         def __init__(self, cause):
@@ -262,22 +262,50 @@ def tiny_model():
 
 def test_multiscale_descriptors_average_the_scales_and_differ_from_single_scale(tiny_model):
     from ray_landmark.data.transforms import normalize_on_device
-    from ray_landmark.infer.revisited import DEFAULT_SCALES, multiscale_embed
+    from ray_landmark.infer.embed import embed_images
+    from ray_landmark.infer.revisited import DEFAULT_SCALES
 
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((48, 64, 3), (64, 48, 3), (48, 64, 3))]
-    cpu = torch.device("cpu")
+    images = [torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8))
+              for shape in ((48, 64, 3), (64, 48, 3), (48, 64, 3))]
+
+    def embed(images, scales, **kwargs):
+        return embed_images(tiny_model, images, scales, batch_size=2, **kwargs)
+
     with torch.inference_mode():
-        single = multiscale_embed(tiny_model, images, (1.0,), cpu)
-        plain = torch.cat([tiny_model.embed(normalize_on_device(torch.from_numpy(i)[None])) for i in images])
+        single = embed(images, (1.0,))
+        plain = torch.cat([tiny_model.embed(normalize_on_device(i[None])) for i in images])
         assert torch.allclose(single, plain, atol=1e-5)  # scale 1 is the model's own embedding
-        per_scale = [multiscale_embed(tiny_model, images, (s,), cpu) for s in DEFAULT_SCALES]
-        multi = multiscale_embed(tiny_model, images, DEFAULT_SCALES, cpu)
-        one_by_one = torch.cat([multiscale_embed(tiny_model, [i], DEFAULT_SCALES, cpu) for i in images])
+        per_scale = [embed(images, (s,)) for s in DEFAULT_SCALES]
+        multi = embed(images, DEFAULT_SCALES)
+        one_by_one = torch.cat([embed([i], DEFAULT_SCALES) for i in images])
+        # A batch of one shape (GLDv2's images) is the same as its images one by one.
+        same_shape = [images[0], images[2]]
+        assert torch.allclose(embed(torch.stack(same_shape), DEFAULT_SCALES), embed(same_shape, DEFAULT_SCALES))
+        mirrored = embed([i.flip(1) for i in images], DEFAULT_SCALES)
+        flip_tta = embed(images, DEFAULT_SCALES, flip=True)
     assert torch.allclose(multi, torch.nn.functional.normalize(sum(per_scale), dim=1), atol=1e-5)
     assert torch.allclose(multi, one_by_one, atol=1e-5)  # batching images by shape changes no descriptor
     assert torch.allclose(multi.norm(dim=1), torch.ones(3))
     assert (multi * single).sum(dim=1).max() < 0.9999  # the other scales do change the descriptor
+    # Flip TTA: each scale's image and its mirror image, all unit embeddings summed, then normalised.
+    per_view = sum(embed(views, (s,)) for views in (images, [i.flip(1) for i in images]) for s in DEFAULT_SCALES)
+    assert torch.allclose(flip_tta, torch.nn.functional.normalize(per_view, dim=1), atol=1e-5)
+    assert not torch.allclose(flip_tta, multi, atol=1e-3) and not torch.allclose(flip_tta, mirrored, atol=1e-3)
+
+
+def test_the_embed_settings_of_a_run_default_to_the_protocols_scales_and_refuse_bad_ones_in_one_line():
+    from ray_landmark.errors import ConfigError
+    from ray_landmark.infer.revisited import DEFAULT_SCALES, embed_settings
+
+    assert embed_settings({}).scales == list(DEFAULT_SCALES) and embed_settings({"scales": [1]}).scales == [1.0]
+    assert embed_settings({"batch_size": 8}).batch_size == 8
+    for tree, message in (({"scales": [1, 0]}, "key 'scales.1': Input should be greater than 0"),
+                          ({"scales": []}, "key 'scales': List should have at least 1 item"),
+                          ({"compile": True}, "key 'compile': Revisited's images come in many shapes")):
+        with pytest.raises(ConfigError, match=rf"^jobs/eval_revisited.py arguments: {message}") as err:
+            embed_settings(tree, "jobs/eval_revisited.py arguments")
+        assert "\n" not in str(err.value)
 
 
 # ---------------------------------------------------------------- end to end
@@ -288,8 +316,9 @@ def test_end_to_end_on_the_synthetic_set_with_distractors_and_an_ensemble(ray_se
                                                                           synthetic_revisited, tmp_path):
     from dataclasses import replace
 
+    from ray_landmark.infer.config import EnsembleModel
     from ray_landmark.infer.embed import EmbeddingError, read_embeddings
-    from ray_landmark.infer.revisited import EvalModel, RevisitedRequest, run_revisited
+    from ray_landmark.infer.revisited import RevisitedRequest, embed_settings, run_revisited
 
     def _embeddings_in_order(folder: Path, names: list[str]) -> np.ndarray:
         ids, vectors = read_embeddings(resolve(str(folder)))
@@ -297,10 +326,10 @@ def test_end_to_end_on_the_synthetic_set_with_distractors_and_an_ensemble(ray_se
         return vectors[[row[n] for n in names]].astype(np.float32)
 
     root, spec, summary = synthetic_revisited
-    models = (EvalModel("dolg", tiny_checkpoints["dolg"], "dolg"),
-              EvalModel("effnet", tiny_checkpoints["effnet"], "efficientnet"))
+    models = (EnsembleModel(name="dolg", checkpoint=tiny_checkpoints["dolg"], family="dolg"),
+              EnsembleModel(name="effnet", checkpoint=tiny_checkpoints["effnet"], family="efficientnet"))
     request = RevisitedRequest("roxford5k", str(root / "data"), str(tmp_path / "out"), models,
-                               distractors=str(root / "tars"), part_size=40, batch_size=8)
+                               distractors=str(root / "tars"), part_size=40, settings=embed_settings({"batch_size": 8}))
     lines = []
     results = run_revisited(request, printer=lambda line, transient=False: lines.append(line))
     assert results["database_images"] == summary["database"] + spec.distractors
@@ -336,7 +365,7 @@ def test_end_to_end_on_the_synthetic_set_with_distractors_and_an_ensemble(ray_se
     assert not [line for line in rerun_lines if "embedding" in line] and any("embedding" in line for line in lines)
     assert again["stages"] == results["stages"]
     with pytest.raises(EmbeddingError, match="holds embeddings of"):
-        run_revisited(replace(request, scales=(1.0,)), printer=lambda *a, **k: None)
+        run_revisited(replace(request, settings=embed_settings({"scales": [1.0]})), printer=lambda *a, **k: None)
     # A distractor tar that ends early, read in a Ray task, ends the run with its one line.
     cut = tmp_path / "cut"
     cut.mkdir()

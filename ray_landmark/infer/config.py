@@ -3,7 +3,7 @@ the post-processing of the 2021 method (arXiv 2110.03786) with every k configura
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -28,6 +28,9 @@ class EmbedSettings(Section):
 
     batch_size: int = Field(64, gt=0)
     flip_tta: bool = False  # average each image's embedding with its mirror image's
+    # Each image is also embedded resized by these factors, and its unit embeddings are averaged and L2-normalised
+    # (multi-scale descriptors, as Revisited Oxford and Paris are evaluated; the method embeds at 1 only).
+    scales: list[Annotated[float, Field(gt=0)]] = Field([1.0], min_length=1)
     actors: int = Field(1, ge=1)  # model replicas: one per GPU on a cluster
     gpus_per_actor: float = Field(0.0, ge=0)
     # A CPU-only actor runs torch on this many threads. Unlike the decode tasks' 1 CPU, it also keeps Ray Data from
@@ -35,7 +38,7 @@ class EmbedSettings(Section):
     cpus_per_actor: float = Field(2.0, gt=0)
     shards_per_pass: int = Field(32, ge=1)  # shards embedded by one Ray Data pipeline (bounds what the driver holds)
     # torch.compile of the encoder, the setting as train.compile (models/torch_compile.py): auto = on where the actor
-    # has a GPU; a compiled model gets every batch padded to batch_size, so it compiles once.
+    # has a GPU; a compiled model gets every batch padded to batch_size, so it compiles once per scale.
     compile: Literal["auto"] | bool = "auto"
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
 

@@ -1,9 +1,10 @@
-"""The ensemble job's report: one self-contained HTML page with the metrics, the notes and a gallery of queries.
+"""The HTML report of the ensemble job and of Revisited Oxford and Paris: one self-contained page with the metrics,
+the notes and a gallery of queries.
 
 The page has no external resources (no CSS, JS, fonts or image links): thumbnails are inlined as base64 JPEG data URIs,
 downscaled to ~128 px, so the file can be mailed, opened from a bucket or archived with the run and still look the
-same. A gallery row shows a test query with its truth and the recognition prediction, then its top retrieved index
-images, each marked relevant (green, ✓) or not (red, ✗).
+same. A gallery row shows a query (with its truth and the recognition prediction, where there is recognition), then
+its top retrieved images, each marked relevant (green, ✓), not (red, ✗), or ignored by the metric (grey).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 THUMB_PX = 128
 MISSING = "—"
 OK_MARK, BAD_MARK = "✓", "✗"
+LEGEND = ("Each row: the query with its truth and the recognition prediction (confidence), then its top retrieved "
+          "index images in rank order; green border: relevant, red border: not relevant.")
 
 
 # ---------------------------------------------------------------- reading images
@@ -74,22 +77,23 @@ def _read_members(split: Location, path: str, wanted: set[str], found: dict[str,
 
 @dataclass(frozen=True)
 class RetrievedImage:
-    """One retrieved index image of a query, in rank order; ``jpeg`` None shows a placeholder."""
+    """One retrieved image of a query, in rank order; ``jpeg`` None shows a placeholder."""
 
     image_id: str
-    relevant: bool
+    relevant: bool | None  # None: ignored by the metric (Revisited's junk images)
     jpeg: bytes | None = None
+    kind: str = ""  # shown after the id: Revisited's easy, hard, junk or negative
 
 
 @dataclass
 class GalleryEntry:
-    """One sampled test query: its truth, the recognition prediction and the top retrieved index images."""
+    """One query: its truth, the recognition prediction and the top retrieved images."""
 
     query_id: str
-    usage: str  # the Kaggle split that scores it: "Public" or "Private"
-    true_landmarks: tuple[int, ...]  # empty: a non-landmark query
-    predicted_landmark: int | None  # None: no recognition prediction
-    confidence: float | None
+    usage: str  # a tag after the id: the Kaggle split that scores it ("Public", "Private"), or Revisited's dataset
+    true_landmarks: tuple[int, ...] | None  # empty: a non-landmark query; None: no recognition (Revisited)
+    predicted_landmark: int | None = None  # None: no recognition prediction
+    confidence: float | None = None
     retrieved: list[RetrievedImage] = field(default_factory=list)
     query_jpeg: bytes | None = None
 
@@ -126,6 +130,7 @@ figure { position: relative; margin: 0; width: 100px; text-align: center; }
 figure .thumb { width: 100px; height: 78px; }
 figure.ok .thumb { border-color: #1e8e3e; }
 figure.bad .thumb { border-color: #d93025; }
+figure.ignored .thumb { border-color: #999; }
 .placeholder { display: flex; flex-direction: column; align-items: center; justify-content: center; background: #bbb;
                color: #333; font: 9px monospace; word-break: break-all; }
 .id { font: 10px monospace; color: #555; }
@@ -196,28 +201,34 @@ def _mark(correct: bool) -> str:
     return f'<span class="mark ok">{OK_MARK}</span>' if correct else f'<span class="mark bad">{BAD_MARK}</span>'
 
 
-def _query_card(entry: GalleryEntry, size: int) -> str:
+def _recognition(entry: GalleryEntry) -> str:
     truth = " ".join(str(t) for t in entry.true_landmarks) or "non-landmark"
     if entry.predicted_landmark is None:
         pred = "no prediction"
     else:
         pred = f"predicted <b>{_e(entry.predicted_landmark)}</b> ({_format_value(entry.confidence)})"
     correct = entry.recognition_correct
-    hits = sum(r.relevant for r in entry.retrieved)
+    return (f"<div>truth <b>{_e(truth)}</b></div>"
+            f'<div class="pred {"ok" if correct else "bad"}">{_mark(correct)} {pred}</div>')
+
+
+def _query_card(entry: GalleryEntry, size: int) -> str:
+    hits = sum(bool(r.relevant) for r in entry.retrieved)
     return (
         f'<div class="query">{_thumb(entry.query_id, entry.query_jpeg, size)}'
         f'<div><span class="id">{_e(entry.query_id)}</span> <span class="tag">{_e(entry.usage)}</span></div>'
-        f"<div>truth <b>{_e(truth)}</b></div>"
-        f'<div class="pred {"ok" if correct else "bad"}">{_mark(correct)} {pred}</div>'
-        f"<div>retrieval: {hits} of {len(entry.retrieved)} relevant</div></div>"
+        + (_recognition(entry) if entry.true_landmarks is not None else "")
+        + f"<div>retrieval: {hits} of {len(entry.retrieved)} relevant</div></div>"
     )
 
 
 def _figure(rank: int, image: RetrievedImage, size: int) -> str:
+    verdict = "ignored" if image.relevant is None else "ok" if image.relevant else "bad"
+    caption = image.image_id + (f" ({image.kind})" if image.kind else "")
     return (
-        f'<figure class="{"ok" if image.relevant else "bad"}">{_thumb(image.image_id, image.jpeg, size)}'
-        f'<span class="rank">{rank}</span>{_mark(image.relevant)}'
-        f'<figcaption class="id">{_e(image.image_id)}</figcaption></figure>'
+        f'<figure class="{verdict}">{_thumb(image.image_id, image.jpeg, size)}'
+        f'<span class="rank">{rank}</span>{"" if image.relevant is None else _mark(image.relevant)}'
+        f'<figcaption class="id">{_e(caption)}</figcaption></figure>'
     )
 
 
@@ -234,8 +245,11 @@ def render_report(
     gallery: list[GalleryEntry],
     info: Mapping[str, object] | None = None,
     thumb_px: int = THUMB_PX,
+    gallery_title: str | None = None,
+    legend: str = LEGEND,
 ) -> str:
-    """The report page as an HTML string; ``info`` adds "key: value" lines (run folder, models...) under the title."""
+    """The report page as an HTML string; ``info`` adds "key: value" lines (run folder, models...) under the title;
+    ``gallery_title`` defaults to the ensemble's (sampled test queries)."""
     generated = f"generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC on {socket.gethostname()}"
     meta = [generated] + [f"{k}: {v}" for k, v in (info or {}).items()]
     notes_items = "".join(f"<li>{_e(n)}</li>" for n in notes) or f"<li>{MISSING}</li>"
@@ -244,9 +258,8 @@ def render_report(
         *(f'<p class="meta">{_e(m)}</p>' for m in meta),
         f"<h2>Metrics</h2>{_metrics_table(metrics)}",
         f'<h2>Notes</h2><ul class="notes">{notes_items}</ul>',
-        f"<h2>Gallery: {len(gallery)} sampled test queries</h2>",
-        '<p class="legend">Each row: the query with its truth and the recognition prediction (confidence), then its '
-        "top retrieved index images in rank order; green border: relevant, red border: not relevant.</p>",
+        f"<h2>{_e(gallery_title or f'Gallery: {len(gallery)} sampled test queries')}</h2>",
+        f'<p class="legend">{_e(legend)}</p>',
         *(_gallery_row(entry, thumb_px) for entry in gallery),
     ]
     head = f'<meta charset="utf-8"><title>{_e(title)}</title><style>{_CSS}</style>'

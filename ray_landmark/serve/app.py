@@ -13,7 +13,7 @@ An image is checked (JPEG, size) and decoded exactly as the embedding job decode
 the embedding job's Ray Data tasks decode (``data.decode: cpu``), else by the worker decoder on the replica's device
 (nvjpeg on a GPU), the same ``data.decode`` rule as ``infer.embed``. Images of concurrent requests are embedded
 together (``@serve.batch``) by ``infer.embed.Embedder``, the batch job's own model wrapper (its autocast, flip TTA,
-compile and float16 rounding), then each request is answered by ``answers``.
+scales, compile and float16 rounding), then each request is answered by ``answers``.
 
 Bad input (not a JPEG, empty, too large, truncated, a header claiming too many pixels, any image the decoder cannot
 read, too many images, a body of another content type) gets a 4xx with ``{"error": "<one line>"}`` and the replica
@@ -23,7 +23,6 @@ keeps serving.
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request) at runtime.
 import asyncio
 import io
-import json
 import logging
 import os
 import re
@@ -40,12 +39,11 @@ from ray.serve import Application
 
 from ray_landmark.config import Config, config_from_dict, load_config
 from ray_landmark.data.pipeline import decodes_in_worker
-from ray_landmark.data.storage import exists, read_bytes
 from ray_landmark.data.transforms import CorruptImage, decode_resized
 from ray_landmark.data.worker_decode import WorkerDecoder
 from ray_landmark.errors import JobError
 from ray_landmark.infer.config import EnsembleConfig
-from ray_landmark.infer.embed import INFO_FILE, Embedder, write_embeddings
+from ray_landmark.infer.embed import INFO_FILE, Embedder, read_info, write_embeddings
 from ray_landmark.infer.ensemble import EMBED_ORDER, use_cpus, data_config, embeddings_folder
 from ray_landmark.serve.answers import (
     answer_recognition, answer_retrieval, load_served_index, with_added_index_images,
@@ -65,25 +63,28 @@ class BadRequest(Exception):
 
 def served_checkpoints(cfg: EnsembleConfig) -> dict[str, tuple[str, Config]]:
     """model name -> (the checkpoint its embeddings were written with, its config); refuses, with one line, an
-    ensemble whose embeddings are missing or were written by another checkpoint, size or TTA than the model's."""
+    ensemble whose embeddings are missing or were written by another checkpoint, size, TTA or scales than the
+    model's."""
     checkpoints = {}
     for model in cfg.models:
         resolved = checkpoint_folder(model.checkpoint, cfg.storage).uri
         model_cfg = config_from_dict(read_checkpoint_config(resolved, cfg.storage), resolved)
         for split in EMBED_ORDER:
-            info_file = embeddings_folder(cfg, model).child(split, INFO_FILE)
-            if not exists(info_file):
+            folder = embeddings_folder(cfg, model).child(split)
+            info_file, info = folder.child(INFO_FILE), read_info(folder)
+            if info is None:
                 raise JobError(f"{info_file.uri}: no embeddings of model {model.name}; run jobs/ensemble.py with "
                                "this ensemble config first")
-            info = json.loads(read_bytes(info_file))
             if info["checkpoint"] != resolved:
                 raise JobError(f"model {model.name}: its checkpoint is {resolved} but {info_file.uri} holds "
                                f"embeddings of {info['checkpoint']}; rerun jobs/ensemble.py, or point "
                                f"models[{model.name}].checkpoint at the embedded checkpoint")
-            if info["image_size"] != model_cfg.data.image_size or info["flip_tta"] != cfg.embed.flip_tta:
-                raise JobError(f"model {model.name}: {info_file.uri} holds embeddings at {info['image_size']} px, "
-                               f"flip_tta {info['flip_tta']}; the service would embed at "
-                               f"{model_cfg.data.image_size} px, flip_tta {cfg.embed.flip_tta}; rerun jobs/ensemble.py")
+            served = {"image_size": model_cfg.data.image_size, "flip_tta": cfg.embed.flip_tta,
+                      "scales": cfg.embed.scales}
+            if any(info[key] != value for key, value in served.items()):
+                raise JobError(f"model {model.name}: {info_file.uri} holds embeddings of "
+                               f"{', '.join(f'{k} {info[k]}' for k in served)}; the service would embed with "
+                               f"{', '.join(f'{k} {v}' for k, v in served.items())}; rerun jobs/ensemble.py")
         checkpoints[model.name] = resolved, model_cfg
     return checkpoints
 
