@@ -31,7 +31,9 @@ start-up, the first batch.
     shard index, and with the index over a range of ``data.range_gap_bytes``: bytes fetched and requests per
     delivered image, against the mean JPEG of the view.
 
-    python benchmarks/data_pipeline.py [--images 1500] [--size 448] [--no-write]
+    python -m benchmarks.data_pipeline [--images 1500] [--size 448] [--no-write] [--out DIR]
+    python -m benchmarks.data_pipeline --images 96 --size 32 --shards 2 --rounds 2 --processes 1 \
+        --gaps 0,65536 --out /tmp/toy     # a smoke run at toy size
 """
 
 from __future__ import annotations
@@ -48,30 +50,28 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from one_by_one import OneByOne  # noqa: E402
-from results_io import machine, update_benchmarks_md, write_results  # noqa: E402
-
-from ray_landmark.data import gldv2  # noqa: E402
-from ray_landmark.data.config import DataConfig, StorageConfig  # noqa: E402
-from ray_landmark.data.metadata import open_manifest, prepare_manifests  # noqa: E402
-from ray_landmark.data.pipeline import decode_images, train_batches, train_stream  # noqa: E402
-from ray_landmark.data.shard_members import dataset_shard_index  # noqa: E402
-from ray_landmark.data.storage import resolve  # noqa: E402
-from ray_landmark.data.synthetic import SyntheticSpec, write_synthetic_gldv2  # noqa: E402
-from ray_landmark.data import transforms  # noqa: E402
-from ray_landmark.data.transforms import TrainAugmentation, augment_hwc, decode_resized  # noqa: E402
-from ray_landmark.data.worker_decode import TrainBatchDecoder  # noqa: E402
-from ray_landmark.local_s3 import LocalS3Server, use_test_credentials  # noqa: E402
-from ray_landmark.markdown import markdown_table  # noqa: E402
+from benchmarks.one_by_one import OneByOne
+from benchmarks.results_io import add_out_option, machine, publish, results_path
+from ray_landmark.data import gldv2, transforms
+from ray_landmark.data.config import DataConfig, StorageConfig
+from ray_landmark.data.metadata import open_manifest, prepare_manifests
+from ray_landmark.data.pipeline import decode_images, train_batches, train_stream
+from ray_landmark.data.shard_members import dataset_shard_index
+from ray_landmark.data.storage import Location, resolve
+from ray_landmark.data.synthetic import SyntheticSpec, write_synthetic_gldv2
+from ray_landmark.data.transforms import TrainAugmentation, augment_hwc, decode_resized
+from ray_landmark.data.worker_decode import TrainBatchDecoder
+from ray_landmark.local_s3 import LocalS3Server, use_test_credentials
+from ray_landmark.markdown import markdown_table
+from ray_landmark.runtime import init_ray
 
 BATCH = 32
 # The plain loops' kinds of work: what a Ray Data decode task does per image (fast / original preprocessing), and what
 # a worker decoding its own batches does per batch.
 WORKS = ("ray_task_fast", "ray_task_original", "worker_fast")
-ROUNDS = 3  # passes of each pipeline: one warm-up, then the best of the others
 
 
 _BLOBS: list[bytes] = []
@@ -174,7 +174,8 @@ class TarShards(torch.utils.data.IterableDataset):
         transform = OneByOne(self.size)
         for i in order[worker::workers]:
             loc = resolve(self.uris[i], self.storage)
-            with loc.fs.open_input_stream(loc.path, buffer_size=32 * 2**20) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            with (loc.fs.open_input_stream(loc.path, buffer_size=32 * 2**20) as f,
+                  tarfile.open(fileobj=f, mode="r|") as tar):
                 for member in tar:
                     if member.isreg():
                         yield torch.from_numpy(transform(tar.extractfile(member).read())), 0
@@ -330,66 +331,189 @@ PATHS = {
 GAPS = (0, 4096, 65536, 2**20, 16 * 2**20)  # data.range_gap_bytes measured under GLDv2c
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1500, help="about this many train images")
     parser.add_argument("--size", type=int, default=448)
     parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="passes of each path, round robin: one warm-up, then the best of the others")
+    parser.add_argument("--processes", type=int, help="(a): plain loops in 1 .. this many processes (default: "
+                                                      "cores + 1)")
+    parser.add_argument("--gaps", default=",".join(map(str, GAPS)),
+                        help="(e): the data.range_gap_bytes measured under GLDv2c, comma-separated")
     parser.add_argument("--no-write", action="store_true", help="print the results; leave the JSON and BENCHMARKS.md")
+    add_out_option(parser)
     args = parser.parse_args()
-    cores = os.cpu_count() or 1
-    load_before = os.getloadavg()[0]
-    spec = SyntheticSpec(
-        num_landmarks=max(2, args.images // 12), max_images_per_landmark=60, min_images_per_landmark=8,
-        test_landmark_images=2, test_non_landmark_images=1, index_distractor_landmarks=0,
-        width=640, height=480, train_shards=args.shards, jpeg_quality=90,
-    )
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2: the first pass of each path warms up and is not counted")
+    args.processes = args.processes or (os.cpu_count() or 1) + 1
+    args.gaps = [int(gap) for gap in args.gaps.split(",")]
+    return args
+
+
+def write_sources(spec: SyntheticSpec, folder: Path, storage: StorageConfig) -> tuple[Location, Location]:
+    """The same dataset (deterministic from the seed) in a local folder and in the bucket of the S3 server, each with
+    its manifests and shard index."""
+    local_root, s3_root = resolve(str(folder / "gldv2")), resolve("s3://bench/gldv2", storage)
+    for root in (local_root, s3_root):
+        write_synthetic_gldv2(spec, root, progress=None)
+        prepare_manifests(root, root.child("manifest"), progress=None,
+                          shard_index=dataset_shard_index(root, progress=None))
+    return local_root, s3_root
+
+
+def extract_jpegs(train: Path, shard_names: list[str], folder: Path) -> tuple[list[bytes], list[Path]]:
+    """The JPEGs of the tar shards in ``train``, held in memory and extracted to files under ``folder`` (what the
+    published solution trains from)."""
+    blobs: list[bytes] = []
+    paths: list[Path] = []
+    for shard in shard_names:
+        with tarfile.open(train / shard) as tar:
+            for m in tar:
+                if m.isreg():
+                    blob = tar.extractfile(m).read()
+                    path = folder / m.name
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(blob)
+                    blobs.append(blob)
+                    paths.append(path)
+    return blobs, paths
+
+
+def measure_plain_loops(blob_file: str, size: int, max_processes: int) -> tuple[dict, dict]:
+    """(a): the wall-clock images/s of each kind of work in 1 .. ``max_processes`` processes, and each kind's best
+    images per CPU-second."""
+    plain: dict[str, dict[int, float]] = {work: {} for work in WORKS}
+    per_cpu_second: dict[str, float] = {}
+    for work in WORKS:
+        for processes in range(1, max_processes + 1):
+            rate, efficiency = plain_loops(blob_file, size, processes, work)
+            plain[work][processes] = round(rate, 1)
+            per_cpu_second[work] = round(max(per_cpu_second.get(work, 0.0), efficiency), 1)
+            print(f"(a) plain loops, {work}, {processes} process(es): {rate:.1f} img/s, "
+                  f"{efficiency:.1f} images per CPU-second")
+    return plain, per_cpu_second
+
+
+def ray_paths(cfg: DataConfig, local_root: Location) -> dict:
+    """(c) and (d): a function giving one pass of each, from S3 first (its first pass is the one taken apart: Ray's
+    workers start during it)."""
+    ranged, gldv2c = {"ranged_reads": True}, {"view": "gldv2c"}
+    return {
+        "ray_s3": stream_batches(cfg),
+        "ray_local": stream_batches(cfg.model_copy(update={"root": local_root.uri})),
+        "ray_s3_ranged": stream_batches(cfg.model_copy(update=ranged)),
+        "ray_s3_two_stages": two_stage_batches(cfg),
+        "ray_s3_gldv2c": stream_batches(cfg.model_copy(update=gldv2c)),
+        "ray_s3_gldv2c_ranged": stream_batches(cfg.model_copy(update={**ranged, **gldv2c})),
+        "worker_decode_s3": stream_batches(cfg.model_copy(update={"decode": "worker"}), worker_decode=True),
+    }
+
+
+def pass_order(ray: dict, loaders: dict) -> dict:
+    """Every path's pass function in the order a round runs them: the DataLoaders' passes between Ray's, one at a
+    time, so that Ray's workers never idle for long. Ray retires workers idle for a minute (runtime.init_ray) and new
+    ones import torch first: with the DataLoaders' passes in a row, the Ray pass after them saw worker processes exit
+    during it in every round."""
+    order = {}
+    loader_items = list(loaders.items())
+    for i, (name, one_pass) in enumerate(ray.items()):
+        order[name] = one_pass
+        if i < len(loader_items):
+            loader_name, loader = loader_items[i]
+            order[loader_name] = lambda loader=loader: loader
+    return order
+
+
+def run_rounds(paths: dict, rounds: int, server_pid: int) -> tuple[dict[str, list[dict]], list[float]]:
+    """Round robin, one pass of each path per round, so that a busy spell on the shared machine hits them alike
+    (round 0 warms up: worker processes start): every pass of each path, and when the Ray workers that started
+    during the first pass from S3 did, in seconds after it began."""
+    passes: dict[str, list[dict]] = {name: [] for name in paths}
+    workers_started: list[float] = []
+    for round_ in range(rounds):
+        for name, one_pass in paths.items():
+            passes[name].append(timed_pass(one_pass(), server_pid))
+            if round_ == 0 and name == "ray_s3":
+                run = passes[name][-1]
+                workers_started = [t - run["started"] for t in ray_worker_start_times()
+                                   if run["started"] <= t <= run["started"] + run["seconds"]]
+            print(f"round {round_}: {name} {passes[name][-1]['images_per_s']:.1f} img/s, S3 server "
+                  f"{passes[name][-1]['server_cpu_s']:.2f} CPU-s")
+    return passes, workers_started
+
+
+def first_pass_summary(passes: dict, workers_started: list[float], imports: float, ray_started: float) -> dict:
+    """The first pass of Ray Data from S3 taken apart, against the steady passes after it."""
+    cold, steady = passes["ray_s3"][0], max(passes["ray_s3"][1:], key=lambda run: run["images_per_s"])
+    return {
+        "seconds": round(cold["seconds"], 2),
+        "images_per_s": round(cold["images_per_s"], 1),
+        "steady_seconds_for_the_same_images": round(cold["images"] / steady["images_per_s"], 2),
+        "first_batch_s": round(cold["first_batch_s"], 2),
+        "steady_first_batch_s": round(steady["first_batch_s"], 2),
+        "ray_workers_started_during_it_and_alive_at_its_end": len(workers_started),
+        "last_ray_worker_started_after_s": round(max(workers_started), 2) if workers_started else None,
+        "import_seconds_per_fresh_worker": imports,
+        "seconds_from_ray_init_to_it": round(cold["started"] - ray_started, 2),
+    }
+
+
+def view_mean_jpeg(cfg: DataConfig) -> dict[str, float]:
+    """The mean JPEG size of each view's train images, from the shard index."""
+    manifest = open_manifest(cfg)
+    index = manifest.shard_index("train")
+    return {view: float(index.loc[index["id"].isin(manifest.view_images(view)["id"].to_numpy(np.uint64)),
+                                  "size"].mean()) for view in ("full", "gldv2c")}
+
+
+def bytes_read_rows(cfg: DataConfig, server_pid: int, view_mean: dict[str, float]) -> dict[str, dict]:
+    """(e): the read stage alone from S3, whole shards streamed and ranged through the shard index, for each view."""
+    rows = {}
+    for view in ("full", "gldv2c"):
+        for label, ranged in (("streamed", False), ("ranged", True)):
+            run = read_stage_pass(cfg.model_copy(update={"view": view, "ranged_reads": ranged}), server_pid)
+            run["bytes_per_image"] = round(run["bytes"] / run["images"])
+            run["bytes_per_image_vs_view"] = round(run["bytes_per_image"] / view_mean[view], 3)
+            rows[f"{view}_{label}"] = run
+            print(f"(e) {view} {label}: {run}")
+    return rows
+
+
+def range_gap_rows(cfg: DataConfig, server_pid: int, mean_jpeg: float, gaps: list[int]) -> dict[int, dict]:
+    """(e): the read stage under GLDv2c with the shard index for each ``data.range_gap_bytes``, the faster of two
+    passes each."""
+    rows: dict[int, dict] = {}
+    for round_ in range(2):
+        for gap in gaps:
+            run = read_stage_pass(cfg.model_copy(update={"view": "gldv2c", "ranged_reads": True,
+                                                        "range_gap_bytes": gap}), server_pid)
+            if round_ == 0 or run["seconds"] < rows[gap]["seconds"]:
+                run["bytes_per_image_vs_view"] = round(run["bytes"] / run["images"] / mean_jpeg, 3)
+                run["images_per_s"] = round(run["images"] / run["seconds"], 1)
+                rows[gap] = run
+    for gap, run in rows.items():
+        print(f"(e) gldv2c, range_gap_bytes {gap}: {run}")
+    return rows
+
+
+def measure(args: argparse.Namespace, spec: SyntheticSpec, cores: int) -> dict:
+    """Every measurement of the run, from the sources it writes (a local folder, the local S3 server's bucket)."""
     use_test_credentials()
     with LocalS3Server() as s3, tempfile.TemporaryDirectory() as tmp:
         server_pid = s3._process.pid
         s3.create_bucket("bench")
         storage = StorageConfig(endpoint_url=s3.endpoint_url)
         print("writing synthetic shards ...")
-        # The same dataset (deterministic from the seed) in a local folder and in the bucket, each with its manifests
-        # and shard index.
-        local_root, s3_root = resolve(str(Path(tmp) / "gldv2")), resolve("s3://bench/gldv2", storage)
-        for root in (local_root, s3_root):
-            write_synthetic_gldv2(spec, root, progress=None)
-            prepare_manifests(root, root.child("manifest"), progress=None,
-                              shard_index=dataset_shard_index(root, progress=None))
+        local_root, s3_root = write_sources(spec, Path(tmp), storage)
         shard_names = [gldv2.shard_name(i) for i in range(args.shards)]
-        # The same JPEGs extracted to local files (what the published solution trains from) and held in memory.
-        blobs: list[bytes] = []
-        paths: list[Path] = []
-        for shard in shard_names:
-            with tarfile.open(Path(local_root.path) / "train" / shard) as tar:
-                for m in tar:
-                    if m.isreg():
-                        blob = tar.extractfile(m).read()
-                        path = Path(tmp) / "files" / m.name
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        path.write_bytes(blob)
-                        blobs.append(blob)
-                        paths.append(path)
-        mean_jpeg = float(np.mean([len(blob) for blob in blobs]))
-        print(f"{len(blobs)} JPEGs of {spec.width}x{spec.height} ({mean_jpeg / 1e3:.0f} KB), output {args.size} px, "
-              f"{cores} cores")
-
+        blobs, paths = extract_jpegs(Path(local_root.path) / "train", shard_names, Path(tmp) / "files")
+        print(f"{len(blobs)} JPEGs of {spec.width}x{spec.height} ({np.mean([len(b) for b in blobs]) / 1e3:.0f} KB), "
+              f"output {args.size} px, {cores} cores")
         blob_file = Path(tmp) / "blobs.pickle"
         blob_file.write_bytes(pickle.dumps(blobs))
-        plain: dict[str, dict[int, float]] = {work: {} for work in WORKS}  # wall-clock images/s
-        per_cpu_second: dict[str, float] = {}  # the best images per CPU-second of each kind of work
-        for work in WORKS:
-            for processes in range(1, cores + 2):
-                rate, efficiency = plain_loops(str(blob_file), args.size, processes, work)
-                plain[work][processes] = round(rate, 1)
-                per_cpu_second[work] = round(max(per_cpu_second.get(work, 0.0), efficiency), 1)
-                print(f"(a) plain loops, {work}, {processes} process(es): {rate:.1f} img/s, "
-                      f"{efficiency:.1f} images per CPU-second")
-        ceiling_work = max(per_cpu_second, key=per_cpu_second.get)
-        ceiling = round(cores * per_cpu_second[ceiling_work], 1)
-        print(f"(a) ceiling: {ceiling} img/s ({cores} cores x {per_cpu_second[ceiling_work]} {ceiling_work} images "
-              f"per CPU-second)")
+        plain, per_cpu_second = measure_plain_loops(str(blob_file), args.size, args.processes)
         imports = round(import_seconds(), 2)
         print(f"importing the pipeline's modules in a fresh interpreter: {imports} s")
         chunk_rates = augmentation_chunk_rates(blobs, args.size)
@@ -397,98 +521,29 @@ def main() -> None:
 
         loaders = {
             "dataloader_files": dataloader(JpegFolder(paths, args.size), cores),
-            "dataloader_tars_local": dataloader(TarShards(
-                [local_root.child("train", s).uri for s in shard_names], storage, args.size), cores),
-            "dataloader_tars_s3": dataloader(TarShards(
-                [s3_root.child("train", s).uri for s in shard_names], storage, args.size), cores),
+            **{f"dataloader_tars_{where}": dataloader(TarShards(
+                [root.child("train", s).uri for s in shard_names], storage, args.size), cores)
+               for where, root in (("local", local_root), ("s3", s3_root))},
         }
-
-        import ray
-
-        from ray_landmark.runtime import init_ray
-
         init_ray()
         ray_started = time.time()
         cfg = DataConfig(root=s3_root.uri, storage=storage, view="full", image_size=args.size, shuffle_buffer=256,
                          ranged_reads=False)
-        ranged = {"ranged_reads": True}
-        gldv2c = {"view": "gldv2c"}
-        ray_paths = {
-            # From S3 first: its first pass is the one taken apart below (Ray's workers start during it).
-            "ray_s3": stream_batches(cfg),
-            "ray_local": stream_batches(cfg.model_copy(update={"root": local_root.uri})),
-            "ray_s3_ranged": stream_batches(cfg.model_copy(update=ranged)),
-            "ray_s3_two_stages": two_stage_batches(cfg),
-            "ray_s3_gldv2c": stream_batches(cfg.model_copy(update=gldv2c)),
-            "ray_s3_gldv2c_ranged": stream_batches(cfg.model_copy(update={**ranged, **gldv2c})),
-            "worker_decode_s3": stream_batches(cfg.model_copy(update={"decode": "worker"}), worker_decode=True),
-        }
-        # The DataLoaders' passes come between Ray's, one at a time, so that Ray's workers never idle for long: Ray
-        # retires workers idle for a minute (runtime.init_ray) and new ones import torch first. With the DataLoaders'
-        # passes in a row, the Ray pass after them saw worker processes exit during it in every round.
-        loader_paths = {name: (lambda loader=loader: loader) for name, loader in loaders.items()}
-        passes_of = {}
-        for i, (name, one_pass) in enumerate(ray_paths.items()):
-            passes_of[name] = one_pass
-            if i < len(loader_paths):
-                loader_name = list(loader_paths)[i]
-                passes_of[loader_name] = loader_paths[loader_name]
-        # Round robin, one pass of each path per round, so that a busy spell on the shared machine hits them alike;
-        # round 0 warms up (worker processes start); each path's steady rate is its best later pass.
-        passes: dict[str, list[dict]] = {name: [] for name in passes_of}
-        workers_started: list[float] = []  # during the first pass from S3, seconds after it began
-        for round_ in range(ROUNDS):
-            for name, one_pass in passes_of.items():
-                passes[name].append(timed_pass(one_pass(), server_pid))
-                if round_ == 0 and name == "ray_s3":
-                    run = passes[name][-1]
-                    workers_started = [t - run["started"] for t in ray_worker_start_times()
-                                       if run["started"] <= t <= run["started"] + run["seconds"]]
-                print(f"round {round_}: {name} {passes[name][-1]['images_per_s']:.1f} img/s, S3 server "
-                      f"{passes[name][-1]['server_cpu_s']:.2f} CPU-s")
-        steady = {name: max(runs[1:], key=lambda run: run["images_per_s"]) for name, runs in passes.items()}
-        cold = passes["ray_s3"][0]
-        first_pass = {
-            "seconds": round(cold["seconds"], 2),
-            "images_per_s": round(cold["images_per_s"], 1),
-            "steady_seconds_for_the_same_images": round(cold["images"] / steady["ray_s3"]["images_per_s"], 2),
-            "first_batch_s": round(cold["first_batch_s"], 2),
-            "steady_first_batch_s": round(steady["ray_s3"]["first_batch_s"], 2),
-            "ray_workers_started_during_it_and_alive_at_its_end": len(workers_started),
-            "last_ray_worker_started_after_s": round(max(workers_started), 2) if workers_started else None,
-            "import_seconds_per_fresh_worker": imports,
-            "seconds_from_ray_init_to_it": round(cold["started"] - ray_started, 2),
-        }
+        passes, workers_started = run_rounds(pass_order(ray_paths(cfg, local_root), loaders), args.rounds, server_pid)
+        first_pass = first_pass_summary(passes, workers_started, imports, ray_started)
         print(f"the first pass from S3: {first_pass}")
-
-        # (e) bytes per delivered image: the read stage alone, from S3.
-        index = open_manifest(cfg).shard_index("train")
-        view_mean = {}
-        for view in ("full", "gldv2c"):
-            ids = open_manifest(cfg).view_images(view)["id"].to_numpy(np.uint64)
-            view_mean[view] = float(index.loc[index["id"].isin(ids), "size"].mean())
-        bytes_rows = {}
-        for view in ("full", "gldv2c"):
-            for label, update in (("streamed", {"ranged_reads": False}),
-                                  ("ranged", {"ranged_reads": True})):
-                run = read_stage_pass(cfg.model_copy(update={"view": view, **update}), server_pid)
-                run["bytes_per_image"] = round(run["bytes"] / run["images"])
-                run["bytes_per_image_vs_view"] = round(run["bytes_per_image"] / view_mean[view], 3)
-                bytes_rows[f"{view}_{label}"] = run
-                print(f"(e) {view} {label}: {run}")
-        gap_rows = {}
-        for round_ in range(2):
-            for gap in GAPS:
-                run = read_stage_pass(cfg.model_copy(update={"view": "gldv2c", "ranged_reads": True,
-                                                            "range_gap_bytes": gap}), server_pid)
-                if round_ == 0 or run["seconds"] < gap_rows[gap]["seconds"]:
-                    run["bytes_per_image_vs_view"] = round(run["bytes"] / run["images"] / view_mean["gldv2c"], 3)
-                    run["images_per_s"] = round(run["images"] / run["seconds"], 1)
-                    gap_rows[gap] = run
-        for gap, run in gap_rows.items():
-            print(f"(e) gldv2c, range_gap_bytes {gap}: {run}")
+        view_mean = view_mean_jpeg(cfg)
+        bytes_rows = bytes_read_rows(cfg, server_pid, view_mean)
+        gap_rows = range_gap_rows(cfg, server_pid, view_mean["gldv2c"], args.gaps)
         ray.shutdown()
+    return {"images": len(blobs), "mean_jpeg": float(np.mean([len(blob) for blob in blobs])), "plain": plain,
+            "per_cpu_second": per_cpu_second, "chunk_rates": chunk_rates, "passes": passes, "first_pass": first_pass,
+            "view_mean": view_mean, "bytes_rows": bytes_rows, "gap_rows": gap_rows}
 
+
+def steady_numbers(passes: dict[str, list[dict]], per_cpu_second: dict[str, float]) -> tuple[dict, dict, dict, dict]:
+    """Each path's best pass after the first, its rate, its S3 server CPU and its CPU-milliseconds per image."""
+    steady = {name: max(runs[1:], key=lambda run: run["images_per_s"]) for name, runs in passes.items()}
     rate = {name: round(run["images_per_s"], 1) for name, run in steady.items()}
     server = {name: {"cpu_s_per_pass": round(run["server_cpu_s"], 2),
                      "cpu_ms_per_image": round(1e3 * run["server_cpu_s"] / run["images"], 2),
@@ -502,7 +557,12 @@ def main() -> None:
     ours = (DRIVER, SERVER, RAY_WORKERS, RAY_SYSTEM, LOADER_WORKERS)
     cpu_ms = {name: round(1e3 * sum(run["cores_busy"].get(g, 0.0) for g in ours) / run["images_per_s"], 1)
               for name, run in steady.items()}
-    ratios = {
+    return steady, rate, server, cpu_ms
+
+
+def path_ratios(rate: dict[str, float], ceiling: float, per_cpu_second: dict[str, float],
+                bytes_rows: dict[str, dict]) -> dict:
+    return {
         "stream_vs_dataloader_same_source_s3": round(rate["ray_s3"] / rate["dataloader_tars_s3"], 3),
         "stream_vs_dataloader_same_source_local": round(rate["ray_local"] / rate["dataloader_tars_local"], 3),
         # The default path (ranged reads through the shard index) against the same DataLoader.
@@ -520,44 +580,62 @@ def main() -> None:
             per_cpu_second["ray_task_original"] / per_cpu_second["ray_task_fast"], 3),
         "bytes_per_image_vs_view": {name: run["bytes_per_image_vs_view"] for name, run in bytes_rows.items()},
     }
-    payload = {
+
+
+def results_of(args: argparse.Namespace, spec: SyntheticSpec, cores: int, load_before: float, measured: dict) -> dict:
+    """The results file's contents."""
+    per_cpu_second = measured["per_cpu_second"]
+    ceiling_work = max(per_cpu_second, key=per_cpu_second.get)
+    ceiling = round(cores * per_cpu_second[ceiling_work], 1)
+    steady, rate, server, cpu_ms = steady_numbers(measured["passes"], per_cpu_second)
+    return {
         "benchmark": "data_pipeline",
         "machine": machine(),
         "setup": {
-            "images": len(blobs), "source": f"{spec.width}x{spec.height} JPEG q{spec.jpeg_quality}",
-            "mean_jpeg_kb": round(mean_jpeg / 1e3, 1),
+            "images": measured["images"], "source": f"{spec.width}x{spec.height} JPEG q{spec.jpeg_quality}",
+            "mean_jpeg_kb": round(measured["mean_jpeg"] / 1e3, 1),
             "output_px": args.size, "augment": "the 2021 solution's train augmentation", "shards": args.shards,
-            "batch_size": BATCH, "workers_or_processes": cores, "rounds": ROUNDS,
+            "batch_size": BATCH, "workers_or_processes": cores, "rounds": args.rounds,
             "ray_logical_cpus": max(4, 2 * cores), "load_average_at_start": round(load_before, 2),
             "load_average_at_end": round(os.getloadavg()[0], 2),
             "range_gap_bytes": DataConfig.model_fields["range_gap_bytes"].default,
-            "view_mean_jpeg_bytes": {view: round(mean) for view, mean in view_mean.items()},
+            "view_mean_jpeg_bytes": {view: round(mean) for view, mean in measured["view_mean"].items()},
         },
-        "plain_loops_images_per_second": plain,
+        "plain_loops_images_per_second": measured["plain"],
         "plain_loops_images_per_cpu_second": per_cpu_second,
         "ceiling": {"images_per_s": ceiling, "work": ceiling_work,
                     "definition": "cores x the best images per CPU-second of plain loops over in-memory JPEGs, over "
                                   "1..cores+1 processes sharing the work chunk by chunk and over every kind of work"},
         "images_per_second": {"ceiling": ceiling, **rate},
-        "augmentation_images_per_cpu_second_by_chunk": chunk_rates,
+        "augmentation_images_per_cpu_second_by_chunk": measured["chunk_rates"],
         "every_pass_images_per_second": {name: [round(r["images_per_s"], 1) for r in runs]
-                                         for name, runs in passes.items()},
-        "ratios": ratios,
+                                         for name, runs in measured["passes"].items()},
+        "ratios": path_ratios(rate, ceiling, per_cpu_second, measured["bytes_rows"]),
         "s3_server": server,
         "cores_busy": {name: run["cores_busy"] for name, run in steady.items()},
         "cpu_ms_per_image": cpu_ms,
-        "first_pass_ray_s3": first_pass,
-        "bytes_read": bytes_rows,
-        "range_gap_bytes_gldv2c": {str(gap): run for gap, run in gap_rows.items()},
+        "first_pass_ray_s3": measured["first_pass"],
+        "bytes_read": measured["bytes_rows"],
+        "range_gap_bytes_gldv2c": {str(gap): run for gap, run in measured["gap_rows"].items()},
         "targets": {"bytes_per_image_vs_view (gldv2c, with the index)": "<= 1.1",
                     "stream_vs_dataloader_same_source_s3": ">= 0.9"},
     }
+
+
+def main() -> None:
+    args = parse_args()
+    cores = os.cpu_count() or 1
+    load_before = os.getloadavg()[0]
+    spec = SyntheticSpec(
+        num_landmarks=max(2, args.images // 12), max_images_per_landmark=60, min_images_per_landmark=8,
+        test_landmark_images=2, test_non_landmark_images=1, index_distractor_landmarks=0,
+        width=640, height=480, train_shards=args.shards, jpeg_quality=90,
+    )
+    payload = results_of(args, spec, cores, load_before, measure(args, spec, cores))
     if args.no_write:
-        print(json.dumps({k: v for k, v in payload.items() if "stats" not in k}, indent=2))
-        return
-    path = write_results("data_pipeline", payload)
-    update_benchmarks_md("data_pipeline", benchmarks_md(payload, path.relative_to(path.parents[2])))
-    print(f"wrote {path}")
+        print(json.dumps(payload, indent=2))
+    else:
+        publish("data_pipeline", payload, benchmarks_md(payload), args.out)
 
 
 def _workers_text(first: dict) -> str:
@@ -590,15 +668,36 @@ def _default_text(payload: dict) -> str:
             f"an epoch (docs/reproduction.md).{gap_text}.")
 
 
-def benchmarks_md(payload: dict, results_path: Path) -> str:
-    """This benchmark's section of BENCHMARKS.md, from its results (as written to ``results_path``)."""
+def benchmarks_md(payload: dict) -> str:
+    """This benchmark's section of BENCHMARKS.md, from its results."""
+    return "\n".join([_setup_md(payload), _throughput_md(payload), _bytes_md(payload), _first_pass_md(payload),
+                      _cpu_md(payload)])
+
+
+def _setup_md(payload: dict) -> str:
+    m, setup = payload["machine"], payload["setup"]
+    notes = "".join("\n\n**Note on this run.** " + note for note in payload.get("notes", []))
+    return f"""## Data pipeline (`python -m benchmarks.data_pipeline`)
+
+{setup['images']} synthetic JPEGs ({setup['source']}, mean {setup['mean_jpeg_kb']} KB) in {setup['shards']} tar shards
+→ {setup['output_px']} px with the train augmentation, batch {setup['batch_size']}, on {m['cores']} cores ({m['cpu']},
+{m['memory_gib']} GiB), Ray {m['ray']}, torch {m['torch']}. The same shards (byte for byte) lie in a local folder and
+in a bucket of the local S3 server (moto, a Python process on the same cores), each with its manifest and shard index.
+Every number comes from one run. **The machine is shared**: other sessions ran their tests on the same 2 cores (load
+average {setup['load_average_at_start']} when the run started, {setup['load_average_at_end']} when it ended), so
+rates move from pass to pass (all passes are listed). The paths ran round robin, one pass of each per round,
+{setup['rounds']} rounds, so that a busy spell hits them alike; each rate is the path's best pass after the first, and
+the comparisons are ratios of rates measured side by side.{notes}
+"""
+
+
+def _throughput_md(payload: dict) -> str:
+    """(a) to (d): rates, CPU, the plain loops, the ratios, the augmentation's chunks."""
     m, setup, ratios = payload["machine"], payload["setup"], payload["ratios"]
     cores, size = m["cores"], setup["output_px"]
     plain, per_cpu_second = payload["plain_loops_images_per_second"], payload["plain_loops_images_per_cpu_second"]
     ceiling, rates, server = payload["ceiling"], payload["images_per_second"], payload["s3_server"]
-    busy, first, every = payload["cores_busy"], payload["first_pass_ray_s3"], payload["every_pass_images_per_second"]
-    cpu_ms = payload["cpu_ms_per_image"]
-    bytes_read, gaps = payload["bytes_read"], payload["range_gap_bytes_gldv2c"]
+    every, cpu_ms = payload["every_pass_images_per_second"], payload["cpu_ms_per_image"]
     process_counts = list(plain[WORKS[0]])
     plain_table = markdown_table(["work", *(f"{p} process{'es' if int(p) > 1 else ''}" for p in process_counts)],
                                  [[work, *plain[work].values()] for work in WORKS])
@@ -608,48 +707,22 @@ def benchmarks_md(payload: dict, results_path: Path) -> str:
           "1.00", "", round(1e3 / per_cpu_second[ceiling["work"]], 1), ""]]
         + [[what, rates[name], f"{rates[name] / ceiling['images_per_s']:.2f}", ", ".join(map(str, every[name])),
             cpu_ms[name], server[name]["cpu_ms_per_image"] if "s3" in name else ""] for name, what in PATHS.items()])
-    view_mean = setup["view_mean_jpeg_bytes"]
-    bytes_table = markdown_table(
-        ["view", "read", "images", "bytes per image", "vs the view's mean JPEG", "requests per image",
-         "read stage s", "S3 server CPU s"],
-        [[name.split("_")[0], "ranged (shard index)" if name.endswith("ranged") else "whole shards streamed",
-          run["images"], f"{run['bytes_per_image']:,}", run["bytes_per_image_vs_view"],
-          f"{run['requests'] / run['images']:.2f}" if run["requests"] else "", run["seconds"], run["server_cpu_s"]]
-         for name, run in bytes_read.items()])
-    gap_table = markdown_table(
-        ["`range_gap_bytes`", "requests", "bytes per image vs the view's mean JPEG", "read stage images/s",
-         "S3 server CPU s"],
-        [[f"{int(gap):,}", run["requests"], run["bytes_per_image_vs_view"], run["images_per_s"], run["server_cpu_s"]]
-         for gap, run in gaps.items()])
-    groups = list(dict.fromkeys(g for name in PATHS for g in busy[name]))
-    shown = ["dataloader_tars_s3", "ray_s3", "ray_s3_ranged", "ray_s3_two_stages", "worker_decode_s3"]
-    cpu_table = markdown_table(["processes", *shown],
-                               [[g, *(busy[name].get(g, "") for name in shown)] for g in groups])
-    gldv2c_ranged = bytes_read["gldv2c_ranged"]["bytes_per_image_vs_view"]
     same_s3 = ratios["stream_vs_dataloader_same_source_s3"]
-    return f"""## Data pipeline (`benchmarks/data_pipeline.py`)
-
-{setup['images']} synthetic JPEGs ({setup['source']}, mean {setup['mean_jpeg_kb']} KB) in {setup['shards']} tar shards
-→ {size} px with the train augmentation, batch {setup['batch_size']}, on {cores} cores ({m['cpu']},
-{m['memory_gib']} GiB), Ray {m['ray']}, torch {m['torch']}. The same shards (byte for byte) lie in a local folder and
-in a bucket of the local S3 server (moto, a Python process on the same cores), each with its manifest and shard index.
-Every number comes from one run. **The machine is shared**: other sessions ran their tests on the same 2 cores (load
-average {setup['load_average_at_start']} when the run started, {setup['load_average_at_end']} when it ended), so
-rates move from pass to pass (all passes are listed). The paths ran round robin, one pass of each per round,
-{setup['rounds']} rounds, so that a busy spell hits them alike; each rate is the path's best pass after the first, and
-the comparisons are ratios of rates measured side by side.{"".join(chr(10) + chr(10) + "**Note on this run.** " + n for n in payload.get("notes", []))}
-
-### Throughput, each path from the same sources
+    best_per_cpu_second = ", ".join(f"{work} {rate}" for work, rate in per_cpu_second.items())
+    closest = _closest({what: rates[name] / ceiling["images_per_s"] for name, what in PATHS.items()})
+    by_chunk = ", ".join(f"{chunk}: {rate}"
+                         for chunk, rate in payload["augmentation_images_per_cpu_second_by_chunk"].items())
+    return f"""### Throughput, each path from the same sources
 
 {path_table}
 
 CPU ms per image: the CPU time of this run's processes (consumer, workers, Ray's own, the S3 server) per delivered
 image during the pass; for the ceiling, that of the plain loop. (a) the ceiling is {cores} cores × the best images per CPU-second of plain loops doing the same work over JPEGs
-already in memory (one thread per process, 1 … {cores + 1} processes sharing the work chunk by chunk): no pipeline
+already in memory (one thread per process, 1 … {process_counts[-1]} processes sharing the work chunk by chunk): no pipeline
 doing that work on these cores can beat it, and unlike a wall-clock rate it does not drop when other programs take
 cores. When the machine runs short of memory, Ray's memory monitor kills worker processes: the passes that replace
 them are slower, and the CPU of processes that ended during a pass leaves their group (a negative figure in the last
-table). Plain loops, wall clock images/s (best images per CPU-second: {", ".join(f"{w} {r}" for w, r in per_cpu_second.items())}):
+table). Plain loops, wall clock images/s (best images per CPU-second: {best_per_cpu_second}):
 
 {plain_table}
 
@@ -669,20 +742,37 @@ the same stream from S3 ran at {ratios['two_stages_vs_one_s3']} of the fused rat
 {cpu_ms['ray_s3_two_stages']} CPU-ms per image against {cpu_ms['ray_s3']} fused
 ({cpu_ms['dataloader_tars_s3']} for the DataLoader over the same tars, {round(1e3 / per_cpu_second['ray_task_fast'], 1)}
 for the decode task's work alone in a plain loop). In two stages every block of JPEGs also passes through the
-object store to a second task, and Ray Data schedules and buffers two operators. Closest to the ceiling: {_closest({
-        what: rates[name] / ceiling['images_per_s'] for name, what in PATHS.items()})}. Original preprocessing vs fast,
+object store to a second task, and Ray Data schedules and buffers two operators. Closest to the ceiling: {closest}. Original preprocessing vs fast,
 images per CPU-second of the plain loops: {ratios['original_vs_fast_per_cpu_second']}.
 
 The augmentation alone on the CPU, images per CPU-second by how many {size} px images are augmented together
-(`transforms.AUGMENT_CHUNK`, default {transforms.AUGMENT_CHUNK}): {", ".join(
-        f"{chunk}: {rate}" for chunk, rate in payload["augmentation_images_per_cpu_second_by_chunk"].items())}. A whole
+(`transforms.AUGMENT_CHUNK`, default {transforms.AUGMENT_CHUNK}): {by_chunk}. A whole
 batch of 32 leaves the CPU's cache; a few at a time stay in it.
 
 The S3 server's own CPU is in the table (CPU-milliseconds per delivered image): it serves the same bytes to the
 DataLoader and to Ray Data when both stream whole shards, so it no longer weighs on one side only; with ranged reads
 it serves fewer bytes under GLDv2c but one request per range.
+"""
 
-### Bytes per delivered image
+
+def _bytes_md(payload: dict) -> str:
+    """(e): bytes and requests per delivered image."""
+    setup, bytes_read, gaps = payload["setup"], payload["bytes_read"], payload["range_gap_bytes_gldv2c"]
+    view_mean = setup["view_mean_jpeg_bytes"]
+    bytes_table = markdown_table(
+        ["view", "read", "images", "bytes per image", "vs the view's mean JPEG", "requests per image",
+         "read stage s", "S3 server CPU s"],
+        [[name.split("_")[0], "ranged (shard index)" if name.endswith("ranged") else "whole shards streamed",
+          run["images"], f"{run['bytes_per_image']:,}", run["bytes_per_image_vs_view"],
+          f"{run['requests'] / run['images']:.2f}" if run["requests"] else "", run["seconds"], run["server_cpu_s"]]
+         for name, run in bytes_read.items()])
+    gap_table = markdown_table(
+        ["`range_gap_bytes`", "requests", "bytes per image vs the view's mean JPEG", "read stage images/s",
+         "S3 server CPU s"],
+        [[f"{int(gap):,}", run["requests"], run["bytes_per_image_vs_view"], run["images_per_s"], run["server_cpu_s"]]
+         for gap, run in gaps.items()])
+    gldv2c_ranged = bytes_read["gldv2c_ranged"]["bytes_per_image_vs_view"]
+    return f"""### Bytes per delivered image
 
 The read stage alone (JPEG bytes, nothing decoded) from the S3 server; bytes as the read tasks count them (whole
 shards: every byte of the tar; ranged: the bytes of the ranges requested), against the mean JPEG of the view's images
@@ -700,23 +790,37 @@ members into one request, reading the members in between too:
 {gap_table}
 
 {_default_text(payload)}
+"""
 
-### The first pass
+
+def _first_pass_md(payload: dict) -> str:
+    first = payload["first_pass_ray_s3"]
+    return f"""### The first pass
 
 The first pass of Ray Data from S3 ran at {first['images_per_s']} images/s: {first['seconds']} s for what a steady
 pass does in {first['steady_seconds_for_the_same_images']} s. Its first batch came after {first['first_batch_s']} s
 ({first['steady_first_batch_s']} s in the steady pass); {_workers_text(first)}each fresh worker first imports the
 pipeline's modules (Ray, pyarrow, torch, PIL): {first['import_seconds_per_fresh_worker']} s in a new interpreter here.
 The pass began {first['seconds_from_ray_init_to_it']} s after `ray.init`.
+"""
 
-### Where the CPU went
+
+def _cpu_md(payload: dict) -> str:
+    """Where the CPU went during each path's best pass."""
+    busy = payload["cores_busy"]
+    groups = list(dict.fromkeys(g for name in PATHS for g in busy[name]))
+    shown = ["dataloader_tars_s3", "ray_s3", "ray_s3_ranged", "ray_s3_two_stages", "worker_decode_s3"]
+    cpu_table = markdown_table(["processes", *shown],
+                               [[g, *(busy[name].get(g, "") for name in shown)] for g in groups])
+    cores = payload["machine"]["cores"]
+    return f"""### Where the CPU went
 
 Cores busy on average during each path's best pass (out of {cores}); the processes of this run only, other programs
 in the machine's total:
 
 {cpu_table}
 
-Raw numbers: `{results_path}`.
+Raw numbers: `{results_path("data_pipeline")}`.
 """
 
 

@@ -7,13 +7,12 @@
 Both are timed from start to the last embedding written (model load and, for Ray, the actor start included), on a
 synthetic train split of GLDv2-like 640x480 JPEGs.
 
-    python benchmarks/embed.py [--image-size 224] [--landmarks 80]
+    python -m benchmarks.embed [--image-size 224] [--landmarks 160] [--no-write] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tarfile
 import tempfile
 import time
@@ -22,22 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import machine, update_benchmarks_md, write_results  # noqa: E402
-
-from ray_landmark.config import load_config  # noqa: E402
-from ray_landmark.data.config import SyntheticSpec  # noqa: E402
-from ray_landmark.data.metadata import prepare_manifests  # noqa: E402
-from ray_landmark.data.storage import resolve  # noqa: E402
-from ray_landmark.data.synthetic import write_synthetic_gldv2  # noqa: E402
-from ray_landmark.data.transforms import decode_resized, normalize_on_device  # noqa: E402
-from ray_landmark.infer.config import EmbedSettings  # noqa: E402
-from ray_landmark.infer.embed import EmbedRequest, embed_splits  # noqa: E402
-from ray_landmark.models.factory import build_model  # noqa: E402
-from ray_landmark.runs.checkpoint import Progress, load_model, save_checkpoint  # noqa: E402
-from ray_landmark.runtime import init_ray  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.results_io import REPO, add_out_option, machine, publish, results_path
+from ray_landmark.config import load_config
+from ray_landmark.data.config import SyntheticSpec
+from ray_landmark.data.metadata import prepare_manifests
+from ray_landmark.data.storage import resolve
+from ray_landmark.data.synthetic import write_synthetic_gldv2
+from ray_landmark.data.transforms import decode_resized, normalize_on_device
+from ray_landmark.infer.config import EmbedSettings
+from ray_landmark.infer.embed import EmbedRequest, embed_splits
+from ray_landmark.markdown import markdown_table
+from ray_landmark.models.factory import build_model
+from ray_landmark.runs.checkpoint import Progress, load_model, save_checkpoint
+from ray_landmark.runtime import init_ray
 
 
 def make_checkpoint(folder: Path, image_size: int, *overrides: str) -> str:
@@ -74,12 +70,50 @@ def plain_loop(checkpoint: str, train_dir: Path, image_size: int, batch_size: in
     return n, time.perf_counter() - started
 
 
+def ray_runs(checkpoint: str, root: str, out: Path, image_size: int, batch_size: int) -> dict[str, tuple[int, float]]:
+    """(images embedded, seconds) of ``infer.embed.embed_splits`` on the train split, twice on one local Ray: cold
+    (its worker processes start during the job) and warm."""
+    init_ray()
+    data = load_config(REPO / "configs" / "tiny_dolg.yaml", [f"data.root={root}", f"data.image_size={image_size}"]).data
+    runs = {}
+    for run in ("cold", "warm"):
+        request = EmbedRequest(checkpoint=checkpoint, out=str(out / f"emb_{run}"), splits=("train",), view="full",
+                               data=data, settings=EmbedSettings(batch_size=batch_size))
+        started = time.perf_counter()
+        embedded = embed_splits(request, printer=lambda line, transient=False: None)["train"]["embedded"]
+        runs[run] = (embedded, time.perf_counter() - started)
+    return runs
+
+
+def benchmarks_md(payload: dict) -> str:
+    """This benchmark's section of BENCHMARKS.md, from its results."""
+    setup, m, results, ratios = payload["setup"], payload["machine"], payload["results"], payload["ratios"]
+    rows = [[what, results[name]["images"], f"{results[name]['seconds']:.1f}", f"{results[name]['images_per_s']:.1f}"]
+            for name, what in (
+                ("plain", "(1) plain single-process loop, tars on local disk"),
+                ("ray_cold", "(2) `jobs/embed.py`'s pipeline, cold: Ray Data decode tasks + 1 model actor, same files"),
+                ("ray_warm", "(2) the same, warm"))]
+    return f"""## Embedding job (`python -m benchmarks.embed`)
+
+{setup['images']} synthetic 640×480 JPEGs of the train split → {setup['image_size']} px, tiny DOLG, batch
+{setup['batch_size']}, on {m['cores']} cores ({m['cpu']}). Each timed from start to the last
+embedding written, model load included. Cold: the first job on a new local Ray (its worker processes start and
+import torch); warm: the same job again, as every pass after the first of a long embedding job.
+
+{markdown_table(["pipeline", "images", "seconds", "images/s"], rows)}
+
+`ray_vs_plain` (warm) = **{ratios['ray_vs_plain']}** (target ≥ 0.9); cold:
+{ratios['ray_cold_vs_plain']}. Raw numbers: `{results_path("embed")}`.
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--landmarks", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=64)  # the ensemble's embed.batch_size
     parser.add_argument("--no-write", action="store_true", help="print the results only")
+    add_out_option(parser)
     args = parser.parse_args()
     spec = SyntheticSpec(num_landmarks=args.landmarks, max_images_per_landmark=50, min_images_per_landmark=15,
                          width=640, height=480, train_shards=8, clean_landmark_fraction=1.0)
@@ -88,22 +122,11 @@ def main() -> None:
         summary = write_synthetic_gldv2(spec, local, progress=None)
         prepare_manifests(local, local.child("manifest"), progress=None)
         checkpoint = make_checkpoint(Path(tmp) / "ckpt", args.image_size)
-
         plain_n, plain_s = plain_loop(checkpoint, Path(local.path) / "train", args.image_size, args.batch_size)
-
-        init_ray()
-        data = load_config(REPO / "configs" / "tiny_dolg.yaml",
-                           [f"data.root={local.path}", f"data.image_size={args.image_size}"]).data
-        ray_runs = {}
-        for run in ("cold", "warm"):  # warm: the job again on the same Ray, its worker processes already started
-            request = EmbedRequest(checkpoint=checkpoint, out=str(Path(tmp) / f"emb_{run}"), splits=("train",),
-                                   view="full", data=data, settings=EmbedSettings(batch_size=args.batch_size))
-            started = time.perf_counter()
-            embedded = embed_splits(request, printer=lambda line, transient=False: None)["train"]["embedded"]
-            ray_runs[run] = (embedded, time.perf_counter() - started)
+        ray = ray_runs(checkpoint, local.path, Path(tmp), args.image_size, args.batch_size)
 
     plain_rate = plain_n / plain_s
-    rates = {run: n / seconds for run, (n, seconds) in ray_runs.items()}
+    rates = {run: n / seconds for run, (n, seconds) in ray.items()}
     payload = {
         "machine": machine(),
         "setup": {"images": summary["images"]["train"], "jpeg": "640x480 synthetic", "image_size": args.image_size,
@@ -112,32 +135,15 @@ def main() -> None:
         "results": {
             "plain": {"images": plain_n, "seconds": round(plain_s, 2), "images_per_s": round(plain_rate, 1)},
             **{f"ray_{run}": {"images": n, "seconds": round(seconds, 2), "images_per_s": round(rates[run], 1)}
-               for run, (n, seconds) in ray_runs.items()},
+               for run, (n, seconds) in ray.items()},
         },
         "ratios": {"ray_vs_plain": round(rates["warm"] / plain_rate, 3),
                    "ray_cold_vs_plain": round(rates["cold"] / plain_rate, 3)},
     }
-    (cold_n, cold_s), (warm_n, warm_s) = ray_runs["cold"], ray_runs["warm"]
-    markdown = f"""## Embedding job (`benchmarks/embed.py`)
-
-{payload['setup']['images']} synthetic 640×480 JPEGs of the train split → {args.image_size} px, tiny DOLG, batch
-{args.batch_size}, on {payload['machine']['cores']} cores ({payload['machine']['cpu']}). Each timed from start to the last
-embedding written, model load included. Cold: the first job on a new local Ray (its worker processes start and
-import torch); warm: the same job again, as every pass after the first of a long embedding job.
-
-| pipeline | images | seconds | images/s |
-|---|---|---|---|
-| (1) plain single-process loop, tars on local disk | {plain_n} | {plain_s:.1f} | {plain_rate:.1f} |
-| (2) `jobs/embed.py`'s pipeline, cold: Ray Data decode tasks + 1 model actor, same files | {cold_n} | {cold_s:.1f} | {rates['cold']:.1f} |
-| (2) the same, warm | {warm_n} | {warm_s:.1f} | {rates['warm']:.1f} |
-
-`ray_vs_plain` (warm) = **{payload['ratios']['ray_vs_plain']}** (target ≥ 0.9); cold:
-{payload['ratios']['ray_cold_vs_plain']}. Raw numbers: `benchmarks/results/embed.json`.
-"""
-    print(markdown)
+    section = benchmarks_md(payload)
+    print(section)
     if not args.no_write:
-        write_results("embed", payload)
-        update_benchmarks_md("embed", markdown)
+        publish("embed", payload, section, args.out)
 
 
 if __name__ == "__main__":

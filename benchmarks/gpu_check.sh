@@ -2,7 +2,7 @@
 # The prepared GPU check (a few minutes): DOLG-B5 at 768 px with AMP and channels_last on one GPU, next to the bare
 # EfficientNet-B5, with nvidia-smi sampling utilisation. Needs only torch, torchvision, timm and pillow (no Ray, no
 # pydantic). Writes benchmarks/results/gpu_check.json and BENCHMARKS.md.
-#   bash benchmarks/gpu_check.sh [extra args for benchmarks/gpu_check.py]
+#   bash benchmarks/gpu_check.sh [extra args for python -m benchmarks.gpu_check]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 python=${PYTHON:-python3}
@@ -12,4 +12,4 @@ log=$(mktemp)
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -lms 500 > "$log" &
 smi=$!
 trap 'kill $smi 2>/dev/null || true; rm -f "$log"' EXIT
-timeout 420 "$python" benchmarks/gpu_check.py --nvidia-smi-log "$log" "$@"
+timeout 420 "$python" -m benchmarks.gpu_check --nvidia-smi-log "$log" "$@"

@@ -25,9 +25,9 @@ the training loop's (``models/amp.py``).
 
     bash benchmarks/gpu_compile.sh                    # both models (sized for 5 minutes on an H200): writes
                                                       # benchmarks/results/gpu_compile.json and BENCHMARKS.md
-    python benchmarks/gpu_compile.py --models dolg_b5 --scopes model,encoder   # the two scopes on the GPU
-    python benchmarks/gpu_compile.py --tiny --device cpu --backend aot_eager --steps 3 --warmup 1   # smoke test
-    OMP_NUM_THREADS=1 python benchmarks/gpu_compile.py --tiny --device cpu --models tiny_dolg --batch-size 16 \
+    python -m benchmarks.gpu_compile --models dolg_b5 --scopes model,encoder   # the two scopes on the GPU
+    python -m benchmarks.gpu_compile --tiny --device cpu --backend aot_eager --steps 3 --warmup 1   # smoke test
+    OMP_NUM_THREADS=1 python -m benchmarks.gpu_compile --tiny --device cpu --models tiny_dolg --batch-size 16 \
         --scopes model,encoder --results compile_scope_cpu    # the same question on the CPU
 """
 
@@ -39,20 +39,15 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-from results_io import machine, sync, update_benchmarks_md, write_results  # noqa: E402
-
-from ray_landmark.data.transforms import normalize_on_device  # noqa: E402
-from ray_landmark.markdown import markdown_table  # noqa: E402
-from ray_landmark.models.amp import MixedPrecision  # noqa: E402
-from ray_landmark.models.factory import build_model  # noqa: E402
-from ray_landmark.models.torch_compile import compile_for_embedding, compile_for_training  # noqa: E402
+from benchmarks.results_io import REPO, add_out_option, machine, publish, results_path, sync
+from ray_landmark.data.transforms import normalize_on_device
+from ray_landmark.markdown import markdown_table
+from ray_landmark.models.amp import MixedPrecision
+from ray_landmark.models.factory import build_model
+from ray_landmark.models.torch_compile import compile_for_embedding, compile_for_training
 
 GLDV2C_CLASSES = 81_313
 STEPS, WARMUP = 20, 5
@@ -184,7 +179,8 @@ def run_case(name: str, case: Case, args, device: torch.device, amp: bool) -> di
     }
 
 
-def _markdown(payload: dict, results_path: str) -> str:
+def benchmarks_md(payload: dict, results_file: str) -> str:
+    """The section of BENCHMARKS.md of a run, from its results (written to ``results_file``)."""
     setup = payload["setup"]
     rows = []
     for name, result in payload["models"].items():
@@ -212,7 +208,7 @@ def _markdown(payload: dict, results_path: str) -> str:
                  "case most favourable to compiling the head and the loss too.\n\n") if setup.get("tiny") else ""
     reference_note = ("; on the `eager_fp32` row, what leaving out bf16 autocast changes"
                       if any("eager_fp32" in r["runs"] for r in payload["models"].values()) else "")
-    return f"""## torch.compile, training step (`benchmarks/gpu_compile.py`): {payload['card']}
+    return f"""## torch.compile, training step (`python -m benchmarks.gpu_compile`): {payload['card']}
 
 {setup['precision']}, channels_last, {setup['classes']:,} classes, Adam, {setup['steps']} steps from one seed on the
 same synthetic batches; speed over the steps after {setup['warmup_steps']} warm-up steps. `compiled_model`: encoder,
@@ -224,14 +220,14 @@ Run: `{setup['command']}`.
 
 {table}
 
-{tiny_note}{" ".join(scope_lines)}{" " if scope_lines else ""}Raw numbers: `{results_path}`.
+{tiny_note}{" ".join(scope_lines)}{" " if scope_lines else ""}Raw numbers: `{results_file}`.
 """
 
 
 def _command() -> str:
     """This run's command line, with the thread setting when there is one (it changes CPU timings)."""
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    return f"{threads}python benchmarks/gpu_compile.py {' '.join(sys.argv[1:])}"
+    return f"{threads}python -m benchmarks.gpu_compile {' '.join(sys.argv[1:])}"
 
 
 def main() -> None:
@@ -252,6 +248,7 @@ def main() -> None:
                                                             "loss; default 0.02 with bf16/fp16 autocast, 0.001 in fp32")
     parser.add_argument("--results", help="write benchmarks/results/NAME.json and its BENCHMARKS.md section "
                                           "(default on a GPU: gpu_compile; on the CPU: nothing)")
+    add_out_option(parser)
     args = parser.parse_args()
     cases = TINY_CASES if args.tiny else CASES
     names = args.models.split(",") if args.models else list(cases)
@@ -290,8 +287,7 @@ def main() -> None:
             payload["ratios"].setdefault(key, {})[name] = round(
                 result["runs"][f"compiled_{scope}"]["images_per_s"] / eager_rate, 3)
         if results_name:  # after each model: a run cut short still keeps the models it finished
-            path = write_results(results_name, payload)
-            update_benchmarks_md(results_name, _markdown(payload, str(path.relative_to(REPO))))
+            publish(results_name, payload, benchmarks_md(payload, results_path(results_name)), args.out)
     print(json.dumps(payload, indent=2))
     failed = [n for n, r in payload["models"].items() if not r["loss_agreement"]["ok"]]
     if failed:

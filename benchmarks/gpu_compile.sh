@@ -4,11 +4,11 @@
 # compiled, bf16, channels_last, and their losses over 20 steps. Needs only torch, torchvision, timm and pillow (no
 # Ray, no pydantic). Writes benchmarks/results/gpu_compile.json and its BENCHMARKS.md section after each model, so a
 # run cut short keeps the models it finished.
-#   bash benchmarks/gpu_compile.sh [extra args for benchmarks/gpu_compile.py, e.g. --models dolg_b5]
+#   bash benchmarks/gpu_compile.sh [extra args for python -m benchmarks.gpu_compile, e.g. --models dolg_b5]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] && python=${PYTHON:-.venv/bin/python}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 "$python" -c "import torch, timm; print('torch', torch.__version__, '| timm', timm.__version__)"
-timeout 420 "$python" benchmarks/gpu_compile.py "$@"
+timeout 420 "$python" -m benchmarks.gpu_compile "$@"

@@ -6,7 +6,7 @@ machines we measure on have neither.
 1. images/s of ``worker_decode.TrainBatchDecoder`` on the GPU (nvjpeg decode of a list of JPEGs, resize, the train
    augmentation with each image's own parameters; what a training worker runs with ``data.decode: gpu``), for both
    ``data.preprocessing`` modes and without the augmentation, against
-2. a torch DataLoader whose N workers decode, resize and augment with PIL (``one_by_one.OneByOne``, what the
+2. a torch DataLoader whose N workers decode, resize and augment with PIL (``benchmarks.one_by_one``, what the
    Ray Data decode tasks and the published solution run), for N = 4, 8, 16;
 3. the DOLG-B5 training step at 768 px, batch 10, bf16, channels_last, 81,313 classes, fed by GPU decoding of JPEG
    bytes held in host memory, against the same step on one synthetic uint8 batch already on the GPU:
@@ -17,8 +17,8 @@ their mean size is recorded. The model is the project's: ``build_model`` from re
 with PyYAML; random weights), its sub-center ArcFace loss included, trained with the loop's mixed precision
 (``models/amp.py``). Results go to benchmarks/results/gpu_decode.json with the card's name, and BENCHMARKS.md.
 
-    python benchmarks/gpu_decode.py            # on one GPU
-    python benchmarks/gpu_decode.py --tiny     # a smoke run on the CPU at toy size (the tests run it); writes nothing
+    python -m benchmarks.gpu_decode            # on one GPU
+    python -m benchmarks.gpu_decode --tiny     # a smoke run on the CPU at toy size (the tests run it); writes nothing
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,16 +34,14 @@ import yaml
 from PIL import Image
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from one_by_one import OneByOne  # noqa: E402
-from results_io import machine, sync, update_benchmarks_md, write_results  # noqa: E402
+from benchmarks.one_by_one import OneByOne
+from benchmarks.results_io import REPO, add_out_option, machine, publish, results_path, sync
+from ray_landmark.data.transforms import normalize_on_device
+from ray_landmark.data.worker_decode import TrainBatchDecoder
+from ray_landmark.markdown import markdown_table
+from ray_landmark.models.amp import MixedPrecision
+from ray_landmark.models.factory import build_model
 
-from ray_landmark.data.transforms import normalize_on_device  # noqa: E402
-from ray_landmark.data.worker_decode import TrainBatchDecoder  # noqa: E402
-from ray_landmark.models.amp import MixedPrecision  # noqa: E402
-from ray_landmark.models.factory import build_model  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 FULL = dict(device="cuda", photo=(800, 600), unique_photos=256, size=768, decode_batch=128, decode_batches=24,
             loader_workers=(4, 8, 16), loader_seconds=6.0, config="configs/recipes/dolg_efficientnet_b5.yaml",
             classes=81_313, batch=10, steps=20, warmup=5)
@@ -150,33 +146,30 @@ def training_rate(net: nn.Module, next_batch, batch: int, steps: int, warmup: in
     return batch * steps / (time.perf_counter() - started)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="a CPU smoke run at toy size; writes no results")
-    args = parser.parse_args()
-    p = TINY if args.tiny else FULL
-    device = torch.device(p["device"])
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    width, height = p["photo"]
-    size = p["size"]
-    jpegs = synthetic_photos(p["unique_photos"], width, height)
-    print(f"{len(jpegs)} synthetic {width}x{height} JPEGs, mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} KB")
-
-    loaders = {}  # first: the loaders' worker processes are forked before this process uses the GPU
+def dataloader_rates(jpegs: list[bytes], p: dict) -> dict[int, float]:
+    """Images/s of a DataLoader of PIL workers, for each number of workers."""
+    rates = {}
     for workers in p["loader_workers"]:
-        loaders[workers] = round(dataloader_rate(jpegs, size, workers, p["loader_seconds"]), 1)
-        print(f"DataLoader, {workers} PIL workers: {loaders[workers]} img/s")
-    decode = {}
+        rates[workers] = round(dataloader_rate(jpegs, p["size"], workers, p["loader_seconds"]), 1)
+        print(f"DataLoader, {workers} PIL workers: {rates[workers]} img/s")
+    return rates
+
+
+def worker_decode_rates(jpegs: list[bytes], p: dict, device: torch.device) -> dict[str, float]:
+    """Images/s of decoding on ``device``: without the augmentation, with it, and with the original preprocessing."""
+    rates = {}
     for name, preprocessing, augment in [("decode_resize", "fast", False), ("decode_resize_augment", "fast", True),
                                          ("decode_resize_augment_original", "original", True)]:
-        decode[name] = round(worker_decode_rate(jpegs, size, preprocessing, augment, p["decode_batch"],
-                                                p["decode_batches"], device), 1)
-        print(f"{device.type} decode ({name}): {decode[name]} img/s")
+        rates[name] = round(worker_decode_rate(jpegs, p["size"], preprocessing, augment, p["decode_batch"],
+                                               p["decode_batches"], device), 1)
+        print(f"{device.type} decode ({name}): {rates[name]} img/s")
+    return rates
 
-    net = build_net(p["config"], size, p["classes"]).to(device, memory_format=torch.channels_last).train()
-    params_m = round(sum(t.numel() for t in net.parameters()) / 1e6, 1)
-    batch = p["batch"]
+
+def training_rates(jpegs: list[bytes], net: nn.Module, p: dict, device: torch.device) -> tuple[float, float]:
+    """Images/s of the training step on one synthetic batch already on ``device``, and fed by decoding JPEG bytes
+    there."""
+    size, batch = p["size"], p["batch"]
     labels = torch.randint(0, p["classes"], (batch,), device=device)
     in_memory_images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)
     in_memory = training_rate(net, lambda: (in_memory_images, labels), batch, p["steps"], p["warmup"], device)
@@ -192,20 +185,63 @@ def main() -> None:
         images, _, _ = decoder(chunk, host_labels)
         return images, labels
 
-    gpu_fed = training_rate(net, decoded_batch, batch, p["steps"], p["warmup"], device)
-    print(f"DOLG step, fed by {device.type} decoding: {gpu_fed:.1f} img/s")
+    fed = training_rate(net, decoded_batch, batch, p["steps"], p["warmup"], device)
+    print(f"DOLG step, fed by {device.type} decoding: {fed:.1f} img/s")
+    return in_memory, fed
 
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({machine()['cpu']})"
+
+def benchmarks_md(payload: dict) -> str:
+    """This benchmark's section of BENCHMARKS.md, from its results."""
+    setup, training, r = payload["setup"], payload["setup"]["training"], payload["images_per_second"]
+    decode = r["worker_decode"]
+    rows = [[f"GPU: decode + resize (`data.decode: gpu`, batches of {setup['decode_batch']})", decode["decode_resize"]],
+            ["GPU: decode + resize + train augmentation", decode["decode_resize_augment"]],
+            ["GPU: the same with `data.preprocessing: original`", decode["decode_resize_augment_original"]]]
+    rows += [[f"DataLoader, {w} PIL workers: decode + resize + augmentation", rate]
+             for w, rate in r["dataloader_pil_workers"].items()]
+    return f"""## Decoding on the GPU (`python -m benchmarks.gpu_decode`): {payload['card']}
+
+JPEGs: {setup['jpegs']}, mean {setup['mean_jpeg_kb']} KB; → {setup['output_px']} px.
+
+{markdown_table(["decoder", "images/s"], rows)}
+
+DOLG-B5 ({training['params_m']} M parameters) training step at {setup['output_px']} px, batch {training['batch']},
+{training['amp']}, channels_last: fed by GPU decoding {r['training_step_fed_by_worker_decode']} images/s, on one
+synthetic batch already on the GPU {r['training_step_in_memory_batches']} images/s: `gpu_fed_vs_inmemory` =
+**{payload['ratios']['gpu_fed_vs_inmemory']}** (target ≥ 0.95). Raw numbers: `{results_path("gpu_decode")}`.
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a CPU smoke run at toy size; writes no results")
+    add_out_option(parser)
+    args = parser.parse_args()
+    p = TINY if args.tiny else FULL
+    device = torch.device(p["device"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    width, height = p["photo"]
+    jpegs = synthetic_photos(p["unique_photos"], width, height)
+    mean_jpeg_kb = round(float(np.mean([len(j) for j in jpegs])) / 1e3, 1)
+    print(f"{len(jpegs)} synthetic {width}x{height} JPEGs, mean {mean_jpeg_kb:.0f} KB")
+    loaders = dataloader_rates(jpegs, p)  # first: the loaders' workers are forked before this process uses the GPU
+    decode = worker_decode_rates(jpegs, p, device)
+    net = build_net(p["config"], p["size"], p["classes"]).to(device, memory_format=torch.channels_last).train()
+    params_m = round(sum(t.numel() for t in net.parameters()) / 1e6, 1)
+    in_memory, gpu_fed = training_rates(jpegs, net, p, device)
+
     amp_dtype = MixedPrecision(device).dtype
-    precision = str(amp_dtype).removeprefix("torch.") if amp_dtype else "off"
-    best_loader = max(loaders.values())
     payload = {
-        "benchmark": "gpu_decode", "card": card, "machine": machine(),
-        "setup": {"jpegs": f"{len(jpegs)} synthetic {width}x{height} q90, cycled",
-                  "mean_jpeg_kb": round(float(np.mean([len(j) for j in jpegs])) / 1e3, 1), "output_px": size,
-                  "decode_batch": p["decode_batch"], "loader_batch": LOADER_BATCH,
-                  "training": {"config": p["config"], "params_m": params_m, "batch": batch, "classes": p["classes"],
-                               "steps": p["steps"], "warmup": p["warmup"], "amp": precision, "channels_last": True}},
+        "benchmark": "gpu_decode",
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({machine()['cpu']})",
+        "machine": machine(),
+        "setup": {"jpegs": f"{len(jpegs)} synthetic {width}x{height} q90, cycled", "mean_jpeg_kb": mean_jpeg_kb,
+                  "output_px": p["size"], "decode_batch": p["decode_batch"], "loader_batch": LOADER_BATCH,
+                  "training": {"config": p["config"], "params_m": params_m, "batch": p["batch"],
+                               "classes": p["classes"], "steps": p["steps"], "warmup": p["warmup"],
+                               "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "off",
+                               "channels_last": True}},
         "images_per_second": {
             "worker_decode": decode,
             "dataloader_pil_workers": {str(w): r for w, r in loaders.items()},
@@ -214,35 +250,14 @@ def main() -> None:
         },
         "ratios": {
             "gpu_fed_vs_inmemory": round(gpu_fed / in_memory, 3),
-            "worker_decode_augment_vs_best_dataloader": round(decode["decode_resize_augment"] / best_loader, 2),
+            "worker_decode_augment_vs_best_dataloader": round(decode["decode_resize_augment"] / max(loaders.values()),
+                                                              2),
         },
         "targets": {"gpu_fed_vs_inmemory": ">= 0.95"},
     }
     print(json.dumps(payload, indent=2))
-    if args.tiny:
-        return
-    path = write_results("gpu_decode", payload)
-    r = payload["images_per_second"]
-    update_benchmarks_md(
-        "gpu_decode",
-        f"""## Decoding on the GPU (`benchmarks/gpu_decode.py`): {card}
-
-{len(jpegs)} synthetic {width}×{height} JPEGs (q90, mean {payload['setup']['mean_jpeg_kb']} KB) → {size} px.
-
-| decoder | images/s |
-|---|---|
-| GPU: decode + resize (`data.decode: gpu`, batches of {p['decode_batch']}) | {decode['decode_resize']} |
-| GPU: decode + resize + train augmentation | {decode['decode_resize_augment']} |
-| GPU: the same with `data.preprocessing: original` | {decode['decode_resize_augment_original']} |
-""" + "\n".join(f"| DataLoader, {w} PIL workers: decode + resize + augmentation | {rate} |"
-                for w, rate in loaders.items()) + f"""
-
-DOLG-B5 ({params_m} M parameters) training step at {size} px, batch {batch}, {precision}, channels_last: fed by GPU
-decoding {r['training_step_fed_by_worker_decode']} images/s, on one synthetic batch already on the GPU
-{r['training_step_in_memory_batches']} images/s: `gpu_fed_vs_inmemory` = **{payload['ratios']['gpu_fed_vs_inmemory']}**
-(target ≥ 0.95). Raw numbers: `{path.relative_to(REPO)}`.
-""",
-    )
+    if not args.tiny:
+        publish("gpu_decode", payload, benchmarks_md(payload), args.out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""Shared by the benchmark scripts: a description of the machine, the JSON results file, the script's own section of
-BENCHMARKS.md (regenerated between markers, so each script owns exactly its table), and waiting for a device."""
+"""Shared by the benchmark scripts: a description of the machine, where a run's results go (the JSON results file and
+the script's own section of BENCHMARKS.md, regenerated between markers, so each script owns exactly its section), and
+waiting for a device. Needs the standard library alone (torch where a function says so): the GPU machines have
+neither Ray nor pydantic."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import json
 import os
@@ -11,14 +14,12 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
 
 def machine() -> dict:
     import torch
 
-    try:  # the installed version, without importing Ray: benchmarks/search.py runs where Ray is not installed
+    try:  # the installed version, without importing Ray: the GPU benchmarks run where Ray is not installed
         ray_version = importlib.metadata.version("ray")
     except importlib.metadata.PackageNotFoundError:
         ray_version = None
@@ -39,22 +40,44 @@ def machine() -> dict:
     }
 
 
-def write_results(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def add_out_option(parser: argparse.ArgumentParser) -> None:
+    """``--out``: the folder that receives BENCHMARKS.md and benchmarks/results/ (a toy run points it elsewhere)."""
+    parser.add_argument("--out", type=Path, default=REPO,
+                        help="write BENCHMARKS.md and benchmarks/results/NAME.json under this folder "
+                             "(default: this repository)")
+
+
+def results_path(name: str) -> str:
+    """Where a benchmark's raw numbers lie, relative to the output folder (as its section of BENCHMARKS.md cites
+    them)."""
+    return f"benchmarks/results/{name}.json"
+
+
+def write_results(name: str, payload: dict, out: Path) -> Path:
+    path = out / results_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 
 
-def update_benchmarks_md(name: str, markdown: str) -> None:
+def update_benchmarks_md(name: str, markdown: str, out: Path) -> None:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
+    benchmarks_md = out / "BENCHMARKS.md"
+    text = benchmarks_md.read_text() if benchmarks_md.exists() else "# Benchmarks\n"
     block = f"{start}\n{markdown.strip()}\n{end}"
     if start in text:
         text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    BENCHMARKS_MD.write_text(text)
+    benchmarks_md.write_text(text)
+
+
+def publish(name: str, payload: dict, section: str, out: Path) -> Path:
+    """Write the results file and the section of BENCHMARKS.md under ``out``."""
+    path = write_results(name, payload, out)
+    update_benchmarks_md(name, section, out)
+    print(f"wrote {path} and the {name} section of {out / 'BENCHMARKS.md'}")
+    return path
 
 
 def sync(device) -> None:

@@ -14,8 +14,9 @@ block by block (16,384 database rows) into one preallocated buffer: no top-k, no
 shared machine interference only adds time). On a CUDA device the torch backend also runs there, at the same sizes
 and at GLDv2's real sizes. No Ray. Writes benchmarks/results/search.json and its section of BENCHMARKS.md.
 
-    python benchmarks/search.py [--queries 2000] [--sizes 50000,100000,200000,400000] [--dim 512] [--k 100]
-    python benchmarks/search.py --adjusted [--queries 4000] [--sizes 200000] [--dim 512]
+    python -m benchmarks.search [--queries 2000] [--sizes 50000,100000,200000,400000] [--dim 512] [--k 100]
+    python -m benchmarks.search --adjusted [--queries 4000] [--sizes 200000] [--dim 512]
+    (either with [--no-write] or [--out DIR])
 """
 
 from __future__ import annotations
@@ -32,12 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import REPO, machine, sync, update_benchmarks_md, write_results  # noqa: E402
-
-from ray_landmark.eval.search import chunk_bytes, chunk_sizes, default_max_bytes, knn  # noqa: E402
-from ray_landmark.infer import postprocess as pp  # noqa: E402
-from ray_landmark.markdown import markdown_table  # noqa: E402
+from benchmarks.results_io import add_out_option, machine, publish, results_path, sync
+from ray_landmark.eval.search import chunk_bytes, chunk_sizes, default_max_bytes, knn
+from ray_landmark.infer import postprocess as pp
+from ray_landmark.markdown import markdown_table
 
 GLDV2 = {  # queries x database at 512-d
     "recognition: test x GLDv2c train": (117_577, 1_580_470),
@@ -207,10 +206,11 @@ def extrapolate(rows: list[dict], backend: str, device: str, args) -> list[dict]
     return out
 
 
-def markdown(payload: dict) -> str:
+def benchmarks_md(payload: dict) -> str:
+    """The kNN section of BENCHMARKS.md, from its results."""
     m, s = payload["machine"], payload["setup"]
     lines = [
-        "## Exact kNN search (`benchmarks/search.py`)",
+        "## Exact kNN search (`python -m benchmarks.search`)",
         "",
         f"{s['queries']:,} queries, {s['dim']}-d unit vectors stored as float16, top {s['k']}, on {m['cores']} cores "
         f"({m['cpu']}, {m['memory_gib']} GiB), GPU: {m['gpu'] or 'none'}; torch {m['torch']} with "
@@ -369,12 +369,13 @@ def merge_at_size(g: dict, repeats: int) -> dict:
             "peak_mib": peak_mib(merge, torch.device("cpu"))}
 
 
-def adjusted_markdown(payload: dict) -> str:
+def adjusted_benchmarks_md(payload: dict) -> str:
+    """The adjusted top-k section of BENCHMARKS.md, from its results."""
     m, s = payload["machine"], payload["scaled"]
     full, est = payload["gldv2_candidate_merge"], payload["gldv2_estimate_cpu"]
     g = GLDV2_RECOGNITION
     lines = [
-        "## Exact adjusted top-k for recognition (`benchmarks/search.py --adjusted`)",
+        "## Exact adjusted top-k for recognition (`python -m benchmarks.search --adjusted`)",
         "",
         f"Command: `{payload['command']}`. On {m['cores']} cores ({m['cpu']}), GPU: {m['gpu'] or 'none'}; load average "
         f"{payload['load_average_1m']} when it started, {payload['load_average_1m_end']} when it ended; best of "
@@ -421,21 +422,19 @@ def main_adjusted(args) -> None:
     torch.set_num_threads(os.cpu_count())
     faiss.omp_set_num_threads(os.cpu_count())
     payload = {"benchmark": "search_adjusted", "machine": machine(), "load_average_1m": load_average_1m,
-               "command": "python benchmarks/search.py " + " ".join(sys.argv[1:]), "repeats": args.repeats,
+               "command": "python -m benchmarks.search " + " ".join(sys.argv[1:]), "repeats": args.repeats,
                **run_adjusted(args), "load_average_1m_end": round(os.getloadavg()[0], 2),
-               "results_path": "benchmarks/results/search_adjusted.json"}
+               "results_path": results_path("search_adjusted")}
     print(json.dumps({"exact_vs_replaced": payload["exact_vs_replaced"], **payload["gldv2_estimate_cpu"]}))
-    publish("search_adjusted", payload, adjusted_markdown(payload), args.no_write)
+    print_or_publish("search_adjusted", payload, adjusted_benchmarks_md(payload), args)
 
 
-def publish(name: str, payload: dict, section: str, no_write: bool) -> None:
-    """Print the BENCHMARKS.md section (``no_write``), or write the results file and the section."""
-    if no_write:
+def print_or_publish(name: str, payload: dict, section: str, args) -> None:
+    """Print the BENCHMARKS.md section (``--no-write``), or write the results file and the section."""
+    if args.no_write:
         print(section)
-        return
-    path = write_results(name, payload)
-    update_benchmarks_md(name, section)
-    print(f"wrote {path.relative_to(REPO)} and BENCHMARKS.md")
+    else:
+        publish(name, payload, section, args.out)
 
 
 def main() -> None:
@@ -451,6 +450,7 @@ def main() -> None:
     parser.add_argument("--adjusted", action="store_true",
                         help="recognition's exact adjusted top-k against the re-sorted top 100 (--sizes: the gallery)")
     parser.add_argument("--toy-merge", action="store_true", help="--adjusted: merge at the scaled size, not GLDv2's")
+    add_out_option(parser)
     args = parser.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
     if args.adjusted:
@@ -498,10 +498,10 @@ def main() -> None:
         },
         "targets": {"search_vs_gemm": ">= 0.5"},
         "extrapolation": extrapolate(runs, "faiss", "cpu", args) + extrapolate(runs, "torch", "cpu", args),
-        "results_path": "benchmarks/results/search.json",
+        "results_path": results_path("search"),
     }
     print(json.dumps(payload["ratios"]), payload["default_backend"]["why"])
-    publish("search", payload, markdown(payload), args.no_write)
+    print_or_publish("search", payload, benchmarks_md(payload), args)
 
 
 if __name__ == "__main__":

@@ -7,38 +7,34 @@ against in-memory batches; all in one run, on the same machine, same model, same
 (3) ray fed: the same, reading the tar shards from a local S3 server through the data layer.
 Each rate is the mean of the epochs after the first (start-up excluded).
 
-    python benchmarks/train_step.py [--epochs 4] [--image-size 64]
+    python -m benchmarks.train_step [--epochs 4] [--image-size 64] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import machine, update_benchmarks_md, write_results  # noqa: E402
-
-from ray_landmark.config import load_config  # noqa: E402
-from ray_landmark.data.metadata import open_manifest, prepare_manifests  # noqa: E402
-from ray_landmark.data.pipeline import train_stream  # noqa: E402
-from ray_landmark.data.storage import resolve  # noqa: E402
-from ray_landmark.data.synthetic import SyntheticSpec, write_synthetic_gldv2  # noqa: E402
-from ray_landmark.data.transforms import normalize_on_device  # noqa: E402
-from ray_landmark.local_s3 import LocalS3Server, use_test_credentials  # noqa: E402
-from ray_landmark.models.amp import MixedPrecision  # noqa: E402
-from ray_landmark.models.factory import build_model  # noqa: E402
-from ray_landmark.runs.checkpoint import run_logs  # noqa: E402
-from ray_landmark.train.metrics_log import read_metrics  # noqa: E402
-from ray_landmark.train.optim import build_optimizer, build_scheduler  # noqa: E402
-from ray_landmark.train.trainer import fit  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.results_io import REPO, add_out_option, machine, publish, results_path
+from ray_landmark.config import load_config
+from ray_landmark.data.metadata import open_manifest, prepare_manifests
+from ray_landmark.data.pipeline import train_stream
+from ray_landmark.data.storage import resolve
+from ray_landmark.data.synthetic import SyntheticSpec, write_synthetic_gldv2
+from ray_landmark.data.transforms import normalize_on_device
+from ray_landmark.local_s3 import LocalS3Server, use_test_credentials
+from ray_landmark.markdown import markdown_table
+from ray_landmark.models.amp import MixedPrecision
+from ray_landmark.models.factory import build_model
+from ray_landmark.runs.folders import run_logs
+from ray_landmark.runtime import init_ray
+from ray_landmark.train.metrics_log import read_metrics
+from ray_landmark.train.optim import build_optimizer, build_scheduler
+from ray_landmark.train.trainer import fit
 
 
 def plain_loop(cfg, batches: list[dict], class_counts: list[int], epochs: int) -> list[float]:
@@ -74,13 +70,10 @@ def ray_loop(cfg, name: str, train_dataset=None) -> list[float]:
     return [m["images_per_s"] for m in history]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
-    args = parser.parse_args()
-    spec = SyntheticSpec(num_landmarks=16, clean_landmark_fraction=1.0, min_images_per_landmark=30,
+def measure(args) -> tuple[dict[str, list[float]], int]:
+    """Images/s per epoch of the three loops, on a synthetic GLDv2 in a bucket of a local S3 server, and the images
+    of an epoch."""
+    spec = SyntheticSpec(num_landmarks=args.landmarks, clean_landmark_fraction=1.0, min_images_per_landmark=30,
                          max_images_per_landmark=60, width=128, height=96, train_shards=4)
     use_test_credentials()
     with LocalS3Server() as s3, tempfile.TemporaryDirectory() as runs:
@@ -95,8 +88,6 @@ def main() -> None:
         root = resolve(cfg.data.root, cfg.data.storage)
         write_synthetic_gldv2(spec, root, progress=None)
         prepare_manifests(root, root.child("manifest"), progress=None)
-
-        from ray_landmark.runtime import init_ray
 
         init_ray()
         classes = open_manifest(cfg.data).view_classes("full")
@@ -113,19 +104,52 @@ def main() -> None:
         print(f"(2) Ray Train, in-memory batches: {ray_memory} img/s per epoch")
         ray_fed = ray_loop(cfg, "fed")
         print(f"(3) Ray Train, fed from S3 by the data layer: {ray_fed} img/s per epoch")
+    return {"plain": plain, "ray_in_memory": ray_memory, "ray_fed_from_s3": ray_fed}, len(batches) * args.batch_size
 
-    steady = {k: float(np.mean(v[1:])) for k, v in
-              {"plain": plain, "ray_in_memory": ray_memory, "ray_fed_from_s3": ray_fed}.items()}
+
+def benchmarks_md(payload: dict) -> str:
+    """This benchmark's section of BENCHMARKS.md, from its results."""
+    m, setup, r, ratios = payload["machine"], payload["setup"], payload["images_per_second"], payload["ratios"]
+    table = markdown_table(["loop", "images/s", "ratio"], [
+        ["(1) plain PyTorch, in-memory batches, 1 thread", r["plain"], ""],
+        ["(2) Ray Train loop, in-memory batches", r["ray_in_memory"],
+         f"`ray_vs_plain` = **{ratios['ray_vs_plain']}** (target ≥ 0.95)"],
+        ["(3) Ray Train loop, fed from S3 by the data layer", r["ray_fed_from_s3"],
+         f"`fed_vs_inmemory` = **{ratios['fed_vs_inmemory']}** (target ≥ 0.9)"],
+    ])
+    return f"""## Training step (`python -m benchmarks.train_step`)
+
+Tiny DOLG (`test_efficientnet` backbone) at {setup['image_size']} px, batch {setup['batch_size']}, 1 CPU worker, on
+{m['cores']} cores ({m['cpu']}); mean of epochs 2–{setup['epochs']}.
+
+{table}
+
+Raw numbers: `{results_path("train_step")}`.
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=4, help="at least 2: the first is start-up, not counted")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--landmarks", type=int, default=16, help="of the synthetic GLDv2, 30 to 60 images each")
+    add_out_option(parser)
+    args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: each rate is the mean of the epochs after the first")
+    per_epoch, images_per_epoch = measure(args)
+    steady = {k: float(np.mean(v[1:])) for k, v in per_epoch.items()}
     payload = {
         "benchmark": "train_step",
         "machine": machine(),
         "setup": {
             "model": "tiny DOLG (configs/tiny_dolg.yaml: test_efficientnet backbone)", "image_size": args.image_size,
-            "batch_size": args.batch_size, "epochs": args.epochs, "images_per_epoch": len(batches) * args.batch_size,
+            "batch_size": args.batch_size, "epochs": args.epochs, "images_per_epoch": images_per_epoch,
             "workers": 1, "cpus_per_worker": 1, "plain_torch_threads": 1, "ray_logical_cpus": "2 x cores",
             "steady_state": "mean of epochs 2..N",
         },
-        "images_per_second_per_epoch": {"plain": plain, "ray_in_memory": ray_memory, "ray_fed_from_s3": ray_fed},
+        "images_per_second_per_epoch": per_epoch,
         "images_per_second": {k: round(v, 1) for k, v in steady.items()},
         "ratios": {
             "ray_vs_plain": round(steady["ray_in_memory"] / steady["plain"], 3),
@@ -133,25 +157,7 @@ def main() -> None:
         },
         "targets": {"ray_vs_plain": ">= 0.95", "fed_vs_inmemory": ">= 0.9"},
     }
-    path = write_results("train_step", payload)
-    m, r = payload["machine"], payload["images_per_second"]
-    update_benchmarks_md(
-        "train_step",
-        f"""## Training step (`benchmarks/train_step.py`)
-
-Tiny DOLG (`test_efficientnet` backbone) at {args.image_size} px, batch {args.batch_size}, 1 CPU worker, on
-{m['cores']} cores ({m['cpu']}); mean of epochs 2–{args.epochs}.
-
-| loop | images/s | ratio |
-|---|---|---|
-| (1) plain PyTorch, in-memory batches, 1 thread | {r['plain']} | |
-| (2) Ray Train loop, in-memory batches | {r['ray_in_memory']} | `ray_vs_plain` = **{payload['ratios']['ray_vs_plain']}** (target ≥ 0.95) |
-| (3) Ray Train loop, fed from S3 by the data layer | {r['ray_fed_from_s3']} | `fed_vs_inmemory` = **{payload['ratios']['fed_vs_inmemory']}** (target ≥ 0.9) |
-
-Raw numbers: `{path.relative_to(REPO)}`.
-""",
-    )
-    print(f"wrote {path}")
+    publish("train_step", payload, benchmarks_md(payload), args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,12 @@
-"""The prepared GPU check must not rot while no GPU is at hand: run it on the CPU at toy size."""
+"""The benchmarks must not rot between their full runs. Each runs here at toy size, as ``python -m
+benchmarks.<name>`` from the repository's root, writing its results under tmp_path (no timing is asserted, and the
+repository's BENCHMARKS.md and benchmarks/results/ must stay as they are); the GPU ones run on the CPU with Ray and
+pydantic unimportable, as on the GPU machines we measure on. BENCHMARKS.md's sections are what their scripts render
+from the recorded results, and the package keeps its rules: no sys.path edits, no function over 80 lines."""
 
+import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,91 +14,170 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "benchmarks"
+LONGEST_FUNCTION = 80
+
+# Ray and pydantic unimportable (a None in sys.modules fails the import), then the benchmark named by the first
+# argument run with the rest.
+WITHOUT_RAY_OR_PYDANTIC = """
+import importlib, sys
+sys.modules.update({"pydantic": None, "ray": None})
+benchmark = importlib.import_module("benchmarks." + sys.argv[1])
+sys.argv = sys.argv[1:]
+benchmark.main()
+"""
+
+
+def run_benchmark(name: str, *args: str, without_ray_or_pydantic: bool = False) -> str:
+    """Its standard output: ``python -m benchmarks.<name> args`` from the repository's root."""
+    command = ([sys.executable, "-c", WITHOUT_RAY_OR_PYDANTIC, name] if without_ray_or_pydantic
+               else [sys.executable, "-m", f"benchmarks.{name}"])
+    proc = subprocess.run([*command, *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def printed_json(stdout: str) -> dict:
+    """The JSON object a benchmark printed last, after its progress lines."""
+    return json.loads(stdout if stdout.startswith("{") else stdout[stdout.index("\n{") + 1:])
+
+
+def written(out: Path, name: str) -> tuple[dict, str]:
+    """The results file and the BENCHMARKS.md section a run wrote under ``out``."""
+    section = re.search(f"<!-- {name}:start -->\n(.*?)\n<!-- {name}:end -->", (out / "BENCHMARKS.md").read_text(),
+                        re.S)
+    assert section, f"no {name} section in {out / 'BENCHMARKS.md'}"
+    return json.loads((out / "benchmarks" / "results" / f"{name}.json").read_text()), section.group(1)
+
+
+@pytest.fixture(autouse=True)
+def recorded_results_untouched():
+    """The toy runs write under tmp_path only: the recorded results are the quiet machine's."""
+    def snapshot() -> dict[str, bytes]:
+        return {path.name: path.read_bytes() for path in [REPO / "BENCHMARKS.md",
+                                                           *sorted((PACKAGE / "results").glob("*.json"))]}
+
+    before = snapshot()
+    yield
+    assert snapshot() == before, "a benchmark wrote into the repository's BENCHMARKS.md or benchmarks/results/"
+
+
+# ---------------------------------------------------------------- the package's rules
+
+
+def test_no_benchmark_edits_sys_path():
+    """The benchmarks are a package run with ``python -m``: its modules import each other as ``benchmarks.<name>``."""
+    edits = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = (node.targets if isinstance(node, ast.Assign) else [node.target]
+                       if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [node.func.value]
+                       if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else [])
+            for target in targets:
+                if isinstance(target, ast.Subscript):
+                    target = target.value
+                if ast.unparse(target) == "sys.path":
+                    edits.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert not edits, "sys.path edited:\n" + "\n".join(edits)
+
+
+def test_no_function_in_the_benchmarks_is_over_80_lines():
+    long = [f"{path.name}: {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in sorted(PACKAGE.glob("*.py")) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > LONGEST_FUNCTION]
+    assert not long, f"functions over {LONGEST_FUNCTION} lines:\n" + "\n".join(long)
+
+
+def test_no_benchmark_writes_a_table_by_hand():
+    """Every table goes through ray_landmark.markdown.markdown_table: no string in the benchmarks starts a row."""
+    rows = {f"{path.name}:{node.lineno}" for path in sorted(PACKAGE.glob("*.py"))
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.search(r"^\|", node.value, re.M)}
+    assert not rows, "table rows written by hand: " + ", ".join(sorted(rows))
+
+
+# Sections of BENCHMARKS.md that their script would not write from the recorded results, and why.
+NOT_RENDERED = {
+    "gpu_compile": "the note of a benchmark prepared but not run on a GPU yet: no results",
+    "serve": "recorded before the plain loop answered as the service does (rerun it to regenerate)",
+}
+
+
+def test_every_section_of_benchmarks_md_is_what_its_script_writes_from_the_recorded_results():
+    """So that a script's changes to its wording cannot change a number it did not measure."""
+    from benchmarks import data_pipeline, embed, gpu_compile, model_cost, search, train_step
+    from benchmarks.results_io import results_path
+
+    render = {"data_pipeline": data_pipeline.benchmarks_md, "model_cost": model_cost.benchmarks_md,
+              "train_step": train_step.benchmarks_md, "search": search.benchmarks_md, "embed": embed.benchmarks_md,
+              "compile_scope_cpu": lambda p: gpu_compile.benchmarks_md(p, results_path("compile_scope_cpu")),
+              "search_adjusted": search.adjusted_benchmarks_md}
+    text = (REPO / "BENCHMARKS.md").read_text()
+    sections = dict(re.findall(r"<!-- (\w+):start -->\n(.*?)\n<!-- \1:end -->", text, re.S))
+    assert set(sections) == set(render) | set(NOT_RENDERED)
+    for name, write in render.items():
+        recorded = json.loads((REPO / results_path(name)).read_text())
+        assert write(recorded).strip() == sections[name], name
+
+
+# ---------------------------------------------------------------- the GPU benchmarks, on the CPU
 
 
 @pytest.mark.slow
-def test_gpu_check_runs_on_cpu_at_toy_size(tmp_path):
+def test_gpu_check_runs_on_cpu_at_toy_size_without_ray_or_pydantic(tmp_path):
+    from benchmarks.gpu_check import benchmarks_md
+
     smi_log = tmp_path / "smi.csv"
     smi_log.write_text("87 %, 1000 MiB\n91 %, 1100 MiB\n")
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--config", "configs/tiny_dolg.yaml",
-         "--image-size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--classes", "100",
-         "--nvidia-smi-log", str(smi_log)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    payload = json.loads(proc.stdout[proc.stdout.index("{"):])
+    payload = printed_json(run_benchmark(
+        "gpu_check", "--device", "cpu", "--config", "configs/tiny_dolg.yaml", "--image-size", "32", "--batch-size",
+        "2", "--steps", "1", "--warmup", "0", "--classes", "100", "--nvidia-smi-log", str(smi_log), "--out",
+        str(tmp_path), without_ray_or_pydantic=True))
     assert payload["results"]["model"]["images_per_s"] > 0 and payload["results"]["bare_backbone"]["images_per_s"] > 0
     assert payload["nvidia_smi_utilisation"] == {"mean_percent": 89.0, "samples": 2}
     assert payload["setup"]["image_size"] == 32
+    assert not (tmp_path / "BENCHMARKS.md").exists()  # only a GPU's numbers are recorded
+    assert "| full model (head included) |" in benchmarks_md(payload)
 
 
-# Ray and pydantic unimportable, as on the GPU machines we measure on (a None in sys.modules fails the import).
-BLOCK_RAY_AND_PYDANTIC = """
-import sys
-sys.modules.update({"pydantic": None, "ray": None})
-"""
-# Runs the script named by the first argument with them blocked.
-WITHOUT_RAY_OR_PYDANTIC = BLOCK_RAY_AND_PYDANTIC + """
-import runpy
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+def test_gpu_decode_runs_on_cpu_at_toy_size_without_ray_or_pydantic():
+    from benchmarks.gpu_decode import benchmarks_md
 
-
-def test_gpu_decode_benchmark_runs_on_cpu_at_toy_size_without_ray_or_pydantic():
-    proc = subprocess.run(
-        [sys.executable, "-c", WITHOUT_RAY_OR_PYDANTIC, "benchmarks/gpu_decode.py", "--tiny"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    payload = json.loads(proc.stdout[proc.stdout.index("{"):])
+    payload = printed_json(run_benchmark("gpu_decode", "--tiny", without_ray_or_pydantic=True))
     rates = payload["images_per_second"]
     assert all(rate > 0 for rate in rates["worker_decode"].values()) and rates["dataloader_pil_workers"]["1"] > 0
     assert payload["ratios"]["gpu_fed_vs_inmemory"] > 0 and payload["card"].startswith("CPU")
+    assert "| DataLoader, 1 PIL workers: decode + resize + augmentation |" in benchmarks_md(payload)
 
 
 @pytest.mark.slow
-def test_search_benchmark_runs_at_toy_size():
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/search.py", "--queries", "32", "--sizes", "500,1500", "--dim", "16", "--k", "5",
-         "--repeats", "1", "--sweep-mib", "1", "--no-gpu", "--no-write"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "search_vs_gemm" in proc.stdout and "| cpu | faiss | 1,500 |" in proc.stdout
-
-
-@pytest.mark.slow
-def test_gpu_compile_runs_without_ray_or_pydantic_at_toy_size():
+def test_gpu_compile_runs_without_ray_or_pydantic_at_toy_size(tmp_path):
     """The GPU machine has neither: the script must not import them (the model code's config classes included), and
     the sections it reads from the configs with PyYAML alone must be those that the pydantic sections read."""
-    script = BLOCK_RAY_AND_PYDANTIC + """
-import contextlib, dataclasses, io, json, runpy
-benchmark = runpy.run_path("benchmarks/gpu_compile.py")
-sys.argv = ["gpu_compile.py", "--tiny", "--device", "cpu", "--backend", "aot_eager", "--steps", "3", "--warmup", "1",
-            "--classes", "10", "--batch-size", "2"]
-out = io.StringIO()
-with contextlib.redirect_stdout(out):
-    benchmark["main"]()
-payload = json.loads(out.getvalue()[out.getvalue().index("{"):])
-cases = {config: dataclasses.asdict(benchmark["read_case"](config))
-         for config in [*benchmark["CASES"].values(), *benchmark["TINY_CASES"].values()]}
-print(json.dumps({"payload": payload, "markdown": benchmark["_markdown"](payload, "results.json"), "cases": cases}))
+    script = WITHOUT_RAY_OR_PYDANTIC + """
+import dataclasses, json
+cases = {config: dataclasses.asdict(benchmark.read_case(config))
+         for config in [*benchmark.CASES.values(), *benchmark.TINY_CASES.values()]}
+print(json.dumps(cases))
 """
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "gpu_compile", "--tiny", "--device", "cpu", "--backend", "aot_eager",
+         "--steps", "3", "--warmup", "1", "--classes", "10", "--batch-size", "2", "--results", "toy_compile",
+         "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout)
-    payload = result["payload"]
+    payload, section = written(tmp_path, "toy_compile")
     assert set(payload["ratios"]["compiled_vs_eager"]) == {"tiny_dolg", "tiny_hybrid_swin"}
     for model in payload["models"].values():
         assert model["loss_agreement"]["ok"] and len(model["runs"]["compiled_model"]["losses"]) == 3
-    assert "| tiny_dolg | 64 | 2 | compiled_model |" in result["markdown"]
+    assert "| tiny_dolg | 64 | 2 | compiled_model |" in section
 
     from ray_landmark.config import load_config
 
-    assert len(result["cases"]) == 4
-    for config, case in result["cases"].items():
+    cases = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(cases) == 4
+    for config, case in cases.items():
         cfg = load_config(REPO / config)
         expected = cfg.model.model_dump(mode="json")
         expected["pretrained"] = False
@@ -105,3 +190,91 @@ print(json.dumps({"payload": payload, "markdown": benchmark["_markdown"](payload
         assert case["loss"] == {key: loss[key] for key in case["loss"]}, config
         assert (case["image_size"], case["batch_size"], case["lr"]) == (
             cfg.data.image_size, cfg.train.batch_size, cfg.train.lr)
+
+
+@pytest.mark.slow
+def test_model_cost_runs_at_toy_size_without_ray_or_pydantic(tmp_path):
+    """Each case runs in a fresh process of its own (its peak memory is its own), which imports the package anew: the
+    cases run here too, in the process that has Ray and pydantic blocked."""
+    script = WITHOUT_RAY_OR_PYDANTIC + """
+import json
+case = dict(recipe="tiny_dolg", timm="test_efficientnet", size=32, classes=10, batch=2, steps=1, device="cpu",
+            channels_last=True, compile=False)
+print(json.dumps({kind: benchmark.measure({**case, "kind": kind}) for kind in ("backbone", "encoder", "model")}))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "model_cost", "--tiny", "--size", "32", "--classes", "10", "--batch", "2",
+         "--steps", "1", "--compile-configs", "", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    in_process = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert in_process["model"]["params_m"] > in_process["encoder"]["params_m"] > in_process["backbone"]["params_m"]
+    payload, section = written(tmp_path, "model_cost")
+    assert [(row["family"], row["layout"]) for row in payload["families"]] == [("tiny DOLG", "NCHW"),
+                                                                               ("tiny DOLG", "channels_last")]
+    for row in payload["families"]:
+        assert all("error" not in row[kind] and row[kind]["step_ms"] > 0 for kind in ("backbone", "encoder", "model"))
+    assert "| tiny DOLG | cpu | channels_last |" in section and "torch.compile" not in section
+
+
+# ---------------------------------------------------------------- the CPU benchmarks
+
+
+@pytest.mark.slow
+def test_search_benchmark_runs_at_toy_size(tmp_path):
+    run_benchmark("search", "--queries", "32", "--sizes", "500,1500", "--dim", "16", "--k", "5", "--repeats", "1",
+                  "--sweep-mib", "1", "--no-gpu", "--out", str(tmp_path))
+    payload, section = written(tmp_path, "search")
+    assert payload["ratios"]["search_vs_gemm"] > 0 and len(payload["runs"]) == 4
+    assert "| cpu | faiss | 1,500 |" in section and "`search_vs_gemm`" in section
+
+
+@pytest.mark.slow
+def test_the_adjusted_search_benchmark_runs_at_toy_size(tmp_path):
+    run_benchmark("search", "--adjusted", "--toy-merge", "--queries", "64", "--sizes", "2000", "--dim", "16",
+                  "--repeats", "1", "--out", str(tmp_path))
+    payload, section = written(tmp_path, "search_adjusted")
+    assert payload["command"].startswith("python -m benchmarks.search --adjusted")
+    assert payload["exact_vs_replaced"] > 0 and "| exact adjusted top 3 |" in section
+
+
+@pytest.mark.slow
+def test_embed_benchmark_runs_at_toy_size(tmp_path):
+    run_benchmark("embed", "--landmarks", "3", "--image-size", "32", "--batch-size", "16", "--out", str(tmp_path))
+    payload, section = written(tmp_path, "embed")
+    results = payload["results"]
+    assert results["plain"]["images"] == results["ray_cold"]["images"] == results["ray_warm"]["images"] > 0
+    assert "| (2) the same, warm |" in section
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_runs_at_toy_size(tmp_path):
+    run_benchmark("train_step", "--epochs", "2", "--image-size", "32", "--batch-size", "8", "--landmarks", "2",
+                  "--out", str(tmp_path))
+    payload, section = written(tmp_path, "train_step")
+    assert all(len(rates) == 2 for rates in payload["images_per_second_per_epoch"].values())
+    assert "| (3) Ray Train loop, fed from S3 by the data layer |" in section
+
+
+@pytest.mark.slow
+def test_data_pipeline_benchmark_runs_at_toy_size(tmp_path):
+    run_benchmark("data_pipeline", "--images", "96", "--size", "32", "--shards", "2", "--rounds", "2",
+                  "--processes", "1", "--gaps", "0,65536", "--out", str(tmp_path))
+    payload, section = written(tmp_path, "data_pipeline")
+    from benchmarks.data_pipeline import PATHS
+
+    assert set(payload["every_pass_images_per_second"]) == set(PATHS)
+    assert all(len(passes) == 2 for passes in payload["every_pass_images_per_second"].values())
+    assert set(payload["range_gap_bytes_gldv2c"]) == {"0", "65536"}
+    assert payload["bytes_read"]["full_streamed"]["images"] == payload["setup"]["images"]
+    assert "| (c) Ray Data streaming the tars, S3 server |" in section and "| 1 process |" in section
+
+
+@pytest.mark.slow
+def test_serve_benchmark_runs_at_toy_size(tmp_path):
+    run_benchmark("serve", "--image-size", "32", "--requests", "4", "--rounds", "1", "--batch", "4",
+                  "--replica-cpus", "1", "--out", str(tmp_path))
+    payload, section = written(tmp_path, "serve")
+    results = payload["results"]
+    assert set(results["serve"]) == {"1", "8", "32"} and results["plain_torch"]["images"] == payload["setup"]["queries"]
+    assert "| serve, concurrency 32 |" in section

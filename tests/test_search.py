@@ -174,15 +174,3 @@ def test_peak_memory_stays_within_the_budget(backend):
     # Slack over the budget: the result itself (2,048 x 10 scores and indices, 0.23 MiB), page rounding, Python.
     assert bounded <= 8 + 1.5, bounded
 
-
-@pytest.mark.slow
-def test_the_adjusted_search_benchmark_runs_at_toy_size():
-    repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/search.py", "--adjusted", "--toy-merge", "--queries", "64", "--sizes", "2000",
-         "--dim", "16", "--repeats", "1", "--no-write"],
-        cwd=repo, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "exact_vs_replaced" in proc.stdout and "| exact adjusted top 3 |" in proc.stdout
-
