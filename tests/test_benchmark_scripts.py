@@ -40,6 +40,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow  # the benchmark script end to end, in a process of its own
 def test_gpu_decode_benchmark_runs_on_cpu_at_toy_size_without_ray_or_pydantic():
     proc = subprocess.run(
         [sys.executable, "-c", WITHOUT_RAY_OR_PYDANTIC, "benchmarks/gpu_decode.py", "--tiny"],
