@@ -141,6 +141,7 @@ def test_gpu_check_runs_on_cpu_at_toy_size_without_ray_or_pydantic(tmp_path):
     assert "| full model (head included) |" in benchmarks_md(payload)
 
 
+@pytest.mark.slow  # the benchmark script end to end, in a process of its own
 def test_gpu_decode_runs_on_cpu_at_toy_size_without_ray_or_pydantic():
     from benchmarks.gpu_decode import benchmarks_md
 

@@ -73,6 +73,7 @@ def test_a_job_with_a_bad_config_stops_before_starting_ray(tmp_path):
     assert time.perf_counter() - started < 60
 
 
+@pytest.mark.slow  # a job process: seconds of imports
 def test_a_training_job_without_a_manifest_fails_at_once_before_starting_ray(tmp_path):
     started = time.perf_counter()
     proc = subprocess.run(

@@ -46,7 +46,9 @@ def _ids_and_labels(stream) -> list[tuple[str, int]]:
 
 @pytest.mark.parametrize("ranged", [True, False], ids=["ranged", "streamed"])
 @pytest.mark.parametrize("where", ["local", "s3"])
-@pytest.mark.parametrize("view", ["gldv2c", "gldv2x", "full"])
+# The quick run (-m "not slow") streams GLDv2c, a filtered view, by every path; the other views in the full run.
+@pytest.mark.parametrize("view", ["gldv2c", pytest.param("gldv2x", marks=pytest.mark.slow),
+                                  pytest.param("full", marks=pytest.mark.slow)])
 def test_every_image_of_the_view_arrives_once_with_its_class(where, view, ranged, request, s3):
     root = request.getfixturevalue("gldv2_local" if where == "local" else "gldv2_s3")
     cfg = _config(root, s3 if where == "s3" else None, view=view, ranged_reads=ranged)

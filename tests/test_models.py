@@ -179,7 +179,7 @@ def test_tiny_model_overfits_a_batch_through_its_encoder(name):
     assert "head.weight" not in trainable
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
-    for step in range(30):
+    for step in range(15):
         loss = model(images, labels)["loss"]
         optimizer.zero_grad()
         loss.backward()
@@ -196,7 +196,9 @@ def test_tiny_model_overfits_a_batch_through_its_encoder(name):
     torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(8))
 
 
-@pytest.mark.parametrize("name", TINY)
+# The quick run (-m "not slow") compiles the EfficientNet here; tests/test_compile.py compiles the hybrid and the DOLG.
+@pytest.mark.parametrize("name", [pytest.param("tiny_dolg", marks=pytest.mark.slow),
+                                  pytest.param("tiny_hybrid_swin", marks=pytest.mark.slow), "tiny_efficientnet"])
 def test_channels_last_and_compile(name):
     torch.manual_seed(0)
     cfg, model = tiny_model(name)

@@ -62,6 +62,7 @@ def test_a_rerun_resumes_an_identical_config_silently_and_a_resumable_change_in_
                      f"train.num_workers 1 -> 4"]
 
 
+@pytest.mark.slow  # a job process: seconds of imports
 def test_a_breaking_change_is_refused_before_ray_starts_and_restart_moves_the_run_aside(gldv2_local, tmp_path):
     cfg = _config(tmp_path, f"data.root={gldv2_local}")
     run = tmp_path / "runs" / cfg.run.name

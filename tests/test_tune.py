@@ -148,6 +148,7 @@ def test_a_sweep_rerun_with_other_values_is_refused_and_a_resumable_change_is_na
         check_sweep_rerun(other_space, other_base)
 
 
+@pytest.mark.slow  # a job process: seconds of imports
 def test_a_wrong_data_root_fails_before_ray_starts(tmp_path):
     job = subprocess.run(
         [sys.executable, "jobs/tune.py", "--config", "configs/tune_tiny.yaml", "--set", f"output_dir={tmp_path}",
