@@ -95,7 +95,7 @@ def plain_served_index(loop: PlainLoop, cfg: EnsembleConfig, gallery_jpegs: list
     bias = pp.nonlandmark_bias(gallery, nonlandmark, cfg.recognition.gallery_nonlandmark_k, device=device)
     return ServedIndex(cfg=cfg, device=device, recognition_models=tuple(cfg.models), gallery=gallery,
                        gallery_labels=gallery_labels, bias=bias, nonlandmark=nonlandmark,
-                       nonlandmark_source="the non-landmark test images", retrieval=[],
+                       nonlandmark_source="the non-landmark test images", retrieval=[], labelling_train=None,
                        index_ids=np.zeros(0, dtype=object), dims={MODEL: gallery.shape[1]})
 
 

@@ -155,8 +155,11 @@ def test_a_checkpoint_whose_config_does_not_match_its_weights_is_an_error_naming
     shutil.copytree(source.path, copy)
     config = json.loads((copy / CONFIG_FILE).read_text())
     config["model"]["embedding_dim"] = 256  # the weights are 512-d
-    (copy / CONFIG_FILE).write_text(json.dumps(config))
-    assert (copy / META_FILE).exists()
+    (copy / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    # a complete checkpoint whose config is wrong, not an interrupted write: meta.json records the config's size
+    meta = json.loads((copy / META_FILE).read_text())
+    meta["sizes"][CONFIG_FILE] = (copy / CONFIG_FILE).stat().st_size
+    (copy / META_FILE).write_text(json.dumps(meta, indent=2))
     with pytest.raises(CorruptCheckpoint, match=rf"checkpoint {copy}: its weights do not fit the model"):
         load_model(str(copy))
 
