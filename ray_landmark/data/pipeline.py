@@ -19,12 +19,12 @@ training or embedding worker decodes its own batches on its device (``worker_dec
 
 Bad input never stops an epoch: a member that is not a JPEG, an empty one, a corrupt JPEG, the cut-off end of a
 truncated tar (with ranged reads: a range that comes back short of the member) and ids missing from the metadata are
-each skipped, logged and counted by reason in ``SampleCounter``, a small actor that the training loop reads once per
-epoch. A request to object storage that fails is retried by the S3 filesystem alone (``data.storage.retries`` tries,
-``storage.s3_filesystem``); a shard that still cannot be read fails the job with its URI. Before any of that, a
-stream's shards are compared with what the manifest expects (``split_shards``): a listed shard that is missing, empty,
-a folder or shorter than its index fails the job at once naming it, or with ``data.missing_shards: skip`` is left out
-and named.
+each skipped, logged and counted by reason in a ``SampleCounter`` (``data/counts.py``), a small actor that the
+training loop reads once per epoch. A request to object storage that fails is retried by the S3 filesystem alone
+(``data.storage.retries`` tries, ``storage.s3_filesystem``); a shard that still cannot be read fails the job with
+its URI. Before any of that, a stream's shards are compared with what the manifest expects (``split_shards``): a
+listed shard that is missing, empty, a folder or shorter than its index fails the job at once naming it, or with
+``data.missing_shards: skip`` is left out and named.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from ray.data.datasource import FileBasedDatasource
 
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig
+from ray_landmark.data.counts import SampleCounter, report_counts
 from ray_landmark.errors import ConfigError, JobError
 from ray_landmark.data.metadata import (
     NOT_IN_VIEW, UNKNOWN_ID, LabelLookup, Manifest, complete_manifest, open_manifest,
@@ -75,31 +76,6 @@ RANGE_REQUESTS = "range_requests"  # ranged requests made (ranged reads only)
 # One ranged request reads at most this much unless one member is longer: a read task holds one range at a time, and
 # Ray Data's own streaming reads buffer as much (DataContext.streaming_read_buffer_size).
 RANGE_MAX_BYTES = 32 * 2**20
-
-
-@ray.remote(num_cpus=0)
-class SampleCounter:
-    """Running totals of what the read and decode tasks saw, by reason."""
-
-    def __init__(self):
-        self.counts: dict[str, int] = {}
-
-    def add(self, counts: dict[str, int]) -> None:
-        for key, n in counts.items():
-            self.counts[key] = self.counts.get(key, 0) + n
-
-    def totals(self) -> dict[str, int]:
-        return dict(self.counts)
-
-
-def report_counts(counter, counts: dict[str, int]) -> None:
-    # Waiting for the actor keeps the totals exact when the consumer reads them right after the last batch.
-    if counts:
-        ray.get(counter.add.remote(counts))
-
-
-def counts_since(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(after) | set(before)) if after.get(k, 0) != before.get(k, 0)}
 
 
 class GLDv2TarDatasource(FileBasedDatasource):

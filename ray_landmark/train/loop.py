@@ -30,7 +30,8 @@ import ray.train.torch
 import torch
 
 from ray_landmark.config import Config
-from ray_landmark.data.pipeline import BYTES_READ, READ, SKIP_REASONS, counts_since, train_batches
+from ray_landmark.data.counts import counts_since
+from ray_landmark.data.pipeline import BYTES_READ, READ, SKIP_REASONS, train_batches
 from ray_landmark.data.transforms import normalize_on_device
 from ray_landmark.errors import JobError
 from ray_landmark.models.amp import MixedPrecision
