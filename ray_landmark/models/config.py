@@ -52,6 +52,9 @@ class DolgConfig(_EfficientNetBased):
     dilations: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]
     # exact: f_l minus its projection on f_g (divides by |f_g|^2); published: divides by |f_g| as the released code.
     fusion: Literal["exact", "published"] = "exact"
+    # Width C of the local and global branches (each dilated conv has C / 2): 1024 as published. The tiny configs
+    # shrink it, as they shrink the hybrid's Swin: on a CPU a 1024-wide head costs more than the tiny backbone.
+    channels: int = Field(1024, ge=2, multiple_of=2)
 
 
 class HybridSwinConfig(_EfficientNetBased):
