@@ -17,7 +17,7 @@ same JPEGs and cores; and the bytes each way of reading fetches per delivered im
     full view and for GLDv2c; and, from S3, the two stages apart (read tasks, then decode tasks, as Ray Data runs a
     read followed by ``map_batches`` with a batch size), the pipeline's shape before they were fused;
 (d) ``data.decode: worker`` on the CPU: the stream carries JPEG bytes and the consumer (here the driver, in training a
-    Ray Train worker) decodes, resizes and augments each batch itself (``pipeline.train_batches``, device "cpu").
+    Ray Train worker) decodes, resizes and augments each batch itself (``batches.train_batches``, device "cpu").
 The kinds of work: the Ray Data tasks' (``pipeline.decode_images`` on a batch of 32: PIL decode, resize, the
 augmentation a few images at a time) with fast and with original preprocessing, and the worker's (torchvision
 decode, resize and augmentation, a batch at a time); the DataLoaders' datasets decode and augment one image at a
@@ -58,7 +58,8 @@ from benchmarks.results_io import add_out_option, machine, publish, results_path
 from ray_landmark.data import gldv2, transforms
 from ray_landmark.data.config import DataConfig, StorageConfig
 from ray_landmark.data.metadata import open_manifest, prepare_manifests
-from ray_landmark.data.pipeline import decode_images, train_batches, train_stream
+from ray_landmark.data.batches import train_batches
+from ray_landmark.data.pipeline import decode_images, train_stream
 from ray_landmark.data.shard_members import dataset_shard_index
 from ray_landmark.data.storage import Location, resolve
 from ray_landmark.data.synthetic import SyntheticSpec, write_synthetic_gldv2
@@ -264,7 +265,7 @@ def timed_pass(batches, server_pid: int) -> dict:
 
 
 def stream_batches(cfg: DataConfig, worker_decode: bool = False):
-    """A function giving one pass of the train stream as training consumes it (``pipeline.train_batches``)."""
+    """A function giving one pass of the train stream as training consumes it (``batches.train_batches``)."""
     stream = train_stream(cfg, worker_decode=worker_decode)
     return lambda: train_batches(stream.dataset.iterator(), cfg, batch_size=BATCH, device=torch.device("cpu"),
                                  counter=stream.counter, worker_decode=worker_decode)

@@ -173,7 +173,7 @@ def test_a_killed_worker_is_replaced_a_stopped_run_resumes_decoding_in_the_worke
 def test_the_eval_split_keeps_every_row_while_train_shards_stay_equal():
     from concurrent.futures import ThreadPoolExecutor
 
-    from ray_landmark.train.trainer import CompleteEvalSplit
+    from ray_landmark.train.eval_split import CompleteEvalSplit
 
     node = ray.get_runtime_context().get_node_id()
 

@@ -18,9 +18,8 @@ from PIL import Image
 from ray_landmark.data.config import DataConfig, StorageConfig
 from ray_landmark.data.metadata import open_manifest
 from ray_landmark.errors import ConfigError
-from ray_landmark.data.pipeline import (
-    SKIP_REASONS, decodes_in_worker, eval_stream, images_on_device, stream_shards, train_batches, train_stream,
-)
+from ray_landmark.data.batches import images_on_device, train_batches
+from ray_landmark.data.pipeline import SKIP_REASONS, decodes_in_worker, eval_stream, stream_shards, train_stream
 from ray_landmark.data.transforms import (
     CUTOUT_FRACTION, TrainAugmentation, affine, cutout, decode_resized, normalize_on_device,
 )

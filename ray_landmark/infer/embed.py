@@ -42,9 +42,9 @@ from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig, LabelView, StorageConfig
 from ray_landmark.data.metadata import Manifest, open_manifest
 from ray_landmark.errors import JobError, user_error
-from ray_landmark.data.pipeline import (
-    READ, SKIP_REASONS, decodes_in_worker, eval_stream, images_on_device, report_counts, shard_paths,
-)
+from ray_landmark.data.batches import images_on_device
+from ray_landmark.data.counts import report_counts
+from ray_landmark.data.pipeline import READ, SKIP_REASONS, decodes_in_worker, eval_stream, shard_paths
 from ray_landmark.data.storage import Location, StorageError, exists, list_files, read_bytes, resolve, write_bytes
 from ray_landmark.data.transforms import normalize_on_device
 from ray_landmark.data.worker_decode import WorkerDecoder

@@ -31,7 +31,8 @@ import torch
 
 from ray_landmark.config import Config
 from ray_landmark.data.counts import counts_since
-from ray_landmark.data.pipeline import BYTES_READ, READ, SKIP_REASONS, train_batches
+from ray_landmark.data.batches import train_batches
+from ray_landmark.data.pipeline import BYTES_READ, READ, SKIP_REASONS
 from ray_landmark.data.transforms import normalize_on_device
 from ray_landmark.errors import JobError
 from ray_landmark.models.amp import MixedPrecision

@@ -27,6 +27,7 @@ from ray_landmark.progress import ConsoleRelay, interactive, on_this_node, run_p
 from ray_landmark.runs.checkpoint import CorruptCheckpoint, latest_checkpoint
 from ray_landmark.runs.folders import output_folder, output_parent
 from ray_landmark.runs.identity import check_rerun
+from ray_landmark.train.eval_split import CompleteEvalSplit
 from ray_landmark.train.loop import WorkerInputs, train_loop_per_worker
 
 # Ray Train V2's list of a run's reported checkpoints, in the run folder (Ray 2.60's
@@ -81,25 +82,6 @@ def _view_images_in(manifest, view: str, shards: set[str]) -> int:
         return 0
     ids = index.loc[index["shard"].isin(shards) & (index["name"] == ""), "id"].to_numpy(np.uint64)
     return int(np.isin(manifest.view_images(view)["id"].to_numpy(np.uint64), ids).sum())
-
-
-class _SplitKeepingEveryRow(ray.data.Dataset):
-    """A dataset whose streaming split never drops rows (``equal=False``), whatever its caller asks for."""
-
-    def streaming_split(self, n: int, *, equal: bool = False, locality_hints=None):
-        return super().streaming_split(n, equal=False, locality_hints=locality_hints)
-
-
-class CompleteEvalSplit(ray.train.DataConfig):
-    """Ray Train's split of the datasets, except that ``eval`` is split with ``equal=False``: the equal split drops up
-    to world_size - 1 rows, a different one each epoch, so epochs would not score the same set."""
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        # Ray's configure copies each dataset keeping its class (Dataset.copy's _as), so the eval dataset's split is
-        # the one above, and everything else (execution options, locality hints) stays Ray's.
-        datasets = {name: ray.data.Dataset.copy(ds, _as=_SplitKeepingEveryRow) if name == "eval" else ds
-                    for name, ds in datasets.items()}
-        return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
 
 
 def fit(

@@ -8,7 +8,7 @@ their shards in lockstep); the parts are gathered on rank 0, and rank 0 scores:
 * ``val_map100``: mAP@100 of exact inner-product kNN (``eval.search.knn``, on the worker's device, in bounded
   memory) from the test queries to the index images, distractors included.
 
-The eval dataset is split among ranks without dropping rows (``trainer.CompleteEvalSplit``), so every epoch scores the
+The eval dataset is split among ranks without dropping rows (``eval_split.CompleteEvalSplit``), so every epoch scores the
 same complete set: ``val_queries`` and ``val_index`` count the images scored.
 """
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ray_landmark.data.config import DataConfig
 from ray_landmark.data.metadata import open_manifest
-from ray_landmark.data.pipeline import eval_batches
+from ray_landmark.data.batches import eval_batches
 from ray_landmark.data.transforms import normalize_on_device
 from ray_landmark.eval.metrics import (
     global_average_precision,
