@@ -20,6 +20,8 @@ data:
   image_size: 64
 """
 
+TRAIN = "train: {epochs: 1, batch_size: 2, lr: 0.1}\n"
+
 
 def _write(tmp_path, text) -> Path:
     path = tmp_path / "cfg.yaml"
@@ -46,6 +48,10 @@ def test_overrides_set_single_values_parsed_as_yaml(tmp_path):
         (GOOD, ["data.view=gldv3"], r"cfg.yaml: key 'data.view'"),
         ("run: {name: t}\ndata: {image_size: 3}\n", [], r"cfg.yaml: missing required key 'data.root'"),
         (GOOD, ["data.image_size=0"], r"key 'data.image_size': .*greater than 0"),
+        # One line naming the key, as every mistake.
+        (GOOD + TRAIN, ["train.checkpoint_every_minutes=0"],
+         r"^[^\n]*cfg.yaml: key 'train.checkpoint_every_minutes': [^\n]*greater than 0 \(got 0\)$"),
+        (GOOD + TRAIN, ["train.checkpoint_every_minutes=-5"], r"key 'train.checkpoint_every_minutes': .*than 0"),
         (GOOD, ["data.root.x=1"], r"--set data.root.x: 'root' is a value"),
         (GOOD, ["data.image_size"], r"expected KEY=VALUE"),
         ("- a\n- b\n", [], r"the top level must be a mapping"),

@@ -201,6 +201,32 @@ def test_retention_keeps_verified_checkpoints_and_never_a_damaged_one_in_their_p
     assert latest_checkpoint(run, printer=lambda line: None).progress.step == 20
 
 
+def test_retention_of_every_epoch_end_counts_only_mid_epoch_checkpoints_and_never_a_damaged_one(tmp_path):
+    """train.keep_epoch_checkpoints with keep_checkpoints=2: every epoch-end checkpoint stays, the two newest verified
+    mid-epoch ones stay, older mid-epoch ones go; a damaged one is deleted and never counted. Epoch-end checkpoints
+    older than the newest one that verifies are not read again (each was verified while it was the newest)."""
+    run = tmp_path / "run"
+    # (step, epoch_step), 10 steps an epoch: epoch ends at 10, 20 and 30, mid-epoch checkpoints between them.
+    steps = [(10, 0), (15, 5), (20, 0), (25, 5), (27, 7), (30, 0), (35, 5), (37, 7)]
+    names = [f"checkpoint_2026-12-02_00-00-0{n}" for n in range(len(steps))]
+    for name, (step, epoch_step) in zip(names, steps):
+        save_checkpoint(run / name, state={"w": torch.full((64,), float(step))}, config={},
+                        progress=Progress(epoch=step // 10, step=step, epoch_step=epoch_step))
+    for step in (37, 30, 10):  # the newest mid-epoch one, the newest epoch-end one, the oldest epoch-end one
+        state = run / names[[s for s, _ in steps].index(step)] / STATE_FILE
+        state.write_bytes(b"\0" * state.stat().st_size)  # the same size, other bytes
+
+    lines = []
+    pruned = prune_checkpoints(resolve(str(run)), keep=2, printer=lines.append, every_epoch_end=True)
+
+    uri = {step: str(run / name) for (step, _), name in zip(steps, names)}
+    assert pruned.kept == [uri[35], uri[27], uri[20], uri[10]]
+    assert pruned.deleted_damaged == sorted([uri[37], uri[30]]) and pruned.deleted_old == [uri[25], uri[15]]
+    assert len(lines) == 2 and all(line.endswith("; deleted (damaged; the run keeps its newest verified checkpoints)")
+                                   for line in lines)
+    assert sorted(p.name for p in run.iterdir()) == sorted(Path(p).name for p in pruned.kept)
+
+
 def test_retention_deletes_good_checkpoints_only_beyond_the_newest_kept(tmp_path):
     run = tmp_path / "run"
     _fake_run(run, {}, steps=(10, 20, 30))

@@ -1,10 +1,12 @@
-"""Training on a real local Ray with 2 CPU workers (gloo DDP): learning, worker failure, resume, damaged checkpoints,
-decoding in the workers (``data.decode: worker``)."""
+"""Training on a real local Ray with 2 CPU workers (gloo DDP): learning, checkpoints by the clock, worker failure,
+resume, damaged checkpoints, decoding in the workers (``data.decode: worker``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +73,17 @@ class StopInEpoch:
             raise RuntimeError("stopped by the test")
 
 
+class SlowStep:
+    """Rank ``rank`` pauses ``seconds`` after optimizer step ``step``, as a slow node would."""
+
+    def __init__(self, rank: int, step: int, seconds: float):
+        self.rank, self.step, self.seconds = rank, step, seconds
+
+    def __call__(self, rank: int, epoch: int, step: int) -> None:
+        if rank == self.rank and step == self.step:
+            time.sleep(self.seconds)
+
+
 class Hooks:
     """Several step hooks, called in turn."""
 
@@ -82,12 +95,17 @@ class Hooks:
             hook(rank=rank, epoch=epoch, step=step)
 
 
-def test_training_raises_validation_gap_well_above_the_untrained_model_and_scores_every_epoch(
-    gldv2_learnable, tmp_path
-):
+def test_training_raises_validation_gap_scores_every_epoch_and_checkpoints_by_the_clock(gldv2_learnable, tmp_path):
+    # The clock's checkpoints ride on this run (each Ray Train start costs the suite ~30 s): every 3 s on rank 0's
+    # clock, every epoch-end checkpoint kept. Rank 0 pauses past the 3 s in the middle of epoch 2. Rank 1 reads its own
+    # clock before it waits for rank 0 in the broadcast, so its clock alone would not say "due" at that step: both
+    # ranks still report there, or ray.train.report (a barrier) would never return.
     cfg = _config(gldv2_learnable, tmp_path, "learn", "train.epochs=10", "train.validate_before_training=true",
-                  "data.image_size=64")
-    result = fit(cfg)
+                  "data.image_size=64", "train.checkpoint_every_minutes=0.05", "train.keep_epoch_checkpoints=true")
+    train_images = len((Path(gldv2_learnable) / "metadata" / "train.csv").read_text().splitlines()) - 1
+    steps_per_epoch = train_images // 2 // 16  # 2 workers x batch 16, last partial batch dropped
+    slow_step = steps_per_epoch + steps_per_epoch // 2
+    result = fit(cfg, on_step=SlowStep(rank=0, step=slow_step, seconds=3.5))
     history = _history(cfg)
     untrained, trained = history[0], history[-1]
     assert untrained["epoch"] == 0 and trained["epoch"] == 10
@@ -109,6 +127,15 @@ def test_training_raises_validation_gap_well_above_the_untrained_model_and_score
     trained_model = load_model(result.checkpoint.path)
     assert trained_model.config == cfg and len(trained_model.landmark_ids) == 12
     assert not any(v for k, v in result.metrics.items() if k.startswith("skipped_"))
+    # A mid-epoch checkpoint at the paused step (others too, where a step outlasted the 3 s). Every epoch-end one is
+    # kept (train.keep_epoch_checkpoints) and the newest mid-epoch ones (keep_checkpoints=3), all of which verify.
+    assert slow_step in [m["step"] for _, m in result.best_checkpoints]
+    run = tmp_path / "learn"
+    metas = [json.loads((p / META_FILE).read_text()) for p in run.iterdir() if (p / META_FILE).exists()]
+    assert sorted(m["epoch"] for m in metas if m["epoch_step"] == 0) == list(range(1, 11))
+    assert 1 <= len([m for m in metas if m["epoch_step"]]) <= 3
+    kept = prune_checkpoints(resolve(str(run)), keep=3, printer=pytest.fail, every_epoch_end=True)
+    assert len(kept.kept) == len(metas) and not kept.deleted_damaged and not kept.deleted_old
 
 
 # The reliability test trains on the smaller synthetic set at 32 px: it checks counts, not learning.

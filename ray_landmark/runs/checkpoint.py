@@ -12,6 +12,9 @@ Retention is ours, not Ray Train's (whose ``CheckpointConfig(num_to_keep)`` prun
 cannot know that one was damaged since): ``prune_checkpoints`` keeps the ``train.keep_checkpoints`` newest verified
 checkpoints, deletes the older ones, and names and deletes each damaged one, so a damaged checkpoint never takes a
 good one's place. A checkpoint that could not be read (an I/O error that may pass) is neither counted nor deleted.
+With ``train.keep_epoch_checkpoints`` it keeps every epoch-end checkpoint besides the ``train.keep_checkpoints``
+newest verified mid-epoch ones (off by default: a run's folder would grow by a checkpoint per epoch, 1.9 GB for
+DOLG-B5 with its optimizer state).
 
 The model's state dict is the same with and without ``train.compile`` (the model is compiled in place, so no key
 carries a ``_orig_mod.`` prefix): a checkpoint resumes, warm-starts or loads whichever way it was written.
@@ -237,19 +240,24 @@ def load_checkpoint(folder: Location, map_location="cpu") -> LoadedCheckpoint:
 
 @dataclass(frozen=True)
 class Pruned:
-    """What ``prune_checkpoints`` did: the checkpoints kept (verified, newest first) and those it deleted."""
+    """What ``prune_checkpoints`` did: the checkpoints kept (newest first) and those it deleted."""
 
     kept: list[str]
     deleted_damaged: list[str]
     deleted_old: list[str]
 
 
-def prune_checkpoints(run: Location, keep: int, printer: Printer = say) -> Pruned:
+def prune_checkpoints(run: Location, keep: int, printer: Printer = say, every_epoch_end: bool = False) -> Pruned:
     """Keep the ``keep`` newest complete, verified checkpoints of a run folder and delete every checkpoint folder
     older than the last of them, and every damaged one (named in one line, with why) wherever it is: a damaged
     checkpoint is never counted, so it never takes a good one's place. Only the run's own checkpoint folders count
     (directly in it, where Ray Train writes them); one without a ``meta.json`` is an interrupted write. Nothing is
-    deleted while no checkpoint verifies, nor one that could not be read (the store may answer next time)."""
+    deleted while no checkpoint verifies, nor one that could not be read (the store may answer next time).
+
+    With ``every_epoch_end`` (train.keep_epoch_checkpoints), ``keep`` counts mid-epoch checkpoints only and every
+    epoch-end checkpoint is kept too. Of those, only the newest ones down to the first that verifies are read and
+    verified, not every one each time: each older one was verified while it was the newest, and whoever loads one
+    verifies it again."""
     try:
         entries = run.fs.get_file_info(pafs.FileSelector(run.path, recursive=True, allow_not_found=True))
     except OSError as err:
@@ -267,7 +275,8 @@ def prune_checkpoints(run: Location, keep: int, printer: Printer = say) -> Prune
             damaged[folder.uri] = (folder, f"checkpoint {folder.uri}: {META_FILE} is missing (an interrupted write)")
             continue
         try:
-            by_step.append((int(_read_json(folder.child(META_FILE))["step"]), folder.path, folder))
+            meta = _read_json(folder.child(META_FILE))
+            by_step.append((int(meta["step"]), folder.path, folder, int(meta["epoch_step"]) == 0))
         except FileNotFoundError:
             continue  # gone since the listing
         except OSError as err:
@@ -277,18 +286,29 @@ def prune_checkpoints(run: Location, keep: int, printer: Printer = say) -> Prune
             damaged[folder.uri] = (folder, f"checkpoint {folder.uri}: {META_FILE} unreadable ({type(err).__name__}: "
                                            f"{err})")
     kept, old = [], []
-    for _, _, folder in sorted(by_step, key=lambda entry: entry[:2], reverse=True):
-        if len(kept) >= keep:
+    counted, epoch_end_verified = 0, False
+    for _, _, folder, epoch_end in sorted(by_step, key=lambda entry: entry[:2], reverse=True):
+        spared = every_epoch_end and epoch_end
+        if spared and epoch_end_verified:
+            kept.append(folder)
+            continue
+        if not spared and counted >= keep:
             old.append(folder)
             continue
         try:
             _check(folder)
-            kept.append(folder)
         except UnreadableCheckpoint as err:
             printer(f"[checkpoint] WARNING {err}; not counted, kept")
+            continue
         except CorruptCheckpoint as err:
             damaged[folder.uri] = (folder, str(err))
-    if not kept:
+            continue
+        kept.append(folder)
+        if spared:
+            epoch_end_verified = True
+        else:
+            counted += 1
+    if not kept:  # none verified (an epoch-end one is kept unread only after a newer one verified)
         return Pruned([], [], [])
     for folder, why in damaged.values():
         printer(f"[checkpoint] WARNING {why}; deleted (damaged; the run keeps its newest verified checkpoints)")

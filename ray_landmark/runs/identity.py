@@ -32,8 +32,8 @@ RESUMABLE = (
     "data.shuffle_buffer", "data.eval_queries", "data.eval_index", "data.missing_shards",
     "train.epochs", "train.stop_at", "train.num_workers", "train.batch_size", "train.grad_accum", "train.use_gpu",
     "train.cpus_per_worker", "train.amp", "train.channels_last", "train.compile", "train.compile_backend",
-    "train.max_failures", "train.checkpoint_every_steps", "train.keep_checkpoints", "train.eval_every",
-    "train.validate_before_training",
+    "train.max_failures", "train.checkpoint_every_steps", "train.checkpoint_every_minutes", "train.keep_checkpoints",
+    "train.keep_epoch_checkpoints", "train.eval_every", "train.validate_before_training",
 )
 
 

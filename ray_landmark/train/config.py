@@ -40,9 +40,13 @@ class TrainConfig(Section):
     use_gpu: bool = True
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(3, ge=0)
-    # Checkpointing: every epoch, and every N steps when set; keep the last K.
+    # Checkpointing: every epoch, and mid-epoch every N steps and/or every M minutes on rank 0's clock when set
+    # (train/checkpoint_clock.py); keep the last K, and with keep_epoch_checkpoints every epoch-end one besides the
+    # last K mid-epoch ones (runs/checkpoint.prune_checkpoints).
     checkpoint_every_steps: int | None = Field(None, gt=0)
+    checkpoint_every_minutes: float | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
+    keep_epoch_checkpoints: bool = False
     eval_every: int = Field(1, ge=1)
     # Validate the untrained (or warm-started) model first: the baseline every later epoch is compared against.
     validate_before_training: bool = False

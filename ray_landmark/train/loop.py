@@ -3,16 +3,21 @@ eval phase and ``ray.train.report``; DDP through ``prepare_model``.
 
 Per step: uint8 images from the data shard -> normalised on the device -> model under autocast -> ArcFace loss in fp32
 -> (scaled) backward -> every ``grad_accum`` micro-batches an optimizer step and a per-step cosine/warm-up lr
-(``models/amp.py``). Per epoch (and every ``checkpoint_every_steps`` steps): validation, metrics and a checkpoint through
-``ray.train.report``, which every rank calls, so all ranks move in lockstep.
+(``models/amp.py``). Per epoch: validation, metrics and a checkpoint through ``ray.train.report``, which every rank
+calls, so all ranks move in lockstep. Mid-epoch checkpoints (no validation) come every ``checkpoint_every_steps``
+steps and/or every ``checkpoint_every_minutes`` minutes: rank 0's clock decides, and every rank learns its answer after
+each step (``train/checkpoint_clock.py``), so all ranks report at the same step.
 
 With ``train.compile`` the model is compiled before the DDP wrapper (``models/torch_compile.py``); the first training
 step and the first validation each compile a graph, and the progress output says so.
 
 Resuming (``restore``): the newest checkpoint of the run folder that verifies (``runs/checkpoint.py``; after a worker
 failure or a rerun alike) gives the finished epochs and the optimizer steps already taken in the current one; that
-epoch then runs only its remaining steps, so no epoch is trained twice or skipped. After each checkpoint, rank 0 keeps
-the ``train.keep_checkpoints`` newest verified ones and deletes the rest (``prune_checkpoints``).
+epoch then runs only its remaining number of steps, so the epochs' step counts and the learning-rate schedule are
+exact. Which images those steps see is not: they come from a fresh stream of the whole epoch, and rows reach the
+workers in no fixed order, so after a resume inside an epoch some of its images are trained twice and others not at
+all. After each checkpoint, rank 0 keeps the ``train.keep_checkpoints`` newest verified ones (mid-epoch ones only,
+besides every epoch-end one, with ``train.keep_epoch_checkpoints``) and deletes the rest (``prune_checkpoints``).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from ray_landmark.runs.checkpoint import (
     CorruptCheckpoint, Progress, load_latest, prune_checkpoints, read_checkpoint_at, save_checkpoint,
 )
 from ray_landmark.runs.folders import output_folder, run_logs
+from ray_landmark.train.checkpoint_clock import CheckpointClock
 from ray_landmark.train.metrics_log import MetricsLog
 from ray_landmark.train.optim import build_optimizer, build_scheduler, resume_schedule
 from ray_landmark.train.validate import validate
@@ -81,6 +87,7 @@ class Worker:
     precision: MixedPrecision  # autocast and the grad scaler (fp16 only), or neither (CPU, train.amp off)
     memory_format: torch.memory_format
     say: Printer  # rank 0: to the driver's console; other ranks: nowhere
+    checkpoint_clock: CheckpointClock  # train.checkpoint_every_minutes on rank 0's clock; restarted by each report
 
     @property
     def cfg(self) -> Config:
@@ -142,6 +149,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             log.write(baseline, step=0)
             worker.say(epoch_summary(baseline))
     metrics: dict = {}
+    worker.checkpoint_clock.restart()  # the minutes count training only: a restart's setup risks no progress
     for epoch in range(training.progress.epoch, tc.last_epoch):
         skipped_before = ray.get(counter.totals.remote()) if rank == 0 else {}
         metrics = train_epoch(worker, training, train_shard, epoch)
@@ -172,6 +180,7 @@ def _start(inputs: WorkerInputs) -> Worker:
         inputs, rank, world, device, MixedPrecision(device, enabled=tc.amp),
         memory_format=torch.channels_last if tc.channels_last else torch.contiguous_format,
         say=relay_printer(inputs.console) if rank == 0 else (lambda line, transient=False: None),
+        checkpoint_clock=CheckpointClock(tc.checkpoint_every_minutes, world),
     )
 
 
@@ -220,7 +229,8 @@ def restore(worker: Worker) -> Training:
 
 def train_epoch(worker: Worker, training: Training, shard, epoch: int) -> dict:
     """One epoch of training (its remaining steps, after a resume inside it) on this worker's ``shard``: its loss,
-    last learning rate and throughput. Reports a checkpoint every ``train.checkpoint_every_steps`` steps."""
+    last learning rate and throughput. Reports a mid-epoch checkpoint every ``train.checkpoint_every_steps`` steps
+    and whenever ``train.checkpoint_every_minutes`` have passed on rank 0's clock since the last checkpoint."""
     tc, inputs, precision = worker.cfg.train, worker.inputs, worker.precision
     model, optimizer, scheduler = training.model, training.optimizer, training.scheduler
     steps_per_epoch = training.steps_per_epoch
@@ -259,7 +269,10 @@ def train_epoch(worker: Worker, training: Training, shard, epoch: int) -> dict:
                     lambda: f"loss {_mean(losses[-20:]):.3f} | lr {scheduler.get_last_lr()[0]:.2e}")
         if inputs.on_step is not None:
             inputs.on_step(rank=worker.rank, epoch=epoch, step=step)
-        if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0 and epoch_step < steps_per_epoch:
+        # Every rank asks the clock after every step, whatever the other conditions say: it is a collective.
+        by_clock = worker.checkpoint_clock.due()
+        by_steps = bool(tc.checkpoint_every_steps) and step % tc.checkpoint_every_steps == 0
+        if (by_clock or by_steps) and epoch_step < steps_per_epoch:  # the epoch's last step: its own checkpoint follows
             training.progress = Progress(epoch, step, epoch_step, steps_per_epoch)
             _report(worker, training, {"epoch": epoch, "step": step, "loss": _mean(losses)})
     line.close(f"loss {_mean(losses):.3f}")
@@ -280,10 +293,17 @@ def _mean(losses: list[torch.Tensor]) -> float:
 
 
 def _report(worker: Worker, training: Training, metrics: dict) -> None:
-    """Every rank reports (ray.train.report is a barrier); rank 0 attaches the checkpoint of ``training.progress``."""
-    if worker.rank != 0:
+    """Every rank reports (ray.train.report is a barrier); rank 0 attaches the checkpoint of ``training.progress``.
+    The minutes to the next checkpoint count from here."""
+    if worker.rank == 0:
+        _report_checkpoint(worker, training, metrics)
+    else:
         ray.train.report(metrics)
-        return
+    worker.checkpoint_clock.restart()
+
+
+def _report_checkpoint(worker: Worker, training: Training, metrics: dict) -> None:
+    """Rank 0's report: the checkpoint of ``training.progress``, then retention (``train.keep_checkpoints``)."""
     progress = training.progress
     state = {"model": training.raw_model.state_dict(), "optimizer": training.optimizer.state_dict(),
              "scheduler": training.scheduler.state_dict(), "scaler": worker.precision.scaler.state_dict(),
@@ -294,7 +314,8 @@ def _report(worker: Worker, training: Training, metrics: dict) -> None:
         checkpoint.set_metadata({"epoch": progress.epoch, "step": progress.step})
         ray.train.report(metrics, checkpoint=checkpoint)  # uploaded when it returns (the synchronous mode)
     try:
-        prune_checkpoints(output_folder(worker.cfg.run), worker.cfg.train.keep_checkpoints, printer=worker.say)
+        prune_checkpoints(output_folder(worker.cfg.run), worker.cfg.train.keep_checkpoints, printer=worker.say,
+                          every_epoch_end=worker.cfg.train.keep_epoch_checkpoints)
     except (CorruptCheckpoint, OSError) as err:  # the store did not answer: training goes on
         worker.say(f"[checkpoint] WARNING {err}; no checkpoint deleted this time")
 

@@ -62,7 +62,8 @@ def trial_config(sweep: SweepConfig, base: Config, params: dict, trial_name: str
     tree = with_values(base, {
         **params, **_warm_start(sweep),
         "train.epochs": sweep.settings.epochs, "train.stop_at": None, "train.eval_every": 1,
-        "train.checkpoint_every_steps": None,  # only epoch reports, each with the metric
+        # Only epoch reports, each with the metric.
+        "train.checkpoint_every_steps": None, "train.checkpoint_every_minutes": None,
     }, sweep.name)
     tree["run"] = {"name": trial_name, "output_dir": output_folder(sweep).child(TRIALS_FOLDER).uri,
                    "storage": sweep.storage.model_dump(mode="json")}
