@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import ray
-
 from conftest import job_error
+
 from ray_landmark.cli import run_job
 from ray_landmark.errors import ConfigError, JobError, user_error
 
