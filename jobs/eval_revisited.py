@@ -11,6 +11,9 @@ The images are embedded as jobs/embed.py embeds them, with the ensemble config's
 (but the scales: 1/sqrt(2) 1 sqrt(2) unless --scales or --set embed.scales=[...] say otherwise): --set
 embed.KEY=VALUE sets any of its keys, and --batch-size, --flip-tta, --actors, --gpus-per-actor and
 --shards-per-pass are short for the keys a run most often sets.
+--qe K and --dba K add rows to the table: the last stage (the model, or the ensemble) with alpha-QE over its K nearest
+database images, DBA over each database image's K nearest others, and both (those asked), each neighbour weighted by
+its similarity to the power --alpha (default 3); the plain row stays beside them.
 """
 
 import argparse
@@ -40,8 +43,8 @@ def main() -> None:
     from ray_landmark.data.storage import check_writable, resolve
     from ray_landmark.infer.config import EnsembleConfig
     from ray_landmark.infer.revisited import (
-        RevisitedRequest, check_inputs, embed_settings, models_from_checkpoint, models_from_ensemble, results_text,
-        run_revisited,
+        RevisitedRequest, check_inputs, embed_settings, expansion_flags, models_from_checkpoint, models_from_ensemble,
+        results_text, run_revisited,
     )
     from ray_landmark.runtime import init_ray
 
@@ -65,12 +68,19 @@ def main() -> None:
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint of --data, --distractors, --out and the "
                         "checkpoint; default AWS (an ensemble uses its storage section)")
     parser.add_argument("--part-size", type=int, default=2000, help="images embedded and written together")
+    parser.add_argument("--qe", type=int, metavar="K", help="add rows with alpha query expansion over the K nearest "
+                        "database images (not part of the 2021 method)")
+    parser.add_argument("--dba", type=int, metavar="K", help="add rows with database-side augmentation over each "
+                        "database image's K nearest others (not part of the 2021 method)")
+    parser.add_argument("--alpha", type=float, metavar="A", help="--qe and --dba: each neighbour weighs its "
+                        "similarity to the power A (default 3)")
     add_embed_arguments(parser, "an embed.* key, e.g. --set embed.cpus_per_actor=4 (repeatable)")
     args = parser.parse_args()
     tree = embed_tree(args, split_overrides(parser, args.overrides, ("embed",))["embed"])
     if args.scales:  # like the other flags, it wins over --set
         tree["scales"] = args.scales
     settings = embed_settings(tree, "jobs/eval_revisited.py arguments")  # checked before anything is read or Ray starts
+    expansions = expansion_flags(args.qe, args.dba, args.alpha)
     storage = StorageConfig(endpoint_url=args.endpoint_url)
     ensemble = None
     if args.ensemble:
@@ -79,7 +89,7 @@ def main() -> None:
     request = RevisitedRequest(
         dataset=args.dataset, data=args.data, out=args.out, models=(), distractors=args.distractors,
         storage=storage, long_side=args.long_side, square=args.square, settings=settings,
-        ranking_depth=args.ranking_depth, allow_missing=args.allow_missing, part_size=args.part_size,
+        ranking_depth=args.ranking_depth, allow_missing=args.allow_missing, part_size=args.part_size, **expansions,
     )
     check_writable(resolve(args.out, storage), "--out")
     inputs = check_inputs(request)  # bad ground truth or missing images: refused before any model or Ray

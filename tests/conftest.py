@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 import os
+import runpy
 import shutil
+import sys
 import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -30,12 +33,23 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 # Notice a dead training worker within a second, not Ray Train's default interval.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
+REPO = Path(__file__).resolve().parents[1]
 SPEC = SyntheticSpec()
 # For training tests: fewer landmarks with more views each, so that a tiny model learns within seconds.
 LEARNABLE_SPEC = SyntheticSpec(
     num_landmarks=12, max_images_per_landmark=40, min_images_per_landmark=20, clean_landmark_fraction=1.0,
     test_landmark_images=40, index_distractor_landmarks=4,
 )
+
+
+def job_error(monkeypatch, script: str, *args: str) -> str:
+    """Run jobs/<script> in this process (no interpreter start: torch is imported already); its exit message."""
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(REPO / "jobs" / script), run_name="__main__")
+    message = exit_.value.code
+    assert isinstance(message, str) and "\n" not in message, message  # sys.exit(str): printed, exit status 1
+    return message
 
 
 @pytest.fixture(scope="session")

@@ -13,21 +13,12 @@ from pathlib import Path
 
 import pytest
 import ray
+from conftest import job_error
 
 from ray_landmark.cli import run_job
 from ray_landmark.errors import ConfigError, JobError, user_error
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _job_error(monkeypatch, script: str, *args: str) -> str:
-    """Run jobs/<script> in this process (no interpreter start: torch is imported already); its exit message."""
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    with pytest.raises(SystemExit) as exit_:
-        runpy.run_path(str(REPO / "jobs" / script), run_name="__main__")
-    message = exit_.value.code
-    assert isinstance(message, str) and "\n" not in message, message  # sys.exit(str): printed, exit status 1
-    return message
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -38,7 +29,7 @@ def _job_error(monkeypatch, script: str, *args: str) -> str:
 ])
 def test_a_synthetic_spec_out_of_bounds_writes_nothing(monkeypatch, tmp_path, setting, message):
     out = tmp_path / "synthetic"
-    error = _job_error(monkeypatch, "make_synthetic_gldv2.py", "--out", str(out), "--set", setting)
+    error = job_error(monkeypatch, "make_synthetic_gldv2.py", "--out", str(out), "--set", setting)
     assert error.startswith("error: --set: ") and re.search(message, error), error
     assert not out.exists()
 
@@ -46,13 +37,13 @@ def test_a_synthetic_spec_out_of_bounds_writes_nothing(monkeypatch, tmp_path, se
 def test_a_zero_byte_released_file_is_named(monkeypatch, tmp_path):
     empty = tmp_path / "dolg_b5.pth"
     empty.write_bytes(b"")
-    error = _job_error(monkeypatch, "convert_released.py", "--source", str(empty), "--out", str(tmp_path / "run"))
+    error = job_error(monkeypatch, "convert_released.py", "--source", str(empty), "--out", str(tmp_path / "run"))
     assert error.startswith(f"error: {empty}: not a torch checkpoint file ("), error
     assert not (tmp_path / "run").exists()
 
 
 def test_embed_arguments_are_checked_by_the_ensemble_configs_model_before_anything(monkeypatch, tmp_path):
-    error = _job_error(monkeypatch, "embed.py", "--checkpoint", str(tmp_path / "none"), "--split", "test",
+    error = job_error(monkeypatch, "embed.py", "--checkpoint", str(tmp_path / "none"), "--split", "test",
                        "--out", str(tmp_path / "out"), "--actors", "0")
     assert error == ("error: jobs/embed.py arguments: key 'actors': Input should be greater than or equal to 1 "
                      "(got 0)")
@@ -113,7 +104,7 @@ def test_a_csv_without_its_columns_leaves_the_earlier_manifest_whole(monkeypatch
     before = {p: p.stat().st_mtime_ns for p in (root / "manifest").rglob("*") if p.is_file()}
     csv = root / gldv2.RECOGNITION_GT_CSV
     csv.write_text(csv.read_text().replace("Usage", "usage_renamed"))
-    error = _job_error(monkeypatch, "prepare_gldv2.py", "--root", str(root))
+    error = job_error(monkeypatch, "prepare_gldv2.py", "--root", str(root))
     assert error.startswith(f"error: {csv}: ") and "Usage" in error, error
     after = {p: p.stat().st_mtime_ns for p in (root / "manifest").rglob("*") if p.is_file()}
     assert after == before  # not one file rewritten: every CSV is checked before anything is written
@@ -179,7 +170,7 @@ def test_a_listed_shard_that_is_missing_empty_a_folder_or_short_stops_training_b
 
     root, shard = _damaged_copy(gldv2_local, tmp_path, damage)
     runs = tmp_path / "runs"
-    error = _job_error(monkeypatch, "train.py", "--config", str(REPO / "configs" / "tiny_dolg.yaml"),
+    error = job_error(monkeypatch, "train.py", "--config", str(REPO / "configs" / "tiny_dolg.yaml"),
                        "--set", f"data.root={root}", "--set", f"run.output_dir={runs}")
     assert error.startswith(f"error: data.root: 1 train shard(s) unusable: {shard} ") and SHARD_DAMAGE[damage] in error
     assert error.endswith("or set data.missing_shards: skip to go on without them"), error
@@ -203,7 +194,7 @@ def test_verify_shards_names_an_unusable_tar_before_writing_and_a_truncated_one_
     summary = root / "manifest" / "summary.json"
     before = summary.stat().st_mtime_ns
     if named:
-        error = _job_error(monkeypatch, "prepare_gldv2.py", "--root", str(root), "--verify-shards")
+        error = job_error(monkeypatch, "prepare_gldv2.py", "--root", str(root), "--verify-shards")
         assert error == (f"error: 1 unusable shard(s) under {root / 'train'}: {shard} {named}; replace each with "
                          f"its complete tar (or remove it) and rerun")
         assert summary.stat().st_mtime_ns == before  # the earlier manifest is left whole
@@ -233,7 +224,7 @@ def test_training_past_skipped_shards_names_them_every_epoch_and_an_epoch_withou
     assert "[train] finished tiny_dolg; final checkpoint " in out
 
     # The same run, one epoch more, with batches larger than the stream: the epoch trains no step, and says so.
-    error = _job_error(monkeypatch, "train.py", *train, "--set", "train.epochs=2", "--set", "train.batch_size=5000")
+    error = job_error(monkeypatch, "train.py", *train, "--set", "train.epochs=2", "--set", "train.batch_size=5000")
     assert error.startswith(f"error: epoch 2 trained no step: the train stream of {root} gave this worker fewer than "
                             f"the 5000 images one step needs ("), error
     assert "[train] finished" not in capsys.readouterr().out
@@ -247,7 +238,7 @@ def test_training_past_skipped_shards_names_them_every_epoch_and_an_epoch_withou
 def test_zero_train_workers_are_refused_in_one_line_before_anything_is_written(monkeypatch, tmp_path, job, args):
     out = "output_dir" if job == "tune.py" else "run.output_dir"
     monkeypatch.chdir(REPO)
-    error = _job_error(monkeypatch, job, *args, "--set", f"{out}={tmp_path / 'runs'}")
+    error = job_error(monkeypatch, job, *args, "--set", f"{out}={tmp_path / 'runs'}")
     assert error.endswith("key 'train.num_workers': 0 (Ray Train's local mode, in the driver) keeps no checkpoint once "
                           "the job ends; use 1 or more workers (1 trains in one worker process) (got 0)"), error
     assert not (tmp_path / "runs").exists()
@@ -271,7 +262,7 @@ def test_zero_train_workers_are_refused_in_one_line_before_anything_is_written(m
 ])
 def test_a_set_value_that_is_not_yaml_is_one_line_naming_it_in_every_job(monkeypatch, tmp_path, job, args):
     monkeypatch.chdir(REPO)
-    error = _job_error(monkeypatch, job, *(a.format(tmp=tmp_path) for a in args))
+    error = job_error(monkeypatch, job, *(a.format(tmp=tmp_path) for a in args))
     key = args[-1].split("=")[0]
     assert f"--set '{key}=[unclosed': the value is not valid YAML (expected ',' or ']', but got '<stream end>' at " \
            f"line 1, column 10); quote it as a string" in error, error
@@ -284,12 +275,12 @@ def test_a_set_value_that_is_not_yaml_is_one_line_naming_it_in_every_job(monkeyp
 def test_a_config_file_that_is_not_utf8_or_not_yaml_is_one_line_naming_it(monkeypatch, tmp_path, job, option):
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes("run:\n  name: café\n".encode("latin-1"))
-    error = _job_error(monkeypatch, job, option, str(latin1))
+    error = job_error(monkeypatch, job, option, str(latin1))
     assert error.endswith(f"{latin1}: not UTF-8 text (byte 0xe9 at offset 16); save the "
                           f"{'Serve ' if job == 'serve.py' else ''}config file as UTF-8"), error
     broken = tmp_path / "broken.yaml"
     broken.write_text("run:\n  name: [a, b\n")
-    error = _job_error(monkeypatch, job, option, str(broken))
+    error = job_error(monkeypatch, job, option, str(broken))
     assert re.search(rf"{broken}: not valid YAML \(.* at line \d+, column \d+\)$", error), error
 
 
@@ -298,7 +289,7 @@ def test_an_s3_root_on_an_endpoint_that_refuses_connections_is_one_line_naming_t
 
     use_test_credentials()
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    error = _job_error(monkeypatch, "train.py", "--config", str(REPO / "configs" / "tiny_dolg.yaml"),
+    error = job_error(monkeypatch, "train.py", "--config", str(REPO / "configs" / "tiny_dolg.yaml"),
                        "--set", "data.root=s3://gldv2/v2", "--set", f"data.storage.endpoint_url={endpoint}",
                        "--set", "data.storage.retries=1", "--set", "data.storage.connect_timeout_s=1",
                        "--set", f"run.output_dir={tmp_path / 'runs'}")
@@ -320,7 +311,7 @@ def test_a_landmark_id_that_is_not_a_number_names_the_csv_and_row_and_writes_not
     first[head.index("landmark_id")] = "eiffel"
     csv.write_text("\n".join([*lines[:3], ",".join(first), *lines[4:]]) + "\n")
     before = (root / "manifest" / "summary.json").stat().st_mtime_ns
-    error = _job_error(monkeypatch, "prepare_gldv2.py", "--root", str(root))
+    error = job_error(monkeypatch, "prepare_gldv2.py", "--root", str(root))
     assert error == (f"error: {csv}: 1 landmark_id value(s) are not whole numbers, the first 'eiffel' on data row 3; "
                      f"is it GLDv2's file?")
     assert (root / "manifest" / "summary.json").stat().st_mtime_ns == before
@@ -334,7 +325,7 @@ def test_a_landmark_id_that_is_not_a_number_names_the_csv_and_row_and_writes_not
 def test_an_output_path_under_a_regular_file_is_one_line_before_any_work(monkeypatch, tmp_path, job, args):
     file = tmp_path / "notes.txt"
     file.write_text("a file, not a folder")
-    error = _job_error(monkeypatch, job, *(a.format(tmp=tmp_path, file=file) for a in args))
+    error = job_error(monkeypatch, job, *(a.format(tmp=tmp_path, file=file) for a in args))
     out = args[args.index("--out") + 1].format(file=file)
     where = "it" if out == str(file) else f"{file}, a folder it would be in,"
     assert error == f"error: --out: {out}: {where} is a file, not a folder; choose another path", error
@@ -438,7 +429,7 @@ def test_a_checkpoint_missing_or_damaged_is_refused_before_ray_or_the_first_mode
         args = ["--checkpoint", str(bad), "--split", "test", "--out", str(out)]
     else:
         args = ["--checkpoint", str(bad), "--out", str(out)]
-    error = _job_error(monkeypatch, job, *args)
+    error = job_error(monkeypatch, job, *args)
     prefix = "error: models[second].checkpoint: " if job == "ensemble.py" else "error: "
     expected = {
         "missing": f"{bad}: no such checkpoint or run folder",
@@ -493,7 +484,7 @@ def test_embedding_a_guard_left_by_a_failed_run_never_blocks_the_rerun_and_a_mod
     out = tmp_path / "embeddings"
     embed = ["--split", "test", "--out", str(out), "--batch-size", "16"]
 
-    error = _job_error(monkeypatch, "embed.py", "--checkpoint", str(unfit), *embed)
+    error = job_error(monkeypatch, "embed.py", "--checkpoint", str(unfit), *embed)
     assert error.startswith(f"error: checkpoint {unfit}: its weights do not fit the model its config.json "
                             f"describes"), error
     assert (out / "test" / "_embedding.json").exists() and not list(out.glob("test/*.parquet"))
@@ -504,7 +495,7 @@ def test_embedding_a_guard_left_by_a_failed_run_never_blocks_the_rerun_and_a_mod
     assert json.loads((out / "test" / "_embedding.json").read_text())["checkpoint"] == good
     assert list(out.glob("test/*.parquet"))
     # With embeddings beside it, the guard holds: another checkpoint is refused.
-    error = _job_error(monkeypatch, "embed.py", "--checkpoint", str(unfit), *embed)
+    error = job_error(monkeypatch, "embed.py", "--checkpoint", str(unfit), *embed)
     assert error.startswith(f"error: {out / 'test'} holds embeddings of checkpoint={good}"), error
 
 

@@ -112,7 +112,8 @@ def test_every_section_of_benchmarks_md_is_what_its_script_writes_from_the_recor
     render = {"data_pipeline": data_pipeline.benchmarks_md, "model_cost": model_cost.benchmarks_md,
               "train_step": train_step.benchmarks_md, "search": search.benchmarks_md, "embed": embed.benchmarks_md,
               "compile_scope_cpu": lambda p: gpu_compile.benchmarks_md(p, results_path("compile_scope_cpu")),
-              "search_adjusted": search.adjusted_benchmarks_md}
+              "search_adjusted": search.adjusted_benchmarks_md,
+              "search_label_rerank": search.label_rerank_benchmarks_md}
     text = (REPO / "BENCHMARKS.md").read_text()
     sections = dict(re.findall(r"<!-- (\w+):start -->\n(.*?)\n<!-- \1:end -->", text, re.S))
     assert set(sections) == set(render) | set(NOT_RENDERED)
@@ -237,6 +238,17 @@ def test_the_adjusted_search_benchmark_runs_at_toy_size(tmp_path):
     payload, section = written(tmp_path, "search_adjusted")
     assert payload["command"].startswith("python -m benchmarks.search --adjusted")
     assert payload["exact_vs_replaced"] > 0 and "| exact adjusted top 3 |" in section
+
+
+@pytest.mark.slow
+def test_the_label_rerank_search_benchmark_runs_at_toy_size(tmp_path):
+    # 0.005 of GLDv2's index: 3,809 images, fewer than twice the pool, so a query's wider search is the whole index.
+    run_benchmark("search", "--label-rerank", "--queries", "64", "--index-fraction", "0.005", "--dim", "16",
+                  "--repeats", "1", "--out", str(tmp_path))
+    payload, section = written(tmp_path, "search_label_rerank")
+    assert payload["setup"]["index"] == 3809 and payload["setup"]["labels"] == 407
+    assert all(w["k"] == 3809 for w in payload["wider_searches"]) and payload["exact_vs_plain_total"] > 0
+    assert "| exact label re-rank |" in section and "x 761,757 / 3,809 index images" in section
 
 
 @pytest.mark.slow

@@ -178,6 +178,26 @@ def test_the_job_refuses_bad_input_with_one_line_and_exit_1(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: 1 of the 4 images listed in") and " c;" in lines[0]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--qe", "0"], "--qe 0: the neighbours summed must be at least 1"),
+    (["--dba", "-1", "--qe", "2"], "--dba -1: the neighbours summed must be at least 1"),
+    (["--qe", "2", "--alpha", "-0.5"], "--alpha -0.5: the power of the neighbours' similarities must be a number >= 0"),
+    (["--dba", "1", "--alpha", "nan"], "--alpha nan: the power of the neighbours' similarities must be a number >= 0"),
+    (["--alpha", "2"], "--alpha 2: it weighs the neighbours of --qe and --dba; give one of them"),
+    # The database is a and b (c is missing): what neither flag can take from it, before any checkpoint is read.
+    (["--qe", "3", "--allow-missing"], "--qe 3 is larger than the database allows (2 images); lower it"),
+    (["--dba", "2", "--qe", "2", "--allow-missing"],
+     "--dba 2 is larger than the database allows (2 images, each with itself left out); lower it"),
+])
+def test_bad_expansion_flags_are_one_line_naming_the_flag(monkeypatch, tmp_path, flags, message):
+    from conftest import job_error
+
+    _missing_image_set(tmp_path)
+    error = job_error(monkeypatch, "eval_revisited.py", "--checkpoint", str(tmp_path / "no-such-run"), "--dataset",
+                      "roxford5k", "--data", str(tmp_path), "--out", str(tmp_path / "out"), *flags)
+    assert error == f"error: {message}"
+
+
 # ---------------------------------------------------------------- the synthetic set and the distractors
 
 
@@ -316,9 +336,10 @@ def test_end_to_end_on_the_synthetic_set_with_distractors_and_an_ensemble(ray_se
                                                                           synthetic_revisited, tmp_path):
     from dataclasses import replace
 
-    from ray_landmark.infer.config import EnsembleModel
+    from ray_landmark.infer.config import EnsembleModel, Expansion
     from ray_landmark.infer.embed import EmbeddingError, read_embeddings
-    from ray_landmark.infer.revisited import RevisitedRequest, embed_settings, run_revisited
+    from ray_landmark.infer.postprocess import augment_database, expand_queries
+    from ray_landmark.infer.revisited import RevisitedRequest, embed_settings, rank, run_revisited
 
     def _embeddings_in_order(folder: Path, names: list[str]) -> np.ndarray:
         ids, vectors = read_embeddings(resolve(str(folder)))
@@ -364,6 +385,27 @@ def test_end_to_end_on_the_synthetic_set_with_distractors_and_an_ensemble(ray_se
     again = run_revisited(request, printer=lambda line, transient=False: rerun_lines.append(line))
     assert not [line for line in rerun_lines if "embedding" in line] and any("embedding" in line for line in lines)
     assert again["stages"] == results["stages"]
+
+    # --qe and --dba: the last stage again with each and both, from the same embeddings, the plain rows unchanged.
+    both = {"qe": Expansion(enabled=True, k=3), "dba": Expansion(enabled=True, k=3)}
+    expanded = run_revisited(replace(request, **both), printer=lambda *a, **k: None)
+    assert expanded["stages"][:3] == results["stages"]
+    assert [s["what"] for s in expanded["stages"][3:]] == [
+        "ensemble (2 models) with alpha-QE (k 3, alpha 3)", "ensemble (2 models) with DBA (k 3, alpha 3)",
+        "ensemble (2 models) with DBA (k 3, alpha 3) then alpha-QE (k 3, alpha 3)"]
+    assert expanded["protocol"]["qe"] == {"enabled": True, "k": 3, "alpha": 3.0}
+    ensemble = results["stages"][2]["protocols"]
+    for stage in expanded["stages"][3:]:
+        assert stage["exact"] and any(stage["protocols"][p]["mAP"] != ensemble[p]["mAP"] for p in ensemble)
+    # One model with both: DBA on its database, then each query expanded over that, then the same exact search (the
+    # augmented rows have near-ties that another product would order otherwise).
+    alone = run_revisited(replace(request, models=models[:1], **both), printer=lambda *a, **k: None)
+    augmented = augment_database(database, 3, 3.0)
+    by_hand = evaluate(rank(expand_queries(queries, augmented, 3, 3.0), augmented, np.arange(len(database)),
+                            len(database))[0], truth.gnd)
+    assert alone["stages"][-1]["what"] == "dolg with DBA (k 3, alpha 3) then alpha-QE (k 3, alpha 3)"
+    for protocol in ("easy", "medium", "hard"):
+        assert alone["stages"][-1]["protocols"][protocol]["mAP"] == pytest.approx(by_hand[protocol]["mAP"])
     with pytest.raises(EmbeddingError, match="holds embeddings of"):
         run_revisited(replace(request, settings=embed_settings({"scales": [1.0]})), printer=lambda *a, **k: None)
     # A distractor tar that ends early, read in a Ray task, ends the run with its one line.

@@ -30,7 +30,7 @@ from ray_landmark.errors import JobError
 from ray_landmark.eval.metrics import recognition_metrics, retrieval_metrics
 from ray_landmark.eval.search import knn
 from ray_landmark.infer import postprocess as pp
-from ray_landmark.infer.config import EnsembleConfig, EnsembleModel, RetrievalSettings
+from ray_landmark.infer.config import EnsembleConfig, EnsembleModel, Expansion, RetrievalSettings
 from ray_landmark.infer.embed import EmbeddingError, EmbedRequest, embed_splits, read_embeddings
 from ray_landmark.infer.report import GalleryEntry, RetrievedImage, read_jpegs, write_report
 from ray_landmark.infer.submission import recognition_submission, retrieval_submission
@@ -185,7 +185,8 @@ class Tables:
         return cls(manifest.recognition(), manifest.retrieval(), manifest.test()["id"].tolist(), landmarks)
 
 
-def _device() -> str:
+def search_device() -> str:
+    """Where the searches run: the GPU when there is one."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -365,14 +366,23 @@ def retrieval_alternatives(settings: RetrievalSettings, index_size: int) -> list
               {"sum": "c_j as a sum of cosines", "mean": "c_j as a mean of cosines"})]
     rows = [(f"ensemble for retrieval, {names[flip[getattr(settings, key)]]}",
              settings.model_copy(update={key: flip[getattr(settings, key)]})) for key, flip, names in flips]
-    for key, name in (("qe", "alpha-QE"), ("dba", "DBA")):
+    for key in ("qe", "dba"):
         expansion = getattr(settings, key)
         flipped = expansion.model_copy(update={"enabled": not expansion.enabled})
         if flipped.enabled and not expansion_fits(key, flipped.k, index_size):
             continue
-        what = f"with {name} (k {flipped.k}, alpha {flipped.alpha:g})" if flipped.enabled else f"without {name}"
+        what = f"with {expansion_text(key, flipped)}" if flipped.enabled else f"without {EXPANSION_NAMES[key]}"
         rows.append((f"ensemble for retrieval, {what}", settings.model_copy(update={key: flipped})))
     return rows
+
+
+# The expansions by their settings' key, as report rows name them.
+EXPANSION_NAMES = {"qe": "alpha-QE", "dba": "DBA"}
+
+
+def expansion_text(key: str, expansion: Expansion) -> str:
+    """An enabled expansion as report rows name it: ``alpha-QE (k 10, alpha 3)``."""
+    return f"{EXPANSION_NAMES[key]} (k {expansion.k}, alpha {expansion.alpha:g})"
 
 
 def expansion_fits(key: str, k: int, index_size: int) -> bool:
@@ -380,12 +390,14 @@ def expansion_fits(key: str, k: int, index_size: int) -> bool:
     return k + (key == "dba") <= index_size
 
 
-def check_expansions(settings: RetrievalSettings, index_size: int) -> None:
-    """An enabled retrieval.qe or retrieval.dba whose k the index cannot give: one line naming the key."""
+def check_expansions(settings, index_size: int, names: dict[str, str] | None = None, index: str = "the index") -> None:
+    """An enabled ``settings.qe`` or ``settings.dba`` whose k the index cannot give: one line naming what set it
+    (``names``: key -> that name; default the ensemble config's keys, retrieval.qe.k and retrieval.dba.k)."""
     for key in ("qe", "dba"):
         expansion = getattr(settings, key)
         if expansion.enabled and not expansion_fits(key, expansion.k, index_size):
-            raise JobError(f"retrieval.{key}.k {expansion.k} is larger than the index allows ({index_size:,} images"
+            name = names[key] if names else f"retrieval.{key}.k"
+            raise JobError(f"{name} {expansion.k} is larger than {index} allows ({index_size:,} images"
                            + (", each with itself left out" if key == "dba" else "") + "); lower it")
 
 
@@ -405,7 +417,7 @@ def score(cfg: EnsembleConfig, data: DataConfig) -> dict:
     Runs where it is called (a Ray task in ``run_ensemble``); writes the submissions and returns what the report
     needs. Each stage's embeddings are built when its metrics are computed and dropped after, so memory holds the
     models' float16 rows and one stage."""
-    device = _device()
+    device = search_device()
     use_cpus(max(1, int(cfg.score_cpus)))
     tables = Tables.read(data, cfg.gallery_view)
     splits = {s: load_split(cfg, s) for s in gldv2.SPLITS}

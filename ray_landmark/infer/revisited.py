@@ -6,6 +6,10 @@
     --> kNN (eval/search.py) of the queries over database + distractors --> eval/revisited.py: mAP and mP@1,5,10 for
     Easy, Medium and Hard --> <out>/<dataset>[+r1m]/results.json and report.html
 
+With ``--qe`` / ``--dba`` the last stage (the model, or the ensemble) is scored again with alpha-QE alone, DBA alone
+and both (those asked), as the ensemble's retrieval applies them: DBA on the database descriptors, then each query
+expanded over that database, before the ranking.
+
 A part is the embedding pipeline's unit of work. A descriptor is the average of the image's unit embeddings at each
 scale (by default here 1/√2, 1, √2 of the long side), L2-normalised again, as DELG and DOLG evaluate. A part's
 embeddings are written once it is complete and a rerun skips the parts already written, so the R1M distractors are
@@ -24,25 +28,26 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 import ray.data
-import torch
 
 from ray_landmark.config import config_from_dict
 from ray_landmark.data import revisited as rd
 from ray_landmark.data.config import StorageConfig
 from ray_landmark.data.storage import Location, exists, read_bytes, resolve, write_bytes
 from ray_landmark.data.transforms import CorruptImage, decode_pil
-from ray_landmark.errors import ConfigError
+from ray_landmark.errors import ConfigError, JobError
 from ray_landmark.eval.revisited import KAPPAS, PROTOCOLS, evaluate
 from ray_landmark.eval.search import knn
-from ray_landmark.infer.config import EmbedSettings, EnsembleConfig, EnsembleModel
+from ray_landmark.infer.config import EmbedSettings, EnsembleConfig, EnsembleModel, Expansion
 from ray_landmark.infer.embed import EmbeddingError, check_info, embed_units, read_embeddings, write_units
-from ray_landmark.infer.postprocess import combine_families
+from ray_landmark.infer.ensemble import check_expansions, expansion_text, search_device
+from ray_landmark.infer.postprocess import augment_database, combine_families, expand_queries
 from ray_landmark.infer.report import GalleryEntry, RetrievedImage, write_report
 from ray_landmark.progress import Printer, ProgressLine, say
 from ray_landmark.runs.checkpoint import checkpoint_folder, read_checkpoint_config
 
 DEFAULT_SCALES = (1 / math.sqrt(2), 1.0, math.sqrt(2))
 READ_ROWS = 32  # rows per block a read task emits
+EXPANSION_FLAGS = {"qe": "--qe", "dba": "--dba"}
 
 
 def embed_settings(tree: dict, source: str = "embed settings") -> EmbedSettings:
@@ -52,6 +57,23 @@ def embed_settings(tree: dict, source: str = "embed settings") -> EmbedSettings:
         raise ConfigError(f"{source}: key 'compile': Revisited's images come in many shapes and a compiled model "
                           f"compiles once per shape; leave it auto (off here) or false")
     return settings
+
+
+def expansion_flags(qe: int | None, dba: int | None, alpha: float | None) -> dict[str, Expansion]:
+    """``--qe K``, ``--dba K`` and ``--alpha A`` (default 3) as the request's ``qe`` and ``dba`` (those given, enabled);
+    a bad value is one line naming its flag."""
+    if alpha is not None and qe is None and dba is None:
+        raise JobError(f"--alpha {alpha:g}: it weighs the neighbours of --qe and --dba; give one of them")
+    alpha = Expansion().alpha if alpha is None else alpha
+    if not alpha >= 0 or math.isinf(alpha):  # NaN fails the comparison
+        raise JobError(f"--alpha {alpha:g}: the power of the neighbours' similarities must be a number >= 0")
+    expansions = {}
+    for key, k in (("qe", qe), ("dba", dba)):
+        if k is not None and k < 1:
+            raise JobError(f"{EXPANSION_FLAGS[key]} {k}: the neighbours summed must be at least 1")
+        if k is not None:
+            expansions[key] = Expansion(enabled=True, k=k, alpha=alpha)
+    return expansions
 
 
 @dataclass(frozen=True)
@@ -68,6 +90,9 @@ class RevisitedRequest:
     ranking_depth: int = 10_000  # ranked images per query; exact when the database is not larger
     allow_missing: bool = False  # score although images of the ground truth are missing
     part_size: int = 2000
+    # alpha-QE and DBA (expansion_flags): rows of the last stage with each and both, beside its plain row
+    qe: Expansion = field(default_factory=Expansion)
+    dba: Expansion = field(default_factory=Expansion)
     report_queries: int = 6
     report_results: int = 10
 
@@ -230,9 +255,8 @@ def _in_order(folder: Location, names: list[str]) -> tuple[list[str], np.ndarray
 def rank(queries: np.ndarray, database: np.ndarray, positions: np.ndarray, depth: int) -> tuple[np.ndarray, bool]:
     """[Q, k] database positions of each query's k = min(depth, N) nearest images, best first; and whether the
     ranking covers the whole database (exact AP)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     k = min(depth, len(database))
-    _, indices = knn(queries.astype(np.float32), database.astype(np.float32), k, device=device)
+    _, indices = knn(queries.astype(np.float32), database.astype(np.float32), k, device=search_device())
     return positions[indices], k == len(database)
 
 
@@ -267,6 +291,8 @@ def check_inputs(request: RevisitedRequest) -> Inputs:
     if missing and not request.allow_missing:
         raise rd.RevisitedDataError(f"{_missing_text(truth, images, missing)}; a missing image changes mAP, so "
                                     f"nothing was scored: restore them, or pass --allow-missing to score without them")
+    if not request.distractors:  # distractors only add to the database, and are counted once embedded
+        check_expansions(request, len(set(truth.imlist) - set(missing)), EXPANSION_FLAGS, "the database")
     return Inputs(truth, images, missing)
 
 
@@ -308,13 +334,18 @@ def run_revisited(request: RevisitedRequest, inputs: Inputs | None = None, print
         embedded[model.name] = load_embedded(truth, folder, distractor_folder)
     notes += _problem_notes(problems, printer)
 
+    first = embedded[request.models[0].name]
+    check_expansions(request, len(first.database), EXPANSION_FLAGS, "the database")
     rows = [score_stage(m.name, truth, embedded[m.name].query_names, embedded[m.name].queries,
                         embedded[m.name].database, embedded[m.name].database_positions, request.ranking_depth)
             for m in request.models]
+    last = rows[-1]["what"], first.queries, first.database
     if len(request.models) > 1:
-        rows.append(_ensemble_row(request, truth, embedded))
+        last = f"ensemble ({len(request.models)} models)", *_ensemble_descriptors(request, embedded)
+        rows.append(score_stage(last[0], truth, first.query_names, last[1], last[2], first.database_positions,
+                                request.ranking_depth))
+    rows += expansion_rows(request, truth, *last, first.query_names, first.database_positions)
     final = rows[-1]
-    first = embedded[request.models[0].name]
     if not final["exact"]:
         notes.append(f"rankings stop at {final['ranking_depth']:,} of {len(first.database):,} images: a positive "
                      f"below that counts as not retrieved (raise --ranking-depth for the exact mAP)")
@@ -323,7 +354,9 @@ def run_revisited(request: RevisitedRequest, inputs: Inputs | None = None, print
         "database_images": len(first.database), "queries": len(first.query_names),
         "protocol": {"long_side": long_sides, "scales": request.settings.scales, "square": request.square,
                      "flip_tta": request.settings.flip_tta, "query_crop": True,
-                     "ranking_depth": request.ranking_depth, "metrics": "percent"},
+                     "ranking_depth": request.ranking_depth, "metrics": "percent",
+                     **{key: getattr(request, key).model_dump() if getattr(request, key).enabled else None
+                        for key in EXPANSION_FLAGS}},
         "stages": [{k: v for k, v in row.items() if k != "rankings"} for row in rows],
         "problems": problems, "notes": notes,
         "seconds": round(time.perf_counter() - started, 1),
@@ -336,8 +369,9 @@ def run_revisited(request: RevisitedRequest, inputs: Inputs | None = None, print
     return results
 
 
-def _ensemble_row(request: RevisitedRequest, truth: rd.GroundTruth, embedded: dict[str, Embedded]) -> dict:
-    """The models' descriptors combined as the ensemble combines them (weighted family averages, concatenated)."""
+def _ensemble_descriptors(request: RevisitedRequest, embedded: dict[str, Embedded]) -> tuple[np.ndarray, np.ndarray]:
+    """The models' query and database descriptors combined as the ensemble combines them (weighted family averages,
+    concatenated)."""
     reference = embedded[request.models[0].name]
     for model in request.models[1:]:
         other = embedded[model.name]
@@ -349,9 +383,30 @@ def _ensemble_row(request: RevisitedRequest, truth: rd.GroundTruth, embedded: di
         return combine_families([(m.family, getattr(embedded[m.name], attribute).astype(np.float32))
                                  for m in request.models], [m.weight for m in request.models])
 
-    return score_stage(f"ensemble ({len(request.models)} models)", truth, reference.query_names,
-                       combined("queries"), combined("database"), reference.database_positions,
-                       request.ranking_depth)
+    return combined("queries"), combined("database")
+
+
+def expansion_rows(request: RevisitedRequest, truth: rd.GroundTruth, what: str, queries: np.ndarray,
+                   database: np.ndarray, query_names: list[str], positions: np.ndarray) -> list[dict]:
+    """The stage ``what`` scored again with the expansions the request asks for: alpha-QE alone, DBA alone and, when
+    both are asked, both (the last row). As the ensemble's retrieval (postprocess.retrieve): DBA on the database
+    descriptors first, then each query expanded over that (augmented) database, which is the one searched."""
+    asked = [key for key in EXPANSION_FLAGS if getattr(request, key).enabled]
+    if not asked:
+        return []
+    device = search_device()
+    queries, database = queries.astype(np.float32), database.astype(np.float32)
+    augmented = (augment_database(database, request.dba.k, request.dba.alpha, device=device)
+                 if request.dba.enabled else None)
+    rows = []
+    for case in [(key,) for key in asked] + ([tuple(asked)] if len(asked) > 1 else []):
+        searched = augmented if "dba" in case else database
+        expanded = (expand_queries(queries, searched, request.qe.k, request.qe.alpha, device=device)
+                    if "qe" in case else queries)
+        name = " then ".join(expansion_text(key, getattr(request, key)) for key in ("dba", "qe") if key in case)
+        rows.append(score_stage(f"{what} with {name}", truth, query_names, expanded, searched, positions,
+                                request.ranking_depth))
+    return rows
 
 
 _PROBLEMS = {"corrupt_jpeg": "images could not be decoded and were left out",
