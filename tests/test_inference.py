@@ -293,3 +293,16 @@ def test_an_expansion_whose_k_the_index_cannot_give_is_one_line_naming_the_key_a
     assert rows == ["ensemble for retrieval, labels from the ensemble embedding",
                     "ensemble for retrieval, c_j as a mean of cosines",
                     "ensemble for retrieval, with alpha-QE (k 10, alpha 3)"]
+
+
+def test_dba_over_an_index_whose_embeddings_are_missing_for_a_model_is_one_line_naming_its_folder(tmp_path):
+    from ray_landmark.data.storage import StorageError
+
+    cfg = _ensemble_config(tmp_path, {"dolg": "unused", "effnet": "unused"},
+                           retrieval={"dba": {"enabled": True, "k": 2}})
+    emb = tmp_path / "ensemble" / "embeddings"
+    ids = [f"{i:016x}" for i in range(4)]
+    rows = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float16)
+    write_embeddings(resolve(str(emb / "dolg" / "index" / "images_000.parquet")), ids, rows)
+    with pytest.raises(StorageError, match=rf"{emb / 'effnet' / 'index'} does not exist"):
+        load_split(cfg, "index")
