@@ -499,6 +499,7 @@ def test_embedding_a_guard_left_by_a_failed_run_never_blocks_the_rerun_and_a_mod
     assert error.startswith(f"error: {out / 'test'} holds embeddings of checkpoint={good}"), error
 
 
+@pytest.mark.slow  # a job process: seconds of imports
 def test_a_job_whose_ray_address_nothing_answers_stops_after_the_bounded_wait_naming_it(gldv2_local, tmp_path):
     import os
     import subprocess

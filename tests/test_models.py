@@ -196,9 +196,9 @@ def test_tiny_model_overfits_a_batch_through_its_encoder(name):
     torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(8))
 
 
-# The quick run (-m "not slow") compiles the EfficientNet here; tests/test_compile.py compiles the hybrid and the DOLG.
-@pytest.mark.parametrize("name", [pytest.param("tiny_dolg", marks=pytest.mark.slow),
-                                  pytest.param("tiny_hybrid_swin", marks=pytest.mark.slow), "tiny_efficientnet"])
+# In the full run only: the quick run (-m "not slow") compiles the hybrid and the DOLG in tests/test_compile.py.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny_dolg", "tiny_hybrid_swin", "tiny_efficientnet"])
 def test_channels_last_and_compile(name):
     torch.manual_seed(0)
     cfg, model = tiny_model(name)

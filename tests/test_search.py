@@ -159,6 +159,7 @@ def measure_peaks(backend: str) -> tuple[float, float]:
     return bounded, unbounded
 
 
+@pytest.mark.slow  # a search in a process of its own, which imports torch and faiss again
 def test_peak_memory_stays_within_the_budget(backend):
     """2,048 queries x 8,192 rows of 512-d in float16: the float32 similarity matrix is 64 MiB, the budget 8 MiB. The
     unbounded run is the control: it shows that the measurement does see the 64 MiB block."""
