@@ -31,8 +31,8 @@ start-up, the first batch.
     shard index, and with the index over a range of ``data.range_gap_bytes``: bytes fetched and requests per
     delivered image, against the mean JPEG of the view.
 
-    python -m benchmarks.data_pipeline [--images 1500] [--size 448] [--no-write] [--out DIR]
-    python -m benchmarks.data_pipeline --images 96 --size 32 --shards 2 --rounds 2 --processes 1 \
+    python -m benchmarks.data_pipeline [--images 1500] [--size 448] [--jpeg 640x480] [--no-write] [--out DIR]
+    python -m benchmarks.data_pipeline --images 96 --size 32 --jpeg 160x120 --shards 2 --rounds 2 --processes 1 \
         --gaps 0,65536 --out /tmp/toy     # a smoke run at toy size
 """
 
@@ -54,7 +54,7 @@ import ray
 import torch
 
 from benchmarks.one_by_one import OneByOne
-from benchmarks.results_io import add_out_option, machine, publish, results_path
+from benchmarks.results_io import add_jpeg_option, add_out_option, machine, publish, results_path
 from ray_landmark.data import gldv2, transforms
 from ray_landmark.data.config import DataConfig, StorageConfig
 from ray_landmark.data.metadata import open_manifest, prepare_manifests
@@ -344,6 +344,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gaps", default=",".join(map(str, GAPS)),
                         help="(e): the data.range_gap_bytes measured under GLDv2c, comma-separated")
     parser.add_argument("--no-write", action="store_true", help="print the results; leave the JSON and BENCHMARKS.md")
+    add_jpeg_option(parser)
     add_out_option(parser)
     args = parser.parse_args()
     if args.rounds < 2:
@@ -630,7 +631,7 @@ def main() -> None:
     spec = SyntheticSpec(
         num_landmarks=max(2, args.images // 12), max_images_per_landmark=60, min_images_per_landmark=8,
         test_landmark_images=2, test_non_landmark_images=1, index_distractor_landmarks=0,
-        width=640, height=480, train_shards=args.shards, jpeg_quality=90,
+        width=args.jpeg[0], height=args.jpeg[1], train_shards=args.shards, jpeg_quality=90,
     )
     payload = results_of(args, spec, cores, load_before, measure(args, spec, cores))
     if args.no_write:

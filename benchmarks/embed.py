@@ -7,7 +7,7 @@
 Both are timed from start to the last embedding written (model load and, for Ray, the actor start included), on a
 synthetic train split of GLDv2-like 640x480 JPEGs.
 
-    python -m benchmarks.embed [--image-size 224] [--landmarks 160] [--no-write] [--out DIR]
+    python -m benchmarks.embed [--image-size 224] [--landmarks 160] [--jpeg 640x480] [--no-write] [--out DIR]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.results_io import REPO, add_out_option, machine, publish, results_path
+from benchmarks.results_io import REPO, add_jpeg_option, add_out_option, machine, publish, results_path
 from ray_landmark.config import load_config
 from ray_landmark.data.config import SyntheticSpec
 from ray_landmark.data.metadata import prepare_manifests
@@ -88,6 +88,7 @@ def ray_runs(checkpoint: str, root: str, out: Path, image_size: int, batch_size:
 def benchmarks_md(payload: dict) -> str:
     """This benchmark's section of BENCHMARKS.md, from its results."""
     setup, m, results, ratios = payload["setup"], payload["machine"], payload["results"], payload["ratios"]
+    jpeg = setup["jpeg"].split()[0].replace("x", "×")  # "640x480 synthetic" -> 640×480
     rows = [[what, results[name]["images"], f"{results[name]['seconds']:.1f}", f"{results[name]['images_per_s']:.1f}"]
             for name, what in (
                 ("plain", "(1) plain single-process loop, tars on local disk"),
@@ -95,7 +96,7 @@ def benchmarks_md(payload: dict) -> str:
                 ("ray_warm", "(2) the same, warm"))]
     return f"""## Embedding job (`python -m benchmarks.embed`)
 
-{setup['images']} synthetic 640×480 JPEGs of the train split → {setup['image_size']} px, tiny DOLG, batch
+{setup['images']} synthetic {jpeg} JPEGs of the train split → {setup['image_size']} px, tiny DOLG, batch
 {setup['batch_size']}, on {m['cores']} cores ({m['cpu']}). Each timed from start to the last
 embedding written, model load included. Cold: the first job on a new local Ray (its worker processes start and
 import torch); warm: the same job again, as every pass after the first of a long embedding job.
@@ -113,10 +114,11 @@ def main() -> None:
     parser.add_argument("--landmarks", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=64)  # the ensemble's embed.batch_size
     parser.add_argument("--no-write", action="store_true", help="print the results only")
+    add_jpeg_option(parser)
     add_out_option(parser)
     args = parser.parse_args()
     spec = SyntheticSpec(num_landmarks=args.landmarks, max_images_per_landmark=50, min_images_per_landmark=15,
-                         width=640, height=480, train_shards=8, clean_landmark_fraction=1.0)
+                         width=args.jpeg[0], height=args.jpeg[1], train_shards=8, clean_landmark_fraction=1.0)
     with tempfile.TemporaryDirectory() as tmp:
         local = resolve(str(Path(tmp) / "gldv2"))
         summary = write_synthetic_gldv2(spec, local, progress=None)
@@ -129,7 +131,8 @@ def main() -> None:
     rates = {run: n / seconds for run, (n, seconds) in ray.items()}
     payload = {
         "machine": machine(),
-        "setup": {"images": summary["images"]["train"], "jpeg": "640x480 synthetic", "image_size": args.image_size,
+        "setup": {"images": summary["images"]["train"], "jpeg": f"{args.jpeg[0]}x{args.jpeg[1]} synthetic",
+                  "image_size": args.image_size,
                   "model": "tiny DOLG (timm test_efficientnet)", "batch_size": args.batch_size,
                   "ray": "1 model actor (2 CPUs), Ray Data read and decode tasks, the same local tar files"},
         "results": {

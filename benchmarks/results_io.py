@@ -47,6 +47,20 @@ def add_out_option(parser: argparse.ArgumentParser) -> None:
                              "(default: this repository)")
 
 
+def add_jpeg_option(parser: argparse.ArgumentParser) -> None:
+    """``--jpeg WIDTHxHEIGHT``: the size of the synthetic JPEGs a benchmark writes (``args.jpeg``: a (width, height)
+    pair). A toy run gives smaller ones: drawing 640x480 images took most of a toy run's set-up."""
+    def size(text: str) -> tuple[int, int]:
+        try:
+            width, height = (int(side) for side in text.split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 640x480 (got {text!r})") from None
+        return width, height
+
+    parser.add_argument("--jpeg", type=size, default=(640, 480), metavar="WIDTHxHEIGHT",
+                        help="size of the synthetic JPEGs (default 640x480, GLDv2-like)")
+
+
 def results_path(name: str) -> str:
     """Where a benchmark's raw numbers lie, relative to the output folder (as its section of BENCHMARKS.md cites
     them)."""

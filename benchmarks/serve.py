@@ -14,7 +14,8 @@
 weights (speed does not depend on the weights) at ``--image-size``. The plain half starts no Ray (``--plain-only``,
 for GPU machines; the package is imported); the Serve half needs Ray with Serve.
 
-    python -m benchmarks.serve [--image-size 128] [--requests 96] [--plain-only] [--no-write] [--out DIR]
+    python -m benchmarks.serve [--image-size 128] [--requests 96] [--jpeg 640x480] [--plain-only] [--no-write] \
+        [--out DIR]
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from benchmarks.embed import make_checkpoint
-from benchmarks.results_io import add_out_option, machine, publish, results_path
+from benchmarks.results_io import add_jpeg_option, add_out_option, machine, publish, results_path
 from ray_landmark.config import config_from_dict
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import SyntheticSpec
@@ -161,12 +162,13 @@ def start_served(cfg: EnsembleConfig, args) -> str:
     return start_service(settings, cfg, port=free_port())
 
 
-def synthetic_images(folder: Path, image_size: int) -> tuple[str, dict[str, list[bytes]], np.ndarray]:
-    """A synthetic GLDv2 under ``folder`` and a tiny DOLG checkpoint reading it: the checkpoint, the JPEGs of the
-    queries (every test image), of the gallery (the GLDv2c train images) and of N (the test images without a
-    landmark), and the gallery's labels."""
-    spec = SyntheticSpec(num_landmarks=30, max_images_per_landmark=12, min_images_per_landmark=6, width=640,
-                         height=480, test_landmark_images=48, test_non_landmark_images=16, train_shards=2,
+def synthetic_images(folder: Path, image_size: int, jpeg: tuple[int, int]) -> tuple[str, dict[str, list[bytes]],
+                                                                                 np.ndarray]:
+    """A synthetic GLDv2 of ``jpeg`` (width, height) JPEGs under ``folder`` and a tiny DOLG checkpoint reading it: the
+    checkpoint, the JPEGs of the queries (every test image), of the gallery (the GLDv2c train images) and of N (the
+    test images without a landmark), and the gallery's labels."""
+    spec = SyntheticSpec(num_landmarks=30, max_images_per_landmark=12, min_images_per_landmark=6, width=jpeg[0],
+                         height=jpeg[1], test_landmark_images=48, test_non_landmark_images=16, train_shards=2,
                          clean_landmark_fraction=1.0)
     local = resolve(str(folder / "gldv2"))
     write_synthetic_gldv2(spec, local, progress=None)
@@ -189,7 +191,7 @@ def measure(args, device: str) -> tuple[dict[str, list[dict]], dict]:
     """Every pass of every path, round robin (one pass of each per round, so that a busy spell of other work hits
     them alike), and the sizes measured."""
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint, jpegs, gallery_labels = synthetic_images(Path(tmp), args.image_size)
+        checkpoint, jpegs, gallery_labels = synthetic_images(Path(tmp), args.image_size, args.jpeg)
         cfg = ensemble_config(Path(tmp), checkpoint, args.batch)
         loop = PlainLoop(checkpoint, args.image_size, device)
         served = plain_served_index(loop, cfg, jpegs["gallery"], gallery_labels, jpegs["nonlandmark"])
@@ -235,9 +237,10 @@ def benchmarks_md(payload: dict) -> str:
                   "the same cores." if served else "No service (`--plain-only`).")
     serve_ratio = f"; serve at concurrency 32 vs the plain loop {ratios['serve_vs_plain']}." if served else "."
     load = setup["load_average_1min_at_start_and_end"]
+    jpeg = setup["jpeg"].split()[0]  # "640x480 synthetic" -> 640x480
     return f"""## The landmark service (`python -m benchmarks.serve`)
 
-{setup['queries']} synthetic 640x480 test JPEGs as queries against a gallery of {setup['gallery']} train images and
+{setup['queries']} synthetic {jpeg} test JPEGs as queries against a gallery of {setup['gallery']} train images and
 {setup['nonlandmark']} non-landmark images, tiny DOLG (random weights) at {setup['image_size']} px, on {m['cores']}
 cores ({m['cpu']}; shared with other work while it ran), {m['gpu'] or 'no GPU'}, torch {m['torch']}, Ray {m['ray']}.
 Plain: one process decoding, embedding (batches of {setup['batch']}), rounding and answering as the service answers
@@ -266,6 +269,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="passes of each path, round robin; the best counts")
     parser.add_argument("--plain-only", action="store_true", help="no Ray: the plain loops only")
     parser.add_argument("--no-write", action="store_true", help="print the results only")
+    add_jpeg_option(parser)
     add_out_option(parser)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -277,7 +281,7 @@ def main() -> None:
     served = None if args.plain_only else {str(c): best(passes[f"serve_{c}"], "requests_per_s") for c in CONCURRENCY}
     payload = {
         "machine": machine(),
-        "setup": {**sizes, "jpeg": "640x480 synthetic", "image_size": args.image_size,
+        "setup": {**sizes, "jpeg": f"{args.jpeg[0]}x{args.jpeg[1]} synthetic", "image_size": args.image_size,
                   "model": "tiny DOLG (timm test_efficientnet), random weights", "device": device,
                   "batch": args.batch, "replica_cpus": args.replica_cpus, "torch_threads": torch.get_num_threads(),
                   "rounds": args.rounds, "load_average_1min_at_start_and_end": load,

@@ -28,6 +28,10 @@ benchmark.main()
 """
 
 
+# The toy runs that write a synthetic set pass --jpeg 160x120: drawing 640x480 JPEGs took 10 CPU-seconds per 160
+# images, most of such a run's set-up; at 32 px out the decode still shrinks them (draft mode), as it does GLDv2's.
+
+
 def run_benchmark(name: str, *args: str, without_ray_or_pydantic: bool = False) -> str:
     """Its standard output: ``python -m benchmarks.<name> args`` from the repository's root."""
     command = ([sys.executable, "-c", WITHOUT_RAY_OR_PYDANTIC, name] if without_ray_or_pydantic
@@ -253,11 +257,12 @@ def test_the_label_rerank_search_benchmark_runs_at_toy_size(tmp_path):
 
 @pytest.mark.slow
 def test_embed_benchmark_runs_at_toy_size(tmp_path):
-    run_benchmark("embed", "--landmarks", "3", "--image-size", "32", "--batch-size", "16", "--out", str(tmp_path))
+    run_benchmark("embed", "--landmarks", "3", "--image-size", "32", "--batch-size", "16", "--jpeg", "160x120",
+                  "--out", str(tmp_path))
     payload, section = written(tmp_path, "embed")
     results = payload["results"]
     assert results["plain"]["images"] == results["ray_cold"]["images"] == results["ray_warm"]["images"] > 0
-    assert "| (2) the same, warm |" in section
+    assert "| (2) the same, warm |" in section and "synthetic 160×120 JPEGs" in section
 
 
 @pytest.mark.slow
@@ -271,8 +276,8 @@ def test_train_step_benchmark_runs_at_toy_size(tmp_path):
 
 @pytest.mark.slow
 def test_data_pipeline_benchmark_runs_at_toy_size(tmp_path):
-    run_benchmark("data_pipeline", "--images", "96", "--size", "32", "--shards", "2", "--rounds", "2",
-                  "--processes", "1", "--gaps", "0,65536", "--out", str(tmp_path))
+    run_benchmark("data_pipeline", "--images", "96", "--size", "32", "--jpeg", "160x120", "--shards", "2",
+                  "--rounds", "2", "--processes", "1", "--gaps", "0,65536", "--out", str(tmp_path))
     payload, section = written(tmp_path, "data_pipeline")
     from benchmarks.data_pipeline import PATHS
 
@@ -281,13 +286,14 @@ def test_data_pipeline_benchmark_runs_at_toy_size(tmp_path):
     assert set(payload["range_gap_bytes_gldv2c"]) == {"0", "65536"}
     assert payload["bytes_read"]["full_streamed"]["images"] == payload["setup"]["images"]
     assert "| (c) Ray Data streaming the tars, S3 server |" in section and "| 1 process |" in section
+    assert payload["setup"]["source"].startswith("160x120 JPEG")
 
 
 @pytest.mark.slow
 def test_serve_benchmark_runs_at_toy_size(tmp_path):
     run_benchmark("serve", "--image-size", "32", "--requests", "4", "--rounds", "1", "--batch", "4",
-                  "--replica-cpus", "1", "--out", str(tmp_path))
+                  "--replica-cpus", "1", "--jpeg", "160x120", "--out", str(tmp_path))
     payload, section = written(tmp_path, "serve")
     results = payload["results"]
     assert set(results["serve"]) == {"1", "8", "32"} and results["plain_torch"]["images"] == payload["setup"]["queries"]
-    assert "| serve, concurrency 32 |" in section
+    assert "| serve, concurrency 32 |" in section and "synthetic 160x120 test JPEGs" in section
