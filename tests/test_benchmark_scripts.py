@@ -1,7 +1,8 @@
-"""The benchmarks must not rot between their full runs. Each runs here at toy size, as ``python -m
-benchmarks.<name>`` from the repository's root, writing its results under tmp_path (no timing is asserted, and the
-repository's BENCHMARKS.md and benchmarks/results/ must stay as they are); the GPU ones run on the CPU with Ray and
-pydantic unimportable, as on the GPU machines we measure on. BENCHMARKS.md's sections are what their scripts render
+"""The benchmarks must not rot between their full runs. Each runs here at toy size from the repository's root,
+writing its results under tmp_path (no timing is asserted, and the repository's BENCHMARKS.md and benchmarks/results/
+must stay as they are): as ``python -m benchmarks.<name>``, or, for the CPU ones that start a local Ray, their
+``main()`` one after another in one process; the GPU ones run on the CPU with Ray and pydantic unimportable, as on
+the GPU machines we measure on. BENCHMARKS.md's sections are what their scripts render
 from the recorded results, and the package keeps its rules: no sys.path edits, no function over 80 lines."""
 
 import ast
@@ -26,10 +27,6 @@ benchmark = importlib.import_module("benchmarks." + sys.argv[1])
 sys.argv = sys.argv[1:]
 benchmark.main()
 """
-
-
-# The toy runs that write a synthetic set pass --jpeg 160x120: drawing 640x480 JPEGs took 10 CPU-seconds per 160
-# images, most of such a run's set-up; at 32 px out the decode still shrinks them (draft mode), as it does GLDv2's.
 
 
 def run_benchmark(name: str, *args: str, without_ray_or_pydantic: bool = False) -> str:
@@ -255,30 +252,75 @@ def test_the_label_rerank_search_benchmark_runs_at_toy_size(tmp_path):
     assert "| exact label re-rank |" in section and "x 761,757 / 3,809 index images" in section
 
 
+# The CPU benchmarks that start a local Ray, at toy size: --jpeg 160x120 where they write a synthetic set (drawing
+# 640x480 JPEGs took 10 CPU-seconds per 160 images, most of such a run's set-up; at 32 px out the decode still shrinks
+# them in draft mode, as it does GLDv2's).
+TOY_RUNS = {
+    "train_step": ["--epochs", "2", "--image-size", "32", "--batch-size", "8", "--landmarks", "2"],
+    "embed": ["--landmarks", "3", "--image-size", "32", "--batch-size", "16", "--jpeg", "160x120"],
+    "serve": ["--image-size", "32", "--requests", "4", "--rounds", "1", "--batch", "4", "--replica-cpus", "1",
+              "--jpeg", "160x120"],
+    # Last: it shuts Ray down at its end.
+    "data_pipeline": ["--images", "96", "--size", "32", "--jpeg", "160x120", "--shards", "2", "--rounds", "2",
+                      "--processes", "1", "--gaps", "0,65536"],
+}
+# The selected ones run one after another in one process, on one Ray (each joins the Ray that the process started, as
+# runtime.init_ray does): a process of their own each paid the interpreter's imports, a Ray start and new Ray worker
+# processes importing torch again. A run that raises leaves its traceback in error.txt and the others go on.
+SHARED_RAY = """
+import importlib, json, sys, traceback
+from pathlib import Path
+from ray_landmark.local_s3 import use_test_credentials
+use_test_credentials()  # before the first run starts Ray: its workers inherit them, as a run of its own would
+for name, (out, args) in json.loads(sys.argv[1]).items():
+    sys.argv = [name, *args, "--out", out]
+    try:
+        importlib.import_module("benchmarks." + name).main()
+    except BaseException:
+        Path(out, "error.txt").write_text(traceback.format_exc())
+"""
+
+
+@pytest.fixture(scope="module")
+def toy_runs(request, tmp_path_factory) -> dict[str, Path]:
+    """name -> the --out folder of each toy run that a selected test of this module checks, all run in one process."""
+    selected = {item.name for item in request.session.items if item.module is request.module}
+    outs = {name: tmp_path_factory.mktemp(name) for name in TOY_RUNS
+            if f"test_{name}_benchmark_runs_at_toy_size" in selected}
+    runs = {name: (str(out), TOY_RUNS[name]) for name, out in outs.items()}
+    proc = subprocess.run([sys.executable, "-c", SHARED_RAY, json.dumps(runs)], cwd=REPO, capture_output=True,
+                          text=True, timeout=1800)
+    for out in outs.values():
+        (out / "stderr.txt").write_text(f"exit status {proc.returncode}\n{proc.stderr[-3000:]}")
+    return outs
+
+
+def toy_run(toy_runs: dict[str, Path], name: str) -> tuple[dict, str]:
+    """The results file and BENCHMARKS.md section of the toy run ``name``, once it is known to have ended well."""
+    out = toy_runs[name]
+    assert not (out / "error.txt").exists(), (out / "error.txt").read_text()[-3000:]
+    assert (out / "BENCHMARKS.md").exists(), (out / "stderr.txt").read_text()
+    return written(out, name)
+
+
 @pytest.mark.slow
-def test_embed_benchmark_runs_at_toy_size(tmp_path):
-    run_benchmark("embed", "--landmarks", "3", "--image-size", "32", "--batch-size", "16", "--jpeg", "160x120",
-                  "--out", str(tmp_path))
-    payload, section = written(tmp_path, "embed")
+def test_embed_benchmark_runs_at_toy_size(toy_runs):
+    payload, section = toy_run(toy_runs, "embed")
     results = payload["results"]
     assert results["plain"]["images"] == results["ray_cold"]["images"] == results["ray_warm"]["images"] > 0
     assert "| (2) the same, warm |" in section and "synthetic 160×120 JPEGs" in section
 
 
 @pytest.mark.slow
-def test_train_step_benchmark_runs_at_toy_size(tmp_path):
-    run_benchmark("train_step", "--epochs", "2", "--image-size", "32", "--batch-size", "8", "--landmarks", "2",
-                  "--out", str(tmp_path))
-    payload, section = written(tmp_path, "train_step")
+def test_train_step_benchmark_runs_at_toy_size(toy_runs):
+    payload, section = toy_run(toy_runs, "train_step")
     assert all(len(rates) == 2 for rates in payload["images_per_second_per_epoch"].values())
     assert "| (3) Ray Train loop, fed from S3 by the data layer |" in section
 
 
 @pytest.mark.slow
-def test_data_pipeline_benchmark_runs_at_toy_size(tmp_path):
-    run_benchmark("data_pipeline", "--images", "96", "--size", "32", "--jpeg", "160x120", "--shards", "2",
-                  "--rounds", "2", "--processes", "1", "--gaps", "0,65536", "--out", str(tmp_path))
-    payload, section = written(tmp_path, "data_pipeline")
+def test_data_pipeline_benchmark_runs_at_toy_size(toy_runs):
+    payload, section = toy_run(toy_runs, "data_pipeline")
     from benchmarks.data_pipeline import PATHS
 
     assert set(payload["every_pass_images_per_second"]) == set(PATHS)
@@ -290,10 +332,8 @@ def test_data_pipeline_benchmark_runs_at_toy_size(tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_benchmark_runs_at_toy_size(tmp_path):
-    run_benchmark("serve", "--image-size", "32", "--requests", "4", "--rounds", "1", "--batch", "4",
-                  "--replica-cpus", "1", "--jpeg", "160x120", "--out", str(tmp_path))
-    payload, section = written(tmp_path, "serve")
+def test_serve_benchmark_runs_at_toy_size(toy_runs):
+    payload, section = toy_run(toy_runs, "serve")
     results = payload["results"]
     assert set(results["serve"]) == {"1", "8", "32"} and results["plain_torch"]["images"] == payload["setup"]["queries"]
     assert "| serve, concurrency 32 |" in section and "synthetic 160x120 test JPEGs" in section
