@@ -73,7 +73,7 @@ def test_train_stream_feeds_fixed_size_uint8_images_and_int64_labels(gldv2_s3, s
 
     label_counts = collections.Counter()
     for batch in stream.dataset.iter_torch_batches(batch_size=16):
-        assert set(batch) == {"image", "label"}
+        assert set(batch) == {"image", "label", "row"}
         assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (32, 32, 3)
         assert batch["label"].dtype == torch.int64
         label_counts.update(batch["label"].tolist())

@@ -36,7 +36,7 @@ class MarkEpoch2:
     def __init__(self, folder: str):
         self.folder = folder
 
-    def __call__(self, rank: int, epoch: int, step: int) -> None:
+    def __call__(self, rank: int, epoch: int, step: int, rows=None) -> None:
         import ray
         import ray.train
 

@@ -145,6 +145,8 @@ def build_trainer(
         config=cfg, class_counts=data.class_counts, landmark_ids=data.landmark_ids, train_images=data.train_images,
         worker_decode=worker_decode, skip_counter=train.counter, console=console, interactive_console=interactive(),
         on_step=on_step, skipped_shards=train.skipped_shards or {},
+        # In-memory batches (train_dataset) carry no train rows: their epochs are not kept exactly once.
+        epoch_rows=train.epoch_rows if train_dataset is None else None,
     )
     return TorchTrainer(
         train_loop_per_worker,
