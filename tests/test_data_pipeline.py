@@ -295,8 +295,8 @@ def test_a_range_that_comes_back_short_is_counted_as_a_truncated_tar_and_named(g
     with pafs.LocalFileSystem().open_input_file(str(short)) as f:
         rows = list(ranged_members(f, members, str(short), None, counts, gap_bytes=0))
 
-    assert [i for i, _, _ in rows] == gldv2.u64_to_ids(members.ids[:cut])
-    assert counts["truncated_tar"] == 1 and counts["bytes_read"] == sum(len(b) for _, b, _ in rows) + (
+    assert [i for i, _, _, _ in rows] == gldv2.u64_to_ids(members.ids[:cut])
+    assert counts["truncated_tar"] == 1 and counts["bytes_read"] == sum(len(b) for _, b, _, _ in rows) + (
         members.sizes[cut] // 2)
     cut_id = f"{int(members.ids[cut]):016x}"
     assert f"shard {short} is truncated: image {cut_id} was cut off" in caplog.text
