@@ -11,8 +11,10 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
+import torch
 from conftest import job_error
 
 from ray_landmark.cli import run_job
@@ -206,7 +208,7 @@ def test_verify_shards_names_an_unusable_tar_before_writing_and_a_truncated_one_
 
 
 @pytest.mark.slow
-def test_training_past_skipped_shards_names_them_every_epoch_and_an_epoch_without_a_step_fails(
+def test_training_past_skipped_shards_names_them_every_epoch_and_a_step_larger_than_what_is_left_is_refused(
     ray_session, monkeypatch, gldv2_local, tmp_path, capsys
 ):
     root, shard = _damaged_copy(gldv2_local, tmp_path, "empty")
@@ -223,11 +225,40 @@ def test_training_past_skipped_shards_names_them_every_epoch_and_an_epoch_withou
                                                               f"0 bytes)"), out[-3000:]
     assert "[train] finished tiny_dolg; final checkpoint " in out
 
-    # The same run, one epoch more, with batches larger than the stream: the epoch trains no step, and says so.
+    # The same run, one epoch more, with batches larger than the view less its skipped shard: refused before Ray Train
+    # starts, counting what the skipped shard held (test_training.py fails an epoch that trains no step all the same).
     error = job_error(monkeypatch, "train.py", *train, "--set", "train.epochs=2", "--set", "train.batch_size=5000")
-    assert error.startswith(f"error: epoch 2 trained no step: the train stream of {root} gave this worker fewer than "
-                            f"the 5000 images one step needs ("), error
+    assert re.fullmatch(rf"error: train.batch_size: one optimizer step takes 5,000 images on each of the 1 worker\(s\) "
+                        rf"\(batch_size x grad_accum\), but view full of {re.escape(str(root))} has \d+ train images, \d+ "
+                        rf"more in skipped shards: lower train.batch_size or train.num_workers", error), error
     assert "[train] finished" not in capsys.readouterr().out
+
+
+def test_an_epoch_whose_stream_gives_no_full_batch_fails_naming_the_data_root(ray_session, tmp_path):
+    # What no manifest foresees (every JPEG of a worker's share corrupt, say): the loop's own check, on a real stream of
+    # fewer images than one batch and the run's real skip counter, without starting Ray Train.
+    from types import SimpleNamespace
+
+    from ray_landmark.config import load_config
+    from ray_landmark.data.counts import SampleCounter
+    from ray_landmark.runs.checkpoint import Progress
+    from ray_landmark.train.loop import NoTrainingData, train_epoch
+
+    cfg = load_config(REPO / "configs" / "tiny_dolg.yaml", [f"run.output_dir={tmp_path}", "data.root=s3://b/gldv2"])
+    counter = SampleCounter.remote()
+    ray.get(counter.add.remote({"read": 3, "corrupt_jpeg": 2}))
+    images = [{"image": np.zeros((8, 8, 3), np.uint8), "label": 0, "row": i} for i in range(3)]
+    worker = SimpleNamespace(
+        cfg=cfg, world=1, rank=0, device=torch.device("cpu"), precision=None, memory_format=torch.contiguous_format,
+        say=lambda line, transient=False: None, checkpoint_clock=None,
+        inputs=SimpleNamespace(skip_counter=counter, worker_decode=False, on_step=None, interactive_console=False))
+    training = SimpleNamespace(model=torch.nn.Linear(1, 1), optimizer=None, scheduler=None, steps_per_epoch=4,
+                               progress=Progress(0, 0, 0, 4), trained_rows=[], params=[])
+    with pytest.raises(NoTrainingData) as err:
+        train_epoch(worker, training, ray.data.from_items(images).iterator(), epoch=0)
+    assert str(err.value) == ("epoch 1 trained no step: the train stream of s3://b/gldv2 gave this worker fewer than "
+                              "the 16 images one step needs (the stream so far: 3 images read, dropped: 2 "
+                              "corrupt_jpeg); check its train shards and data.view, or lower train.batch_size")
 
 
 @pytest.mark.parametrize("job, args", [

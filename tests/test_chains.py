@@ -97,7 +97,7 @@ def test_a_chain_with_a_broken_step_fails_before_anything_runs_naming_the_step(t
 class StopInSecondEpochOfStep2:
     """Stops step 2 at the first optimizer step of its second epoch: its epoch-1 checkpoint is stored by then."""
 
-    def __call__(self, rank: int, epoch: int, step: int) -> None:
+    def __call__(self, rank: int, epoch: int, step: int, rows=None) -> None:
         if rank == 0 and epoch == 1:
             raise RuntimeError("stopped by the test")
 

@@ -73,7 +73,7 @@ def test_train_stream_feeds_fixed_size_uint8_images_and_int64_labels(gldv2_s3, s
 
     label_counts = collections.Counter()
     for batch in stream.dataset.iter_torch_batches(batch_size=16):
-        assert set(batch) == {"image", "label"}
+        assert set(batch) == {"image", "label", "row"}
         assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (32, 32, 3)
         assert batch["label"].dtype == torch.int64
         label_counts.update(batch["label"].tolist())
@@ -295,8 +295,8 @@ def test_a_range_that_comes_back_short_is_counted_as_a_truncated_tar_and_named(g
     with pafs.LocalFileSystem().open_input_file(str(short)) as f:
         rows = list(ranged_members(f, members, str(short), None, counts, gap_bytes=0))
 
-    assert [i for i, _, _ in rows] == gldv2.u64_to_ids(members.ids[:cut])
-    assert counts["truncated_tar"] == 1 and counts["bytes_read"] == sum(len(b) for _, b, _ in rows) + (
+    assert [i for i, _, _, _ in rows] == gldv2.u64_to_ids(members.ids[:cut])
+    assert counts["truncated_tar"] == 1 and counts["bytes_read"] == sum(len(b) for _, b, _, _ in rows) + (
         members.sizes[cut] // 2)
     cut_id = f"{int(members.ids[cut]):016x}"
     assert f"shard {short} is truncated: image {cut_id} was cut off" in caplog.text

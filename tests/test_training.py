@@ -56,7 +56,7 @@ class KillOnce:
     def __init__(self, marker: Path, rank: int, step: int):
         self.marker, self.rank, self.step = str(marker), rank, step
 
-    def __call__(self, rank: int, epoch: int, step: int) -> None:
+    def __call__(self, rank: int, epoch: int, step: int, rows=None) -> None:
         if rank == self.rank and step == self.step and not os.path.exists(self.marker):
             Path(self.marker).touch()
             os._exit(1)
@@ -68,7 +68,7 @@ class StopInEpoch:
     def __init__(self, epoch: int):
         self.epoch = epoch
 
-    def __call__(self, rank: int, epoch: int, step: int) -> None:
+    def __call__(self, rank: int, epoch: int, step: int, rows=None) -> None:
         if rank == 0 and epoch == self.epoch:
             raise RuntimeError("stopped by the test")
 
@@ -79,7 +79,7 @@ class SlowStep:
     def __init__(self, rank: int, step: int, seconds: float):
         self.rank, self.step, self.seconds = rank, step, seconds
 
-    def __call__(self, rank: int, epoch: int, step: int) -> None:
+    def __call__(self, rank: int, epoch: int, step: int, rows=None) -> None:
         if rank == self.rank and step == self.step:
             time.sleep(self.seconds)
 
@@ -90,9 +90,9 @@ class Hooks:
     def __init__(self, *hooks):
         self.hooks = hooks
 
-    def __call__(self, rank: int, epoch: int, step: int) -> None:
+    def __call__(self, rank: int, epoch: int, step: int, rows=None) -> None:
         for hook in self.hooks:
-            hook(rank=rank, epoch=epoch, step=step)
+            hook(rank=rank, epoch=epoch, step=step, rows=rows)
 
 
 def test_training_raises_validation_gap_scores_every_epoch_and_checkpoints_by_the_clock(gldv2_learnable, tmp_path):
@@ -155,9 +155,14 @@ def test_a_killed_worker_is_replaced_a_stopped_run_resumes_decoding_in_the_worke
     with pytest.raises(Exception, match="stopped by the test"):
         fit(cfg, on_step=Hooks(KillOnce(tmp_path / "killed", rank=1, step=kill_step), StopInEpoch(2)))
     assert (tmp_path / "killed").exists()
-    # The replaced workers finished epoch 2 from its mid-epoch checkpoint, no step repeated or skipped.
+    # The replaced workers finished epoch 2 from its mid-epoch checkpoint, no step repeated or skipped, and streamed
+    # only the images that checkpoint had not trained: every image of the epoch trained once, but the partial batches.
     history = _history(cfg)
     assert [m["epoch"] for m in history] == [1, 2] and history[-1]["step"] == 2 * steps_per_epoch
+    assert "images of epoch 2 were trained before" in capsys.readouterr().out
+    for m in history:
+        assert m["images_trained"] == steps_per_epoch * 2 * 16 and m["images_trained_twice"] == 0, m
+        assert m["images_not_trained"] == train_images - m["images_trained"], m
 
     in_workers = _config(gldv2_local, tmp_path, "faults", *overrides, "data.decode=worker")
     finished = fit(in_workers)  # the same run again: it starts at the next epoch

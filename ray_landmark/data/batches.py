@@ -26,7 +26,8 @@ def train_batches(
     shard, cfg: DataConfig, *, batch_size: int, device: torch.device, counter, worker_decode: bool
 ) -> Iterator[dict[str, torch.Tensor]]:
     """A training worker's batches from its dataset shard (a ``DataIterator``): ``image`` uint8 N×S×S×3 and ``label``
-    int64 on ``device``, N = ``batch_size``, the last partial batch dropped. With ``worker_decode`` (the stream carries
+    int64 on ``device`` (and the images' ``row`` among the train ids, where the stream has it), N = ``batch_size``,
+    the last partial batch dropped. With ``worker_decode`` (the stream carries
     JPEGs: ``decodes_in_worker``, decided where the stream was made) they are decoded and augmented on ``device`` and
     the corrupt ones reported to ``counter`` (the stream's SampleCounter)."""
     if not worker_decode:
@@ -46,7 +47,8 @@ def train_batches(
         _log_corrupt(batch["id"], decoded.corrupt)
         if decoded.corrupt:
             report_counts(counter, {"corrupt_jpeg": len(decoded.corrupt)})
-        yield {"image": images, "label": labels}
+        rows = {"row": torch.from_numpy(batch["row"][decoded.kept])} if "row" in batch else {}
+        yield {"image": images, "label": labels, **rows}
 
 
 def images_on_device(

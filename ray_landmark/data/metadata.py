@@ -17,6 +17,7 @@ Manifest layout (Parquet, under ``data.manifest``, default ``<root>/manifest``):
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -234,17 +235,33 @@ class LabelLookup:
     ids: np.ndarray  # uint64, sorted
     classes: np.ndarray  # int32
 
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Positions of uint64 ids in ``ids`` (an image's row: what the epoch's ledger of trained images counts by,
+        ``data/epoch_rows.py``); -1 for ids not in train at all."""
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        return np.where(self.ids[pos] == ids, pos, -1).astype(np.int64)
+
     def classes_of(self, ids: np.ndarray) -> np.ndarray:
         """Classes of uint64 ids; NOT_IN_VIEW for ids outside the view, UNKNOWN_ID for ids not in train at all."""
-        pos = np.searchsorted(self.ids, ids)
-        pos_clipped = np.minimum(pos, len(self.ids) - 1)
-        found = self.ids[pos_clipped] == ids
-        return np.where(found, self.classes[pos_clipped], UNKNOWN_ID).astype(np.int64)
+        rows = self.rows_of(ids)
+        return np.where(rows >= 0, self.classes[rows], UNKNOWN_ID).astype(np.int64)
+
+    def row_of(self, image_id: str) -> int:
+        return int(self.rows_of(np.array([int(image_id, 16)], np.uint64))[0])
 
     def class_of(self, image_id: str) -> int:
-        value = np.uint64(int(image_id, 16))
-        pos = int(np.searchsorted(self.ids, value))
-        return int(self.classes[pos]) if pos < len(self.ids) and self.ids[pos] == value else UNKNOWN_ID
+        row = self.row_of(image_id)
+        return int(self.classes[row]) if row >= 0 else UNKNOWN_ID
+
+    @property
+    def view_rows(self) -> int:
+        """How many train ids the view holds."""
+        return int((self.classes != NOT_IN_VIEW).sum())
+
+    def digest(self) -> str:
+        """A fingerprint of the train ids and which of them the view holds: a ledger of rows (``data/epoch_rows.py``)
+        saved under one lookup means nothing under another."""
+        return hashlib.sha256(self.ids.tobytes() + (self.classes != NOT_IN_VIEW).tobytes()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from ray.data.datasource import FileBasedDatasource
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig
 from ray_landmark.data.counts import SampleCounter, report_counts
+from ray_landmark.data.epoch_rows import EpochRows, is_set
 from ray_landmark.errors import ConfigError, JobError
 from ray_landmark.data.metadata import (
     NOT_IN_VIEW, UNKNOWN_ID, LabelLookup, Manifest, complete_manifest, open_manifest,
@@ -72,6 +73,7 @@ READ = "read"  # members handed on to decoding (matched to the view, or every me
 NOT_IN_VIEW_KEY = "not_in_view"  # train images the label view leaves out: expected, not an error
 BYTES_READ = "bytes_read"  # bytes fetched from the shards: whole tars when streaming, the ranges when not
 RANGE_REQUESTS = "range_requests"  # ranged requests made (ranged reads only)
+TRAINED_EARLIER = "trained_before_resume"  # rows of a resumed epoch that its checkpoint says were trained: left out
 
 # One ranged request reads at most this much unless one member is longer: a read task holds one range at a time, and
 # Ray Data's own streaming reads buffer as much (DataContext.streaming_read_buffer_size).
@@ -79,15 +81,16 @@ RANGE_MAX_BYTES = 32 * 2**20
 
 
 class GLDv2TarDatasource(FileBasedDatasource):
-    """Raw JPEG bytes of the members of GLDv2 tars, one read task per tar, with the label joined by image id, or with
-    ``split_name`` that name as ``split`` instead (eval rows)."""
+    """Raw JPEG bytes of the members of GLDv2 tars, one read task per tar, with the label and the ``row`` of the train
+    ids joined by image id, or with ``split_name`` that name as ``split`` instead (eval rows). With ``epoch_rows`` (an
+    ``EpochRows`` actor) each task leaves out the rows it names as trained before a resume."""
 
     _FILE_EXTENSIONS = ["tar"]
 
     def __init__(
         self, paths: list[str], *, location: Location, lookup_ref, counter, tries: int, shuffle_files, shuffle_rows: int,
         split_name: str | None = None, shard_index: dict | None = None, range_gap_bytes: int = 0,
-        block_rows: int = READ_BLOCK_ROWS,
+        block_rows: int = READ_BLOCK_ROWS, epoch_rows=None,
     ):
         super().__init__(paths, filesystem=location.fs, shuffle=shuffle_files, file_extensions=["tar"])
         # One retry layer, the S3 filesystem's (storage.s3_filesystem): Ray Data's own, which reopens and rereads a
@@ -103,6 +106,7 @@ class GLDv2TarDatasource(FileBasedDatasource):
         self._shard_index = shard_index or {}  # shard file name -> ObjectRef of its ShardMembers
         self._range_gap_bytes = range_gap_bytes
         self._block_rows = block_rows
+        self._epoch_rows = epoch_rows
 
     def _open_input_source(self, filesystem, path, **open_args):
         # Our filesystem, not Ray Data's retrying wrapper of it (``filesystem``): see __init__.
@@ -119,24 +123,27 @@ class GLDv2TarDatasource(FileBasedDatasource):
         counts: collections.Counter = collections.Counter()
         uri, shard = self._location.uri_of(path), os.path.basename(path)
         members = ray.get(self._shard_index[shard]) if shard in self._shard_index else None
+        # Fixed for the whole execution: it changes only before a worker group starts reading (data/epoch_rows.py).
+        excluded = ray.get(self._epoch_rows.excluded_rows.remote()) if self._epoch_rows is not None else None
         if members is not None and f.size() != members.shard_bytes:
             log.warning("shard %s has %d bytes, its shard index %d: streaming it whole; rerun jobs/prepare_gldv2.py "
                         "--verify-shards to index it again", uri, f.size(), members.shard_bytes)
             f, members = pa.BufferedInputStream(f, RANGE_MAX_BYTES), None
         if members is not None:
-            rows = ranged_members(f, members, uri, lookup, counts, self._range_gap_bytes)
+            rows = ranged_members(f, members, uri, lookup, counts, self._range_gap_bytes, excluded)
         else:
-            rows = self._labelled_members(f, uri, lookup, counts)
+            rows = self._labelled_members(f, uri, lookup, counts, excluded)
         for chunk in windowed_shuffle(rows, self._block_rows, self._shuffle_rows, np.random.default_rng()):
             counts[READ] += len(chunk)
             report_counts(self._counter, dict(counts))
             counts.clear()
-            ids, blobs, labels = zip(*chunk)
+            ids, blobs, labels, view_rows = zip(*chunk)
             yield pa.table(
                 {
                     "id": pa.array(ids, pa.string()),
                     "jpeg": pa.array(blobs, pa.binary()),
-                    **({"label": pa.array(labels, pa.int64())} if self._split_name is None
+                    **({"label": pa.array(labels, pa.int64()), "row": pa.array(view_rows, pa.int64())}
+                       if self._split_name is None
                        else {"split": pa.array([self._split_name] * len(ids), pa.string())}),
                     "shard": pa.array([shard] * len(ids), pa.string()),  # which tar: the embedding job's unit of work
                 }
@@ -144,8 +151,11 @@ class GLDv2TarDatasource(FileBasedDatasource):
         report_counts(self._counter, dict(counts))  # skips after the last chunk
 
     @staticmethod
-    def _labelled_members(f, uri: str, lookup: LabelLookup | None, counts) -> Iterator[tuple[str, bytes, int]]:
-        """(id, JPEG bytes, class) of the tar's usable members in the view; everything else is counted."""
+    def _labelled_members(
+        f, uri: str, lookup: LabelLookup | None, counts, excluded: np.ndarray | None
+    ) -> Iterator[tuple[str, bytes, int, int]]:
+        """(id, JPEG bytes, class, row) of the tar's usable members in the view, less the ``excluded`` rows (packed
+        bits); everything else is counted."""
 
         skip, truncated = _skip_loggers(uri, counts)
         last_id = None
@@ -164,12 +174,16 @@ class GLDv2TarDatasource(FileBasedDatasource):
                     if label == NOT_IN_VIEW:
                         counts[NOT_IN_VIEW_KEY] += 1  # filtered on purpose, but its bytes come over the wire anyway
                         continue
+                    row = lookup.row_of(image_id) if lookup is not None else -1
+                    if excluded is not None and row >= 0 and is_set(excluded, np.int64(row)):
+                        counts[TRAINED_EARLIER] += 1
+                        continue
                     data = tar.extractfile(member).read()
                     if len(data) < member.size:  # tarfile returns what is there when the stream ends early
                         truncated(f"image {image_id} was cut off")
                         return
                     if _usable(member.name, data, label, skip):
-                        yield image_id, data, label
+                        yield image_id, data, label, row
         except tarfile.ReadError as err:  # the tar ends inside a header or a member
             truncated(f"it ends after image {last_id} ({err})" if last_id else str(err))
         finally:
@@ -253,15 +267,20 @@ def plan_ranges(
 
 
 def ranged_members(
-    f, members: ShardMembers, uri: str, lookup: LabelLookup | None, counts, gap_bytes: int
-) -> Iterator[tuple[str, bytes, int]]:
+    f, members: ShardMembers, uri: str, lookup: LabelLookup | None, counts, gap_bytes: int,
+    excluded: np.ndarray | None = None,
+) -> Iterator[tuple[str, bytes, int, int]]:
     """What ``_labelled_members`` gives from streaming the tar, read from the random-access file ``f`` through its
-    shard index: only the members in the view (and those the metadata lacks, to be counted) are fetched, and every
-    member is counted as streaming counts it, in tar order. A range that comes back short of a member is the ranged
-    form of a truncated tar: counted, named, and the rest of the shard is lost."""
+    shard index: only the members in the view (and those the metadata lacks, to be counted), less the ``excluded``
+    rows, are fetched, and every member is counted as streaming counts it, in tar order. A range that comes back short
+    of a member is the ranged form of a truncated tar: counted, named, and the rest of the shard is lost."""
     skip, truncated = _skip_loggers(uri, counts)
     labels = lookup.classes_of(members.ids) if lookup is not None else np.full(len(members.ids), UNLABELLED)
-    wanted = [i for i, (name, label) in enumerate(zip(members.names, labels)) if not name and label != NOT_IN_VIEW]
+    rows = lookup.rows_of(members.ids) if lookup is not None else np.full(len(members.ids), -1)
+    trained = is_set(excluded, np.maximum(rows, 0)) & (rows >= 0) if excluded is not None else \
+        np.zeros(len(rows), bool)
+    wanted = [i for i, (name, label) in enumerate(zip(members.names, labels))
+              if not name and label != NOT_IN_VIEW and not trained[i]]
     requests = plan_ranges(members.offsets, members.sizes, wanted, members.shard_bytes, gap_bytes)
     request_of = {i: r for r, (_, _, read) in enumerate(requests) for i in read}
     current, start, data = -1, 0, b""
@@ -275,6 +294,9 @@ def ranged_members(
         if label == NOT_IN_VIEW:
             counts[NOT_IN_VIEW_KEY] += 1  # filtered on purpose, before reading its bytes
             continue
+        if trained[i]:
+            counts[TRAINED_EARLIER] += 1
+            continue
         if request_of[i] != current:
             current = request_of[i]
             start, end, _ = requests[current]
@@ -287,7 +309,7 @@ def ranged_members(
             truncated(f"image {image_id} was cut off: {len(blob)} of its {members.sizes[i]} bytes came back")
             return
         if _usable(gldv2.member_name(image_id), blob, int(label), skip):
-            yield image_id, blob, int(label)
+            yield image_id, blob, int(label), int(rows[i])
     if not members.complete:  # the listing stopped inside a header: streaming would stop there too
         truncated(f"it ends after image {last_id}" if last_id else "no member is complete")
 
@@ -331,6 +353,8 @@ def decode_images(
     out = {"image": augment_hwc(stacked, TrainAugmentation()) if augment and images else stacked}
     if "label" in batch:
         out["label"] = np.asarray(batch["label"])[keep].astype(np.int64)
+        if "row" in batch:
+            out["row"] = np.asarray(batch["row"])[keep]
     else:
         out["split"] = np.asarray(batch["split"])[keep]
     if keep_ids:
@@ -346,6 +370,7 @@ class ShardStream:
     dataset: ray.data.Dataset
     counter: "ray.actor.ActorHandle"
     skipped_shards: dict[str, str] | None = None  # shard -> why it is left out (data.missing_shards: skip)
+    epoch_rows: "ray.actor.ActorHandle | None" = None  # the train stream's EpochRows (data/epoch_rows.py)
 
     def counts(self) -> dict[str, int]:
         return ray.get(self.counter.totals.remote())
@@ -446,12 +471,14 @@ def stream_shards(
     split_column: bool = False,
     only_shards: set[str] | None = None,
     worker_decode: bool = False,
+    epoch_rows=None,
 ) -> ShardStream:
     """The shards of ``split`` (or those named in ``only_shards``) as decoded images, or with ``worker_decode`` as
     the read stage's rows (``id``, ``jpeg`` bytes, ``shard``) for the consuming workers to decode. With a lookup, only
     the ids it selects are kept (with the split's shard index, only their bytes are read; without it, every member's
     bytes are read and the others dropped); without one, every member is kept. Rows carry the lookup's class as
-    ``label``, or with ``split_column`` the split's name as ``split``."""
+    ``label`` and the image's ``row`` among the train ids, or with ``split_column`` the split's name as ``split``.
+    ``epoch_rows`` (an ``EpochRows`` actor) leaves out the rows a resumed epoch trained before its checkpoint."""
     shards = split_shards(cfg, split)
     loc, paths = shards.location, shards.paths
     if only_shards is not None:
@@ -474,13 +501,15 @@ def stream_shards(
         # Decoding in Ray Data: blocks of one decode batch, decoded whole by a map with the read's resources, which Ray
         # fuses into the read task: two stages cost more CPU per image (BENCHMARKS.md).
         block_rows=READ_BLOCK_ROWS if worker_decode else cfg.decode_batch_size,
+        epoch_rows=epoch_rows,
     )
     # One read task per tar, its blocks as the task makes them: Ray Data otherwise splits them to reach its own target
     # number of blocks, and a split read fuses with nothing.
     tasks = dict(override_num_blocks=len(paths))
     skipped = shards.skipped if only_shards is None else {k: v for k, v in shards.skipped.items() if k in only_shards}
     if worker_decode:  # the read stage's rows go to the workers as they are
-        return ShardStream(ray.data.read_datasource(datasource, num_cpus=cfg.read_cpus, **tasks), counter, skipped)
+        return ShardStream(ray.data.read_datasource(datasource, num_cpus=cfg.read_cpus, **tasks), counter, skipped,
+                           epoch_rows)
     dataset = ray.data.read_datasource(datasource, num_cpus=cfg.decode_cpus, **tasks).map_batches(
         decode_images,
         fn_kwargs=dict(
@@ -491,15 +520,19 @@ def stream_shards(
         batch_format="numpy",
         num_cpus=cfg.decode_cpus,
     )
-    return ShardStream(dataset, counter, skipped)
+    return ShardStream(dataset, counter, skipped, epoch_rows)
 
 
 def train_stream(cfg: DataConfig, manifest: Manifest | None = None, worker_decode: bool = False) -> ShardStream:
-    """Augmented, shuffled train images of ``cfg.view`` with their class ids (their JPEGs with ``worker_decode``)."""
+    """Augmented, shuffled train images of ``cfg.view`` with their class ids and rows (their JPEGs with
+    ``worker_decode``), and the ``EpochRows`` ledger that lets a resumed epoch stream exactly its untrained rows."""
     manifest = manifest or open_manifest(cfg)
+    lookup = manifest.label_lookup(cfg.view)
+    # On the driver's node, as the counter: it must outlive the worker groups and nodes that training loses.
+    epoch_rows = EpochRows.options(**on_this_node()).remote(len(lookup.ids), lookup.digest())
     return stream_shards(
-        cfg, "train", lookup=manifest.label_lookup(cfg.view), augment=cfg.augment, keep_ids=False, shuffle=True,
-        worker_decode=worker_decode,
+        cfg, "train", lookup=lookup, augment=cfg.augment, keep_ids=False, shuffle=True, worker_decode=worker_decode,
+        epoch_rows=epoch_rows,
     )
 
 

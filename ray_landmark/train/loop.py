@@ -14,9 +14,12 @@ step and the first validation each compile a graph, and the progress output says
 Resuming (``restore``): the newest checkpoint of the run folder that verifies (``runs/checkpoint.py``; after a worker
 failure or a rerun alike) gives the finished epochs and the optimizer steps already taken in the current one; that
 epoch then runs only its remaining number of steps, so the epochs' step counts and the learning-rate schedule are
-exact. Which images those steps see is not: they come from a fresh stream of the whole epoch, and rows reach the
-workers in no fixed order, so after a resume inside an epoch some of its images are trained twice and others not at
-all. After each checkpoint, rank 0 keeps the ``train.keep_checkpoints`` newest verified ones (mid-epoch ones only,
+exact. So are its images: every rank tells the run's ``EpochRows`` ledger (``data/epoch_rows.py``) which rows its
+optimizer steps trained before each checkpoint; a mid-epoch checkpoint saves the epoch's bitmap, and a resume from it
+streams only the rows it lacks, in a fresh shuffle. Across any number of resumes, each image of the view is trained
+once per epoch, apart from those no step took (each rank's last partial batch and what the equal split leaves over),
+which the epoch line counts, as it counts any image trained twice. With the same number of workers, that is; a resume
+with fewer or more of them streams the same rest, and runs out of it or leaves more over. After each checkpoint, rank 0 keeps the ``train.keep_checkpoints`` newest verified ones (mid-epoch ones only,
 besides every epoch-end one, with ``train.keep_epoch_checkpoints``) and deletes the rest (``prune_checkpoints``).
 """
 
@@ -25,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,9 +36,11 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 
 from ray_landmark.config import Config
 from ray_landmark.data.counts import counts_since
+from ray_landmark.data.epoch_rows import EpochLedger
 from ray_landmark.data.batches import train_batches
 from ray_landmark.data.pipeline import BYTES_READ, READ, SKIP_REASONS
 from ray_landmark.data.transforms import normalize_on_device
@@ -46,7 +51,7 @@ from ray_landmark.models.torch_compile import compile_for_training, compile_want
 from ray_landmark.models.transfer import freeze_except, warm_start
 from ray_landmark.progress import Printer, ProgressLine, relay_printer
 from ray_landmark.runs.checkpoint import (
-    CorruptCheckpoint, Progress, load_latest, prune_checkpoints, read_checkpoint_at, save_checkpoint,
+    CorruptCheckpoint, LoadedCheckpoint, Progress, load_latest, prune_checkpoints, read_checkpoint_at, save_checkpoint,
 )
 from ray_landmark.runs.folders import output_folder, run_logs
 from ray_landmark.train.checkpoint_clock import CheckpointClock
@@ -72,8 +77,11 @@ class WorkerInputs:
     skip_counter: "ray.actor.ActorHandle"  # the train stream's SampleCounter
     console: "ray.actor.ActorHandle"  # a ConsoleRelay: rank 0's progress and epoch lines
     interactive_console: bool  # the driver's console is a terminal: refresh progress in place, often
-    on_step: Callable | None = None  # on_step(rank=, epoch=, step=) after each optimizer step (fault-injection tests)
+    # on_step(rank=, epoch=, step=, rows=) after each optimizer step, rows: the step's train rows (fault-injection
+    # tests)
+    on_step: Callable | None = None
     skipped_shards: dict | None = None  # train shard -> why it is left out (data.missing_shards: skip)
+    epoch_rows: "ray.actor.ActorHandle | None" = None  # the train stream's EpochRows; None: its rows are not known
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,8 @@ class Training:
     progress: Progress  # finished epochs, optimizer steps in all and in the current epoch
     resumed: bool
     notices: "CompileNotices"
+    # The train rows of this rank's optimizer steps since the last report, on the device: EpochRows learns them then.
+    trained_rows: list[torch.Tensor] = field(default_factory=list)
 
 
 class CompileNotices:
@@ -153,6 +163,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     for epoch in range(training.progress.epoch, tc.last_epoch):
         skipped_before = ray.get(counter.totals.remote()) if rank == 0 else {}
         metrics = train_epoch(worker, training, train_shard, epoch)
+        metrics.update(_end_epoch_rows(worker, training))
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.last_epoch:
             with training.notices.first("validation"):
                 metrics.update(validate(worker, training.raw_model, training.compiled))
@@ -212,6 +223,7 @@ def restore(worker: Worker) -> Training:
     training = Training(raw_model, model, compiled, params, optimizer, scheduler, steps_per_epoch,
                         Progress(epoch=0, step=0, epoch_step=0), resumed=resume is not None, notices=notices)
     if resume is None:
+        _start_epoch_rows(worker, None)
         return training
     progress = resume.progress
     raw_model.load_state_dict(resume.state["model"])
@@ -224,7 +236,63 @@ def restore(worker: Worker) -> Training:
             f"the learning-rate schedule continues at the same point of its epochs")
     training.progress = replace(progress, epoch_step=resume_schedule(
         scheduler, progress.epoch, progress.epoch_step, progress.steps_per_epoch, steps_per_epoch))
+    _start_epoch_rows(worker, resume if progress.epoch_step else None)
     return training
+
+
+def _start_epoch_rows(worker: Worker, resume: LoadedCheckpoint | None) -> None:
+    """Rank 0 sets the ``EpochRows`` ledger to what ``resume`` (a mid-epoch checkpoint) says its epoch trained, or to
+    a new epoch; every rank waits for it, as no worker may read the train stream before it is set."""
+    epoch_rows = worker.inputs.epoch_rows
+    if epoch_rows is None:
+        return
+    if worker.rank == 0:
+        state = resume.state.get("epoch_ledger") if resume is not None else None
+        if resume is not None and state is None:
+            worker.say(f"[train] {resume.name} does not record which images its epoch trained (a checkpoint of "
+                       f"before that was saved): the rest of the epoch is drawn from all of them")
+        mismatch = ray.get(epoch_rows.start_epoch.remote(EpochLedger.of(state) if state is not None else None))
+        if mismatch:
+            raise CorruptCheckpoint(f"{resume.name}: {mismatch}; it belongs to another view or manifest of "
+                                    f"data.root: train with train.restart (a new run) or the data it was made with")
+        if state is not None:
+            trained = ray.get(epoch_rows.totals.remote())["trained"]
+            worker.say(f"[train] {trained:,} images of epoch {resume.progress.epoch + 1} were trained before "
+                       f"{resume.name}: its rest streams without them")
+    _barrier()
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _tell_epoch_rows(worker: Worker, training: Training) -> None:
+    """Every rank hands the rows its steps trained since the last report to ``EpochRows``, and waits for all ranks to
+    have done so: after this, rank 0's ledger is complete."""
+    epoch_rows = worker.inputs.epoch_rows
+    if epoch_rows is None:
+        return
+    rows = torch.cat(training.trained_rows).cpu().numpy() if training.trained_rows else None
+    training.trained_rows.clear()
+    if rows is not None:
+        ray.get(epoch_rows.add.remote(rows))
+    _barrier()
+
+
+def _end_epoch_rows(worker: Worker, training: Training) -> dict:
+    """At an epoch's end: rank 0's count of the images it trained (from every rank), twice (0 when training is right)
+    and not at all, and the ledger cleared for the next epoch."""
+    epoch_rows = worker.inputs.epoch_rows
+    if epoch_rows is None:
+        return {}
+    _tell_epoch_rows(worker, training)
+    if worker.rank != 0:
+        return {}
+    totals = ray.get(epoch_rows.totals.remote())
+    ray.get(epoch_rows.start_epoch.remote(None))  # before this report: no rank reads the next epoch until it is past
+    return {"images_trained": totals["trained"], "images_trained_twice": totals["trained_twice"],
+            "images_not_trained": worker.inputs.train_images - totals["trained"]}
 
 
 def train_epoch(worker: Worker, training: Training, shard, epoch: int) -> dict:
@@ -244,6 +312,7 @@ def train_epoch(worker: Worker, training: Training, shard, epoch: int) -> dict:
         printer=worker.say, interactive_console=inputs.interactive_console,
     )
     losses: list[torch.Tensor] = []  # kept on the device: .item() every step would stall the GPU
+    step_rows: list[torch.Tensor] = []  # of the micro-batches of the step under way
     micro = 0
     # uint8 images on the device, decoded by Ray Data or here (data.decode), with corrupt JPEGs counted.
     for batch in train_batches(shard, worker.cfg.data, batch_size=tc.batch_size, device=worker.device,
@@ -252,6 +321,8 @@ def train_epoch(worker: Worker, training: Training, shard, epoch: int) -> dict:
             break
         micro += 1
         images = normalize_on_device(batch["image"]).contiguous(memory_format=worker.memory_format)
+        if "row" in batch:
+            step_rows.append(batch["row"])
         # Gradients are all-reduced once per optimizer step, not once per micro-batch.
         accumulating = micro % tc.grad_accum != 0 and hasattr(model, "no_sync")
         with model.no_sync() if accumulating else contextlib.nullcontext(), training.notices.first("training step"):
@@ -265,10 +336,13 @@ def train_epoch(worker: Worker, training: Training, shard, epoch: int) -> dict:
         scheduler.step()
         step += 1
         epoch_step += 1
+        training.trained_rows.extend(step_rows)
         line.update(len(images) * tc.grad_accum * worker.world,
                     lambda: f"loss {_mean(losses[-20:]):.3f} | lr {scheduler.get_last_lr()[0]:.2e}")
         if inputs.on_step is not None:
-            inputs.on_step(rank=worker.rank, epoch=epoch, step=step)
+            inputs.on_step(rank=worker.rank, epoch=epoch, step=step,
+                           rows=torch.cat(step_rows).cpu().numpy() if step_rows else None)
+        step_rows = []
         # Every rank asks the clock after every step, whatever the other conditions say: it is a collective.
         by_clock = worker.checkpoint_clock.due()
         by_steps = bool(tc.checkpoint_every_steps) and step % tc.checkpoint_every_steps == 0
@@ -293,8 +367,11 @@ def _mean(losses: list[torch.Tensor]) -> float:
 
 
 def _report(worker: Worker, training: Training, metrics: dict) -> None:
-    """Every rank reports (ray.train.report is a barrier); rank 0 attaches the checkpoint of ``training.progress``.
-    The minutes to the next checkpoint count from here."""
+    """Every rank reports (ray.train.report is a barrier); rank 0 attaches the checkpoint of ``training.progress``,
+    with the epoch's ledger of trained rows when it is a mid-epoch one. The minutes to the next checkpoint count from
+    here."""
+    if training.progress.epoch_step:
+        _tell_epoch_rows(worker, training)
     if worker.rank == 0:
         _report_checkpoint(worker, training, metrics)
     else:
@@ -308,6 +385,9 @@ def _report_checkpoint(worker: Worker, training: Training, metrics: dict) -> Non
     state = {"model": training.raw_model.state_dict(), "optimizer": training.optimizer.state_dict(),
              "scheduler": training.scheduler.state_dict(), "scaler": worker.precision.scaler.state_dict(),
              "landmark_ids": torch.as_tensor(worker.inputs.landmark_ids, dtype=torch.int64)}
+    if progress.epoch_step and worker.inputs.epoch_rows is not None:
+        ledger = ray.get(worker.inputs.epoch_rows.ledger.remote()).state()
+        state["epoch_ledger"] = {**ledger, "trained": torch.from_numpy(ledger["trained"])}
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp), state=state, config=worker.cfg.model_dump(mode="json"), progress=progress)
         checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -326,8 +406,11 @@ def epoch_summary(metrics: dict, skipped_shards: dict | None = None) -> str:
     formats = [("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("images_per_s", "{:.1f} img/s"),
                ("val_gap", "val GAP {:.4f}"), ("val_map100", "val mAP@100 {:.4f}"),
                ("val_queries", "{:,} queries"), ("val_index", "{:,} index images"),
-               ("images_delivered", "{:,} images delivered"), ("bytes_read", "{:,} bytes read")]
+               ("images_delivered", "{:,} images delivered"), ("bytes_read", "{:,} bytes read"),
+               ("images_not_trained", "{:,} images not trained (partial last batches)")]
     parts = [fmt.format(metrics[key]) for key, fmt in formats if key in metrics]
+    if metrics.get("images_trained_twice"):
+        parts.append(f"WARNING {metrics['images_trained_twice']:,} images trained twice")
     skipped = {k.removeprefix("skipped_"): v for k, v in metrics.items() if k.startswith("skipped_") and v}
     if skipped:
         parts.append("skipped " + ", ".join(f"{n} {reason}" for reason, n in skipped.items()))

@@ -71,8 +71,23 @@ def load_training_data(cfg: Config, restart: bool = False) -> TrainingData:
     test, index = manifest.eval_selection(cfg.data.eval_queries, cfg.data.eval_index, cfg.data.seed)
     # Every shard training and validation read is there and whole, or named now (data.missing_shards).
     shards = {split: split_shards(cfg.data, split) for split in ("train", "test", "index")}
-    return TrainingData(classes["count"].tolist(), classes["landmark_id"].tolist(), test, index,
+    data = TrainingData(classes["count"].tolist(), classes["landmark_id"].tolist(), test, index,
                         skipped_images=_view_images_in(manifest, cfg.data.view, set(shards["train"].skipped)))
+    _check_one_step_fits(cfg, data)
+    return data
+
+
+def _check_one_step_fits(cfg: Config, data: TrainingData) -> None:
+    """An epoch whose every worker gets fewer images than one optimizer step takes would train nothing: refused here,
+    before Ray Train starts (the loop still fails such an epoch, for the images no manifest can foresee missing)."""
+    tc = cfg.train
+    per_step = tc.batch_size * tc.grad_accum
+    if data.train_images // tc.num_workers < per_step:
+        skipped = f", {data.skipped_images:,} more in skipped shards" if data.skipped_images else ""
+        raise ConfigError(
+            f"train.batch_size: one optimizer step takes {per_step:,} images on each of the {tc.num_workers} "
+            f"worker(s) (batch_size x grad_accum), but view {cfg.data.view} of {cfg.data.root} has "
+            f"{data.train_images:,} train images{skipped}: lower train.batch_size or train.num_workers")
 
 
 def _view_images_in(manifest, view: str, shards: set[str]) -> int:
@@ -145,6 +160,8 @@ def build_trainer(
         config=cfg, class_counts=data.class_counts, landmark_ids=data.landmark_ids, train_images=data.train_images,
         worker_decode=worker_decode, skip_counter=train.counter, console=console, interactive_console=interactive(),
         on_step=on_step, skipped_shards=train.skipped_shards or {},
+        # In-memory batches (train_dataset) carry no train rows: their epochs are not kept exactly once.
+        epoch_rows=train.epoch_rows if train_dataset is None else None,
     )
     return TorchTrainer(
         train_loop_per_worker,
