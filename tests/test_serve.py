@@ -22,7 +22,8 @@ from ray_landmark.infer.config import EnsembleConfig
 from ray_landmark.infer.ensemble import load_split, run_ensemble
 from ray_landmark.infer.report import read_jpegs
 from ray_landmark.local_s3 import free_port
-from ray_landmark.serve.app import landmark_app, start_service
+from ray_landmark.infer.onnx_runtime import exported_onnx
+from ray_landmark.serve.app import check_backends, landmark_app, served_checkpoints, start_service
 from ray_landmark.serve.config import ServeSettings, read_serve_file
 
 
@@ -202,6 +203,60 @@ def test_a_checkpoint_that_did_not_write_the_embeddings_refuses_to_start(service
     with pytest.raises(JobError, match=r"model dolg: its checkpoint is .*effnet.* but .*embeddings/dolg/test/"
                                        r"_embedding.json holds embeddings of .*dolg.*; rerun jobs/ensemble.py"):
         landmark_app(ServeSettings(ensemble="(in memory)"), swapped)
+
+
+# docs/serving.md states it; the largest confidence difference this test measured was 6.0e-6 (47 images, both tiny
+# models), where float16 rounding of the embeddings alone moves a cosine by up to about 5e-4 x its value.
+ONNX_CONFIDENCE_TOLERANCE = 1e-4
+
+
+@pytest.mark.slow
+def test_the_onnxruntime_backend_answers_as_the_batch_ensemble_within_its_stated_tolerance(service, tmp_path):
+    """The same ensemble served by onnxruntime beside the PyTorch service, each model exported on the replica's first
+    start: the batch ensemble's labels and top-100 lists, its confidences within the tolerance docs/serving.md
+    states."""
+    from ray import serve
+
+    settings = ServeSettings(ensemble="(in memory)", backend="onnxruntime", onnx_dir=str(tmp_path / "onnx"),
+                             replicas={"num_cpus": 0.5}, limits={"max_images": 8})
+    serve.run(landmark_app(settings, service.cfg), name="onnx", route_prefix="/onnx")
+    url = f"{service.url}/onnx"
+    try:
+        meta = requests.get(f"{url}/metadata", timeout=30).json()
+        assert [(m["backend"], m["execution_provider"]) for m in meta["models"]] == \
+            [("onnxruntime", "CPUExecutionProvider")] * 2
+        assert sorted(p.name for p in (tmp_path / "onnx" / service.cfg.name).iterdir()) == ["dolg", "effnet"]
+        ids = sorted(service.queries)
+        differences = []
+        for start in range(0, len(ids), 8):
+            chunk = ids[start:start + 8]
+            response = post(f"{url}/recognize", [service.queries[i] for i in chunk])
+            assert response.status_code == 200, response.text
+            for image_id, answer in zip(chunk, response.json()["results"]):
+                landmark, confidence = submitted(service, image_id)
+                assert answer["landmark_id"] == landmark, image_id
+                differences.append(abs(answer["confidence"] - confidence))
+            response = post(f"{url}/retrieve", [service.queries[i] for i in chunk], k=100)
+            for image_id, answer in zip(chunk, response.json()["results"]):
+                assert answer["ids"] == service.retrieval.at[image_id, "images"].split(), image_id
+        print(f"onnxruntime vs the batch ensemble: largest confidence difference {max(differences):.2e} over "
+              f"{len(differences)} images")
+        assert max(differences) <= ONNX_CONFIDENCE_TOLERANCE, max(differences)
+    finally:
+        serve.delete("onnx")
+
+    # A folder exported from another checkpoint is refused, naming both; so are a model the ensemble lacks and
+    # several embedding scales, which the exported graph cannot take.
+    dolg = str(tmp_path / "onnx" / service.cfg.name / "dolg")
+    effnet = served_checkpoints(service.cfg)["effnet"][0]
+    with pytest.raises(JobError, match=rf"{dolg}: its model.onnx was exported from .*dolg.* at 64 px, not from "
+                                       rf"{effnet} at 64 px; delete the folder"):
+        exported_onnx(effnet, dolg, 64, service.cfg.storage, DataConfig(root="unused"))
+    with pytest.raises(JobError, match=r"model_backends: vit is not a model of ensemble ensemble \(dolg, effnet\)"):
+        check_backends(ServeSettings(ensemble="(in memory)", model_backends={"vit": "torch"}), service.cfg)
+    scaled = service.cfg.model_copy(update={"embed": service.cfg.embed.model_copy(update={"scales": [1.0, 0.7]})})
+    with pytest.raises(JobError, match=r"models effnet\): the exported graph .* embed.scales is \[1.0, 0.7\]"):
+        check_backends(ServeSettings(ensemble="(in memory)", model_backends={"effnet": "onnxruntime"}), scaled)
 
 
 @pytest.mark.slow

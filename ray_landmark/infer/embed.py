@@ -48,6 +48,7 @@ from ray_landmark.data.pipeline import READ, SKIP_REASONS, decodes_in_worker, ev
 from ray_landmark.data.storage import Location, StorageError, exists, list_files, read_bytes, resolve, write_bytes
 from ray_landmark.data.transforms import normalize_on_device
 from ray_landmark.data.worker_decode import WorkerDecoder
+from ray_landmark.infer.onnx_runtime import OnnxEmbedding
 from ray_landmark.infer.config import EmbedSettings
 from ray_landmark.models.amp import MixedPrecision
 from ray_landmark.models.torch_compile import compile_for_embedding, compile_wanted, pad_batch
@@ -87,19 +88,24 @@ class Embedder:
     that the driver can name it) get a zero embedding; every column but the image is passed through."""
 
     def __init__(self, checkpoint: str, storage: StorageConfig, settings: EmbedSettings,
-                 decode: DataConfig | None = None, counters: dict | None = None):
+                 decode: DataConfig | None = None, counters: dict | None = None, onnx: str | None = None):
         """``settings``: its scales, flip TTA and compile (a compiled model gets every batch padded to
         ``settings.batch_size``). ``decode``: the data config to decode JPEGs with on this actor's device
         (data.decode), reporting corrupt ones to ``counters`` (split -> its stream's SampleCounter); None when Ray
-        Data tasks decode."""
+        Data tasks decode. ``onnx``: the checkpoint's exported model.onnx (``infer/onnx_runtime.py``), run by
+        onnxruntime instead of the PyTorch model (a service's ``backend: onnxruntime``)."""
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_model(checkpoint, storage).model.to(self.device, memory_format=torch.channels_last)
         self.pad_to = None
-        if compile_wanted(settings.compile, self.device):
-            compile_for_embedding(self.model, settings.compile_backend)
-            self.pad_to = settings.batch_size
+        if onnx:
+            self.model = OnnxEmbedding(onnx, self.device, threads=torch.get_num_threads())
+            self.dim = self.model.dim
+        else:
+            self.model = load_model(checkpoint, storage).model.to(self.device, memory_format=torch.channels_last)
+            if compile_wanted(settings.compile, self.device):
+                compile_for_embedding(self.model, settings.compile_backend)
+                self.pad_to = settings.batch_size
+            self.dim = self.model.head.weight.shape[1]
         self.settings = settings
-        self.dim = self.model.head.weight.shape[1]
         self.precision = MixedPrecision(self.device)  # no autocast on the CPU: the model runs in float32 there
         self.decoder = WorkerDecoder(decode.image_size, decode.preprocessing, self.device) if decode else None
         self.counters = counters

@@ -13,7 +13,8 @@ An image is checked (JPEG, size) and decoded exactly as the embedding job decode
 the embedding job's Ray Data tasks decode (``data.decode: cpu``), else by the worker decoder on the replica's device
 (nvjpeg on a GPU), the same ``data.decode`` rule as ``infer.embed``. Images of concurrent requests are embedded
 together (``@serve.batch``) by ``infer.embed.Embedder``, the batch job's own model wrapper (its autocast, flip TTA,
-scales, compile and float16 rounding), then each request is answered by ``answers``.
+scales, compile and float16 rounding), with the PyTorch model or, with ``backend: onnxruntime``, the checkpoint's ONNX
+export (``infer/onnx_runtime.py``), then each request is answered by ``answers``.
 
 Bad input (not a JPEG, empty, too large, truncated, a header claiming too many pixels, any image the decoder cannot
 read, too many images, a body of another content type) gets a 4xx with ``{"error": "<one line>"}`` and the replica
@@ -44,6 +45,7 @@ from ray_landmark.data.worker_decode import WorkerDecoder
 from ray_landmark.errors import JobError
 from ray_landmark.infer.config import EnsembleConfig
 from ray_landmark.infer.embed import INFO_FILE, Embedder, read_info, write_embeddings
+from ray_landmark.infer.onnx_runtime import exported_onnx
 from ray_landmark.infer.ensemble import EMBED_ORDER, use_cpus, data_config, embeddings_folder
 from ray_landmark.serve.answers import (
     answer_recognition, answer_retrieval, load_served_index, with_added_index_images,
@@ -130,6 +132,24 @@ def check_image(data: bytes, limits) -> None:
                               f"is {limits.max_pixels / 1e6:g} megapixels")
 
 
+def backend_of(settings: ServeSettings, model: str) -> str:
+    return settings.model_backends.get(model, settings.backend)
+
+
+def check_backends(settings: ServeSettings, ensemble: EnsembleConfig) -> None:
+    """``model_backends`` names models of the ensemble, and onnxruntime serves only what its graph takes: S×S images,
+    so one embedding scale."""
+    names = [m.name for m in ensemble.models]
+    unknown = sorted(set(settings.model_backends) - set(names))
+    if unknown:
+        raise JobError(f"model_backends: {unknown[0]} is not a model of ensemble {ensemble.name} "
+                       f"({', '.join(names)})")
+    onnx = [n for n in names if backend_of(settings, n) == "onnxruntime"]
+    if onnx and ensemble.embed.scales != [1.0]:
+        raise JobError(f"backend onnxruntime (models {', '.join(onnx)}): the exported graph takes images of the "
+                       f"model's size only, and embed.scales is {ensemble.embed.scales}; serve them with torch")
+
+
 @serve.deployment
 @serve.ingress(api)
 class LandmarkService:
@@ -145,8 +165,14 @@ class LandmarkService:
         self.models = {}
         for name, (checkpoint, model_cfg) in served_checkpoints(ensemble).items():
             pixels = (model_cfg.data.image_size, model_cfg.data.preprocessing)
-            self.models[name] = {"pixels": pixels, "embedder": Embedder(checkpoint, ensemble.storage, ensemble.embed),
-                                 "config": model_cfg, "checkpoint": checkpoint}
+            onnx = None
+            if backend_of(settings, name) == "onnxruntime":
+                folder = os.path.join(os.path.expanduser(settings.onnx_dir), ensemble.name, name)
+                onnx = exported_onnx(checkpoint, folder, pixels[0], ensemble.storage, data)
+            embedder = Embedder(checkpoint, ensemble.storage, ensemble.embed, onnx=onnx)
+            self.models[name] = {"pixels": pixels, "embedder": embedder, "config": model_cfg,
+                                 "checkpoint": checkpoint, "backend": backend_of(settings, name),
+                                 "provider": getattr(embedder.model, "provider", None)}
         self.decoders = {pixels: WorkerDecoder(*pixels, self.device) if worker_decode else None
                          for pixels in {m["pixels"] for m in self.models.values()}}
         self.served = load_served_index(ensemble, self.device.type)
@@ -287,7 +313,9 @@ class LandmarkService:
                    "arch": self.models[m.name]["config"].model.arch,
                    "image_size": self.models[m.name]["pixels"][0],
                    "preprocessing": self.models[m.name]["pixels"][1],
-                   "embedding_dim": self.served.dims[m.name]} for m in self.cfg.models]
+                   "embedding_dim": self.served.dims[m.name], "backend": self.models[m.name]["backend"],
+                   # onnxruntime's execution provider (CPUExecutionProvider, CUDAExecutionProvider); None for torch
+                   "execution_provider": self.models[m.name]["provider"]} for m in self.cfg.models]
         return {"ensemble": self.cfg.name, "models": models, "device": self.device.type,
                 "decode": "worker" if any(self.decoders.values()) else "cpu", "flip_tta": self.cfg.embed.flip_tta,
                 **self.served.summary(), "limits": self.settings.limits.model_dump(),
@@ -295,8 +323,9 @@ class LandmarkService:
 
 
 def landmark_app(settings: ServeSettings, ensemble: EnsembleConfig) -> Application:
-    """The application, checked before anything is deployed (``served_checkpoints``)."""
+    """The application, checked before anything is deployed (``served_checkpoints``, ``check_backends``)."""
     served_checkpoints(ensemble)
+    check_backends(settings, ensemble)
     r = settings.replicas
     options = {"max_ongoing_requests": r.max_ongoing_requests,
                "ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}}

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
 from ray_landmark.config import config_from_dict, parse_override, read_yaml_file, set_dotted
 from ray_landmark.config_base import Section
 from ray_landmark.errors import ConfigError
+
+
+Backend = Literal["torch", "onnxruntime"]
 
 
 class ReplicaSettings(Section):
@@ -43,6 +46,11 @@ class ServeSettings(Section):
     # POST /index/add: embed new images into the retrieval index, persisted beside the ensemble's index embeddings.
     # Off unless asked for: it writes to the ensemble's folder on behalf of whoever can reach the service.
     allow_index_add: bool = False
+    # What runs each model's network: PyTorch, or onnxruntime on the checkpoint's ONNX export (jobs/export_onnx.py's
+    # file, exported on a replica's first start into <onnx_dir>/<ensemble name>/<model name>/ when missing).
+    backend: Backend = "torch"
+    model_backends: dict[str, Backend] = {}  # model name -> its backend, where it differs from ``backend``
+    onnx_dir: str = "~/.cache/ray_landmark/onnx"  # a local folder on each replica's node
     replicas: ReplicaSettings = ReplicaSettings()
     limits: LimitSettings = LimitSettings()
 
