@@ -85,7 +85,7 @@ def test_a_checkpoint_whose_ledger_was_made_under_another_view_is_refused_in_one
     import ray
 
     from ray_landmark.runs.checkpoint import CorruptCheckpoint, LoadedCheckpoint, Progress
-    from ray_landmark.train.loop import _start_epoch_rows
+    from ray_landmark.train.loop import start_epoch_rows
 
     said = []
     worker = SimpleNamespace(rank=0, inputs=SimpleNamespace(epoch_rows=EpochRows.remote(4_000, "this-view")),
@@ -93,12 +93,12 @@ def test_a_checkpoint_whose_ledger_was_made_under_another_view_is_refused_in_one
     other = ray.get(EpochRows.remote(3_000, "other-view").ledger.remote())
     resume = LoadedCheckpoint({"epoch_ledger": other.state()}, {}, Progress(1, 12, 5), "s3://b/runs/r/checkpoint_7")
     with pytest.raises(CorruptCheckpoint) as err:
-        _start_epoch_rows(worker, resume)
+        start_epoch_rows(worker, resume)
     assert str(err.value).startswith("s3://b/runs/r/checkpoint_7: its ledger of trained images covers 3,000 train ids")
     assert "\n" not in str(err.value) and "train.restart" in str(err.value)
 
     # A mid-epoch checkpoint saved before ledgers: it resumes, drawing the rest from the whole epoch, and says so.
-    _start_epoch_rows(worker, LoadedCheckpoint({}, {}, Progress(1, 12, 5), "s3://b/runs/r/checkpoint_6"))
+    start_epoch_rows(worker, LoadedCheckpoint({}, {}, Progress(1, 12, 5), "s3://b/runs/r/checkpoint_6"))
     assert said == ["[train] s3://b/runs/r/checkpoint_6 does not record which images its epoch trained (a checkpoint "
                     "of before that was saved): the rest of the epoch is drawn from all of them"]
     assert ray.get(worker.inputs.epoch_rows.excluded_rows.remote()) is None

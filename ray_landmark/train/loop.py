@@ -223,7 +223,7 @@ def restore(worker: Worker) -> Training:
     training = Training(raw_model, model, compiled, params, optimizer, scheduler, steps_per_epoch,
                         Progress(epoch=0, step=0, epoch_step=0), resumed=resume is not None, notices=notices)
     if resume is None:
-        _start_epoch_rows(worker, None)
+        start_epoch_rows(worker, None)
         return training
     progress = resume.progress
     raw_model.load_state_dict(resume.state["model"])
@@ -236,11 +236,11 @@ def restore(worker: Worker) -> Training:
             f"the learning-rate schedule continues at the same point of its epochs")
     training.progress = replace(progress, epoch_step=resume_schedule(
         scheduler, progress.epoch, progress.epoch_step, progress.steps_per_epoch, steps_per_epoch))
-    _start_epoch_rows(worker, resume if progress.epoch_step else None)
+    start_epoch_rows(worker, resume if progress.epoch_step else None)
     return training
 
 
-def _start_epoch_rows(worker: Worker, resume: LoadedCheckpoint | None) -> None:
+def start_epoch_rows(worker: Worker, resume: LoadedCheckpoint | None) -> None:
     """Rank 0 sets the ``EpochRows`` ledger to what ``resume`` (a mid-epoch checkpoint) says its epoch trained, or to
     a new epoch; every rank waits for it, as no worker may read the train stream before it is set."""
     epoch_rows = worker.inputs.epoch_rows
