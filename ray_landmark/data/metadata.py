@@ -241,22 +241,18 @@ class LabelLookup:
         pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
         return np.where(self.ids[pos] == ids, pos, -1).astype(np.int64)
 
-    def classes_of(self, ids: np.ndarray) -> np.ndarray:
-        """Classes of uint64 ids; NOT_IN_VIEW for ids outside the view, UNKNOWN_ID for ids not in train at all."""
-        rows = self.rows_of(ids)
+    def classes_at(self, rows: np.ndarray) -> np.ndarray:
+        """Classes of rows from ``rows_of``; NOT_IN_VIEW for ids outside the view, UNKNOWN_ID for ids not in train."""
         return np.where(rows >= 0, self.classes[rows], UNKNOWN_ID).astype(np.int64)
+
+    def classes_of(self, ids: np.ndarray) -> np.ndarray:
+        return self.classes_at(self.rows_of(ids))
 
     def row_of(self, image_id: str) -> int:
         return int(self.rows_of(np.array([int(image_id, 16)], np.uint64))[0])
 
-    def class_of(self, image_id: str) -> int:
-        row = self.row_of(image_id)
+    def class_at(self, row: int) -> int:
         return int(self.classes[row]) if row >= 0 else UNKNOWN_ID
-
-    @property
-    def view_rows(self) -> int:
-        """How many train ids the view holds."""
-        return int((self.classes != NOT_IN_VIEW).sum())
 
     def digest(self) -> str:
         """A fingerprint of the train ids and which of them the view holds: a ledger of rows (``data/epoch_rows.py``)

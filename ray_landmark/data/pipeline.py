@@ -170,11 +170,11 @@ class GLDv2TarDatasource(FileBasedDatasource):
                         skip("not_jpeg", member.name)
                         continue
                     last_id = image_id
-                    label = lookup.class_of(image_id) if lookup is not None else UNLABELLED
+                    row = lookup.row_of(image_id) if lookup is not None else -1
+                    label = lookup.class_at(row) if lookup is not None else UNLABELLED
                     if label == NOT_IN_VIEW:
                         counts[NOT_IN_VIEW_KEY] += 1  # filtered on purpose, but its bytes come over the wire anyway
                         continue
-                    row = lookup.row_of(image_id) if lookup is not None else -1
                     if excluded is not None and row >= 0 and is_set(excluded, np.int64(row)):
                         counts[TRAINED_EARLIER] += 1
                         continue
@@ -275,8 +275,8 @@ def ranged_members(
     rows, are fetched, and every member is counted as streaming counts it, in tar order. A range that comes back short
     of a member is the ranged form of a truncated tar: counted, named, and the rest of the shard is lost."""
     skip, truncated = _skip_loggers(uri, counts)
-    labels = lookup.classes_of(members.ids) if lookup is not None else np.full(len(members.ids), UNLABELLED)
     rows = lookup.rows_of(members.ids) if lookup is not None else np.full(len(members.ids), -1)
+    labels = lookup.classes_at(rows) if lookup is not None else np.full(len(members.ids), UNLABELLED)
     trained = is_set(excluded, np.maximum(rows, 0)) & (rows >= 0) if excluded is not None else \
         np.zeros(len(rows), bool)
     wanted = [i for i, (name, label) in enumerate(zip(members.names, labels))

@@ -19,8 +19,9 @@ optimizer steps trained before each checkpoint; a mid-epoch checkpoint saves the
 streams only the rows it lacks, in a fresh shuffle. Across any number of resumes, each image of the view is trained
 once per epoch, apart from those no step took (each rank's last partial batch and what the equal split leaves over),
 which the epoch line counts, as it counts any image trained twice. With the same number of workers, that is; a resume
-with fewer or more of them streams the same rest, and runs out of it or leaves more over. After each checkpoint, rank 0 keeps the ``train.keep_checkpoints`` newest verified ones (mid-epoch ones only,
-besides every epoch-end one, with ``train.keep_epoch_checkpoints``) and deletes the rest (``prune_checkpoints``).
+with fewer or more of them streams the same rest, and runs out of it or leaves more over. After each checkpoint, rank
+0 keeps the ``train.keep_checkpoints`` newest verified ones (mid-epoch ones only, besides every epoch-end one, with
+``train.keep_epoch_checkpoints``) and deletes the rest (``prune_checkpoints``).
 """
 
 from __future__ import annotations
