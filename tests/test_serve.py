@@ -1,25 +1,32 @@
 """The landmark service on the session's local Ray, over real HTTP: its answers equal the batch ensemble's
 submission rows for the same test images, concurrent requests are embedded together, every bad input gets a 4xx and
-the service keeps serving; and an ensemble whose embeddings are not its checkpoints' refuses to start."""
+the service keeps serving; an ensemble whose embeddings are not its checkpoints' refuses to start; an autoscaled
+service grows under load and shrinks after, and its replicas share one index through the run's additions log."""
 
 from __future__ import annotations
 
 import io
+import json
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import requests
 from PIL import Image
 
 from ray_landmark.config import config_from_dict
-from ray_landmark.data.config import DataConfig
+from ray_landmark.data.config import DataConfig, StorageConfig
 from ray_landmark.data.metadata import open_manifest
-from ray_landmark.data.storage import resolve
+from ray_landmark.data.storage import read_bytes, resolve, write_new
 from ray_landmark.errors import JobError
 from ray_landmark.infer.config import EnsembleConfig
 from ray_landmark.infer.ensemble import load_split, run_ensemble
+from ray_landmark.infer.index_additions import Addition, append_addition, check_additions, read_additions
 from ray_landmark.infer.report import read_jpegs
 from ray_landmark.local_s3 import free_port
 from ray_landmark.infer.onnx_runtime import exported_onnx
@@ -260,8 +267,9 @@ def test_the_onnxruntime_backend_answers_as_the_batch_ensemble_within_its_stated
 
 
 @pytest.mark.slow
-def test_images_added_to_the_index_are_retrieved_at_once_and_persisted_beside_its_embeddings(service):
-    """Runs after the tests that compare retrieval with the submission: it grows the served index."""
+def test_images_added_to_the_index_are_retrieved_at_once_and_persisted_in_the_runs_additions_log(service):
+    """Runs after the tests that compare retrieval with the submission: it grows the run's index, which every
+    service on the run then searches."""
     ids = sorted(service.queries)[:2]
     files = [("image", (f"added_{n}.jpg", service.queries[i], "image/jpeg")) for n, i in enumerate(ids)]
     before = requests.get(f"{service.url}/metadata", timeout=30).json()["index_images"]
@@ -274,11 +282,182 @@ def test_images_added_to_the_index_are_retrieved_at_once_and_persisted_beside_it
     # Persisted for both models, where a restarted replica and the next ensemble run read the index.
     index = load_split(service.cfg, "index")
     assert {"added_0", "added_1"} <= set(index.ids) and all(len(e) == len(index.ids) for e in index.by_model.values())
+    assert index.additions == response.json()["index_addition"] and list(index.ids[-2:]) == ["added_0", "added_1"]
     again = requests.post(f"{service.url}/index/add", files=files[:1], timeout=120)
     assert again.status_code == 409 and "added_0 is already in the index" in again.json()["error"]
     bad = requests.post(f"{service.url}/index/add", files=[("image", ("../x y.jpg", service.queries[ids[0]]))],
                         timeout=120)
     assert bad.status_code == 400 and "is not one" in bad.json()["error"]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_file_written_only_where_nothing_is_has_exactly_one_writer_among_racing_ones(where, s3, tmp_path):
+    """What the additions log's one-writer-per-entry rests on (``storage.write_new``): of writers racing for one
+    name, one writes it and the others are told it is taken; nothing is overwritten."""
+    storage = StorageConfig(endpoint_url=s3.endpoint_url)
+    if where == "s3":
+        s3.create_bucket("race")
+    loc = resolve("s3://race/log" if where == "s3" else str(tmp_path / "log"), storage).child("00000001.parquet")
+    with ThreadPoolExecutor(8) as pool:
+        written = list(pool.map(lambda n: write_new(loc, f"writer {n}".encode(), storage), range(8)))
+    assert written.count(True) == 1, written
+    assert read_bytes(loc) == f"writer {written.index(True)}".encode()
+    assert not write_new(loc, b"late", storage) and read_bytes(loc) == f"writer {written.index(True)}".encode()
+
+
+def test_the_additions_log_reads_in_order_from_any_entry_and_refuses_one_that_no_longer_fits_the_run(tmp_path):
+    """The log every replica reads alike (``infer.index_additions``): entries in number order from wherever a reader
+    stands, a taken number refused to a second writer, and an entry of another checkpoint or a repeated id refused in
+    one line naming its file."""
+    run = SimpleNamespace(name="run", output_dir=str(tmp_path), storage=StorageConfig())
+    checkpoints = {"dolg": "/runs/dolg/checkpoint_000004", "effnet": "/runs/effnet/checkpoint_000004"}
+    rows = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float16)
+
+    def entry(number, ids, writer="w"):
+        return Addition(number, ids, {"dolg": rows[:len(ids)], "effnet": rows[:len(ids), :4]}, checkpoints, writer)
+
+    assert read_additions(run) == []
+    assert append_addition(run, entry(1, ["a", "b"]))
+    assert not append_addition(run, entry(1, ["c"], writer="late"))  # number 1 is taken: read it, then take 2
+    assert append_addition(run, entry(2, ["c"]))
+    log = read_additions(run)
+    assert [(a.number, a.ids, a.writer) for a in log] == [(1, ["a", "b"], "w"), (2, ["c"], "w")]
+    assert (log[0].by_model["effnet"] == rows[:2, :4]).all() and [a.number for a in read_additions(run, 1)] == [2]
+    check_additions(run, log, checkpoints, taken={"z"})
+    other = checkpoints | {"dolg": "/runs/dolg/checkpoint_000009"}
+    with pytest.raises(JobError, match=r"index_additions/00000001.parquet: model dolg's rows were embedded with "
+                                       r".*000004, but the run's index was embedded with .*000009; move "):
+        check_additions(run, log, other, taken=set())
+    with pytest.raises(JobError, match=r"00000002.parquet: image c is already in the run's embedded index"):
+        check_additions(run, log, checkpoints, taken={"c"})
+
+
+# The autoscaled application's index_refresh_s: the bound docs/serving.md states for a shared index, and the time an
+# added image needs to reach every replica.
+REFRESH_S = 1.0
+
+
+def _replicas_running(app: str) -> int:
+    from ray import serve
+
+    return serve.status().applications[app].deployments["LandmarkService"].replica_states.get("RUNNING", 0)
+
+
+def _wait_for(what: str, condition, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
+        time.sleep(0.2)
+
+
+def _add(url: str, named: dict[str, bytes]) -> requests.Response:
+    return requests.post(f"{url}/index/add", files=[("image", (f"{name}.jpg", data, "image/jpeg"))
+                                                    for name, data in named.items()], timeout=120)
+
+
+def _from_every_replica(ask, replicas: int = 2, timeout_s: float = 60.0) -> dict[str, dict]:
+    """Ask until ``replicas`` replicas have answered: replica id -> its answers (JSON), every one kept."""
+    answers, deadline = {}, time.monotonic() + timeout_s
+    while len(answers) < replicas:
+        assert time.monotonic() < deadline, f"answers from {sorted(answers)} only"
+        response = ask()
+        assert response.status_code == 200, response.text
+        answers.setdefault(response.json()["replica"], []).append(response.json())
+    return answers
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field in AutoscalingConfig is deprecated")
+def test_an_autoscaled_service_grows_under_load_and_shrinks_after_and_its_replicas_share_one_index(service):
+    """A second application on the same run, autoscaled from 1 to 2 replicas with Serve's delays cut to a second.
+    Load starts a second replica, which starts with the image the first added (read from the run's additions log);
+    the two answer alike; an image added through either is retrieved through the other index_refresh_s after its
+    answer; additions racing on both replicas are all kept, an id only once; bad input under load gets its 4xx; and
+    without load the service goes back to one replica. Runs after the tests that compare retrieval with the
+    submission: it grows the run's index."""
+    from ray import serve
+
+    settings = ServeSettings(
+        ensemble="(in memory)", allow_index_add=True, index_refresh_s=REFRESH_S, limits={"max_images": 8},
+        replicas={"num_cpus": 0.5, "autoscaling": {
+            "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0,
+            "downscale_delay_s": 1, "look_back_period_s": 1, "metrics_interval_s": 0.2}})
+    serve.run(landmark_app(settings, service.cfg), name="scaled", route_prefix="/scaled")
+    url = f"{service.url}/scaled"
+    ids = sorted(service.queries)
+    image = lambda n: service.queries[ids[n]]
+    retrieve = lambda n: lambda: post(f"{url}/retrieve", [image(n)], k=10)
+    stop, answered = threading.Event(), []
+
+    def load():
+        while not stop.is_set():
+            response = post(f"{url}/recognize", [image(5)])
+            answered.append((response.status_code, response.text))
+
+    pool = ThreadPoolExecutor(6)
+    try:
+        first = _add(url, {"shared_0": image(0)})
+        assert first.status_code == 200, first.text
+        loads = [pool.submit(load) for _ in range(6)]
+        # Bad input under load: each still gets its 4xx, before anything is embedded.
+        for named, status, message in [({"shared_0": image(1)}, 409, "shared_0 is already in the index"),
+                                       ({"../x y": image(1)}, 400, "is not one"),
+                                       ({"fine": image(1), "bytes": b"hello, not a picture"}, 415, "not an image")]:
+            refused = _add(url, named)
+            assert refused.status_code == status and message in refused.json()["error"], refused.text
+        _wait_for("a second replica under load", lambda: _replicas_running("scaled") == 2)
+
+        # The second replica started after shared_0 was added: it read it from the log.
+        before = _from_every_replica(retrieve(0))
+        assert all("shared_0" in a["results"][0]["ids"] for answers in before.values() for a in answers), before
+        # Both answer alike: an image added to neither (shared_0 and added_0 are copies of one image, tied).
+        one, other = (answers[0]["results"][0] for answers in _from_every_replica(retrieve(3)).values())
+        assert one["ids"] == other["ids"] and one["scores"] == pytest.approx(other["scores"], abs=1e-5)
+        recognized = {}
+
+        def both_recognized() -> bool:
+            for status, text in list(answered):
+                assert status == 200, text
+                body = json.loads(text)
+                recognized.setdefault(body["replica"], body["results"][0])
+            return len(recognized) == 2
+
+        _wait_for("the load answered by both replicas", both_recognized)
+        one, other = recognized.values()
+        assert one["landmark_id"] == other["landmark_id"] and one["confidence"] == pytest.approx(
+            other["confidence"], abs=1e-5)
+
+        # Added through one replica, retrieved through the other index_refresh_s after the answer, with no restart.
+        added = _add(url, {"shared_1": image(1)})
+        assert added.status_code == 200, added.text
+        time.sleep(REFRESH_S)
+        after = _from_every_replica(retrieve(1))
+        assert all("shared_1" in a["results"][0]["ids"] for answers in after.values() for a in answers), after
+        assert added.json()["replica"] in after and len(after) == 2
+
+        # Additions racing on both replicas: each gets its own entry of the log, and an id is taken once.
+        racing = [{f"race_{n}": image(n)} for n in range(3)] + [{"race_same": image(n)} for n in range(3)]
+        with ThreadPoolExecutor(len(racing)) as racers:
+            raced = list(racers.map(lambda named: _add(url, named), racing))
+        assert [r.status_code for r in raced[:3]] == [200] * 3, [r.text for r in raced]
+        assert sorted(r.status_code for r in raced[3:]) == [200, 409, 409], [r.text for r in raced]
+        entries = [r.json()["index_addition"] for r in raced if r.status_code == 200]
+        assert len(set(entries)) == 4
+        time.sleep(REFRESH_S)
+        index = load_split(service.cfg, "index")
+        meta = _from_every_replica(lambda: requests.get(f"{url}/metadata", timeout=30))
+        assert {(m["index_images"], m["index_additions"]) for answers in meta.values() for m in answers} == \
+            {(len(index.ids), index.additions)}
+        assert {"shared_0", "shared_1", "race_0", "race_1", "race_2", "race_same"} <= set(index.ids)
+
+        stop.set()
+        for done in loads:
+            done.result()
+        _wait_for("back to one replica without load", lambda: _replicas_running("scaled") == 1)
+    finally:
+        stop.set()
+        pool.shutdown()
+        serve.delete("scaled")
 
 
 def test_the_serve_config_files_validate_and_overrides_reach_the_application_args():

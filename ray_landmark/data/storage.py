@@ -8,7 +8,9 @@ get them).
 
 from __future__ import annotations
 
+import functools
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -155,6 +157,54 @@ def write_bytes(loc: Location, data: bytes) -> None:
     with loc.fs.open_output_stream(partial) as f:
         f.write(data)
     os.replace(partial, loc.path)
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_client(storage: StorageConfig):
+    """A boto3 S3 client with ``storage``'s endpoint, region, tries and timeout (pyarrow's filesystem has no
+    conditional write); made once per setting, as a client takes a few hundred milliseconds to make."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    return boto3.client("s3", endpoint_url=storage.endpoint_url, region_name=storage.region,
+                        config=BotoConfig(retries={"max_attempts": storage.retries, "mode": "standard"},
+                                          connect_timeout=storage.connect_timeout_s))
+
+
+def write_new(loc: Location, data: bytes, storage: StorageConfig) -> bool:
+    """Write a file in one piece only where nothing is yet: True when written, False when the name was taken (by
+    another writer, even one racing this one). What several processes append to without a lock rests on it.
+
+    A local file is written beside its place and hard-linked into it: the link fails if the name exists. On S3 it is a
+    conditional PUT (``If-None-Match: *``), which AWS S3 and S3-compatible stores with conditional writes (MinIO,
+    moto) refuse with 412 when the key exists, or with 409 while another conditional PUT of the key is in flight."""
+    if loc.is_s3:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = loc.path.split("/", 1)
+        try:
+            _s3_client(storage).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise StorageError(f"writing {loc.uri} failed: {err}") from err
+        except BotoCoreError as err:
+            raise StorageError(f"writing {loc.uri} failed after {storage.retries} tries: {err}") from err
+        return True
+    partial = f"{loc.path}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.makedirs(os.path.dirname(loc.path), exist_ok=True)
+        with open(partial, "wb") as f:
+            f.write(data)
+        try:
+            os.link(partial, loc.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(partial)
+    except OSError as err:  # no space, no permission, a filesystem without hard links
+        raise StorageError(f"writing {loc.uri} failed: {err}") from err
 
 
 def exists(loc: Location, tries: int = 1) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -31,7 +31,8 @@ from ray_landmark.eval.metrics import recognition_metrics, retrieval_metrics
 from ray_landmark.eval.search import knn
 from ray_landmark.infer import postprocess as pp
 from ray_landmark.infer.config import EnsembleConfig, EnsembleModel, Expansion, RetrievalSettings
-from ray_landmark.infer.embed import EmbeddingError, EmbedRequest, embed_splits, read_embeddings
+from ray_landmark.infer.embed import EmbeddingError, EmbedRequest, embed_splits, read_embeddings, read_info
+from ray_landmark.infer.index_additions import check_additions, read_additions
 from ray_landmark.infer.report import GalleryEntry, RetrievedImage, read_jpegs, write_report
 from ray_landmark.infer.submission import recognition_submission, retrieval_submission
 from ray_landmark.progress import Printer, say
@@ -94,12 +95,26 @@ class SplitEmbeddings:
     by_model: dict[str, np.ndarray]  # float16 [N, D_model]
     excluded: int  # rows dropped because a model's embedding was NaN, infinite or zero
     excluded_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
+    additions: int = 0  # index split: the entries of the service's additions log its last rows are
 
 
 def load_split(cfg: EnsembleConfig, split: str) -> SplitEmbeddings:
     """Align the models' embeddings of one split by image id; a model lacking images the others have is an error
-    naming its folder, and a row that is invalid in any model is dropped for all and counted."""
-    return load_aligned({m.name: embeddings_folder(cfg, m).child(split) for m in cfg.models}, f"split {split}")
+    naming its folder, and a row that is invalid in any model is dropped for all and counted. The index split ends
+    with the images the service added after the run (``infer.index_additions``), in the order they were added."""
+    folders = {m.name: embeddings_folder(cfg, m).child(split) for m in cfg.models}
+    rows = load_aligned(folders, f"split {split}")
+    if split != "index":
+        return rows
+    additions = read_additions(cfg)
+    if not additions:
+        return rows
+    check_additions(cfg, additions, {name: read_info(folder)["checkpoint"] for name, folder in folders.items()},
+                    set(rows.ids))
+    return replace(rows, ids=np.concatenate([rows.ids, *(np.asarray(a.ids, dtype=object) for a in additions)]),
+                   by_model={name: np.concatenate([e, *(a.by_model[name] for a in additions)])
+                             for name, e in rows.by_model.items()},
+                   additions=additions[-1].number)
 
 
 def load_aligned(folders: dict[str, Location], what: str) -> SplitEmbeddings:

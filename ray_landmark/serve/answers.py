@@ -11,6 +11,10 @@ searched stay on the replica's device as torch tensors, made once here, so that 
 ``postprocess.retrieve`` as the batch job: for a batch of query embeddings they do what ``infer.ensemble`` does for the
 test split, row by row alike, so the service's answers are the submission rows of the same images.
 
+The index is the run's embedded index images followed by the entries of its additions log (``infer.index_additions``,
+which ``load_split`` reads); ``with_added_index_images`` extends a loaded index by the entries written since, in the
+same order, so a replica that started before an addition and one that started after it search the same rows.
+
 The non-landmark set N is the batch job's (``infer.ensemble.load_nonlandmark``), with one difference: under
 ``recognition.nonlandmark.source: cross_usage`` the batch job picks N by the query's Public/Private usage, which a
 photo sent to the service does not have; the service then uses every non-landmark test image of both usages. A test
@@ -30,6 +34,7 @@ from ray_landmark.data import gldv2
 from ray_landmark.errors import JobError
 from ray_landmark.infer import postprocess as pp
 from ray_landmark.infer.config import EnsembleConfig, EnsembleModel
+from ray_landmark.infer.index_additions import Addition
 from ray_landmark.infer.ensemble import Stage, Tables, data_config, load_nonlandmark, load_split, own_rows
 from ray_landmark.runs.folders import output_folder
 
@@ -61,12 +66,15 @@ class ServedIndex:
     # and index images for every model (None: each model labels with its own train rows)
     labelling_train: torch.Tensor | None
     index_ids: np.ndarray  # str [I]
+    index_id_set: frozenset[str]  # the same ids, for the id checks of additions
+    additions: int  # the entries of the run's index additions log that the index ends with
     dims: dict[str, int]  # model name -> embedding dimension of its files
 
     def summary(self) -> dict:
         return {"gallery_images": len(self.gallery_labels), "gallery_landmarks": int(len(set(self.gallery_labels))),
-                "index_images": len(self.index_ids), "nonlandmark_images": len(self.nonlandmark),
-                "nonlandmark_source": self.nonlandmark_source, "search_device": self.device}
+                "index_images": len(self.index_ids), "index_additions": self.additions,
+                "nonlandmark_images": len(self.nonlandmark), "nonlandmark_source": self.nonlandmark_source,
+                "search_device": self.device}
 
 
 def load_served_index(cfg: EnsembleConfig, device: str) -> ServedIndex:
@@ -115,7 +123,8 @@ def load_served_index(cfg: EnsembleConfig, device: str) -> ServedIndex:
     return ServedIndex(
         cfg=cfg, device=device, recognition_models=used, gallery=gallery, gallery_labels=gallery_labels, bias=bias,
         nonlandmark=nonlandmark, nonlandmark_source=source, retrieval=retrieval, labelling_train=labelling_train,
-        index_ids=splits["index"].ids,
+        index_ids=splits["index"].ids, index_id_set=frozenset(splits["index"].ids),
+        additions=splits["index"].additions,
         dims={name: e.shape[1] for name, e in splits["train"].by_model.items()},
     )
 
@@ -150,14 +159,19 @@ def answer_recognition(served: ServedIndex, queries: dict[str, np.ndarray]) -> l
              "nonlandmark_score": float(p)} for lm, c, p in zip(landmarks, confidence, penalty)]
 
 
-def with_added_index_images(served: ServedIndex, ids: list[str], queries: dict[str, np.ndarray]) -> ServedIndex:
-    """A copy of ``served`` whose retrieval index also holds these images (ids and float16 embeddings per model),
-    each labelled by its train neighbours as the ensemble labels index images; ``served`` itself is not changed, so
-    answers in progress keep a consistent index."""
+def with_added_index_images(served: ServedIndex, additions: list[Addition]) -> ServedIndex:
+    """A copy of ``served`` whose retrieval index also holds these entries of the run's additions log (the next ones
+    after ``served.additions``, in order, checked by ``index_additions.check_additions``), each image labelled by
+    its train neighbours as the ensemble labels index images; ``served`` itself is not changed, so answers in
+    progress keep a consistent index."""
     rt = served.cfg.retrieval
     if rt.dba.enabled:
         raise JobError("retrieval.dba: adding index images is refused while DBA is on (it would change every index "
                        "image's neighbours); rerun jobs/ensemble.py with the new images instead")
+    if additions[0].number != served.additions + 1:
+        raise JobError(f"index additions log: entry {additions[0].number} follows entry {served.additions}")
+    ids = [i for a in additions for i in a.ids]
+    queries = {name: np.concatenate([a.by_model[name] for a in additions]) for name in additions[0].by_model}
     shared = _ensemble_labels(served, queries)
     retrieval = []
     for entry in served.retrieval:
@@ -168,7 +182,8 @@ def with_added_index_images(served: ServedIndex, ids: list[str], queries: dict[s
                                  index_labels=np.concatenate([entry.index_labels, labels]),
                                  index_confidence=np.concatenate([entry.index_confidence, confidence])))
     return replace(served, retrieval=retrieval,
-                   index_ids=np.concatenate([served.index_ids, np.asarray(ids, dtype=object)]))
+                   index_ids=np.concatenate([served.index_ids, np.asarray(ids, dtype=object)]),
+                   index_id_set=served.index_id_set | set(ids), additions=additions[-1].number)
 
 
 def answer_retrieval(served: ServedIndex, queries: dict[str, np.ndarray], k: int) -> list[dict]:

@@ -5,10 +5,15 @@
     POST /retrieve?k=10   the same inputs -> {"results": [{"ids": [...], "scores": [...]}, ...]}
     GET  /healthz         -> {"status": "ok"}
     GET  /metadata        the models, their input size and preprocessing, the gallery, index and non-landmark set
-    POST /index/add       multipart JPEG files named <new id>.jpg -> embedded and appended to the retrieval index,
-                          persisted beside the ensemble's index embeddings (``allow_index_add: true`` only)
+    POST /index/add       multipart JPEG files named <new id>.jpg -> embedded and appended to the retrieval index of
+                          every replica (``allow_index_add: true`` only)
 
 Each replica holds every model of the ensemble and the embeddings its run wrote (``answers.load_served_index``).
+The retrieval index is shared: an addition is the next entry of the run's additions log (``infer.index_additions``),
+appended by whichever replica took it, and every replica applies the entries it has not seen before it answers a
+/retrieve or /metadata request, looking at most once every ``index_refresh_s``: an image acknowledged by /index/add is
+searched by every replica for every request that arrives ``index_refresh_s`` or more later. Answers carry the id of
+the replica that gave them (``replica``).
 An image is checked (JPEG, size) and decoded exactly as the embedding job decodes it: by ``decode_resized`` where
 the embedding job's Ray Data tasks decode (``data.decode: cpu``), else by the worker decoder on the replica's device
 (nvjpeg on a GPU), the same ``data.decode`` rule as ``infer.embed``. Images of concurrent requests are embedded
@@ -44,11 +49,12 @@ from ray_landmark.data.transforms import CorruptImage, decode_resized
 from ray_landmark.data.worker_decode import WorkerDecoder
 from ray_landmark.errors import JobError
 from ray_landmark.infer.config import EnsembleConfig
-from ray_landmark.infer.embed import INFO_FILE, Embedder, read_info, write_embeddings
+from ray_landmark.infer.embed import INFO_FILE, Embedder, read_info
+from ray_landmark.infer.index_additions import Addition, append_addition, check_additions, read_additions
 from ray_landmark.infer.onnx_runtime import exported_onnx
 from ray_landmark.infer.ensemble import EMBED_ORDER, use_cpus, data_config, embeddings_folder
 from ray_landmark.serve.answers import (
-    answer_recognition, answer_retrieval, load_served_index, with_added_index_images,
+    ServedIndex, answer_recognition, answer_retrieval, load_served_index, with_added_index_images,
 )
 from ray_landmark.runs.checkpoint import checkpoint_folder, read_checkpoint_config
 from ray_landmark.serve.config import ServeSettings
@@ -61,6 +67,16 @@ class BadRequest(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+class Unavailable(Exception):
+    """The run's index additions log cannot be read or written: a 503, as the shared index's bound cannot be kept."""
+
+    status = 503
+
+
+# Tries to append to the additions log: each refused try means another writer appended in between.
+APPEND_TRIES = 20
 
 
 def served_checkpoints(cfg: EnsembleConfig) -> dict[str, tuple[str, Config]]:
@@ -132,6 +148,13 @@ def check_image(data: bytes, limits) -> None:
                               f"is {limits.max_pixels / 1e6:g} megapixels")
 
 
+def refuse_taken_ids(ids: list[str], served: ServedIndex) -> None:
+    """409 for an id already in the index, or twice in the request."""
+    taken = sorted(set(ids) & served.index_id_set) or sorted({i for i in ids if ids.count(i) > 1})
+    if taken:
+        raise BadRequest(409, f"image id {taken[0]} is already in the index (or twice in the request)")
+
+
 def backend_of(settings: ServeSettings, model: str) -> str:
     return settings.model_backends.get(model, settings.backend)
 
@@ -175,8 +198,11 @@ class LandmarkService:
                                  "provider": getattr(embedder.model, "provider", None)}
         self.decoders = {pixels: WorkerDecoder(*pixels, self.device) if worker_decode else None
                          for pixels in {m["pixels"] for m in self.models.values()}}
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.checkpoints = {name: m["checkpoint"] for name, m in self.models.items()}
+        self.index_checked_at = time.monotonic()  # taken before the load, which reads the additions log
         self.served = load_served_index(ensemble, self.device.type)
-        self.index_lock = asyncio.Lock()
+        self.index_lock = asyncio.Lock()  # one reader or writer of the additions log at a time
         self.embed_image.set_max_batch_size(settings.replicas.max_batch_size)
         self.embed_image.set_batch_wait_timeout_s(settings.replicas.batch_wait_timeout_s)
 
@@ -243,24 +269,73 @@ class LandmarkService:
         embedded = await asyncio.gather(*(self.embed_image(image) for image in decoded))
         return {name: np.stack([e[name] for e in embedded]) for name in self.models}, [e["batch"] for e in embedded]
 
-    async def _answer(self, request: Request, answer) -> JSONResponse:
+    async def _answer(self, request: Request, answer, searches_index: bool = False) -> JSONResponse:
+        """``answer(served index, query embeddings)``; ``searches_index``: with every addition due by now."""
         try:
             queries, batches = await self._embed([data for _, data in await self._read_images(request)])
-            results = await asyncio.to_thread(answer, queries)
-        except BadRequest as err:
+            served = await self._current_index() if searches_index else self.served
+            results = await asyncio.to_thread(answer, served, queries)
+        except (BadRequest, Unavailable) as err:
             return JSONResponse({"error": " ".join(str(err).split())}, status_code=err.status)
         except Exception as err:  # a multipart body that does not parse, or too many form parts
             if getattr(err, "status_code", 500) < 500:
                 return JSONResponse({"error": f"a request that cannot be read: {getattr(err, 'detail', err)}"},
                                     status_code=err.status_code)
             raise
-        return JSONResponse({"results": results, "model_batch_sizes": batches})
+        return JSONResponse({"results": results, "model_batch_sizes": batches, "replica": self.replica})
+
+    # ------------------------------------------------------------ the shared index
+
+    async def _catch_up(self, force: bool = False) -> list[Addition]:
+        """Apply the entries of the additions log written since this replica's index was made, looking at most once
+        every ``index_refresh_s`` unless forced; returns them. The caller holds ``index_lock``."""
+        started = time.monotonic()
+        if not force and started - self.index_checked_at < self.settings.index_refresh_s:
+            return []
+        try:
+            new = await asyncio.to_thread(read_additions, self.cfg, self.served.additions)
+            if new:
+                check_additions(self.cfg, new, self.checkpoints, self.served.index_id_set)
+                self.served = await asyncio.to_thread(with_added_index_images, self.served, new)
+        except JobError as err:  # a store that does not answer included (StorageError)
+            raise Unavailable(f"the index additions log cannot be read: {err}") from None
+        self.index_checked_at = started  # every entry written before this look is applied
+        return new
+
+    async def _current_index(self) -> ServedIndex:
+        """The index with every addition acknowledged ``index_refresh_s`` or more before now."""
+        if time.monotonic() - self.index_checked_at >= self.settings.index_refresh_s:
+            async with self.index_lock:
+                await self._catch_up()
+        return self.served
+
+    async def _append(self, ids: list[str], queries: dict[str, np.ndarray]) -> tuple[int, int]:
+        """Add the images as the next entry of the additions log and to this replica's index; 409 for an id another
+        replica added first. Returns the entry's number and the index size."""
+        writer = uuid.uuid4().hex
+        async with self.index_lock:
+            for _ in range(APPEND_TRIES):
+                new = await self._catch_up(force=True)
+                mine = [a.number for a in new if a.writer == writer]
+                if mine:  # written by the try before, whose reply the store lost
+                    return mine[0], len(self.served.index_ids)
+                refuse_taken_ids(ids, self.served)
+                addition = Addition(self.served.additions + 1, ids, queries, self.checkpoints, writer)
+                try:
+                    written = await asyncio.to_thread(append_addition, self.cfg, addition)
+                except JobError as err:
+                    raise Unavailable(f"the index additions log cannot be written: {err}") from None
+                if written:
+                    self.served = await asyncio.to_thread(with_added_index_images, self.served, [addition])
+                    return addition.number, len(self.served.index_ids)
+        raise Unavailable(f"the index additions log took {APPEND_TRIES} entries from other writers while this one "
+                          f"tried to append; retry")
 
     # ------------------------------------------------------------ endpoints
 
     @api.post("/recognize")
     async def recognize(self, request: Request) -> JSONResponse:
-        return await self._answer(request, lambda queries: answer_recognition(self.served, queries))
+        return await self._answer(request, answer_recognition)
 
     @api.post("/retrieve")
     async def retrieve(self, request: Request) -> JSONResponse:
@@ -271,36 +346,31 @@ class LandmarkService:
             k = 0
         if not 1 <= k <= top:
             return JSONResponse({"error": f"k must be an integer from 1 to {top}"}, status_code=400)
-        return await self._answer(request, lambda queries: answer_retrieval(self.served, queries, k))
+        return await self._answer(request, lambda served, queries: answer_retrieval(served, queries, k),
+                                  searches_index=True)
 
     @api.post("/index/add")
     async def add_to_index(self, request: Request) -> JSONResponse:
-        """Multipart JPEG files, each file's name (less .jpg) its new image id: embedded by every model, written
-        as one parquet file per model beside the ensemble's index embeddings (where the next ensemble run and every
-        restarted replica read them), and searched by this replica's /retrieve at once."""
+        """Multipart JPEG files, each file's name (less .jpg) its new image id: embedded by every model and appended
+        to the run's additions log as one entry (where every replica, restarted or not, and the next ensemble run
+        read it), and searched by this replica's /retrieve at once."""
         if not self.settings.allow_index_add:
             return JSONResponse({"error": "adding to the index is off: set allow_index_add: true in the service's "
                                           "args"}, status_code=403)
-        async with self.index_lock:  # one addition at a time: each sees the one before
-            try:
-                images = await self._read_images(request)
-                ids = [os.path.splitext(name or "")[0] for name, _ in images]
-                bad = [i for i in ids if not IMAGE_ID.fullmatch(i)]
-                if bad:
-                    raise BadRequest(400, f"image ids come from the file names (less .jpg), letters, digits, _ and "
-                                          f"- only: {bad[0]!r} is not one")
-                taken = sorted(set(ids) & set(self.served.index_ids)) or sorted({i for i in ids if ids.count(i) > 1})
-                if taken:
-                    raise BadRequest(409, f"image id {taken[0]} is already in the index (or twice in the request)")
-                queries, _ = await self._embed([data for _, data in images])
-            except BadRequest as err:
-                return JSONResponse({"error": " ".join(str(err).split())}, status_code=err.status)
-            name = f"added-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}.parquet"
-            for model in self.cfg.models:  # every model: the ensemble aligns the models' rows by id
-                await asyncio.to_thread(write_embeddings, embeddings_folder(self.cfg, model).child("index", name),
-                                        ids, queries[model.name])
-            self.served = await asyncio.to_thread(with_added_index_images, self.served, ids, queries)
-        return JSONResponse({"added": ids, "index_images": len(self.served.index_ids), "file": name})
+        try:
+            images = await self._read_images(request)
+            ids = [os.path.splitext(name or "")[0] for name, _ in images]
+            bad = [i for i in ids if not IMAGE_ID.fullmatch(i)]
+            if bad:
+                raise BadRequest(400, f"image ids come from the file names (less .jpg), letters, digits, _ and "
+                                      f"- only: {bad[0]!r} is not one")
+            refuse_taken_ids(ids, self.served)  # before embedding; checked again against the log when appending
+            queries, _ = await self._embed([data for _, data in images])
+            number, index_images = await self._append(ids, queries)
+        except (BadRequest, Unavailable) as err:
+            return JSONResponse({"error": " ".join(str(err).split())}, status_code=err.status)
+        return JSONResponse({"added": ids, "index_images": index_images, "index_addition": number,
+                             "replica": self.replica})
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -308,18 +378,22 @@ class LandmarkService:
 
     @api.get("/metadata")
     async def metadata(self) -> dict:
+        try:
+            served = await self._current_index()
+        except Unavailable as err:
+            return JSONResponse({"error": " ".join(str(err).split())}, status_code=err.status)
         models = [{"name": m.name, "family": m.family, "tasks": list(m.tasks), "weight": m.weight,
                    "checkpoint": self.models[m.name]["checkpoint"],
                    "arch": self.models[m.name]["config"].model.arch,
                    "image_size": self.models[m.name]["pixels"][0],
                    "preprocessing": self.models[m.name]["pixels"][1],
-                   "embedding_dim": self.served.dims[m.name], "backend": self.models[m.name]["backend"],
+                   "embedding_dim": served.dims[m.name], "backend": self.models[m.name]["backend"],
                    # onnxruntime's execution provider (CPUExecutionProvider, CUDAExecutionProvider); None for torch
                    "execution_provider": self.models[m.name]["provider"]} for m in self.cfg.models]
         return {"ensemble": self.cfg.name, "models": models, "device": self.device.type,
                 "decode": "worker" if any(self.decoders.values()) else "cpu", "flip_tta": self.cfg.embed.flip_tta,
-                **self.served.summary(), "limits": self.settings.limits.model_dump(),
-                "max_batch_size": self.settings.replicas.max_batch_size}
+                **served.summary(), "index_refresh_s": self.settings.index_refresh_s, "replica": self.replica,
+                "limits": self.settings.limits.model_dump(), "max_batch_size": self.settings.replicas.max_batch_size}
 
 
 def landmark_app(settings: ServeSettings, ensemble: EnsembleConfig) -> Application:
