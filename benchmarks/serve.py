@@ -97,7 +97,8 @@ def plain_served_index(loop: PlainLoop, cfg: EnsembleConfig, gallery_jpegs: list
     return ServedIndex(cfg=cfg, device=device, recognition_models=tuple(cfg.models), gallery=gallery,
                        gallery_labels=gallery_labels, bias=bias, nonlandmark=nonlandmark,
                        nonlandmark_source="the non-landmark test images", retrieval=[], labelling_train=None,
-                       index_ids=np.zeros(0, dtype=object), dims={MODEL: gallery.shape[1]})
+                       index_ids=np.zeros(0, dtype=object), index_id_set=frozenset(), additions=0,
+                       dims={MODEL: gallery.shape[1]})
 
 
 def run_plain(loop: PlainLoop, queries: list[bytes], served: ServedIndex, batch: int) -> dict:

@@ -394,11 +394,12 @@ def test_an_autoscaled_service_grows_under_load_and_shrinks_after_and_its_replic
             response = post(f"{url}/recognize", [image(5)])
             answered.append((response.status_code, response.text))
 
-    pool = ThreadPoolExecutor(6)
+    # Three clients keep three requests in flight, three times the target: enough for two replicas.
+    pool = ThreadPoolExecutor(3)
     try:
         first = _add(url, {"shared_0": image(0)})
         assert first.status_code == 200, first.text
-        loads = [pool.submit(load) for _ in range(6)]
+        loads = [pool.submit(load) for _ in range(3)]
         # Bad input under load: each still gets its 4xx, before anything is embedded.
         for named, status, message in [({"shared_0": image(1)}, 409, "shared_0 is already in the index"),
                                        ({"../x y": image(1)}, 400, "is not one"),
