@@ -154,6 +154,20 @@ def test_gpu_decode_runs_on_cpu_at_toy_size_without_ray_or_pydantic():
     assert "| DataLoader, 1 PIL workers: decode + resize + augmentation |" in benchmarks_md(payload)
 
 
+@pytest.mark.slow  # the benchmark script end to end, in a process of its own
+def test_gpu_onnx_runs_on_cpu_at_toy_size_without_ray_or_pydantic():
+    from benchmarks.gpu_onnx import benchmarks_md
+
+    payload = printed_json(run_benchmark("gpu_onnx", "--tiny", "--device", "cpu", "--batch", "2", "--steps", "1",
+                                         "--warmup", "1", "--latency-runs", "2", without_ray_or_pydantic=True))
+    assert set(payload["models"]) == {"tiny_dolg", "tiny_hybrid_swin"}
+    for model in payload["models"].values():
+        assert model["reference"] == "torch" and set(model["runtimes"]) == {"torch", "onnxruntime_cpu"}
+        onnx = model["runtimes"]["onnxruntime_cpu"]
+        assert onnx["images_per_s"] > 0 and onnx["latency_ms_p50"] > 0 and onnx["max_abs_difference"] < 1e-4
+    assert "| tiny_hybrid_swin | 64 | onnxruntime_cpu |" in benchmarks_md(payload, "benchmarks/results/x.json")
+
+
 @pytest.mark.slow
 def test_gpu_compile_runs_without_ray_or_pydantic_at_toy_size(tmp_path):
     """The GPU machine has neither: the script must not import them (the model code's config classes included), and
