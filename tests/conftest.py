@@ -1,8 +1,9 @@
-"""One local S3 server, one local Ray and one synthetic GLDv2 (in a folder and in a bucket) per test run."""
+"""One local S3 server, one local Ray and one synthetic GLDv2 (in a folder and in a bucket) per test process."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import runpy
 import shutil
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from PIL import Image
 
 from ray_landmark.data import gldv2
@@ -52,6 +54,34 @@ def job_error(monkeypatch, script: str, *args: str) -> str:
     return message
 
 
+# The longest test files, longest first, and their seconds one after another on 2 cores (the whole suite: 1,824 s).
+LONGEST_FILES = {"test_faults.py": 288, "test_benchmark_scripts.py": 246, "test_quickstart.py": 220,
+                 "test_tune.py": 215, "test_training.py": 203, "test_bad_input.py": 110, "test_chains.py": 107}
+
+
+def pytest_collection_modifyitems(items):
+    """The longest files first, then those with slow tests: under ``pytest -n 2 --dist loadfile`` (scripts/test.sh)
+    each process takes the next file when it is free, so the long ones should not be left to the end."""
+    def order(item):
+        seconds = LONGEST_FILES.get(item.path.name, 0)
+        return -seconds, item.get_closest_marker("slow") is None
+
+    items.sort(key=order)
+
+
+def once_per_run(tmp_path_factory, name: str, build):
+    """What ``build(folder)`` returns (JSON), built once per test run in the run's temp folder however many pytest-xdist
+    processes ask: the first builds it, the others wait for it and reuse it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the folder the processes' own temp folders share
+    done = root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            done.write_text(json.dumps(build(root / name)))
+    return json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def s3():
     use_test_credentials()  # before Ray starts, so its local workers inherit them
@@ -89,7 +119,7 @@ def _synthetic_gldv2(spec: SyntheticSpec, root) -> str:
 @pytest.fixture(scope="session")
 def gldv2_local(tmp_path_factory):
     """Synthetic GLDv2 in a local folder, with manifests; returns its root path."""
-    return _synthetic_gldv2(SPEC, resolve(str(tmp_path_factory.mktemp("gldv2"))))
+    return once_per_run(tmp_path_factory, "gldv2", lambda folder: _synthetic_gldv2(SPEC, resolve(str(folder))))
 
 
 @pytest.fixture(scope="session")
@@ -103,28 +133,29 @@ def gldv2_s3(s3):
 
 @pytest.fixture(scope="session")
 def gldv2_learnable(tmp_path_factory):
-    return _synthetic_gldv2(LEARNABLE_SPEC, resolve(str(tmp_path_factory.mktemp("gldv2_learnable"))))
+    return once_per_run(tmp_path_factory, "gldv2_learnable",
+                        lambda folder: _synthetic_gldv2(LEARNABLE_SPEC, resolve(str(folder))))
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoints(ray_session, gldv2_learnable, tmp_path_factory):
+def tiny_checkpoints(gldv2_learnable, tmp_path_factory, request):
     """Two tiny models of different families trained briefly on the learnable set: name -> run folder."""
-    from pathlib import Path
-
     from ray_landmark.config import load_config
     from ray_landmark.train.trainer import fit
 
-    repo = Path(__file__).resolve().parents[1]
-    out = tmp_path_factory.mktemp("tiny_runs")
-    runs = {}
-    for name, config in (("dolg", "tiny_dolg.yaml"), ("effnet", "tiny_efficientnet.yaml")):
-        cfg = load_config(repo / "configs" / config, [
-            f"data.root={gldv2_learnable}", "data.augment=false", f"run.output_dir={out}", f"run.name={name}",
-            "train.epochs=2", "train.lr=3e-3", "loss.scale=16", "loss.margin=0.1", "train.cpus_per_worker=0.5",
-        ])
-        fit(cfg)
-        runs[name] = str(out / name)
-    return runs
+    def train(out: Path) -> dict[str, str]:
+        request.getfixturevalue("ray_session")  # only the process that trains them needs a Ray
+        runs = {}
+        for name, config in (("dolg", "tiny_dolg.yaml"), ("effnet", "tiny_efficientnet.yaml")):
+            cfg = load_config(REPO / "configs" / config, [
+                f"data.root={gldv2_learnable}", "data.augment=false", f"run.output_dir={out}", f"run.name={name}",
+                "train.epochs=2", "train.lr=3e-3", "loss.scale=16", "loss.margin=0.1", "train.cpus_per_worker=0.5",
+            ])
+            fit(cfg)
+            runs[name] = str(out / name)
+        return runs
+
+    return once_per_run(tmp_path_factory, "tiny_runs", train)
 
 
 # ---------------------------------------------------------------- bad input

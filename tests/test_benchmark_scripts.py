@@ -154,6 +154,20 @@ def test_gpu_decode_runs_on_cpu_at_toy_size_without_ray_or_pydantic():
     assert "| DataLoader, 1 PIL workers: decode + resize + augmentation |" in benchmarks_md(payload)
 
 
+@pytest.mark.slow  # the benchmark script end to end, in a process of its own
+def test_gpu_onnx_runs_on_cpu_at_toy_size_without_ray_or_pydantic():
+    from benchmarks.gpu_onnx import benchmarks_md
+
+    payload = printed_json(run_benchmark("gpu_onnx", "--tiny", "--device", "cpu", "--batch", "2", "--steps", "1",
+                                         "--warmup", "1", "--latency-runs", "2", without_ray_or_pydantic=True))
+    assert set(payload["models"]) == {"tiny_dolg", "tiny_hybrid_swin"}
+    for model in payload["models"].values():
+        assert model["reference"] == "torch" and set(model["runtimes"]) == {"torch", "onnxruntime_cpu"}
+        onnx = model["runtimes"]["onnxruntime_cpu"]
+        assert onnx["images_per_s"] > 0 and onnx["latency_ms_p50"] > 0 and onnx["max_abs_difference"] < 1e-4
+    assert "| tiny_hybrid_swin | 64 | onnxruntime_cpu |" in benchmarks_md(payload, "benchmarks/results/x.json")
+
+
 @pytest.mark.slow
 def test_gpu_compile_runs_without_ray_or_pydantic_at_toy_size(tmp_path):
     """The GPU machine has neither: the script must not import them (the model code's config classes included), and
@@ -258,8 +272,10 @@ def test_the_label_rerank_search_benchmark_runs_at_toy_size(tmp_path):
 TOY_RUNS = {
     "train_step": ["--epochs", "2", "--image-size", "32", "--batch-size", "8", "--landmarks", "2"],
     "embed": ["--landmarks", "3", "--image-size", "32", "--batch-size", "16", "--jpeg", "160x120"],
-    "serve": ["--image-size", "32", "--requests", "4", "--rounds", "1", "--batch", "4", "--replica-cpus", "1",
-              "--jpeg", "160x120"],
+    # Both backends, two rounds, then 6 s of the load test with its bad requests (RSS too short to be judged).
+    "serve": ["--image-size", "32", "--requests", "4", "--min-rounds", "2", "--max-rounds", "2", "--batch", "4",
+              "--replica-cpus", "1", "--jpeg", "160x120", "--load-minutes", "0.1", "--load-bucket-s", "2",
+              "--bad-every", "4", "--rss-sample-s", "0.5", "--load-workers", "8"],
     # Last: it shuts Ray down at its end.
     "data_pipeline": ["--images", "96", "--size", "32", "--jpeg", "160x120", "--shards", "2", "--rounds", "2",
                       "--processes", "1", "--gaps", "0,65536"],
@@ -334,6 +350,20 @@ def test_data_pipeline_benchmark_runs_at_toy_size(toy_runs):
 @pytest.mark.slow
 def test_serve_benchmark_runs_at_toy_size(toy_runs):
     payload, section = toy_run(toy_runs, "serve")
-    results = payload["results"]
-    assert set(results["serve"]) == {"1", "8", "32"} and results["plain_torch"]["images"] == payload["setup"]["queries"]
-    assert "| serve, concurrency 32 |" in section and "synthetic 160x120 test JPEGs" in section
+    assert set(payload["results"]) == {"torch", "onnxruntime"}
+    for backend in payload["results"].values():
+        assert set(backend["paths"]) == {"plain_batch_1", "plain_batch_4", "serve_1", "serve_8", "serve_32"}
+        assert all(len(passes) == 2 for passes in backend["every_pass"].values())
+        assert all(p["images"] == 4 for p in backend["every_pass"]["plain_batch_4"])
+        assert set(backend["serve_vs_plain"]) == {"1", "8", "32"} and "overhead_ms_at_concurrency_1" in backend
+    assert payload["ratios"]["onnxruntime_vs_torch_plain"] > 0 and len(payload["load_average"]["after_each_round"]) == 4
+    assert "| onnxruntime | serve, concurrency 32 |" in section and "| torch | plain, batch 1 |" in section
+
+    # The load test after it, on the onnxruntime service: no error, every bad request answered with its 4xx, each
+    # replica's memory sampled, and the plot drawn.
+    load, load_section = written(toy_runs["serve"], "serve_load")
+    assert load["setup"]["backend"] == "onnxruntime" and load["errors"] == 0 and load["requests"] > 0
+    bad = sum(b["bad"] for b in load["buckets"])
+    assert bad > 0 and sum(b["bad_answered_as_promised"] for b in load["buckets"]) == bad
+    assert len(load["rss_flat"]) == 1 and all(b["rss_mib"] for b in load["buckets"])
+    assert (toy_runs["serve"] / load["plot"]).is_file() and "| bad answered as promised |" in load_section

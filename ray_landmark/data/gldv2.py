@@ -47,7 +47,9 @@ def ids_to_u64(ids) -> np.ndarray:
 
 
 def u64_to_ids(values: np.ndarray) -> list[str]:
-    return [f"{int(v):016x}" for v in values]
+    """uint64 -> 16-hex-character image ids, formatted all at once (millions of ids in well under a second)."""
+    text = np.asarray(values, dtype=np.uint64).astype(">u8").tobytes().hex()
+    return [text[i:i + 16] for i in range(0, len(text), 16)]
 
 
 def pack_tar(members: list[tuple[str, bytes]]) -> bytes:

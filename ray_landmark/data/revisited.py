@@ -295,7 +295,7 @@ def write_synthetic_revisited(spec: SyntheticRevisitedSpec, data: Location, dist
     width, height = g.width, g.height
     # Queried landmarks: those of the GLDv2's clean view, which a model trained on it has seen; then the others.
     order = _landmarks_clean_first(g)
-    buildings = {lm: synthetic._render_building(np.random.default_rng([g.seed, 2, lm]), width, height)
+    buildings = {lm: synthetic.render_building(np.random.default_rng([g.seed, 2, lm]), width, height)
                  for lm in order[:spec.landmarks + spec.negatives]}
     images: dict[str, Image.Image] = {}
     imlist: list[str] = []
@@ -313,9 +313,9 @@ def write_synthetic_revisited(spec: SyntheticRevisitedSpec, data: Location, dist
     for number, lm in enumerate(order[:spec.landmarks]):
         building = buildings[lm]
         hard = 0 if number == spec.landmarks - 1 else spec.hard
-        easy_ids = [add(f"lm{lm:02d}_easy_{k}", synthetic._view(building, rng(), width, height, False))
+        easy_ids = [add(f"lm{lm:02d}_easy_{k}", synthetic.render_view(building, rng(), width, height, False))
                     for k in range(spec.easy)]
-        hard_ids = [add(f"lm{lm:02d}_hard_{k}", synthetic._view(building, rng(), width, height, True))
+        hard_ids = [add(f"lm{lm:02d}_hard_{k}", synthetic.render_view(building, rng(), width, height, True))
                     for k in range(hard)]
         junk_ids = [add(f"lm{lm:02d}_junk_{k}", _junk_view(building, rng(), width, height))
                     for k in range(spec.junk)]
@@ -326,17 +326,17 @@ def write_synthetic_revisited(spec: SyntheticRevisitedSpec, data: Location, dist
             gnd.append({"bbx": box, "easy": easy_ids, "hard": hard_ids, "junk": junk_ids})
     others = order[spec.landmarks:]
     for k in range(spec.negatives):
-        image = (synthetic._view(buildings[others[k]], rng(), width, height, False) if k < len(others)
-                 else synthetic._clutter(rng(), width, height))
+        image = (synthetic.render_view(buildings[others[k]], rng(), width, height, False) if k < len(others)
+                 else synthetic.render_clutter(rng(), width, height))
         add(f"negative_{k:03d}", image)
 
     folder = data.child(name)
     for image_name, image in images.items():
-        write_bytes(folder.child("jpg", image_name + JPEG_SUFFIX), synthetic._jpeg(image, g.jpeg_quality))
+        write_bytes(folder.child("jpg", image_name + JPEG_SUFFIX), synthetic.jpeg_bytes(image, g.jpeg_quality))
     truth = {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}
     write_bytes(folder.child(f"gnd_{name}.pkl"), pickle.dumps(truth, protocol=4))
 
-    members = [(f"d{k:05d}.jpg", synthetic._jpeg(synthetic._clutter(rng(), width, height), g.jpeg_quality))
+    members = [(f"d{k:05d}.jpg", synthetic.jpeg_bytes(synthetic.render_clutter(rng(), width, height), g.jpeg_quality))
                for k in range(spec.distractors)]
     if distractor_format == "tar":
         from ray_landmark.data.gldv2 import pack_tar
@@ -366,9 +366,9 @@ def _query_view(building, rng: np.random.Generator, width: int, height: int) -> 
     """A view of the building beside clutter, on a canvas 1.5 times as wide; the box is where the view is."""
     from ray_landmark.data import synthetic
 
-    canvas = synthetic._clutter(rng, width * 3 // 2, height)
+    canvas = synthetic.render_clutter(rng, width * 3 // 2, height)
     left = int(rng.integers(0, width // 2 + 1))
-    canvas.paste(synthetic._view(building, rng, width, height, False), (left, 0))
+    canvas.paste(synthetic.render_view(building, rng, width, height, False), (left, 0))
     return canvas, [float(left), 0.0, float(left + width), float(height)]
 
 
@@ -376,8 +376,8 @@ def _junk_view(building, rng: np.random.Generator, width: int, height: int) -> I
     """The building small in a corner of clutter, mostly hidden: what the revisited annotation calls junk."""
     from ray_landmark.data import synthetic
 
-    scene = synthetic._clutter(rng, width, height)
-    small = synthetic._view(building, rng, width, height, False).resize((width // 3, height // 3))
+    scene = synthetic.render_clutter(rng, width, height)
+    small = synthetic.render_view(building, rng, width, height, False).resize((width // 3, height // 3))
     scene.paste(small, (0, 0))
     ImageDraw.Draw(scene).rectangle((width // 8, 0, width // 3, height // 4), fill=(30, 30, 30))
     return scene

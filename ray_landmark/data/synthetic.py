@@ -26,6 +26,11 @@ from ray_landmark.data.storage import Location, write_bytes
 
 log = logging.getLogger(__name__)
 
+# What the synthetic CSVs hold where GLDv2 has a Wikimedia address, and how test images split between the usages.
+URL_PREFIX = "https://upload.wikimedia.org/synthetic/"  # train.csv's url: URL_PREFIX + <id>.jpg
+CATEGORY_PREFIX = "http://commons.wikimedia.org/wiki/Category:Synthetic_"  # + <landmark_id>
+USAGE_SHARES = {"Public": 0.3, "Private": 0.6, "Ignored": 0.1}
+
 
 # ---------------------------------------------------------------- rendering
 
@@ -62,7 +67,7 @@ def _draw_textured_shape(draw: ImageDraw.ImageDraw, rng, kind: str, box, color, 
                 draw.rectangle((sx, y0, sx + w * 0.35 / n, y1), fill=pattern_color + (255,))
 
 
-def _render_building(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+def render_building(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     """A landmark's identity: an RGBA layer of textured shapes on a transparent canvas."""
     layer = Image.new("RGBA", (width, height), (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
@@ -96,7 +101,7 @@ def _perspective_coeffs(src: np.ndarray, dst: np.ndarray) -> list[float]:
     return np.linalg.solve(np.array(rows, float), src.reshape(-1).astype(float)).tolist()
 
 
-def _view(building: Image.Image, rng: np.random.Generator, width: int, height: int, hard: bool) -> Image.Image:
+def render_view(building: Image.Image, rng: np.random.Generator, width: int, height: int, hard: bool) -> Image.Image:
     """One photo of a landmark: a random viewpoint, lighting, occlusion and background."""
     bw, bh = building.size
     corners = np.array([[0, 0], [bw, 0], [bw, bh], [0, bh]], float)
@@ -127,7 +132,7 @@ def _view(building: Image.Image, rng: np.random.Generator, width: int, height: i
     return scene
 
 
-def _clutter(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+def render_clutter(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     """A non-landmark photo: unrelated shapes and texture with no persistent identity."""
     scene = Image.fromarray(_background(rng, width, height))
     draw = ImageDraw.Draw(scene)
@@ -139,7 +144,7 @@ def _clutter(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     return scene
 
 
-def _jpeg(img: Image.Image, quality: int) -> bytes:
+def jpeg_bytes(img: Image.Image, quality: int) -> bytes:
     out = io.BytesIO()
     img.convert("RGB").save(out, format="JPEG", quality=quality)
     return out.getvalue()
@@ -163,9 +168,10 @@ def _class_sizes(spec: SyntheticSpec, rng: np.random.Generator) -> np.ndarray:
     return np.maximum(spec.min_images_per_landmark, np.round(sizes)).astype(int)
 
 
-def _unique_ids(rng: np.random.Generator, n: int) -> list[str]:
+def unique_image_ids(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` distinct random image ids as uint64, in random order (16 spare draws cover any collision)."""
     values = np.unique(rng.integers(0, np.iinfo(np.uint64).max, size=n + 16, dtype=np.uint64, endpoint=False))
-    return gldv2.u64_to_ids(rng.permutation(values)[:n])
+    return rng.permutation(values)[:n]
 
 
 class _Plan:
@@ -189,7 +195,8 @@ class _Plan:
 
         n_train = int(sizes.sum())
         n_test = spec.test_landmark_images + spec.test_non_landmark_images
-        ids = iter(_unique_ids(rng, n_train + n_test + len(index_lms) + spec.index_unlisted_images))
+        n_ids = n_train + n_test + len(index_lms) + spec.index_unlisted_images
+        ids = iter(gldv2.u64_to_ids(unique_image_ids(rng, n_ids)))
 
         self.images: list[_Image] = []
         train_clean_rows = []
@@ -218,7 +225,7 @@ class _Plan:
         self.train = pd.DataFrame(
             {
                 "id": [i.image_id for i in train],
-                "url": [f"https://upload.wikimedia.org/synthetic/{i.image_id}.jpg" for i in train],
+                "url": [f"{URL_PREFIX}{i.image_id}.jpg" for i in train],
                 "landmark_id": [int(lm_ids[i.filed_under]) for i in train],
             }
         )
@@ -226,7 +233,7 @@ class _Plan:
         self.label_to_category = pd.DataFrame(
             {
                 "landmark_id": sorted(int(x) for x in lm_ids),
-                "category": [f"http://commons.wikimedia.org/wiki/Category:Synthetic_{x}" for x in sorted(lm_ids)],
+                "category": [f"{CATEGORY_PREFIX}{x}" for x in sorted(lm_ids)],
             }
         )
         index = [i for i in self.images if i.split == "index"]
@@ -237,7 +244,7 @@ class _Plan:
         self.index_to_landmark = pd.DataFrame(
             {"id": [i.image_id for i in listed], "landmark_id": [int(index_lm_ids[i.landmark]) for i in listed]}
         )
-        usage = rng.choice(["Public", "Private", "Ignored"], size=len(test), p=[0.3, 0.6, 0.1])
+        usage = rng.choice(list(USAGE_SHARES), size=len(test), p=list(USAGE_SHARES.values()))
         index_by_lm: dict[int, list[str]] = {}
         for i in listed:
             index_by_lm.setdefault(i.landmark, []).append(i.image_id)
@@ -263,17 +270,27 @@ class _Plan:
 def render_image(spec: SyntheticSpec, number: int, image: _Image, buildings: dict) -> bytes:
     rng = np.random.default_rng([spec.seed, 1, number])
     if image.landmark < 0:
-        img = _clutter(rng, spec.width, spec.height)
+        img = render_clutter(rng, spec.width, spec.height)
     else:
         if image.landmark not in buildings:
             brng = np.random.default_rng([spec.seed, 2, image.landmark])
-            buildings[image.landmark] = _render_building(brng, spec.width, spec.height)
-        img = _view(buildings[image.landmark], rng, spec.width, spec.height, image.hard)
-    return _jpeg(img, spec.jpeg_quality)
+            buildings[image.landmark] = render_building(brng, spec.width, spec.height)
+        img = render_view(buildings[image.landmark], rng, spec.width, spec.height, image.hard)
+    return jpeg_bytes(img, spec.jpeg_quality)
 
 
-def _csv_bytes(df: pd.DataFrame) -> bytes:
-    return df.to_csv(index=False).encode()
+def csv_files(tables: dict[str, pd.DataFrame]) -> dict[str, bytes]:
+    """GLDv2's CSV files holding ``tables``: each file's path under the dataset root -> its bytes."""
+    return {name: df.to_csv(index=False).encode() for name, df in tables.items()}
+
+
+def write_shard(root: Location, split: str, shard: int, members: list[tuple[str, bytes]]) -> int:
+    """Tar shard ``shard`` of ``split`` as GLDv2 has it (``gldv2.pack_tar``), then its md5 file; the tar's bytes."""
+    tar = gldv2.pack_tar(members)
+    write_bytes(root.child(split, gldv2.shard_name(shard)), tar)
+    md5 = hashlib.md5(tar).hexdigest()
+    write_bytes(root.child(gldv2.checksum_name(split, shard)), f"{md5}  {gldv2.shard_name(shard)}\n".encode())
+    return len(tar)
 
 
 def write_synthetic_gldv2(spec: SyntheticSpec, root: Location, progress=print) -> dict:
@@ -290,8 +307,8 @@ def write_synthetic_gldv2(spec: SyntheticSpec, root: Location, progress=print) -
         gldv2.RECOGNITION_GT_CSV: plan.recognition_gt,
         gldv2.RETRIEVAL_GT_CSV: plan.retrieval_gt,
     }
-    for name, df in tables.items():
-        write_bytes(root.child(name), _csv_bytes(df))
+    for name, data in csv_files(tables).items():
+        write_bytes(root.child(name), data)
 
     members: dict[tuple[str, int], list[tuple[str, bytes]]] = {}
     buildings: dict[int, Image.Image] = {}
@@ -304,10 +321,7 @@ def write_synthetic_gldv2(spec: SyntheticSpec, root: Location, progress=print) -
             progress(f"synthetic GLDv2: rendered {number + 1}/{len(plan.images)} images")
     for split, n_shards in plan.shard_counts.items():
         for shard in range(n_shards):
-            tar = gldv2.pack_tar(members.get((split, shard), []))
-            write_bytes(root.child(split, gldv2.shard_name(shard)), tar)
-            md5 = hashlib.md5(tar).hexdigest()
-            write_bytes(root.child(gldv2.checksum_name(split, shard)), f"{md5}  {gldv2.shard_name(shard)}\n".encode())
+            write_shard(root, split, shard, members.get((split, shard), []))
 
     summary = {
         "root": root.uri,

@@ -7,12 +7,10 @@
     <out>/config.pbtxt    with ``triton``: the folder is then a Triton model (``1/model.onnx``) to drop into a model
                           repository
 
-The graph comes from ``torch.onnx.export(dynamo=True)`` (the torch.export-based exporter) at ONNX opset 18 with a
-dynamic batch dimension. Before anything is reported as done the file is checked: ``onnx.checker``, every node in the
-standard ``ai.onnx`` domain (no custom op a TensorRT or Triton user would lack), and onnxruntime's outputs against
-PyTorch's on real images of the data at batch 1 and at a batch of several images, within ``tolerance``. The max
-absolute difference goes into ``model.json``. The legacy TorchScript exporter (``dynamo=False``) was tried and
-disagreed with PyTorch by 0.2 on the tiny models, so it is not used.
+The graph is ``models/onnx_graph.py``'s (opset 18, a dynamic batch dimension). Before anything is reported as done
+the file is checked: ``onnx.checker``, every node in the standard ``ai.onnx`` domain (no custom op a TensorRT or
+Triton user would lack), and onnxruntime's outputs against PyTorch's on real images of the data at batch 1 and at a
+batch of several images, within ``tolerance``. The max absolute difference goes into ``model.json``.
 
 Nothing here depends on Ray.
 """
@@ -32,26 +30,12 @@ from ray_landmark.data.storage import resolve, write_bytes
 from ray_landmark.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_resized, normalize_on_device
 from ray_landmark.errors import JobError
 from ray_landmark.infer.report import read_jpegs
+from ray_landmark.models.onnx_graph import INPUT, OPSET, EmbeddingNetwork, export_graph
 from ray_landmark.runs.checkpoint import checkpoint_folder, load_model
-
-OPSET = 18  # onnxruntime 1.17+ and TensorRT 10 read it
-INPUT = "images"
 
 
 class ExportError(JobError, RuntimeError):
     """An export that failed its check; the message says by how much and what to try."""
-
-
-class EmbeddingNetwork(torch.nn.Module):
-    """The exported graph: normalised images -> unit embeddings (and the ArcFace cosines with ``head``)."""
-
-    def __init__(self, model: torch.nn.Module, head: bool):
-        super().__init__()
-        self.model, self.head = model, head
-
-    def forward(self, images: torch.Tensor):
-        embedding = self.model.embed(images)
-        return (embedding, self.model.head(embedding)) if self.head else embedding
 
 
 @dataclass
@@ -88,7 +72,6 @@ def export_onnx(checkpoint: str, out: str, storage: StorageConfig | None = None,
                 triton_max_batch: int = 64) -> ExportResult:
     """Export ``checkpoint``'s model to ``out`` (a local folder), check it, write model.json; see the module doc.
     ``data``: where the check images come from (default: the checkpoint's data section)."""
-    import onnx
     import onnxruntime as ort
 
     folder = checkpoint_folder(checkpoint, storage)
@@ -104,17 +87,10 @@ def export_onnx(checkpoint: str, out: str, storage: StorageConfig | None = None,
     os.makedirs(out, exist_ok=True)
     onnx_path = os.path.join(out, "1", "model.onnx") if triton else os.path.join(out, "model.onnx")
     os.makedirs(os.path.dirname(onnx_path), exist_ok=True)
-    outputs = ["embedding", "cosine"] if head else ["embedding"]
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    outputs = network.outputs
+    graph = export_graph(network, inputs[:2], onnx_path + ".partial")
     with torch.no_grad():
-        program = torch.onnx.export(network, (inputs[:2],), input_names=[INPUT], output_names=outputs,
-                                    opset_version=OPSET, dynamo=True, dynamic_shapes={"images": {0: batch}},
-                                    external_data=False, verbose=False)
-        program.save(onnx_path + ".partial")
         expected = [network(inputs[:1]), network(inputs)]
-
-    graph = onnx.load(onnx_path + ".partial")
-    onnx.checker.check_model(graph)
     domains = sorted({node.domain or "ai.onnx" for node in graph.graph.node})
     if domains != ["ai.onnx"]:
         raise ExportError(f"{checkpoint}: the graph uses operator domains {domains}, not only ai.onnx")
