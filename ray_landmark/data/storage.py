@@ -176,8 +176,9 @@ def write_new(loc: Location, data: bytes, storage: StorageConfig) -> bool:
     another writer, even one racing this one). What several processes append to without a lock rests on it.
 
     A local file is written beside its place and hard-linked into it: the link fails if the name exists. On S3 it is a
-    conditional PUT (``If-None-Match: *``), which AWS S3 and S3-compatible stores with conditional writes (MinIO,
-    moto) refuse with 412 when the key exists, or with 409 while another conditional PUT of the key is in flight."""
+    conditional PUT (``If-None-Match: *``), which AWS S3 refuses with 412 when the key exists, or with 409 while
+    another conditional PUT of the key is in flight. A store must make that check atomic: moto honours the header but
+    checks and writes without a lock, so racing writers there can both succeed."""
     if loc.is_s3:
         from botocore.exceptions import BotoCoreError, ClientError
 
