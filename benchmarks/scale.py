@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -117,7 +118,9 @@ class TreeMeter:
         fields = stat[stat.rindex(")") + 2:].split()
         hwm = re.search(r"VmHWM:\s+(\d+) kB", status)
         counters = dict(re.findall(r"(\w+): (\d+)", io or ""))
-        record = self.seen.setdefault(pid, {"cmd": cmdline[:60]})
+        record = self.seen.setdefault(pid, {"worker": False})
+        # A Ray worker renames itself (ray::IDLE, ray::<task>) once started: a later sample sees what it became.
+        record["worker"] = record["worker"] or cmdline.startswith("ray::") or "default_worker.py" in cmdline
         record.update(cpu_s=(int(fields[11]) + int(fields[12])) / TICK,
                       hwm=max(record.get("hwm", 0), int(hwm.group(1)) * 1024 if hwm else 0),
                       rchar=int(counters.get("rchar", 0)), read_bytes=int(counters.get("read_bytes", 0)))
@@ -125,7 +128,7 @@ class TreeMeter:
             self.object_store_peak = max(self.object_store_peak, _plasma_bytes(pid))
 
     def totals(self, rusage_cpu_s: float) -> dict:
-        workers = [r["hwm"] for r in self.seen.values() if r["cmd"].startswith("ray::")]
+        workers = [r["hwm"] for r in self.seen.values() if r["worker"]]
         return {
             "cpu_s": round(max(rusage_cpu_s, sum(r["cpu_s"] for r in self.seen.values())), 1),
             "driver_peak_rss_mib": round(self.seen.get(self.root, {}).get("hwm", 0) / MIB, 1),
@@ -226,8 +229,10 @@ def stage_commands(root: Path, work: Path, train: bool) -> dict[str, list[str]]:
 
 def run_fraction(fraction: float, work: Path, train: bool, interval: float) -> dict:
     """Every stage at one fraction: {stage: measures with its rows}."""
-    work.mkdir(parents=True, exist_ok=True)
     root, logs = work / "gldv2", work / "logs"
+    for earlier in ("runs", "checkpoints", "ensemble", "logs"):  # a rerun measures the jobs anew, not their reuse
+        shutil.rmtree(work / earlier, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     written = write_set(fraction, root, logs / "write_set.log", interval)
     counts = written["counts"]
     embedded = counts["test_images"] + counts["index_images"] + counts["clean_images"]
@@ -272,7 +277,7 @@ def exponents(runs: dict[str, dict]) -> dict[str, dict]:
             pairs = [(p["rows"], p[key]) for p in points if p.get(key)]
             if len(pairs) >= 2 and len({n for n, _ in pairs}) >= 2:
                 x, y = np.log([n for n, _ in pairs]), np.log([v for _, v in pairs])
-                laws[stage][law] = round(float(np.polyfit(x, y, 1)[0]), 3)
+                laws[stage][law] = round(float(np.polyfit(x, y, 1)[0]), 3) + 0.0  # no -0.0
         # The time's exponent between the two largest fractions alone: a fixed cost (a Ray start, imports) weighs
         # least there, and a super-linear term most.
         (n0, t0), (n1, t1) = sorted((p["rows"], p["wall_s"]) for p in points)[-2:]
@@ -349,7 +354,8 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.01,0.03,0.1", help="comma-separated fractions of GLDv2's counts")
     parser.add_argument("--train-up-to", type=float, default=0.03, help="train one epoch at fractions up to this")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ray_landmark_scale"),
-                        help="the data sets and job outputs, one folder per fraction (a complete set is reused)")
+                        help="the data sets and job outputs, one folder per fraction: a complete set is reused, the "
+                             "jobs' outputs are deleted and made anew")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between samples of /proc")
     parser.add_argument("--stream-epoch", metavar="ROOT", help=argparse.SUPPRESS)  # the stream stage's process
     add_out_option(parser)
