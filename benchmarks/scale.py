@@ -49,7 +49,7 @@ NAME = "scale"
 FAMILIES = {"dolg": "configs/tiny_dolg.yaml", "efficientnet": "configs/tiny_efficientnet.yaml",
             "hybrid_swin": "configs/tiny_hybrid_swin.yaml"}
 EMBED_BATCH = 64
-PAGE = os.sysconf("SC_PAGE_SIZE")
+RAY_DID_NOT_START = "a local Ray did not start"  # runtime.init_ray's line
 TICK = os.sysconf("SC_CLK_TCK")
 MIB = 2**20
 
@@ -140,7 +140,7 @@ class TreeMeter:
         }
 
 
-def run_stage(command: list[str], log: Path, interval: float) -> dict:
+def run_stage(command: list[str], log: Path, interval: float, retries: int = 1) -> dict:
     """Run ``command`` from the repository's root with a local Ray of its own; its tree's measures. A failure raises,
     naming its log."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -158,6 +158,10 @@ def run_stage(command: list[str], log: Path, interval: float) -> dict:
             time.sleep(interval)
     wall = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode and RAY_DID_NOT_START in log.read_text() and retries:
+        # Ray waits a fixed 30 s for its raylet: on a loaded machine the start can fail; the job is run again.
+        print(f"[scale] {log.stem}: its local Ray did not start; run again", flush=True)
+        return {**run_stage(command, log, interval, retries - 1), "ray_start_retries": 1}
     if proc.returncode:
         tail = log.read_text()[-2000:]
         raise RuntimeError(f"{' '.join(command[:3])} failed (exit {proc.returncode}); its log: {log}\n{tail}")
@@ -239,22 +243,24 @@ def run_fraction(fraction: float, work: Path, train: bool, interval: float) -> d
     rows = {"prepare": counts["train_images"] + counts["index_images"] + counts["test_images"],
             "stream": counts["clean_images"] + counts["test_images"], "train": counts["clean_images"],
             **{f"embed_{family}": embedded for family in FAMILIES}, "ensemble": embedded}
-    stages = {"write_set": {**written, "rows": rows["prepare"]}}
-    for stage, command in stage_commands(root, work, train).items():
+    stages = {}
+
+    def measure(stage: str, command: list[str]) -> None:  # each stage's measures kept as it ends (stages.json)
         print(f"[scale] f={fraction}: {stage}", flush=True)
         stages[stage] = {**run_stage(command, logs / f"{stage}.log", interval), "rows": rows[stage]}
+        (work / "stages.json").write_text(json.dumps(stages, indent=1))
+
+    stages["write_set"] = {**written, "rows": rows["prepare"]}
+    for stage, command in stage_commands(root, work, train).items():
+        measure(stage, command)
     checkpoints = checkpoints_of(work, root, train)
     config = ensemble_config(work, checkpoints)
     for family, checkpoint in checkpoints.items():
-        print(f"[scale] f={fraction}: embed_{family}", flush=True)
         command = [sys.executable, "jobs/embed.py", "--checkpoint", checkpoint, "--split", "test", "--split",
                    "index", "--split", "train", "--view", "gldv2c", "--batch-size", str(EMBED_BATCH),
                    "--out", str(work / "ensemble" / "embeddings" / family)]
-        stages[f"embed_{family}"] = {**run_stage(command, logs / f"embed_{family}.log", interval),
-                                     "rows": rows[f"embed_{family}"]}
-    print(f"[scale] f={fraction}: ensemble", flush=True)
-    command = [sys.executable, "jobs/ensemble.py", "--config", str(config)]
-    stages["ensemble"] = {**run_stage(command, logs / "ensemble.log", interval), "rows": rows["ensemble"]}
+        measure(f"embed_{family}", command)
+    measure("ensemble", [sys.executable, "jobs/ensemble.py", "--config", str(config)])
     return stages
 
 
