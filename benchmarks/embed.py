@@ -36,10 +36,11 @@ from ray_landmark.runs.checkpoint import Progress, load_model, save_checkpoint
 from ray_landmark.runtime import init_ray
 
 
-def make_checkpoint(folder: Path, image_size: int, *overrides: str) -> str:
-    """A tiny DOLG (random weights) saved as a checkpoint of this project; ``overrides``: more KEY=VALUE of its
-    config."""
-    cfg = load_config(REPO / "configs" / "tiny_dolg.yaml", [f"data.image_size={image_size}", *overrides])
+def make_checkpoint(folder: Path, image_size: int, *overrides: str,
+                    config: Path = REPO / "configs" / "tiny_dolg.yaml") -> str:
+    """A model of ``config`` (a tiny DOLG by default) with random weights, saved as a checkpoint of this project;
+    ``overrides``: more KEY=VALUE of its config."""
+    cfg = load_config(config, [f"data.image_size={image_size}", *overrides])
     model = build_model(cfg.model, cfg.loss, 100, image_size)
     state = {"model": model.state_dict(), "landmark_ids": torch.arange(100)}
     save_checkpoint(folder, state=state, config=cfg.model_dump(mode="json"), progress=Progress(1, 1, 0))

@@ -1,0 +1,389 @@
+"""The scale rehearsal (issue 27): the real jobs, unchanged, on GLDv2 at fractions f of its counts
+(jobs/make_synthetic_gldv2.py --fraction f), each stage measured as a process tree, then each stage's growth law.
+
+Per fraction, each stage runs as a process of its own, which starts a local Ray of its own (RAY_ADDRESS unset), so
+that the process tree under it is the job and every Ray process it needs:
+
+    prepare              python jobs/prepare_gldv2.py --root D --verify-shards
+    stream               python -m benchmarks.scale --stream-epoch D: ray_landmark.quickstart.stream_epoch, the
+                         quickstart's data-only epoch (one epoch of GLDv2c's train stream read by Ray Data and
+                         consumed without a model, then one pass over the test images)
+    train                python jobs/train.py --config configs/tiny_dolg.yaml, one epoch on GLDv2c on the CPU, the
+                         untrained model validated first over the complete eval set (data.eval_queries/eval_index
+                         unset): the job's "the first validation took X s" is recorded as the validation's seconds
+                         (only at f <= --train-up-to)
+    embed_<family>       python jobs/embed.py on the test, index and GLDv2c gallery images, one per tiny model
+                         (configs/tiny_{dolg,efficientnet,hybrid_swin}.yaml; random weights, or the trained DOLG)
+    ensemble             python jobs/ensemble.py: reuses those embeddings; kNN, post-processing, metrics,
+                         submissions and the report
+
+Measured per stage by sampling /proc every --interval seconds: wall seconds; CPU seconds of the tree (the larger of
+wait4's, which counts every descendant its parent reaped, and the sum of the last sample of each process seen); the
+peak RSS (VmHWM) of the driver and of the largest Ray worker ("ray::" processes); the object store's peak (the
+blocks of the raylet's plasma file in /dev/shm: a high-water mark, since freed pages stay allocated); bytes the tree
+read (rchar: read() calls on files, pipes and sockets; read_bytes: from block devices, 0 from the page cache).
+Then, per stage over the fractions, the exponent b of time (and memory) ~ rows^b by least squares on the logs.
+
+    python -m benchmarks.scale [--fractions 0.01,0.03,0.1] [--train-up-to 0.03] [--work DIR] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.results_io import REPO, add_out_option, machine, publish, results_path
+from ray_landmark.markdown import markdown_table
+
+NAME = "scale"
+FAMILIES = {"dolg": "configs/tiny_dolg.yaml", "efficientnet": "configs/tiny_efficientnet.yaml",
+            "hybrid_swin": "configs/tiny_hybrid_swin.yaml"}
+EMBED_BATCH = 64
+RAY_DID_NOT_START = "a local Ray did not start"  # runtime.init_ray's line
+TICK = os.sysconf("SC_CLK_TCK")
+MIB = 2**20
+
+
+# ---------------------------------------------------------------- measuring a process tree through /proc
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:  # the process ended, or is not ours
+        return None
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process now."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _read(f"/proc/{entry}/stat")):
+            fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+            parents[int(entry)] = int(fields[1])
+    return parents
+
+
+def _plasma_bytes(pid: int) -> int:
+    """Bytes allocated to the plasma (object store) file that the raylet ``pid`` holds open: pages ever written."""
+    allocated = 0
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return 0
+    for fd in fds:
+        try:
+            if "plasma" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                allocated = max(allocated, os.stat(f"/proc/{pid}/fd/{fd}").st_blocks * 512)
+        except OSError:
+            continue
+    return allocated
+
+
+class TreeMeter:
+    """The last sample of every process ever seen under ``root``: CPU seconds, peak RSS, bytes read, its role."""
+
+    def __init__(self, root: int):
+        self.root, self.seen, self.object_store_peak = root, {}, 0
+
+    def sample(self) -> None:
+        parents = _parents()
+        tree, frontier = {self.root}, [self.root]
+        children: dict[int, list[int]] = {}
+        for pid, parent in parents.items():
+            children.setdefault(parent, []).append(pid)
+        while frontier:
+            for child in children.get(frontier.pop(), []):
+                tree.add(child)
+                frontier.append(child)
+        for pid in tree:
+            self._sample_one(pid)
+
+    def _sample_one(self, pid: int) -> None:
+        stat, status, io = _read(f"/proc/{pid}/stat"), _read(f"/proc/{pid}/status"), _read(f"/proc/{pid}/io")
+        cmdline = (_read(f"/proc/{pid}/cmdline") or "").replace("\0", " ")
+        if not stat or not status:
+            return
+        fields = stat[stat.rindex(")") + 2:].split()
+        hwm = re.search(r"VmHWM:\s+(\d+) kB", status)
+        counters = dict(re.findall(r"(\w+): (\d+)", io or ""))
+        record = self.seen.setdefault(pid, {"worker": False})
+        # A Ray worker renames itself (ray::IDLE, ray::<task>) once started: a later sample sees what it became.
+        record["worker"] = record["worker"] or cmdline.startswith("ray::") or "default_worker.py" in cmdline
+        record.update(cpu_s=(int(fields[11]) + int(fields[12])) / TICK,
+                      hwm=max(record.get("hwm", 0), int(hwm.group(1)) * 1024 if hwm else 0),
+                      rchar=int(counters.get("rchar", 0)), read_bytes=int(counters.get("read_bytes", 0)))
+        if "raylet" in cmdline.split(" ")[0]:
+            self.object_store_peak = max(self.object_store_peak, _plasma_bytes(pid))
+
+    def totals(self, rusage_cpu_s: float) -> dict:
+        workers = [r["hwm"] for r in self.seen.values() if r["worker"]]
+        return {
+            "cpu_s": round(max(rusage_cpu_s, sum(r["cpu_s"] for r in self.seen.values())), 1),
+            "driver_peak_rss_mib": round(self.seen.get(self.root, {}).get("hwm", 0) / MIB, 1),
+            "largest_worker_peak_rss_mib": round(max(workers) / MIB, 1) if workers else None,
+            "object_store_peak_mib": round(self.object_store_peak / MIB, 1),
+            "rchar_mib": round(sum(r["rchar"] for r in self.seen.values()) / MIB, 1),
+            "storage_read_mib": round(sum(r["read_bytes"] for r in self.seen.values()) / MIB, 1),
+            "processes": len(self.seen),
+        }
+
+
+def run_stage(command: list[str], log: Path, interval: float, retries: int = 1) -> dict:
+    """Run ``command`` from the repository's root with a local Ray of its own; its tree's measures. A failure raises,
+    naming its log."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])  # Ray workers too
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        meter = TreeMeter(proc.pid)
+        while True:
+            meter.sample()
+            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(interval)
+    wall = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode and RAY_DID_NOT_START in log.read_text() and retries:
+        # Ray waits a fixed 30 s for its raylet: on a loaded machine the start can fail; the job is run again.
+        print(f"[scale] {log.stem}: its local Ray did not start; run again", flush=True)
+        return {**run_stage(command, log, interval, retries - 1), "ray_start_retries": 1}
+    if proc.returncode:
+        tail = log.read_text()[-2000:]
+        raise RuntimeError(f"{' '.join(command[:3])} failed (exit {proc.returncode}); its log: {log}\n{tail}")
+    return {"wall_s": round(wall, 1), **meter.totals(rusage.ru_utime + rusage.ru_stime)}
+
+
+# ---------------------------------------------------------------- the stages at one fraction
+
+
+def stream_epoch_main(root: str) -> None:
+    """``--stream-epoch ROOT``: the stream stage's process (the quickstart's data-only epoch on the set at ROOT)."""
+    from ray_landmark.config import load_config
+    from ray_landmark.quickstart import stream_epoch
+    from ray_landmark.runtime import init_ray
+
+    cfg = load_config(REPO / FAMILIES["dolg"], [f"data.root={root}"])
+    init_ray()
+    print(json.dumps(stream_epoch(cfg, cfg.train.batch_size)))
+
+
+def write_set(fraction: float, root: Path, log: Path, interval: float) -> dict:
+    """The synthetic set (reused when complete); its counts and the writer's measures."""
+    measured = run_stage([sys.executable, "jobs/make_synthetic_gldv2.py", "--out", str(root), "--fraction",
+                          str(fraction), "--no-manifest"], log, interval)
+    marker = json.loads((root / "synthetic_scale.json").read_text())
+    return {**measured, "counts": marker["summary"]["counts"], "bytes": marker["summary"]["bytes"]}
+
+
+def ensemble_config(work: Path, checkpoints: dict[str, str]) -> Path:
+    """The ensemble of one model of each family, with the embed settings the embed stages use."""
+    import yaml
+
+    config = {"name": "ensemble", "output_dir": str(work),
+              "models": [{"name": family, "checkpoint": checkpoint, "family": family}
+                         for family, checkpoint in checkpoints.items()],
+              "embed": {"batch_size": EMBED_BATCH}, "report": {"queries": 16, "results": 8}}
+    path = work / "ensemble.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def checkpoints_of(work: Path, root: Path, trained: bool) -> dict[str, str]:
+    """A checkpoint of each family on the set at ``root``: the trained DOLG run when there is one, else random
+    weights (the embedding's cost does not depend on them)."""
+    from benchmarks.embed import make_checkpoint
+
+    checkpoints = {}
+    for family, config in FAMILIES.items():
+        if family == "dolg" and trained:
+            checkpoints[family] = str(work / "runs" / "tiny_dolg")
+            continue
+        folder = work / "checkpoints" / family
+        if not folder.exists():
+            make_checkpoint(folder, 64, f"data.root={root}", config=REPO / config)
+        checkpoints[family] = str(folder)
+    return checkpoints
+
+
+def stage_commands(root: Path, work: Path, train: bool) -> dict[str, list[str]]:
+    """The stages that need no checkpoint, in order."""
+    python = sys.executable
+    commands = {"prepare": [python, "jobs/prepare_gldv2.py", "--root", str(root), "--verify-shards"],
+                "stream": [python, "-m", "benchmarks.scale", "--stream-epoch", str(root)]}
+    if train:
+        commands["train"] = [python, "jobs/train.py", "--config", FAMILIES["dolg"], "--set", f"data.root={root}",
+                             "--set", f"run.output_dir={work / 'runs'}", "--set", "train.epochs=1"]
+    return commands
+
+
+def run_fraction(fraction: float, work: Path, train: bool, interval: float) -> dict:
+    """Every stage at one fraction: {stage: measures with its rows}."""
+    root, logs = work / "gldv2", work / "logs"
+    for earlier in ("runs", "checkpoints", "ensemble", "logs"):  # a rerun measures the jobs anew, not their reuse
+        shutil.rmtree(work / earlier, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    written = write_set(fraction, root, logs / "write_set.log", interval)
+    counts = written["counts"]
+    embedded = counts["test_images"] + counts["index_images"] + counts["clean_images"]
+    rows = {"prepare": counts["train_images"] + counts["index_images"] + counts["test_images"],
+            "stream": counts["clean_images"] + counts["test_images"], "train": counts["clean_images"],
+            **{f"embed_{family}": embedded for family in FAMILIES}, "ensemble": embedded}
+    stages = {}
+
+    def measure(stage: str, command: list[str]) -> None:  # each stage's measures kept as it ends (stages.json)
+        print(f"[scale] f={fraction}: {stage}", flush=True)
+        stages[stage] = {**run_stage(command, logs / f"{stage}.log", interval), "rows": rows[stage]}
+        (work / "stages.json").write_text(json.dumps(stages, indent=1))
+
+    stages["write_set"] = {**written, "rows": rows["prepare"]}
+    for stage, command in stage_commands(root, work, train).items():
+        measure(stage, command)
+    checkpoints = checkpoints_of(work, root, train)
+    config = ensemble_config(work, checkpoints)
+    for family, checkpoint in checkpoints.items():
+        command = [sys.executable, "jobs/embed.py", "--checkpoint", checkpoint, "--split", "test", "--split",
+                   "index", "--split", "train", "--view", "gldv2c", "--batch-size", str(EMBED_BATCH),
+                   "--out", str(work / "ensemble" / "embeddings" / family)]
+        measure(f"embed_{family}", command)
+    measure("ensemble", [sys.executable, "jobs/ensemble.py", "--config", str(config)])
+    return stages
+
+
+# ---------------------------------------------------------------- growth laws, the section and the plot
+
+MEASURES = {"wall_s": "time", "cpu_s": "cpu", "driver_peak_rss_mib": "driver_memory",
+            "largest_worker_peak_rss_mib": "worker_memory", "object_store_peak_mib": "object_store"}
+
+
+def exponents(runs: dict[str, dict]) -> dict[str, dict]:
+    """stage -> {measure: b of measure ~ rows^b}, by least squares on the logs over the fractions that ran it."""
+    laws = {}
+    stages = dict.fromkeys(stage for run in runs.values() for stage in run)
+    for stage in stages:
+        points = [run[stage] for run in runs.values() if stage in run]
+        if len(points) < 2:
+            continue
+        laws[stage] = {}
+        for key, law in MEASURES.items():
+            pairs = [(p["rows"], p[key]) for p in points if p.get(key)]
+            if len(pairs) >= 2 and len({n for n, _ in pairs}) >= 2:
+                x, y = np.log([n for n, _ in pairs]), np.log([v for _, v in pairs])
+                laws[stage][law] = round(float(np.polyfit(x, y, 1)[0]), 3) + 0.0  # no -0.0
+        # The time's exponent between the two largest fractions alone: a fixed cost (a Ray start, imports) weighs
+        # least there, and a super-linear term most.
+        (n0, t0), (n1, t1) = sorted((p["rows"], p["wall_s"]) for p in points)[-2:]
+        if n1 > n0:
+            laws[stage]["time_largest_two"] = round(math.log(t1 / t0) / math.log(n1 / n0), 3)
+    return laws
+
+
+def plot(payload: dict, path: Path) -> bool:
+    """Wall seconds against f per stage, log-log, as a PNG; False where matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    runs = payload["runs"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for stage in dict.fromkeys(stage for run in runs.values() for stage in run):
+        points = sorted((float(f), run[stage]["wall_s"]) for f, run in runs.items() if stage in run)
+        ax.plot(*zip(*points), marker="o", label=stage)
+    ax.set(xscale="log", yscale="log", xlabel="fraction f of GLDv2's counts", ylabel="wall seconds",
+           title="Scale rehearsal: each stage's time against f")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _cell(value, unit: str = "") -> str | None:
+    return None if value is None else f"{value:,}{unit}"
+
+
+def benchmarks_md(payload: dict) -> str:
+    """This benchmark's section of BENCHMARKS.md, from its results."""
+    m, runs, laws = payload["machine"], payload["runs"], payload["exponents"]
+    rows = [[stage, f, _cell(s["rows"]), s["wall_s"], s["cpu_s"], s["driver_peak_rss_mib"],
+             s["largest_worker_peak_rss_mib"], s["object_store_peak_mib"], s["rchar_mib"]]
+            for f, run in runs.items() for stage, s in run.items()]
+    table = markdown_table(["stage", "f", "rows", "wall s", "CPU s", "driver peak MiB", "largest worker MiB",
+                            "object store peak MiB", "read MiB (rchar)"], rows)
+    laws_shown = [*MEASURES.values(), "time_largest_two"]
+    law_rows = [[stage, *(law.get(key) for key in laws_shown),
+                 "super-linear" if stage != "ensemble" and max(law.get("time", 0), law.get("time_largest_two", 0))
+                 > payload["limit"] else ""]
+                for stage, law in laws.items()]
+    law_table = markdown_table(["stage", *laws_shown, ""], law_rows) if law_rows else "(one fraction: no law)"
+    plot_line = f"\n![time against f per stage]({payload['plot']})\n" if payload.get("plot") else ""
+    return f"""## Scale rehearsal (`python -m benchmarks.scale`)
+
+The real jobs on GLDv2 at fractions f = {', '.join(runs)} of its counts (`jobs/make_synthetic_gldv2.py --fraction`,
+32-64 px JPEGs), each stage a process with a local Ray of its own, its whole process tree sampled from /proc; on
+{m['cores']} cores ({m['cpu']}). Tiny models (`configs/tiny_*.yaml`), CPU only; training at
+f ≤ {payload['train_up_to']} (one epoch of GLDv2c with its validation over the complete eval set).
+Every stage's time includes its Ray start.
+
+{table}
+
+Growth exponents b (measure ~ rows^b, least squares on the logs; time_largest_two: between the two largest
+fractions alone, where fixed costs weigh least); above {payload['limit']} is super-linear (the ensemble's kNN is n·m
+by nature):
+
+{law_table}
+{plot_line}
+Raw numbers: `{results_path(NAME)}`.
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fractions", default="0.01,0.03,0.1", help="comma-separated fractions of GLDv2's counts")
+    parser.add_argument("--train-up-to", type=float, default=0.03, help="train one epoch at fractions up to this")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/ray_landmark_scale"),
+                        help="the data sets and job outputs, one folder per fraction: a complete set is reused, the "
+                             "jobs' outputs are deleted and made anew")
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between samples of /proc")
+    parser.add_argument("--stream-epoch", metavar="ROOT", help=argparse.SUPPRESS)  # the stream stage's process
+    add_out_option(parser)
+    args = parser.parse_args()
+    if args.stream_epoch:
+        return stream_epoch_main(args.stream_epoch)
+    try:
+        fractions = [float(f) for f in args.fractions.split(",")]
+    except ValueError:
+        parser.error(f"--fractions {args.fractions}: expected comma-separated numbers, e.g. 0.01,0.03")
+    if not all(0 < f <= 1 for f in fractions):
+        parser.error(f"--fractions {args.fractions}: each is a fraction of GLDv2's counts, in (0, 1]")
+    runs = {str(f): run_fraction(f, args.work / f"f{f}", f <= args.train_up_to, args.interval) for f in fractions}
+    payload = {"machine": machine(), "command": "python -m benchmarks.scale " + " ".join(sys.argv[1:]),
+               "train_up_to": args.train_up_to, "limit": 1.15, "runs": runs, "exponents": exponents(runs)}
+    payload["plot"] = results_path(NAME).replace(".json", ".png")
+    if not plot(payload, args.out / payload["plot"]):
+        payload["plot"] = None
+    section = benchmarks_md(payload)
+    print(section)
+    publish(NAME, payload, section, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""``python -m benchmarks.scale`` at toy size, in a file of its own: pytest-xdist then runs it beside the other benchmark
+toy runs (tests/test_benchmark_scripts.py), which it outlasts."""
+
+import pytest
+
+from test_benchmark_scripts import run_benchmark, written
+
+
+@pytest.mark.slow  # every job of the pipeline in a process of its own, each with a local Ray of its own
+def test_scale_benchmark_runs_end_to_end_at_a_tiny_fraction(tmp_path):
+    """``python -m benchmarks.scale --fractions 0.0005``: GLDv2 at 1/2000 of its counts through every stage."""
+    run_benchmark("scale", "--fractions", "0.0005", "--work", str(tmp_path / "work"), "--out", str(tmp_path))
+    payload, section = written(tmp_path, "scale")
+    stages = payload["runs"]["0.0005"]
+    assert list(stages) == ["write_set", "prepare", "stream", "train", "embed_dolg", "embed_efficientnet",
+                            "embed_hybrid_swin", "ensemble"]
+    counts = stages["write_set"]["counts"]
+    assert stages["train"]["rows"] == counts["clean_images"] == 790
+    assert stages["ensemble"]["rows"] == counts["test_images"] + counts["index_images"] + counts["clean_images"]
+    for name, stage in stages.items():
+        assert stage["cpu_s"] > 0 and stage["driver_peak_rss_mib"] > 0 and stage["processes"] >= 1, name
+    # Every job past the writer starts a local Ray: its workers and object store were seen.
+    assert all(stages[name]["largest_worker_peak_rss_mib"] for name in ("stream", "embed_dolg", "ensemble"))
+    assert stages["stream"]["object_store_peak_mib"] > 0
+    assert payload["exponents"] == {}  # one fraction: no growth law
+    assert "| train | 0.0005 | 790 |" in section
+    work = tmp_path / "work" / "f0.0005"
+    assert (work / "ensemble" / "submission_recognition.csv").exists() and (work / "ensemble" / "report.html").exists()
