@@ -1,9 +1,10 @@
 """The landmark service against a plain single-process loop doing the same work, for the torch and the onnxruntime
 backends; with ``--load-minutes``, then a sustained load on the service (``benchmarks/serve_load.py``).
 
-The work, both ways, for each query JPEG: ``serve.app.check_image``, the decode the service does on a CPU replica
-(``decode_resized`` at the model's size and preprocessing), the embedding by ``infer.embed.Embedder`` (the batch job's
-and the service's model wrapper; PyTorch, or the checkpoint's ONNX export run by onnxruntime), then one
+The work, both ways, by the replica's own code (``serve.app.ReplicaModels``), for each query JPEG:
+``serve.app.check_image``, the decode the service does on a CPU replica (``decode_resized`` at the model's size and
+preprocessing), the embedding by ``infer.embed.Embedder`` (the batch job's and the service's model wrapper; PyTorch,
+or the checkpoint's ONNX export run by onnxruntime), then one
 ``serve.answers.answer_recognition`` per image, as the service answers each request of one image, on the index a
 replica loads (``answers.load_served_index`` over the ensemble job's output). Both use the service's replica settings:
 ``--replica-cpus`` torch (and onnxruntime) threads, batches of up to ``--batch`` images.
@@ -49,15 +50,12 @@ from ray_landmark.data.config import DataConfig, SyntheticSpec
 from ray_landmark.data.metadata import open_manifest, prepare_manifests
 from ray_landmark.data.storage import resolve
 from ray_landmark.data.synthetic import write_synthetic_gldv2
-from ray_landmark.data.transforms import decode_resized
 from ray_landmark.infer.config import EnsembleConfig
-from ray_landmark.infer.embed import Embedder
-from ray_landmark.infer.ensemble import data_config, use_cpus
-from ray_landmark.infer.onnx_runtime import exported_onnx
+from ray_landmark.infer.ensemble import use_cpus
 from ray_landmark.infer.report import read_jpegs
 from ray_landmark.markdown import markdown_table
 from ray_landmark.serve.answers import ServedIndex, answer_recognition, load_served_index
-from ray_landmark.serve.app import check_image, served_checkpoints
+from ray_landmark.serve.app import ReplicaModels, check_image
 from ray_landmark.serve.config import ReplicaSettings, ServeSettings
 
 CONCURRENCY = (1, 8, 32)
@@ -80,23 +78,19 @@ def serve_settings(args, backend: str, onnx_dir: str) -> ServeSettings:
 
 
 class PlainLoop:
-    """What a replica does with each image, in this process, a batch at a time."""
+    """What a replica does with each request of one image (``serve.app.ReplicaModels``, the replica's own code), in
+    this process, a batch of requests at a time."""
 
-    def __init__(self, cfg: EnsembleConfig, settings: ServeSettings, served: ServedIndex, onnx: str | None):
-        checkpoint, model_cfg = served_checkpoints(cfg)[MODEL]
-        self.size, self.preprocessing = model_cfg.data.image_size, model_cfg.data.preprocessing
-        self.embedder = Embedder(checkpoint, cfg.storage, cfg.embed, onnx=onnx)
+    def __init__(self, cfg: EnsembleConfig, settings: ServeSettings, served: ServedIndex):
+        self.work = ReplicaModels(settings, cfg)
         self.limits, self.served = settings.limits, served
 
     def answer(self, jpegs: list[bytes]) -> list[dict]:
         for data in jpegs:
             check_image(data, self.limits)
-        n = len(jpegs)
-        # The batch a replica hands its Embedder (serve.app: id, split and shard pass through).
-        batch = {"image": np.stack([decode_resized(data, self.size, self.preprocessing) for data in jpegs]),
-                 "id": np.arange(n), "split": np.full(n, "query"), "shard": np.full(n, "query")}
-        rows = self.embedder(batch)["embedding"]
-        return [answer_recognition(self.served, {MODEL: rows[i:i + 1]})[0] for i in range(n)]
+        embedded = self.work.embed_batch([self.work.decode(data) for data in jpegs])
+        return [answer_recognition(self.served, {name: row[name][None] for name in self.work.models})[0]
+                for row in embedded]
 
 
 def percentiles(ms: list[float]) -> dict:
@@ -253,12 +247,7 @@ def measure(args, folder: Path) -> tuple[dict, dict, dict | None]:
     try:
         for backend in sorted(args.backends, key=lambda b: b == args.load_backend):
             settings = serve_settings(args, backend, onnx_dir)
-            onnx = None
-            if backend == "onnxruntime":  # exported once, where the service's replicas look for it
-                resolved, model_cfg = served_checkpoints(cfg)[MODEL]
-                onnx = exported_onnx(resolved, os.path.join(onnx_dir, cfg.name, MODEL), model_cfg.data.image_size,
-                                     cfg.storage, data_config(cfg))
-            loop = PlainLoop(cfg, settings, served, onnx)
+            loop = PlainLoop(cfg, settings, served)  # exports the ONNX file, where the service's replicas find it
             if results:  # the backend before: its replicas go first, so that they never hold CPUs beside the new ones
                 serve.delete(APP)
             print(f"[serve] {backend}: deploying the service", flush=True)
