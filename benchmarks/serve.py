@@ -44,7 +44,8 @@ import torch
 
 from benchmarks import serve_load
 from benchmarks.embed import make_checkpoint
-from benchmarks.results_io import add_jpeg_option, add_out_option, machine, publish, results_path
+from benchmarks.results_io import (add_jpeg_option, add_out_option, closest_pair, machine, publish, rate,
+                                   results_path)
 from ray_landmark.config import config_from_dict
 from ray_landmark.data.config import DataConfig, SyntheticSpec
 from ray_landmark.data.metadata import open_manifest, prepare_manifests
@@ -154,18 +155,6 @@ def load_test(url: str, jpegs: list[bytes], requests_n: int, concurrency: int) -
     return {"requests": requests_n, "concurrency": concurrency, "seconds": round(seconds, 2),
             "requests_per_s": round(requests_n / seconds, 1), **percentiles(latencies),
             "mean_batch": round(float(np.mean(batches)), 2)}
-
-
-def closest_pair(passes: list[dict]) -> tuple[list[dict], float]:
-    """The two passes whose rates agree best, and their spread: the faster's rate over the slower's, less 1."""
-    ordered = sorted(passes, key=rate)
-    pairs = [(ordered[i], ordered[i + 1]) for i in range(len(ordered) - 1)]
-    pair = min(pairs, key=lambda p: rate(p[1]) / rate(p[0]))
-    return list(pair), rate(pair[1]) / rate(pair[0]) - 1
-
-
-def rate(one_pass: dict) -> float:
-    return one_pass.get("images_per_s") or one_pass["requests_per_s"]
 
 
 def agreed(passes: list[dict], agreement: float) -> dict:
