@@ -103,7 +103,7 @@ def run_plain(loop: PlainLoop, queries: list[bytes], images: int, batch: int) ->
     """``images`` queries (cycled) in batches of ``batch``; an image's latency is its batch's time."""
     loop.answer(queries[:batch])  # warm-up
     cycled = [queries[i % len(queries)] for i in range(images)]
-    seconds, latencies = 0.0, []
+    seconds, latencies, cpu_before = 0.0, [], time.process_time()
     for start in range(0, images, batch):
         chunk = cycled[start:start + batch]
         started = time.perf_counter()
@@ -112,12 +112,33 @@ def run_plain(loop: PlainLoop, queries: list[bytes], images: int, batch: int) ->
         seconds += elapsed
         latencies += [1000 * elapsed] * len(chunk)
     return {"images": images, "batch": batch, "seconds": round(seconds, 2),
-            "images_per_s": round(images / seconds, 1), **percentiles(latencies)}
+            "images_per_s": round(images / seconds, 1), **percentiles(latencies),
+            "cpu_ms_per_image": round(1000 * (time.process_time() - cpu_before) / images, 2)}
+
+
+def service_cpu_s() -> dict[str, float]:
+    """CPU seconds so far of this process (the clients) and of the service's HTTP proxy and replicas (its processes
+    are this process's descendants on a local Ray; Ray names them after their actors)."""
+    import psutil  # Ray's own copy (serve_load.replica_processes)
+
+    def cpu(processes) -> float:
+        total = 0.0
+        for proc in processes.values():
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                continue
+        return total
+
+    return {"clients": time.process_time(), "proxy": cpu(serve_load.descendants_named("ray::ProxyActor")),
+            "replicas": cpu(serve_load.replica_processes(APP))}
 
 
 def load_test(url: str, jpegs: list[bytes], requests_n: int, concurrency: int) -> dict:
-    """``requests_n`` POST /recognize of one JPEG each, from ``concurrency`` threads; rate, latency and the batch
-    sizes the service embedded them in."""
+    """``requests_n`` POST /recognize of one JPEG each, from ``concurrency`` threads; rate, latency, the batch
+    sizes the service embedded them in, and the CPU milliseconds per request of the clients, the HTTP proxy and the
+    replicas."""
     import requests
 
     latencies, batches, failures = [], [], []
@@ -143,26 +164,31 @@ def load_test(url: str, jpegs: list[bytes], requests_n: int, concurrency: int) -
                     failures.append(f"{response.status_code} {response.text[:200]}")
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    started = time.perf_counter()
+    cpu_before, started = service_cpu_s(), time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    seconds = time.perf_counter() - started
+    seconds, cpu_after = time.perf_counter() - started, service_cpu_s()
     if failures:
         raise RuntimeError(f"{len(failures)} of {requests_n} requests failed at concurrency {concurrency}, e.g. "
                            f"{failures[0]}")
     return {"requests": requests_n, "concurrency": concurrency, "seconds": round(seconds, 2),
             "requests_per_s": round(requests_n / seconds, 1), **percentiles(latencies),
-            "mean_batch": round(float(np.mean(batches)), 2)}
+            "mean_batch": round(float(np.mean(batches)), 2),
+            "cpu_ms_per_request": {k: round(1000 * (cpu_after[k] - cpu_before[k]) / requests_n, 2) for k in cpu_after}}
 
 
 def agreed(passes: list[dict], agreement: float) -> dict:
     """A path's numbers: the mean of its two closest passes, their spread, and whether they agree."""
     pair, spread = closest_pair(passes)
-    keys = [k for k in ("images_per_s", "requests_per_s", "p50_ms", "p99_ms", "mean_batch") if k in pair[0]]
-    return {**{k: round((pair[0][k] + pair[1][k]) / 2, 2) for k in keys}, "spread": round(spread, 3),
-            "settled": spread <= agreement, "passes": len(passes)}
+    keys = [k for k in ("images_per_s", "requests_per_s", "p50_ms", "p99_ms", "mean_batch", "cpu_ms_per_image")
+            if k in pair[0]]
+    numbers = {k: round((pair[0][k] + pair[1][k]) / 2, 2) for k in keys}
+    if "cpu_ms_per_request" in pair[0]:
+        numbers["cpu_ms_per_request"] = {k: round((pair[0]["cpu_ms_per_request"][k] + pair[1]["cpu_ms_per_request"][k])
+                                                  / 2, 2) for k in pair[0]["cpu_ms_per_request"]}
+    return {**numbers, "spread": round(spread, 3), "settled": spread <= agreement, "passes": len(passes)}
 
 
 def plain_batches(args) -> dict[int, int]:
@@ -258,12 +284,16 @@ def benchmarks_md(payload: dict) -> str:
         for name, p in r["paths"].items():
             c = int(name.rsplit("_", 1)[1])
             serve_row = name.startswith("serve")
+            cpu = p["cpu_ms_per_request"] if serve_row else {"replicas": p["cpu_ms_per_image"], "proxy": "",
+                                                                       "clients": ""}
             rows.append([backend, f"serve, concurrency {c}" if serve_row else f"plain, batch {c}",
                          p.get("requests_per_s", p.get("images_per_s")), p["p50_ms"], p["p99_ms"],
                          p.get("mean_batch", c), r["serve_vs_plain"][str(c)] if serve_row else "",
+                         cpu["replicas"], cpu["proxy"], cpu["clients"],
                          f"{100 * p['spread']:.1f} %" + ("" if p["settled"] else " (not settled)"), p["passes"]])
     table = markdown_table(["backend", "path", "images or requests/s", "p50 ms", "p99 ms", "mean batch",
-                            "serve / plain", "spread of the two closest passes", "passes"], rows)
+                            "serve / plain", "CPU ms per image: replica or plain loop", "HTTP proxy", "clients",
+                            "spread of the two closest passes", "passes"], rows)
     overheads = "; ".join(f"{b} {r['overhead_ms_at_concurrency_1']} ms" for b, r in results.items())
     unsettled = [f"{b} {name}" for b, r in results.items() for name in r["unsettled"]]
     unsettled_text = (f" **Not settled** (no two passes within {100 * setup['agreement']:g} % after "
@@ -283,7 +313,8 @@ the ONNX export on onnxruntime's CPU provider), one `answer_recognition` per ima
 CPU threads. The service: {setup['replicas']} replica(s), batches of up to {setup['batch']} images, batch wait
 {1000 * setup['batch_wait_s']:g} ms, HTTP keep-alive clients on the same cores. The plain loop runs at the batch the
 service can reach at each concurrency (min(concurrency, {setup['batch']})); "mean batch" on a serve row is what the
-replica embedded.
+replica embedded. CPU milliseconds per image (each request is one image): the plain loop's process, and the
+service's replica, HTTP proxy and client threads, from their processes' CPU times over the pass.
 
 {table}
 

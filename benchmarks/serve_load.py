@@ -70,12 +70,17 @@ def bad_requests(jpeg: bytes) -> dict[str, tuple[bytes, str, int]]:
 def replica_processes(app: str) -> dict:
     """pid -> psutil.Process of each replica of Serve application ``app`` among this process's descendants (Ray
     names an actor's worker process after the actor's class: ray::ServeReplica:<app>:<deployment>)."""
+    return descendants_named(f"ServeReplica:{app}:")
+
+
+def descendants_named(marker: str) -> dict:
+    """pid -> psutil.Process of each of this process's descendants whose command line holds ``marker``."""
     import psutil  # Ray's own copy: importing ray (serve.py does) puts ray/thirdparty_files on sys.path
 
     found = {}
     for proc in psutil.Process().children(recursive=True):
         try:
-            if f"ServeReplica:{app}:" in " ".join(proc.cmdline()):
+            if marker in " ".join(proc.cmdline()):
                 found[proc.pid] = proc
         except psutil.Error:  # ended while listed
             continue

@@ -364,6 +364,10 @@ def test_serve_benchmark_runs_at_toy_size(toy_runs):
         assert all(len(passes) == 2 for passes in backend["every_pass"].values())
         assert all(p["images"] == 4 for p in backend["every_pass"]["plain_batch_4"])
         assert set(backend["serve_vs_plain"]) == {"1", "8", "32"} and "overhead_ms_at_concurrency_1" in backend
+        # The CPU each process spent per image: the replica, the HTTP proxy and the clients were all found.
+        assert all(backend["paths"][f"serve_{c}"]["cpu_ms_per_request"][process] > 0 for c in (1, 8, 32)
+                   for process in ("replicas", "proxy", "clients"))
+        assert backend["paths"]["plain_batch_1"]["cpu_ms_per_image"] > 0
     assert payload["ratios"]["onnxruntime_vs_torch_plain"] > 0 and len(payload["load_average"]["after_each_round"]) == 4
     assert "| onnxruntime | serve, concurrency 32 |" in section and "| torch | plain, batch 1 |" in section
 
