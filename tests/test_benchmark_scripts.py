@@ -101,21 +101,21 @@ def test_no_benchmark_writes_a_table_by_hand():
 # Sections of BENCHMARKS.md that their script would not write from the recorded results, and why.
 NOT_RENDERED = {
     "gpu_compile": "the note of a benchmark prepared but not run on a GPU yet: no results",
-    "serve": "recorded before the plain loop answered as the service does (rerun it to regenerate)",
     "data_pipeline": "recorded before the rates settled (rerun it to regenerate)",
 }
 
 
 def test_every_section_of_benchmarks_md_is_what_its_script_writes_from_the_recorded_results():
     """So that a script's changes to its wording cannot change a number it did not measure."""
-    from benchmarks import embed, gpu_compile, model_cost, search, train_step
+    from benchmarks import embed, gpu_compile, model_cost, search, serve, serve_load, train_step
     from benchmarks.results_io import results_path
 
     render = {"model_cost": model_cost.benchmarks_md,
               "train_step": train_step.benchmarks_md, "search": search.benchmarks_md, "embed": embed.benchmarks_md,
               "compile_scope_cpu": lambda p: gpu_compile.benchmarks_md(p, results_path("compile_scope_cpu")),
               "search_adjusted": search.adjusted_benchmarks_md,
-              "search_label_rerank": search.label_rerank_benchmarks_md}
+              "search_label_rerank": search.label_rerank_benchmarks_md, "serve": serve.benchmarks_md,
+              "serve_load": serve_load.benchmarks_md}
     text = (REPO / "BENCHMARKS.md").read_text()
     sections = dict(re.findall(r"<!-- (\w+):start -->\n(.*?)\n<!-- \1:end -->", text, re.S))
     assert set(sections) == set(render) | set(NOT_RENDERED)
