@@ -54,6 +54,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -86,11 +87,32 @@ _BLOBS: list[bytes] = []
 _WORK = None
 _START = None
 _NEXT = None
+_START_FAILED = ""  # the traceback of this process's start-up, which a pool initializer cannot raise
+
+
+class PlainLoopCounter(dict):
+    """What the plain loops' decode counts in place of a stream's ``StreamCounter``: the same ``add``, kept here."""
+
+    def add(self, counts: dict[str, int]) -> None:
+        for key, n in counts.items():
+            self[key] = self.get(key, 0) + n
 
 
 def _init_worker(blob_file: str, size: int, work: str, start, next_chunk) -> None:
-    """Load the JPEGs and warm up (imports, allocations) before anything is timed."""
-    global _BLOBS, _WORK, _START, _NEXT
+    """Load the JPEGs and warm up (imports, allocations) before anything is timed. A pool replaces a process whose
+    initializer raised, forever: a failure is kept for ``_work_until_done`` to raise, and the others' start barrier
+    broken."""
+    global _START, _NEXT, _START_FAILED
+    try:
+        _start_worker(blob_file, size, work)
+    except Exception:
+        _START_FAILED = traceback.format_exc()
+        start.abort()
+    _START, _NEXT = start, next_chunk
+
+
+def _start_worker(blob_file: str, size: int, work: str) -> None:
+    global _BLOBS, _WORK
     torch.set_num_threads(1)  # one core per process, as DataLoader workers and Ray tasks run
     _BLOBS = pickle.loads(Path(blob_file).read_bytes())
     if work == "worker_fast":
@@ -102,13 +124,14 @@ def _init_worker(blob_file: str, size: int, work: str, start, next_chunk) -> Non
         _WORK = lambda chunk: decode_images(  # noqa: E731  exactly a Ray Data decode task's work on one batch
             {"id": np.arange(len(chunk)).astype(str), "jpeg": np.array(chunk, dtype=object),
              "label": np.zeros(len(chunk), np.int64)},
-            image_size=size, preprocessing=preprocessing, augment=True, keep_ids=False, counter=None)
+            image_size=size, preprocessing=preprocessing, augment=True, keep_ids=False, counter=PlainLoopCounter())
     _WORK(_BLOBS[:BATCH])
-    _START, _NEXT = start, next_chunk
 
 
 def _work_until_done(_) -> tuple[int, float, float, float]:
     """(images done, wall start, wall end, CPU seconds) of this process's share."""
+    if _START_FAILED:
+        raise RuntimeError(f"a plain loop failed to start:\n{_START_FAILED}")
     _START.wait()  # every process starts together, once all have started up
     started, cpu_started, done = time.time(), time.process_time(), 0
     while True:
