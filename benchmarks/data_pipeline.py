@@ -23,17 +23,24 @@ augmentation a few images at a time) with fast and with original preprocessing, 
 decode, resize and augmentation, a batch at a time); the DataLoaders' datasets decode and augment one image at a
 time. The augmentation alone is also timed with 1 … 32 images augmented together (``transforms.AUGMENT_CHUNK``).
 (b), (c) and (d) are timed round robin, one pass of each per round, so that a busy spell on a shared machine hits them
-alike, the DataLoaders' passes between Ray's (so that Ray's workers never idle long enough to be retired); each one's
-rate is its best pass after the first (which warms up worker processes and the page cache), with the CPU time of every
-process taking part, the S3 server's own included. The first pass of (c) from S3 is taken apart: imports, worker
-start-up, the first batch.
+alike, the DataLoaders' passes between Ray's (so that Ray's workers never idle long enough to be retired). The first
+round warms up (worker processes, the page cache) and is not counted; rounds go on until every path has two passes
+after it that agree within ``--agreement`` (default 5 %; a spread is the faster pass's rate over the slower's, less
+1), for at least ``--min-rounds`` and at most ``--max-rounds`` rounds, and a path whose passes never agreed is listed
+as not settled. Each path's rate, first batch and CPU time (of every process taking part, the S3 server's own
+included) are the means of its two closest passes (``results_io.closest_pair``), and its spread is theirs. A ratio of
+two paths' rates ranges over their closest passes from the first's slower over the second's faster to the first's
+faster over the second's slower; its spread, that range's top over its bottom less 1, is (1 + the first's spread) x
+(1 + the second's) - 1 (the ceiling has no spread). The load average is recorded at the start, after each round and
+at the end. The first pass of (c) from S3 is taken apart: imports, worker start-up, the first batch.
 (e) bytes: the read stage alone (no decoding) from the S3 server, for the full view and GLDv2c, with and without the
     shard index, and with the index over a range of ``data.range_gap_bytes``: bytes fetched and requests per
     delivered image, against the mean JPEG of the view.
 
-    python -m benchmarks.data_pipeline [--images 1500] [--size 448] [--jpeg 640x480] [--no-write] [--out DIR]
-    python -m benchmarks.data_pipeline --images 96 --size 32 --jpeg 160x120 --shards 2 --rounds 2 --processes 1 \
-        --gaps 0,65536 --out /tmp/toy     # a smoke run at toy size
+    python -m benchmarks.data_pipeline [--images 1500] [--size 448] [--jpeg 640x480] [--agreement 0.05] \
+        [--min-rounds 3] [--max-rounds 8] [--no-write] [--out DIR]
+    python -m benchmarks.data_pipeline --images 96 --size 32 --jpeg 160x120 --shards 2 --min-rounds 3 \
+        --max-rounds 3 --processes 1 --gaps 0,65536 --out /tmp/toy     # a smoke run at toy size
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +62,7 @@ import ray
 import torch
 
 from benchmarks.one_by_one import OneByOne
-from benchmarks.results_io import add_jpeg_option, add_out_option, machine, publish, results_path
+from benchmarks.results_io import add_jpeg_option, add_out_option, closest_pair, machine, publish, results_path
 from ray_landmark.data import gldv2, transforms
 from ray_landmark.data.config import DataConfig, StorageConfig
 from ray_landmark.data.metadata import open_manifest, prepare_manifests
@@ -79,11 +87,32 @@ _BLOBS: list[bytes] = []
 _WORK = None
 _START = None
 _NEXT = None
+_START_FAILED = ""  # the traceback of this process's start-up, which a pool initializer cannot raise
+
+
+class PlainLoopCounter(dict):
+    """What the plain loops' decode counts in place of a stream's ``StreamCounter``: the same ``add``, kept here."""
+
+    def add(self, counts: dict[str, int]) -> None:
+        for key, n in counts.items():
+            self[key] = self.get(key, 0) + n
 
 
 def _init_worker(blob_file: str, size: int, work: str, start, next_chunk) -> None:
-    """Load the JPEGs and warm up (imports, allocations) before anything is timed."""
-    global _BLOBS, _WORK, _START, _NEXT
+    """Load the JPEGs and warm up (imports, allocations) before anything is timed. A pool replaces a process whose
+    initializer raised, forever: a failure is kept for ``_work_until_done`` to raise, and the others' start barrier
+    broken."""
+    global _START, _NEXT, _START_FAILED
+    try:
+        _start_worker(blob_file, size, work)
+    except Exception:
+        _START_FAILED = traceback.format_exc()
+        start.abort()
+    _START, _NEXT = start, next_chunk
+
+
+def _start_worker(blob_file: str, size: int, work: str) -> None:
+    global _BLOBS, _WORK
     torch.set_num_threads(1)  # one core per process, as DataLoader workers and Ray tasks run
     _BLOBS = pickle.loads(Path(blob_file).read_bytes())
     if work == "worker_fast":
@@ -95,13 +124,14 @@ def _init_worker(blob_file: str, size: int, work: str, start, next_chunk) -> Non
         _WORK = lambda chunk: decode_images(  # noqa: E731  exactly a Ray Data decode task's work on one batch
             {"id": np.arange(len(chunk)).astype(str), "jpeg": np.array(chunk, dtype=object),
              "label": np.zeros(len(chunk), np.int64)},
-            image_size=size, preprocessing=preprocessing, augment=True, keep_ids=False, counter=None)
+            image_size=size, preprocessing=preprocessing, augment=True, keep_ids=False, counter=PlainLoopCounter())
     _WORK(_BLOBS[:BATCH])
-    _START, _NEXT = start, next_chunk
 
 
 def _work_until_done(_) -> tuple[int, float, float, float]:
     """(images done, wall start, wall end, CPU seconds) of this process's share."""
+    if _START_FAILED:
+        raise RuntimeError(f"a plain loop failed to start:\n{_START_FAILED}")
     _START.wait()  # every process starts together, once all have started up
     started, cpu_started, done = time.time(), time.process_time(), 0
     while True:
@@ -337,8 +367,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=1500, help="about this many train images")
     parser.add_argument("--size", type=int, default=448)
     parser.add_argument("--shards", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="passes of each path, round robin: one warm-up, then the best of the others")
+    parser.add_argument("--agreement", type=float, default=0.05,
+                        help="two passes of a path after the warm-up round agree within this fraction")
+    parser.add_argument("--min-rounds", type=int, default=3, help="rounds of one pass of each path, the warm-up "
+                                                                  "included, before the passes may be judged settled")
+    parser.add_argument("--max-rounds", type=int, default=8,
+                        help="rounds at most, however far apart the passes of a path still are")
     parser.add_argument("--processes", type=int, help="(a): plain loops in 1 .. this many processes (default: "
                                                       "cores + 1)")
     parser.add_argument("--gaps", default=",".join(map(str, GAPS)),
@@ -347,8 +381,9 @@ def parse_args() -> argparse.Namespace:
     add_jpeg_option(parser)
     add_out_option(parser)
     args = parser.parse_args()
-    if args.rounds < 2:
-        parser.error("--rounds must be at least 2: the first pass of each path warms up and is not counted")
+    if not 3 <= args.min_rounds <= args.max_rounds:
+        parser.error("--min-rounds must be 3 or more (a warm-up round, then two passes that can agree) and at most "
+                     "--max-rounds")
     args.processes = args.processes or (os.cpu_count() or 1) + 1
     args.gaps = [int(gap) for gap in args.gaps.split(",")]
     return args
@@ -428,13 +463,37 @@ def pass_order(ray: dict, loaders: dict) -> dict:
     return order
 
 
-def run_rounds(paths: dict, rounds: int, server_pid: int) -> tuple[dict[str, list[dict]], list[float]]:
+def mean_pass(pair: list[dict]) -> dict:
+    """Two passes of a path as one: the mean of their rates, times, first batches, S3 server CPU and cores busy."""
+    first, second = pair
+    groups = dict.fromkeys([*first["cores_busy"], *second["cores_busy"]])
+    return {**{key: (first[key] + second[key]) / 2
+               for key in ("images_per_s", "seconds", "first_batch_s", "server_cpu_s")},
+            "images": first["images"],
+            "cores_busy": {g: round((first["cores_busy"].get(g, 0.0) + second["cores_busy"].get(g, 0.0)) / 2, 2)
+                           for g in groups}}
+
+
+def settle(passes: dict[str, list[dict]], agreement: float) -> dict[str, dict]:
+    """Each path's two closest passes after the warm-up round, as one (``mean_pass``), their spread, and whether they
+    agree within ``agreement``."""
+    settled = {}
+    for name, runs in passes.items():
+        pair, spread = closest_pair(runs[1:])
+        settled[name] = {"pass": mean_pass(pair), "spread": spread, "settled": spread <= agreement}
+    return settled
+
+
+def run_rounds(paths: dict, args: argparse.Namespace, server_pid: int) -> tuple[dict[str, list[dict]], list[float],
+                                                                                 list[float]]:
     """Round robin, one pass of each path per round, so that a busy spell on the shared machine hits them alike
-    (round 0 warms up: worker processes start): every pass of each path, and when the Ray workers that started
-    during the first pass from S3 did, in seconds after it began."""
+    (round 0 warms up: worker processes start), until every path has two passes after it within ``--agreement``
+    (at least ``--min-rounds`` rounds, at most ``--max-rounds``): every pass of each path, when the Ray workers that
+    started during the first pass from S3 did (seconds after it began), and the load average after each round."""
     passes: dict[str, list[dict]] = {name: [] for name in paths}
     workers_started: list[float] = []
-    for round_ in range(rounds):
+    loads: list[float] = []
+    for round_ in range(args.max_rounds):
         for name, one_pass in paths.items():
             passes[name].append(timed_pass(one_pass(), server_pid))
             if round_ == 0 and name == "ray_s3":
@@ -443,12 +502,20 @@ def run_rounds(paths: dict, rounds: int, server_pid: int) -> tuple[dict[str, lis
                                    if run["started"] <= t <= run["started"] + run["seconds"]]
             print(f"round {round_}: {name} {passes[name][-1]['images_per_s']:.1f} img/s, S3 server "
                   f"{passes[name][-1]['server_cpu_s']:.2f} CPU-s")
-    return passes, workers_started
+        loads.append(round(os.getloadavg()[0], 2))
+        unsettled = list(paths) if round_ < 2 else [  # before round 2, fewer than two passes after the warm-up
+            name for name, path in settle(passes, args.agreement).items() if not path["settled"]]
+        print(f"round {round_}: load average {loads[-1]}; "
+              f"{'every path settled' if not unsettled else 'not yet settled: ' + ', '.join(unsettled)}", flush=True)
+        if round_ + 1 >= args.min_rounds and not unsettled:
+            break
+    return passes, workers_started, loads
 
 
-def first_pass_summary(passes: dict, workers_started: list[float], imports: float, ray_started: float) -> dict:
-    """The first pass of Ray Data from S3 taken apart, against the steady passes after it."""
-    cold, steady = passes["ray_s3"][0], max(passes["ray_s3"][1:], key=lambda run: run["images_per_s"])
+def first_pass_summary(cold: dict, steady: dict, workers_started: list[float], imports: float,
+                       ray_started: float) -> dict:
+    """The first pass of Ray Data from S3 taken apart, against its steady passes after it (``steady``: the mean of
+    the two closest)."""
     return {
         "seconds": round(cold["seconds"], 2),
         "images_per_s": round(cold["images_per_s"], 1),
@@ -531,21 +598,25 @@ def measure(args: argparse.Namespace, spec: SyntheticSpec, cores: int) -> dict:
         ray_started = time.time()
         cfg = DataConfig(root=s3_root.uri, storage=storage, view="full", image_size=args.size, shuffle_buffer=256,
                          ranged_reads=False)
-        passes, workers_started = run_rounds(pass_order(ray_paths(cfg, local_root), loaders), args.rounds, server_pid)
-        first_pass = first_pass_summary(passes, workers_started, imports, ray_started)
+        passes, workers_started, loads = run_rounds(pass_order(ray_paths(cfg, local_root), loaders), args, server_pid)
+        settled = settle(passes, args.agreement)
+        first_pass = first_pass_summary(passes["ray_s3"][0], settled["ray_s3"]["pass"], workers_started, imports,
+                                        ray_started)
         print(f"the first pass from S3: {first_pass}")
         view_mean = view_mean_jpeg(cfg)
         bytes_rows = bytes_read_rows(cfg, server_pid, view_mean)
         gap_rows = range_gap_rows(cfg, server_pid, view_mean["gldv2c"], args.gaps)
         ray.shutdown()
     return {"images": len(blobs), "mean_jpeg": float(np.mean([len(blob) for blob in blobs])), "plain": plain,
-            "per_cpu_second": per_cpu_second, "chunk_rates": chunk_rates, "passes": passes, "first_pass": first_pass,
+            "per_cpu_second": per_cpu_second, "chunk_rates": chunk_rates, "passes": passes, "settled": settled,
+            "loads": loads, "first_pass": first_pass,
             "view_mean": view_mean, "bytes_rows": bytes_rows, "gap_rows": gap_rows}
 
 
-def steady_numbers(passes: dict[str, list[dict]], per_cpu_second: dict[str, float]) -> tuple[dict, dict, dict, dict]:
-    """Each path's best pass after the first, its rate, its S3 server CPU and its CPU-milliseconds per image."""
-    steady = {name: max(runs[1:], key=lambda run: run["images_per_s"]) for name, runs in passes.items()}
+def steady_numbers(settled: dict[str, dict], per_cpu_second: dict[str, float]) -> tuple[dict, dict, dict, dict]:
+    """Each path's two closest passes after the first as one (``settle``), its rate, its S3 server CPU and its
+    CPU-milliseconds per image."""
+    steady = {name: path["pass"] for name, path in settled.items()}
     rate = {name: round(run["images_per_s"], 1) for name, run in steady.items()}
     server = {name: {"cpu_s_per_pass": round(run["server_cpu_s"], 2),
                      "cpu_ms_per_image": round(1e3 * run["server_cpu_s"] / run["images"], 2),
@@ -562,22 +633,37 @@ def steady_numbers(passes: dict[str, list[dict]], per_cpu_second: dict[str, floa
     return steady, rate, server, cpu_ms
 
 
+# The ratios of rates: name -> (the path over, the path under; "ceiling" is (a)).
+RATE_RATIOS = {
+    "stream_vs_dataloader_same_source_s3": ("ray_s3", "dataloader_tars_s3"),
+    "stream_vs_dataloader_same_source_local": ("ray_local", "dataloader_tars_local"),
+    # The default path (ranged reads through the shard index) against the same DataLoader.
+    "ranged_vs_dataloader_same_source_s3": ("ray_s3_ranged", "dataloader_tars_s3"),
+    "stream_s3_vs_dataloader_files": ("ray_s3", "dataloader_files"),
+    "ranged_vs_streamed_s3_full": ("ray_s3_ranged", "ray_s3"),
+    "two_stages_vs_one_s3": ("ray_s3_two_stages", "ray_s3"),
+    "ranged_vs_streamed_s3_gldv2c": ("ray_s3_gldv2c_ranged", "ray_s3_gldv2c"),
+    "stream_s3_vs_ceiling": ("ray_s3", "ceiling"),
+    "stream_local_vs_ceiling": ("ray_local", "ceiling"),
+    "dataloader_tars_s3_vs_ceiling": ("dataloader_tars_s3", "ceiling"),
+    "dataloader_files_vs_ceiling": ("dataloader_files", "ceiling"),
+    "worker_decode_vs_ceiling": ("worker_decode_s3", "ceiling"),
+}
+
+
+def ratio_spreads(spreads: dict[str, float]) -> dict[str, float]:
+    """The spread of each ratio of rates over its two paths' closest passes: (1 + the spread of the path over) x (1 +
+    that of the path under) - 1 (the ceiling, computed from CPU time, has none)."""
+    spreads = {**spreads, "ceiling": 0.0}
+    return {name: round((1 + spreads[over]) * (1 + spreads[under]) - 1, 3)
+            for name, (over, under) in RATE_RATIOS.items()}
+
+
 def path_ratios(rate: dict[str, float], ceiling: float, per_cpu_second: dict[str, float],
                 bytes_rows: dict[str, dict]) -> dict:
+    rates = {**rate, "ceiling": ceiling}
     return {
-        "stream_vs_dataloader_same_source_s3": round(rate["ray_s3"] / rate["dataloader_tars_s3"], 3),
-        "stream_vs_dataloader_same_source_local": round(rate["ray_local"] / rate["dataloader_tars_local"], 3),
-        # The default path (ranged reads through the shard index) against the same DataLoader.
-        "ranged_vs_dataloader_same_source_s3": round(rate["ray_s3_ranged"] / rate["dataloader_tars_s3"], 3),
-        "stream_s3_vs_dataloader_files": round(rate["ray_s3"] / rate["dataloader_files"], 3),
-        "ranged_vs_streamed_s3_full": round(rate["ray_s3_ranged"] / rate["ray_s3"], 3),
-        "two_stages_vs_one_s3": round(rate["ray_s3_two_stages"] / rate["ray_s3"], 3),
-        "ranged_vs_streamed_s3_gldv2c": round(rate["ray_s3_gldv2c_ranged"] / rate["ray_s3_gldv2c"], 3),
-        "stream_s3_vs_ceiling": round(rate["ray_s3"] / ceiling, 3),
-        "stream_local_vs_ceiling": round(rate["ray_local"] / ceiling, 3),
-        "dataloader_tars_s3_vs_ceiling": round(rate["dataloader_tars_s3"] / ceiling, 3),
-        "dataloader_files_vs_ceiling": round(rate["dataloader_files"] / ceiling, 3),
-        "worker_decode_vs_ceiling": round(rate["worker_decode_s3"] / ceiling, 3),
+        **{name: round(rates[over] / rates[under], 3) for name, (over, under) in RATE_RATIOS.items()},
         "original_vs_fast_per_cpu_second": round(
             per_cpu_second["ray_task_original"] / per_cpu_second["ray_task_fast"], 3),
         "bytes_per_image_vs_view": {name: run["bytes_per_image_vs_view"] for name, run in bytes_rows.items()},
@@ -589,7 +675,9 @@ def results_of(args: argparse.Namespace, spec: SyntheticSpec, cores: int, load_b
     per_cpu_second = measured["per_cpu_second"]
     ceiling_work = max(per_cpu_second, key=per_cpu_second.get)
     ceiling = round(cores * per_cpu_second[ceiling_work], 1)
-    steady, rate, server, cpu_ms = steady_numbers(measured["passes"], per_cpu_second)
+    settled = measured["settled"]
+    steady, rate, server, cpu_ms = steady_numbers(settled, per_cpu_second)
+    spreads = {name: path["spread"] for name, path in settled.items()}
     return {
         "benchmark": "data_pipeline",
         "machine": machine(),
@@ -597,9 +685,10 @@ def results_of(args: argparse.Namespace, spec: SyntheticSpec, cores: int, load_b
             "images": measured["images"], "source": f"{spec.width}x{spec.height} JPEG q{spec.jpeg_quality}",
             "mean_jpeg_kb": round(measured["mean_jpeg"] / 1e3, 1),
             "output_px": args.size, "augment": "the 2021 solution's train augmentation", "shards": args.shards,
-            "batch_size": BATCH, "workers_or_processes": cores, "rounds": args.rounds,
+            "batch_size": BATCH, "workers_or_processes": cores, "rounds": len(measured["loads"]),
+            "agreement": args.agreement, "min_rounds": args.min_rounds, "max_rounds": args.max_rounds,
             "ray_logical_cpus": max(4, 2 * cores), "load_average_at_start": round(load_before, 2),
-            "load_average_at_end": round(os.getloadavg()[0], 2),
+            "load_average_after_each_round": measured["loads"], "load_average_at_end": round(os.getloadavg()[0], 2),
             "range_gap_bytes": DataConfig.model_fields["range_gap_bytes"].default,
             "view_mean_jpeg_bytes": {view: round(mean) for view, mean in measured["view_mean"].items()},
         },
@@ -612,7 +701,10 @@ def results_of(args: argparse.Namespace, spec: SyntheticSpec, cores: int, load_b
         "augmentation_images_per_cpu_second_by_chunk": measured["chunk_rates"],
         "every_pass_images_per_second": {name: [round(r["images_per_s"], 1) for r in runs]
                                          for name, runs in measured["passes"].items()},
+        "path_spreads": {name: round(spread, 3) for name, spread in spreads.items()},
+        "unsettled_paths": [name for name, path in settled.items() if not path["settled"]],
         "ratios": path_ratios(rate, ceiling, per_cpu_second, measured["bytes_rows"]),
+        "ratio_spreads": ratio_spreads(spreads),
         "s3_server": server,
         "cores_busy": {name: run["cores_busy"] for name, run in steady.items()},
         "cpu_ms_per_image": cpu_ms,
@@ -653,11 +745,12 @@ def _default_text(payload: dict) -> str:
     default_gap = payload["setup"]["range_gap_bytes"]
     fewer = {view: bytes_read[f"{view}_ranged"]["bytes"] / bytes_read[f"{view}_streamed"]["bytes"]
              for view in ("full", "gldv2c")}
-    speed = {"the full view": ratios["ranged_vs_streamed_s3_full"], "GLDv2c": ratios["ranged_vs_streamed_s3_gldv2c"]}
-    slower = [view for view, ratio in speed.items() if ratio < 0.95]
+    speed = {"the full view": "ranged_vs_streamed_s3_full", "GLDv2c": "ranged_vs_streamed_s3_gldv2c"}
+    slower = [view for view, name in speed.items() if ratios[name] < 0.95]
     verdict = ("and it was not slower here (images/s, ranged vs streamed: " + ", ".join(
-        f"{ratio} under {view}" for view, ratio in speed.items()) + ")" if not slower else
-        "though here it ran at " + ", ".join(f"{speed[view]} of streaming's rate under {view}" for view in slower))
+        f"{_ratio(payload, name)} under {view}" for view, name in speed.items()) + ")" if not slower else
+        "though here it ran at " + ", ".join(f"{_ratio(payload, speed[view])} of streaming's rate under {view}"
+                                             for view in slower))
     gap = gaps.get(str(default_gap))
     gap_text = (f" The default `data.range_gap_bytes` ({default_gap:,}) fetched "
                 f"{gap['bytes_per_image_vs_view']} of GLDv2c's bytes in {gap['requests']} requests, against "
@@ -676,9 +769,24 @@ def benchmarks_md(payload: dict) -> str:
                       _cpu_md(payload)])
 
 
+def _ratio(payload: dict, name: str) -> str:
+    """A ratio of rates with its spread beside it."""
+    return f"{payload['ratios'][name]} (spread {100 * payload['ratio_spreads'][name]:.1f} %)"
+
+
+def _settled_text(payload: dict) -> str:
+    setup, unsettled = payload["setup"], payload["unsettled_paths"]
+    if not unsettled:
+        return f"Every path settled: two of its passes agreed within {100 * setup['agreement']:g} %."
+    return (f"**Not settled** (no two passes within {100 * setup['agreement']:g} % after {setup['rounds']} rounds): "
+            f"{', '.join(f'`{name}`' for name in unsettled)}; their rates and the ratios that use them are less sure "
+            f"than their spreads say.")
+
+
 def _setup_md(payload: dict) -> str:
     m, setup = payload["machine"], payload["setup"]
     notes = "".join("\n\n**Note on this run.** " + note for note in payload.get("notes", []))
+    agreement = f"{100 * setup['agreement']:g} %"
     return f"""## Data pipeline (`python -m benchmarks.data_pipeline`)
 
 {setup['images']} synthetic JPEGs ({setup['source']}, mean {setup['mean_jpeg_kb']} KB) in {setup['shards']} tar shards
@@ -686,10 +794,14 @@ def _setup_md(payload: dict) -> str:
 {m['memory_gib']} GiB), Ray {m['ray']}, torch {m['torch']}. The same shards (byte for byte) lie in a local folder and
 in a bucket of the local S3 server (moto, a Python process on the same cores), each with its manifest and shard index.
 Every number comes from one run. **The machine is shared**: other sessions ran their tests on the same 2 cores (load
-average {setup['load_average_at_start']} when the run started, {setup['load_average_at_end']} when it ended), so
-rates move from pass to pass (all passes are listed). The paths ran round robin, one pass of each per round,
-{setup['rounds']} rounds, so that a busy spell hits them alike; each rate is the path's best pass after the first, and
-the comparisons are ratios of rates measured side by side.{notes}
+average {setup['load_average_at_start']} when the run started, {setup['load_average_at_end']} when it ended,
+{setup['load_average_after_each_round']} after each round), so rates move from pass to pass (all passes are listed).
+The paths ran round robin, one pass of each per round, so that a busy spell hits them alike, until every path had two
+passes after the first round (a warm-up) within {agreement} of each other (at least {setup['min_rounds']} rounds, at
+most {setup['max_rounds']}): {setup['rounds']} rounds. Each rate is the mean of the path's two closest passes, and its
+spread is theirs (the faster's rate over the slower's, less 1); the comparisons are ratios of rates measured side by
+side, each with its spread: the top of its range over the two paths' closest passes over its bottom, less 1, i.e.
+(1 + one path's spread) × (1 + the other's) − 1. {_settled_text(payload)}{notes}
 """
 
 
@@ -703,13 +815,15 @@ def _throughput_md(payload: dict) -> str:
     process_counts = list(plain[WORKS[0]])
     plain_table = markdown_table(["work", *(f"{p} process{'es' if int(p) > 1 else ''}" for p in process_counts)],
                                  [[work, *plain[work].values()] for work in WORKS])
+    spreads, unsettled = payload["path_spreads"], payload["unsettled_paths"]
     path_table = markdown_table(
-        ["path", "images/s", "vs ceiling", "every pass", "CPU ms per image", "S3 server CPU ms per image"],
+        ["path", "images/s", "vs ceiling", "every pass", "spread of the two closest", "CPU ms per image",
+         "S3 server CPU ms per image"],
         [[f"(a) ceiling: {cores} × {per_cpu_second[ceiling['work']]} ({ceiling['work']})", ceiling["images_per_s"],
-          "1.00", "", round(1e3 / per_cpu_second[ceiling["work"]], 1), ""]]
+          "1.00", "", "", round(1e3 / per_cpu_second[ceiling["work"]], 1), ""]]
         + [[what, rates[name], f"{rates[name] / ceiling['images_per_s']:.2f}", ", ".join(map(str, every[name])),
-            cpu_ms[name], server[name]["cpu_ms_per_image"] if "s3" in name else ""] for name, what in PATHS.items()])
-    same_s3 = ratios["stream_vs_dataloader_same_source_s3"]
+            f"{100 * spreads[name]:.1f} %" + (" (not settled)" if name in unsettled else ""), cpu_ms[name],
+            server[name]["cpu_ms_per_image"] if "s3" in name else ""] for name, what in PATHS.items()])
     best_per_cpu_second = ", ".join(f"{work} {rate}" for work, rate in per_cpu_second.items())
     closest = _closest({what: rates[name] / ceiling["images_per_s"] for name, what in PATHS.items()})
     by_chunk = ", ".join(f"{chunk}: {rate}"
@@ -719,33 +833,35 @@ def _throughput_md(payload: dict) -> str:
 {path_table}
 
 CPU ms per image: the CPU time of this run's processes (consumer, workers, Ray's own, the S3 server) per delivered
-image during the pass; for the ceiling, that of the plain loop. (a) the ceiling is {cores} cores × the best images per CPU-second of plain loops doing the same work over JPEGs
-already in memory (one thread per process, 1 … {process_counts[-1]} processes sharing the work chunk by chunk): no pipeline
-doing that work on these cores can beat it, and unlike a wall-clock rate it does not drop when other programs take
-cores. When the machine runs short of memory, Ray's memory monitor kills worker processes: the passes that replace
-them are slower, and the CPU of processes that ended during a pass leaves their group (a negative figure in the last
-table). Plain loops, wall clock images/s (best images per CPU-second: {best_per_cpu_second}):
+image during the pass; for the ceiling, that of the plain loop. (a) the ceiling is {cores} cores × the best images
+per CPU-second of plain loops doing the same work over JPEGs already in memory (one thread per process, 1 …
+{process_counts[-1]} processes sharing the work chunk by chunk): no pipeline doing that work on these cores can beat
+it, and unlike a wall-clock rate it does not drop when other programs take cores. When the machine runs short of
+memory, Ray's memory monitor kills worker processes: the passes that replace them are slower, and the CPU of
+processes that ended during a pass leaves their group (a negative figure in the last table). Plain loops, wall clock
+images/s (best images per CPU-second: {best_per_cpu_second}):
 
 {plain_table}
 
 Like with like: Ray Data vs a DataLoader streaming the same tars, **from the S3 server
-`stream_vs_dataloader_same_source_s3` = {same_s3}** (target ≥ 0.9), from local tars
-{ratios['stream_vs_dataloader_same_source_local']}. Against the DataLoader over extracted local files (the seed's
-comparison, which charged the S3 server to the Ray side only): {ratios['stream_s3_vs_dataloader_files']}. Ranged reads
-vs whole shards streamed, both from S3: {ratios['ranged_vs_streamed_s3_full']} for the full view,
-{ratios['ranged_vs_streamed_s3_gldv2c']} for GLDv2c; the default path (ranged) vs the same DataLoader:
-{ratios['ranged_vs_dataloader_same_source_s3']}. A pass here is {setup['images']} images, and Ray Data's first batch
-of a steady pass came after {payload['first_pass_ray_s3']['steady_first_batch_s']} s of it: these ratios weigh each
-pass's start-up more than a GLDv2 epoch of hours would.
+`stream_vs_dataloader_same_source_s3` = {_ratio(payload, 'stream_vs_dataloader_same_source_s3')}** (target ≥ 0.9),
+from local tars {_ratio(payload, 'stream_vs_dataloader_same_source_local')}. Against the DataLoader over extracted
+local files (the seed's comparison, which charged the S3 server to the Ray side only):
+{_ratio(payload, 'stream_s3_vs_dataloader_files')}. Ranged reads vs whole shards streamed, both from S3:
+{_ratio(payload, 'ranged_vs_streamed_s3_full')} for the full view, {_ratio(payload, 'ranged_vs_streamed_s3_gldv2c')}
+for GLDv2c; the default path (ranged) vs the same DataLoader: {_ratio(payload, 'ranged_vs_dataloader_same_source_s3')}.
+A pass here is {setup['images']} images, and Ray Data's first batch of a steady pass came after
+{payload['first_pass_ray_s3']['steady_first_batch_s']} s of it: these ratios weigh each pass's start-up more than a
+GLDv2 epoch of hours would.
 
 **Why one task reads and decodes.** Each read task decodes and augments the blocks it reads (`data.decode: cpu`), and
 Ray Data fuses the two into one operator. With the read and the decode in separate tasks, the pipeline's shape before,
-the same stream from S3 ran at {ratios['two_stages_vs_one_s3']} of the fused rate and took
+the same stream from S3 ran at {_ratio(payload, 'two_stages_vs_one_s3')} of the fused rate and took
 {cpu_ms['ray_s3_two_stages']} CPU-ms per image against {cpu_ms['ray_s3']} fused
 ({cpu_ms['dataloader_tars_s3']} for the DataLoader over the same tars, {round(1e3 / per_cpu_second['ray_task_fast'], 1)}
 for the decode task's work alone in a plain loop). In two stages every block of JPEGs also passes through the
-object store to a second task, and Ray Data schedules and buffers two operators. Closest to the ceiling: {closest}. Original preprocessing vs fast,
-images per CPU-second of the plain loops: {ratios['original_vs_fast_per_cpu_second']}.
+object store to a second task, and Ray Data schedules and buffers two operators. Closest to the ceiling: {closest}.
+Original preprocessing vs fast, images per CPU-second of the plain loops: {ratios['original_vs_fast_per_cpu_second']}.
 
 The augmentation alone on the CPU, images per CPU-second by how many {size} px images are augmented together
 (`transforms.AUGMENT_CHUNK`, default {transforms.AUGMENT_CHUNK}): {by_chunk}. A whole
@@ -808,7 +924,7 @@ The pass began {first['seconds_from_ray_init_to_it']} s after `ray.init`.
 
 
 def _cpu_md(payload: dict) -> str:
-    """Where the CPU went during each path's best pass."""
+    """Where the CPU went during each path's two closest passes."""
     busy = payload["cores_busy"]
     groups = list(dict.fromkeys(g for name in PATHS for g in busy[name]))
     shown = ["dataloader_tars_s3", "ray_s3", "ray_s3_ranged", "ray_s3_two_stages", "worker_decode_s3"]
@@ -817,8 +933,8 @@ def _cpu_md(payload: dict) -> str:
     cores = payload["machine"]["cores"]
     return f"""### Where the CPU went
 
-Cores busy on average during each path's best pass (out of {cores}); the processes of this run only, other programs
-in the machine's total:
+Cores busy on average during each path's two closest passes (their mean, out of {cores}); the processes of this
+run only, other programs in the machine's total:
 
 {cpu_table}
 

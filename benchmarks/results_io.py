@@ -1,7 +1,7 @@
 """Shared by the benchmark scripts: a description of the machine, where a run's results go (the JSON results file and
-the script's own section of BENCHMARKS.md, regenerated between markers, so each script owns exactly its section), and
-waiting for a device. Needs the standard library alone (torch where a function says so): the GPU machines have
-neither Ray nor pydantic."""
+the script's own section of BENCHMARKS.md, regenerated between markers, so each script owns exactly its section), the
+two passes of a path that agree best (a path is timed until two of its passes agree), and waiting for a device. Needs
+the standard library alone (torch where a function says so): the GPU machines have neither Ray nor pydantic."""
 
 from __future__ import annotations
 
@@ -92,6 +92,19 @@ def publish(name: str, payload: dict, section: str, out: Path) -> Path:
     update_benchmarks_md(name, section, out)
     print(f"wrote {path} and the {name} section of {out / 'BENCHMARKS.md'}")
     return path
+
+
+def closest_pair(passes: list[dict]) -> tuple[list[dict], float]:
+    """The two passes whose rates agree best, and their spread: the faster's rate over the slower's, less 1."""
+    ordered = sorted(passes, key=rate)
+    pairs = [(ordered[i], ordered[i + 1]) for i in range(len(ordered) - 1)]
+    pair = min(pairs, key=lambda p: rate(p[1]) / rate(p[0]))
+    return list(pair), rate(pair[1]) / rate(pair[0]) - 1
+
+
+def rate(one_pass: dict) -> float:
+    """A pass's rate: images/s, or requests/s where it served requests."""
+    return one_pass.get("images_per_s") or one_pass["requests_per_s"]
 
 
 def sync(device) -> None:

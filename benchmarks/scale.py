@@ -12,8 +12,9 @@ that the process tree under it is the job and every Ray process it needs:
                          untrained model validated first over the complete eval set (data.eval_queries/eval_index
                          unset): the job's "the first validation took X s" is recorded as the validation's seconds
                          (only at f <= --train-up-to)
-    embed_<family>       python jobs/embed.py on the test, index and GLDv2c gallery images, one per tiny model
-                         (configs/tiny_{dolg,efficientnet,hybrid_swin}.yaml; random weights, or the trained DOLG)
+    embed_<family>       python jobs/embed.py on the test, index and GLDv2c gallery images, one per tiny model of
+                         --families (configs/tiny_{dolg,efficientnet,hybrid_swin}.yaml, all three by default; random
+                         weights, or the trained DOLG)
     ensemble             python jobs/ensemble.py: reuses those embeddings; kNN, post-processing, metrics,
                          submissions and the report
 
@@ -24,7 +25,8 @@ blocks of the raylet's plasma file in /dev/shm: a high-water mark, since freed p
 read (rchar: read() calls on files, pipes and sockets; read_bytes: from block devices, 0 from the page cache).
 Then, per stage over the fractions, the exponent b of time (and memory) ~ rows^b by least squares on the logs.
 
-    python -m benchmarks.scale [--fractions 0.01,0.03,0.1] [--train-up-to 0.03] [--work DIR] [--out DIR]
+    python -m benchmarks.scale [--fractions 0.01,0.03,0.1] [--train-up-to 0.03] [--families dolg,...] [--work DIR] \
+        [--out DIR]
 """
 
 from __future__ import annotations
@@ -203,13 +205,14 @@ def ensemble_config(work: Path, checkpoints: dict[str, str]) -> Path:
     return path
 
 
-def checkpoints_of(work: Path, root: Path, trained: bool) -> dict[str, str]:
-    """A checkpoint of each family on the set at ``root``: the trained DOLG run when there is one, else random
-    weights (the embedding's cost does not depend on them)."""
+def checkpoints_of(work: Path, root: Path, trained: bool, families: list[str]) -> dict[str, str]:
+    """A checkpoint of each of ``families`` on the set at ``root``: the trained DOLG run when there is one, else
+    random weights (the embedding's cost does not depend on them)."""
     from benchmarks.embed import make_checkpoint
 
     checkpoints = {}
-    for family, config in FAMILIES.items():
+    for family in families:
+        config = FAMILIES[family]
         if family == "dolg" and trained:
             checkpoints[family] = str(work / "runs" / "tiny_dolg")
             continue
@@ -231,8 +234,9 @@ def stage_commands(root: Path, work: Path, train: bool) -> dict[str, list[str]]:
     return commands
 
 
-def run_fraction(fraction: float, work: Path, train: bool, interval: float) -> dict:
-    """Every stage at one fraction: {stage: measures with its rows}."""
+def run_fraction(fraction: float, work: Path, train: bool, interval: float, families: list[str]) -> dict:
+    """Every stage at one fraction, embedding with a tiny model of each of ``families``: {stage: measures with its
+    rows}."""
     root, logs = work / "gldv2", work / "logs"
     for earlier in ("runs", "checkpoints", "ensemble", "logs"):  # a rerun measures the jobs anew, not their reuse
         shutil.rmtree(work / earlier, ignore_errors=True)
@@ -242,7 +246,7 @@ def run_fraction(fraction: float, work: Path, train: bool, interval: float) -> d
     embedded = counts["test_images"] + counts["index_images"] + counts["clean_images"]
     rows = {"prepare": counts["train_images"] + counts["index_images"] + counts["test_images"],
             "stream": counts["clean_images"] + counts["test_images"], "train": counts["clean_images"],
-            **{f"embed_{family}": embedded for family in FAMILIES}, "ensemble": embedded}
+            **{f"embed_{family}": embedded for family in families}, "ensemble": embedded}
     stages = {}
 
     def measure(stage: str, command: list[str]) -> None:  # each stage's measures kept as it ends (stages.json)
@@ -253,7 +257,7 @@ def run_fraction(fraction: float, work: Path, train: bool, interval: float) -> d
     stages["write_set"] = {**written, "rows": rows["prepare"]}
     for stage, command in stage_commands(root, work, train).items():
         measure(stage, command)
-    checkpoints = checkpoints_of(work, root, train)
+    checkpoints = checkpoints_of(work, root, train, families)
     config = ensemble_config(work, checkpoints)
     for family, checkpoint in checkpoints.items():
         command = [sys.executable, "jobs/embed.py", "--checkpoint", checkpoint, "--split", "test", "--split",
@@ -363,6 +367,8 @@ def main() -> None:
                         help="the data sets and job outputs, one folder per fraction: a complete set is reused, the "
                              "jobs' outputs are deleted and made anew")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between samples of /proc")
+    parser.add_argument("--families", default=",".join(FAMILIES),
+                        help=f"comma-separated model families to embed and ensemble, of {', '.join(FAMILIES)}")
     parser.add_argument("--stream-epoch", metavar="ROOT", help=argparse.SUPPRESS)  # the stream stage's process
     add_out_option(parser)
     args = parser.parse_args()
@@ -374,7 +380,11 @@ def main() -> None:
         parser.error(f"--fractions {args.fractions}: expected comma-separated numbers, e.g. 0.01,0.03")
     if not all(0 < f <= 1 for f in fractions):
         parser.error(f"--fractions {args.fractions}: each is a fraction of GLDv2's counts, in (0, 1]")
-    runs = {str(f): run_fraction(f, args.work / f"f{f}", f <= args.train_up_to, args.interval) for f in fractions}
+    families = args.families.split(",")
+    if not families or not set(families) <= set(FAMILIES):
+        parser.error(f"--families {args.families}: expected comma-separated names of {', '.join(FAMILIES)}")
+    runs = {str(f): run_fraction(f, args.work / f"f{f}", f <= args.train_up_to, args.interval, families)
+            for f in fractions}
     payload = {"machine": machine(), "command": "python -m benchmarks.scale " + " ".join(sys.argv[1:]),
                "train_up_to": args.train_up_to, "limit": 1.15, "runs": runs, "exponents": exponents(runs)}
     payload["plot"] = results_path(NAME).replace(".json", ".png")

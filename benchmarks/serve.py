@@ -1,9 +1,10 @@
 """The landmark service against a plain single-process loop doing the same work, for the torch and the onnxruntime
 backends; with ``--load-minutes``, then a sustained load on the service (``benchmarks/serve_load.py``).
 
-The work, both ways, for each query JPEG: ``serve.app.check_image``, the decode the service does on a CPU replica
-(``decode_resized`` at the model's size and preprocessing), the embedding by ``infer.embed.Embedder`` (the batch job's
-and the service's model wrapper; PyTorch, or the checkpoint's ONNX export run by onnxruntime), then one
+The work, both ways, by the replica's own code (``serve.app.ReplicaModels``), for each query JPEG:
+``serve.app.check_image``, the decode the service does on a CPU replica (``decode_resized`` at the model's size and
+preprocessing), the embedding by ``infer.embed.Embedder`` (the batch job's and the service's model wrapper; PyTorch,
+or the checkpoint's ONNX export run by onnxruntime), then one
 ``serve.answers.answer_recognition`` per image, as the service answers each request of one image, on the index a
 replica loads (``answers.load_served_index`` over the ensemble job's output). Both use the service's replica settings:
 ``--replica-cpus`` torch (and onnxruntime) threads, batches of up to ``--batch`` images.
@@ -43,21 +44,19 @@ import torch
 
 from benchmarks import serve_load
 from benchmarks.embed import make_checkpoint
-from benchmarks.results_io import add_jpeg_option, add_out_option, machine, publish, results_path
+from benchmarks.results_io import (add_jpeg_option, add_out_option, closest_pair, machine, publish, rate,
+                                   results_path)
 from ray_landmark.config import config_from_dict
 from ray_landmark.data.config import DataConfig, SyntheticSpec
 from ray_landmark.data.metadata import open_manifest, prepare_manifests
 from ray_landmark.data.storage import resolve
 from ray_landmark.data.synthetic import write_synthetic_gldv2
-from ray_landmark.data.transforms import decode_resized
 from ray_landmark.infer.config import EnsembleConfig
-from ray_landmark.infer.embed import Embedder
-from ray_landmark.infer.ensemble import data_config, use_cpus
-from ray_landmark.infer.onnx_runtime import exported_onnx
+from ray_landmark.infer.ensemble import use_cpus
 from ray_landmark.infer.report import read_jpegs
 from ray_landmark.markdown import markdown_table
 from ray_landmark.serve.answers import ServedIndex, answer_recognition, load_served_index
-from ray_landmark.serve.app import check_image, served_checkpoints
+from ray_landmark.serve.app import ReplicaModels, check_image
 from ray_landmark.serve.config import ReplicaSettings, ServeSettings
 
 CONCURRENCY = (1, 8, 32)
@@ -80,23 +79,19 @@ def serve_settings(args, backend: str, onnx_dir: str) -> ServeSettings:
 
 
 class PlainLoop:
-    """What a replica does with each image, in this process, a batch at a time."""
+    """What a replica does with each request of one image (``serve.app.ReplicaModels``, the replica's own code), in
+    this process, a batch of requests at a time."""
 
-    def __init__(self, cfg: EnsembleConfig, settings: ServeSettings, served: ServedIndex, onnx: str | None):
-        checkpoint, model_cfg = served_checkpoints(cfg)[MODEL]
-        self.size, self.preprocessing = model_cfg.data.image_size, model_cfg.data.preprocessing
-        self.embedder = Embedder(checkpoint, cfg.storage, cfg.embed, onnx=onnx)
+    def __init__(self, cfg: EnsembleConfig, settings: ServeSettings, served: ServedIndex):
+        self.work = ReplicaModels(settings, cfg)
         self.limits, self.served = settings.limits, served
 
     def answer(self, jpegs: list[bytes]) -> list[dict]:
         for data in jpegs:
             check_image(data, self.limits)
-        n = len(jpegs)
-        # The batch a replica hands its Embedder (serve.app: id, split and shard pass through).
-        batch = {"image": np.stack([decode_resized(data, self.size, self.preprocessing) for data in jpegs]),
-                 "id": np.arange(n), "split": np.full(n, "query"), "shard": np.full(n, "query")}
-        rows = self.embedder(batch)["embedding"]
-        return [answer_recognition(self.served, {MODEL: rows[i:i + 1]})[0] for i in range(n)]
+        embedded = self.work.embed_batch([self.work.decode(data) for data in jpegs])
+        return [answer_recognition(self.served, {name: row[name][None] for name in self.work.models})[0]
+                for row in embedded]
 
 
 def percentiles(ms: list[float]) -> dict:
@@ -108,7 +103,7 @@ def run_plain(loop: PlainLoop, queries: list[bytes], images: int, batch: int) ->
     """``images`` queries (cycled) in batches of ``batch``; an image's latency is its batch's time."""
     loop.answer(queries[:batch])  # warm-up
     cycled = [queries[i % len(queries)] for i in range(images)]
-    seconds, latencies = 0.0, []
+    seconds, latencies, cpu_before = 0.0, [], time.process_time()
     for start in range(0, images, batch):
         chunk = cycled[start:start + batch]
         started = time.perf_counter()
@@ -117,12 +112,33 @@ def run_plain(loop: PlainLoop, queries: list[bytes], images: int, batch: int) ->
         seconds += elapsed
         latencies += [1000 * elapsed] * len(chunk)
     return {"images": images, "batch": batch, "seconds": round(seconds, 2),
-            "images_per_s": round(images / seconds, 1), **percentiles(latencies)}
+            "images_per_s": round(images / seconds, 1), **percentiles(latencies),
+            "cpu_ms_per_image": round(1000 * (time.process_time() - cpu_before) / images, 2)}
+
+
+def service_cpu_s() -> dict[str, float]:
+    """CPU seconds so far of this process (the clients) and of the service's HTTP proxy and replicas (its processes
+    are this process's descendants on a local Ray; Ray names them after their actors)."""
+    import psutil  # Ray's own copy (serve_load.replica_processes)
+
+    def cpu(processes) -> float:
+        total = 0.0
+        for proc in processes.values():
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                continue
+        return total
+
+    return {"clients": time.process_time(), "proxy": cpu(serve_load.descendants_named("ray::ProxyActor")),
+            "replicas": cpu(serve_load.replica_processes(APP))}
 
 
 def load_test(url: str, jpegs: list[bytes], requests_n: int, concurrency: int) -> dict:
-    """``requests_n`` POST /recognize of one JPEG each, from ``concurrency`` threads; rate, latency and the batch
-    sizes the service embedded them in."""
+    """``requests_n`` POST /recognize of one JPEG each, from ``concurrency`` threads; rate, latency, the batch
+    sizes the service embedded them in, and the CPU milliseconds per request of the clients, the HTTP proxy and the
+    replicas."""
     import requests
 
     latencies, batches, failures = [], [], []
@@ -148,38 +164,31 @@ def load_test(url: str, jpegs: list[bytes], requests_n: int, concurrency: int) -
                     failures.append(f"{response.status_code} {response.text[:200]}")
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    started = time.perf_counter()
+    cpu_before, started = service_cpu_s(), time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    seconds = time.perf_counter() - started
+    seconds, cpu_after = time.perf_counter() - started, service_cpu_s()
     if failures:
         raise RuntimeError(f"{len(failures)} of {requests_n} requests failed at concurrency {concurrency}, e.g. "
                            f"{failures[0]}")
     return {"requests": requests_n, "concurrency": concurrency, "seconds": round(seconds, 2),
             "requests_per_s": round(requests_n / seconds, 1), **percentiles(latencies),
-            "mean_batch": round(float(np.mean(batches)), 2)}
-
-
-def closest_pair(passes: list[dict]) -> tuple[list[dict], float]:
-    """The two passes whose rates agree best, and their spread: the faster's rate over the slower's, less 1."""
-    ordered = sorted(passes, key=rate)
-    pairs = [(ordered[i], ordered[i + 1]) for i in range(len(ordered) - 1)]
-    pair = min(pairs, key=lambda p: rate(p[1]) / rate(p[0]))
-    return list(pair), rate(pair[1]) / rate(pair[0]) - 1
-
-
-def rate(one_pass: dict) -> float:
-    return one_pass.get("images_per_s") or one_pass["requests_per_s"]
+            "mean_batch": round(float(np.mean(batches)), 2),
+            "cpu_ms_per_request": {k: round(1000 * (cpu_after[k] - cpu_before[k]) / requests_n, 2) for k in cpu_after}}
 
 
 def agreed(passes: list[dict], agreement: float) -> dict:
     """A path's numbers: the mean of its two closest passes, their spread, and whether they agree."""
     pair, spread = closest_pair(passes)
-    keys = [k for k in ("images_per_s", "requests_per_s", "p50_ms", "p99_ms", "mean_batch") if k in pair[0]]
-    return {**{k: round((pair[0][k] + pair[1][k]) / 2, 2) for k in keys}, "spread": round(spread, 3),
-            "settled": spread <= agreement, "passes": len(passes)}
+    keys = [k for k in ("images_per_s", "requests_per_s", "p50_ms", "p99_ms", "mean_batch", "cpu_ms_per_image")
+            if k in pair[0]]
+    numbers = {k: round((pair[0][k] + pair[1][k]) / 2, 2) for k in keys}
+    if "cpu_ms_per_request" in pair[0]:
+        numbers["cpu_ms_per_request"] = {k: round((pair[0]["cpu_ms_per_request"][k] + pair[1]["cpu_ms_per_request"][k])
+                                                  / 2, 2) for k in pair[0]["cpu_ms_per_request"]}
+    return {**numbers, "spread": round(spread, 3), "settled": spread <= agreement, "passes": len(passes)}
 
 
 def plain_batches(args) -> dict[int, int]:
@@ -253,12 +262,7 @@ def measure(args, folder: Path) -> tuple[dict, dict, dict | None]:
     try:
         for backend in sorted(args.backends, key=lambda b: b == args.load_backend):
             settings = serve_settings(args, backend, onnx_dir)
-            onnx = None
-            if backend == "onnxruntime":  # exported once, where the service's replicas look for it
-                resolved, model_cfg = served_checkpoints(cfg)[MODEL]
-                onnx = exported_onnx(resolved, os.path.join(onnx_dir, cfg.name, MODEL), model_cfg.data.image_size,
-                                     cfg.storage, data_config(cfg))
-            loop = PlainLoop(cfg, settings, served, onnx)
+            loop = PlainLoop(cfg, settings, served)  # exports the ONNX file, where the service's replicas find it
             if results:  # the backend before: its replicas go first, so that they never hold CPUs beside the new ones
                 serve.delete(APP)
             print(f"[serve] {backend}: deploying the service", flush=True)
@@ -280,12 +284,16 @@ def benchmarks_md(payload: dict) -> str:
         for name, p in r["paths"].items():
             c = int(name.rsplit("_", 1)[1])
             serve_row = name.startswith("serve")
+            cpu = p["cpu_ms_per_request"] if serve_row else {"replicas": p["cpu_ms_per_image"], "proxy": "",
+                                                                       "clients": ""}
             rows.append([backend, f"serve, concurrency {c}" if serve_row else f"plain, batch {c}",
                          p.get("requests_per_s", p.get("images_per_s")), p["p50_ms"], p["p99_ms"],
                          p.get("mean_batch", c), r["serve_vs_plain"][str(c)] if serve_row else "",
+                         cpu["replicas"], cpu["proxy"], cpu["clients"],
                          f"{100 * p['spread']:.1f} %" + ("" if p["settled"] else " (not settled)"), p["passes"]])
     table = markdown_table(["backend", "path", "images or requests/s", "p50 ms", "p99 ms", "mean batch",
-                            "serve / plain", "spread of the two closest passes", "passes"], rows)
+                            "serve / plain", "CPU ms per image: replica or plain loop", "HTTP proxy", "clients",
+                            "spread of the two closest passes", "passes"], rows)
     overheads = "; ".join(f"{b} {r['overhead_ms_at_concurrency_1']} ms" for b, r in results.items())
     unsettled = [f"{b} {name}" for b, r in results.items() for name in r["unsettled"]]
     unsettled_text = (f" **Not settled** (no two passes within {100 * setup['agreement']:g} % after "
@@ -305,7 +313,8 @@ the ONNX export on onnxruntime's CPU provider), one `answer_recognition` per ima
 CPU threads. The service: {setup['replicas']} replica(s), batches of up to {setup['batch']} images, batch wait
 {1000 * setup['batch_wait_s']:g} ms, HTTP keep-alive clients on the same cores. The plain loop runs at the batch the
 service can reach at each concurrency (min(concurrency, {setup['batch']})); "mean batch" on a serve row is what the
-replica embedded.
+replica embedded. CPU milliseconds per image (each request is one image): the plain loop's process, and the
+service's replica, HTTP proxy and client threads, from their processes' CPU times over the pass.
 
 {table}
 

@@ -70,12 +70,17 @@ def bad_requests(jpeg: bytes) -> dict[str, tuple[bytes, str, int]]:
 def replica_processes(app: str) -> dict:
     """pid -> psutil.Process of each replica of Serve application ``app`` among this process's descendants (Ray
     names an actor's worker process after the actor's class: ray::ServeReplica:<app>:<deployment>)."""
+    return descendants_named(f"ServeReplica:{app}:")
+
+
+def descendants_named(marker: str) -> dict:
+    """pid -> psutil.Process of each of this process's descendants whose command line holds ``marker``."""
     import psutil  # Ray's own copy: importing ray (serve.py does) puts ray/thirdparty_files on sys.path
 
     found = {}
     for proc in psutil.Process().children(recursive=True):
         try:
-            if f"ServeReplica:{app}:" in " ".join(proc.cmdline()):
+            if marker in " ".join(proc.cmdline()):
                 found[proc.pid] = proc
         except psutil.Error:  # ended while listed
             continue
@@ -227,6 +232,11 @@ def benchmarks_md(payload: dict) -> str:
                          for n, (_, v) in enumerate(sorted(flat.items())))
     plot_text = f"![latency and RSS against time]({payload['plot']})" if payload["plot"] else \
         "No plot: matplotlib is not installed."
+    offered_s = 60 * setup["minutes"]
+    kept_up = (f"It answered {payload['requests'] / payload['seconds']:.1f} requests/s: the last answer came "
+               f"{payload['seconds']:g} s after the start, for {offered_s:g} s of requests")
+    kept_up += ("; **it fell behind** the offered rate, so requests queued and the latencies below are mostly that "
+                "queue." if payload["seconds"] > 1.05 * offered_s else ".")
     return f"""## The service under sustained load (`python -m benchmarks.serve --load-minutes {setup['minutes']:g}`)
 
 {setup['backend']} backend, {setup['replicas']} replica(s), the benchmark's setup above; {setup['minutes']:g} minutes
@@ -235,7 +245,7 @@ benchmark measured), open loop from {setup['workers']} client threads, latency f
 one request in {setup['bad_every']} bad ({', '.join(setup['bad_kinds'])}), each expected to get its 4xx. Errors over
 the run: **{payload['errors']}** of {payload['requests']:,} requests. RSS (median of samples every
 {setup['rss_sample_s']:g} s), flat if the least-squares line after the first bucket rises by at most
-{100 * setup['rss_tolerance']:g} % of the mean: {verdicts or 'no replica process found'}.
+{100 * setup['rss_tolerance']:g} % of the mean: {verdicts or 'no replica process found'}. {kept_up}
 
 {table}
 

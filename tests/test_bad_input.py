@@ -240,13 +240,13 @@ def test_an_epoch_whose_stream_gives_no_full_batch_fails_naming_the_data_root(ra
     from types import SimpleNamespace
 
     from ray_landmark.config import load_config
-    from ray_landmark.data.counts import SampleCounter
+    from ray_landmark.data.counts import stream_counter
     from ray_landmark.runs.checkpoint import Progress
     from ray_landmark.train.loop import NoTrainingData, train_epoch
 
     cfg = load_config(REPO / "configs" / "tiny_dolg.yaml", [f"run.output_dir={tmp_path}", "data.root=s3://b/gldv2"])
-    counter = SampleCounter.remote()
-    ray.get(counter.add.remote({"read": 3, "corrupt_jpeg": 2}))
+    counter = stream_counter()
+    counter.add({"read": 3, "corrupt_jpeg": 2})
     images = [{"image": np.zeros((8, 8, 3), np.uint8), "label": 0, "row": i} for i in range(3)]
     worker = SimpleNamespace(
         cfg=cfg, world=1, rank=0, device=torch.device("cpu"), precision=None, memory_format=torch.contiguous_format,

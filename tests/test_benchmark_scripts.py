@@ -101,20 +101,21 @@ def test_no_benchmark_writes_a_table_by_hand():
 # Sections of BENCHMARKS.md that their script would not write from the recorded results, and why.
 NOT_RENDERED = {
     "gpu_compile": "the note of a benchmark prepared but not run on a GPU yet: no results",
-    "serve": "recorded before the plain loop answered as the service does (rerun it to regenerate)",
+    "data_pipeline": "recorded before the rates settled (rerun it to regenerate)",
 }
 
 
 def test_every_section_of_benchmarks_md_is_what_its_script_writes_from_the_recorded_results():
     """So that a script's changes to its wording cannot change a number it did not measure."""
-    from benchmarks import data_pipeline, embed, gpu_compile, model_cost, search, train_step
+    from benchmarks import embed, gpu_compile, model_cost, search, serve, serve_load, train_step
     from benchmarks.results_io import results_path
 
-    render = {"data_pipeline": data_pipeline.benchmarks_md, "model_cost": model_cost.benchmarks_md,
+    render = {"model_cost": model_cost.benchmarks_md,
               "train_step": train_step.benchmarks_md, "search": search.benchmarks_md, "embed": embed.benchmarks_md,
               "compile_scope_cpu": lambda p: gpu_compile.benchmarks_md(p, results_path("compile_scope_cpu")),
               "search_adjusted": search.adjusted_benchmarks_md,
-              "search_label_rerank": search.label_rerank_benchmarks_md}
+              "search_label_rerank": search.label_rerank_benchmarks_md, "serve": serve.benchmarks_md,
+              "serve_load": serve_load.benchmarks_md}
     text = (REPO / "BENCHMARKS.md").read_text()
     sections = dict(re.findall(r"<!-- (\w+):start -->\n(.*?)\n<!-- \1:end -->", text, re.S))
     assert set(sections) == set(render) | set(NOT_RENDERED)
@@ -276,9 +277,9 @@ TOY_RUNS = {
     "serve": ["--image-size", "32", "--requests", "4", "--min-rounds", "2", "--max-rounds", "2", "--batch", "4",
               "--replica-cpus", "1", "--jpeg", "160x120", "--load-minutes", "0.1", "--load-bucket-s", "2",
               "--bad-every", "4", "--rss-sample-s", "0.5", "--load-workers", "8"],
-    # Last: it shuts Ray down at its end.
-    "data_pipeline": ["--images", "96", "--size", "32", "--jpeg", "160x120", "--shards", "2", "--rounds", "2",
-                      "--processes", "1", "--gaps", "0,65536"],
+    # Last: it shuts Ray down at its end. Three rounds: the warm-up, then the two passes of each path it compares.
+    "data_pipeline": ["--images", "96", "--size", "32", "--jpeg", "160x120", "--shards", "2", "--min-rounds", "3",
+                      "--max-rounds", "3", "--processes", "1", "--gaps", "0,65536"],
 }
 # The selected ones run one after another in one process, on one Ray (each joins the Ray that the process started, as
 # runtime.init_ray does): a process of their own each paid the interpreter's imports, a Ray start and new Ray worker
@@ -339,8 +340,15 @@ def test_data_pipeline_benchmark_runs_at_toy_size(toy_runs):
     payload, section = toy_run(toy_runs, "data_pipeline")
     from benchmarks.data_pipeline import PATHS
 
-    assert set(payload["every_pass_images_per_second"]) == set(PATHS)
-    assert all(len(passes) == 2 for passes in payload["every_pass_images_per_second"].values())
+    assert set(payload["every_pass_images_per_second"]) == set(PATHS) == set(payload["path_spreads"])
+    assert all(len(passes) == 3 for passes in payload["every_pass_images_per_second"].values())
+    assert payload["setup"]["rounds"] == len(payload["setup"]["load_average_after_each_round"]) == 3
+    assert set(payload["unsettled_paths"]) <= set(PATHS) and all(s >= 0 for s in payload["path_spreads"].values())
+    ratios, spreads = payload["ratios"], payload["ratio_spreads"]
+    assert set(spreads) <= set(ratios) and spreads["ranged_vs_dataloader_same_source_s3"] >= max(
+        payload["path_spreads"]["ray_s3_ranged"], payload["path_spreads"]["dataloader_tars_s3"])
+    assert f"= {ratios['stream_vs_dataloader_same_source_s3']} (spread " in section
+    assert ("**Not settled**" in section) == bool(payload["unsettled_paths"])
     assert set(payload["range_gap_bytes_gldv2c"]) == {"0", "65536"}
     assert payload["bytes_read"]["full_streamed"]["images"] == payload["setup"]["images"]
     assert "| (c) Ray Data streaming the tars, S3 server |" in section and "| 1 process |" in section
@@ -356,6 +364,10 @@ def test_serve_benchmark_runs_at_toy_size(toy_runs):
         assert all(len(passes) == 2 for passes in backend["every_pass"].values())
         assert all(p["images"] == 4 for p in backend["every_pass"]["plain_batch_4"])
         assert set(backend["serve_vs_plain"]) == {"1", "8", "32"} and "overhead_ms_at_concurrency_1" in backend
+        # The CPU each process spent per image: the replica, the HTTP proxy and the clients were all found.
+        assert all(backend["paths"][f"serve_{c}"]["cpu_ms_per_request"][process] > 0 for c in (1, 8, 32)
+                   for process in ("replicas", "proxy", "clients"))
+        assert backend["paths"]["plain_batch_1"]["cpu_ms_per_image"] > 0
     assert payload["ratios"]["onnxruntime_vs_torch_plain"] > 0 and len(payload["load_average"]["after_each_round"]) == 4
     assert "| onnxruntime | serve, concurrency 32 |" in section and "| torch | plain, batch 1 |" in section
 

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from ray_landmark.data.config import DataConfig
-from ray_landmark.data.counts import report_counts
 from ray_landmark.data.worker_decode import CorruptBatch, TrainBatchDecoder, WorkerDecoder
 from ray_landmark.errors import JobError
 
@@ -29,7 +28,7 @@ def train_batches(
     int64 on ``device`` (and the images' ``row`` among the train ids, where the stream has it), N = ``batch_size``,
     the last partial batch dropped. With ``worker_decode`` (the stream carries
     JPEGs: ``decodes_in_worker``, decided where the stream was made) they are decoded and augmented on ``device`` and
-    the corrupt ones reported to ``counter`` (the stream's SampleCounter)."""
+    the corrupt ones reported to ``counter`` (the stream's ``StreamCounter``)."""
     if not worker_decode:
         yield from shard.iter_torch_batches(
             batch_size=batch_size, prefetch_batches=cfg.prefetch_batches, drop_last=True, device=device
@@ -46,7 +45,7 @@ def train_batches(
                            f"{cfg.root}") from None
         _log_corrupt(batch["id"], decoded.corrupt)
         if decoded.corrupt:
-            report_counts(counter, {"corrupt_jpeg": len(decoded.corrupt)})
+            counter.add({"corrupt_jpeg": len(decoded.corrupt)})
         rows = {"row": torch.from_numpy(batch["row"][decoded.kept])} if "row" in batch else {}
         yield {"image": images, "label": labels, **rows}
 

@@ -1,31 +1,61 @@
-"""What the read and decode tasks of a stream saw, by reason, summed in one small actor per stream. It imports only
-Ray: each counter is an actor process of its own, started with every stream, and a module that pulled in torch would
-cost every one of them seconds of imports."""
+"""What the read and decode tasks of a stream saw, by reason, summed in a small actor. It imports only Ray: the actor
+is a process of its own, and a module that pulled in torch would cost it seconds of imports.
+
+One actor serves every stream a process makes in one Ray session, each stream a tally of its own
+(``stream_counter``): an actor per stream cost a process start (about 1.4 CPU-seconds) each, and a job makes several
+streams (train, eval, each split it embeds)."""
 
 from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
 
 import ray
 
 
 @ray.remote(num_cpus=0)
 class SampleCounter:
-    """Running totals of what the read and decode tasks saw, by reason."""
+    """Running totals of what the read and decode tasks saw, by stream and reason."""
 
     def __init__(self):
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def add(self, stream: str, counts: dict[str, int]) -> None:
+        tally = self.counts.setdefault(stream, {})
+        for key, n in counts.items():
+            tally[key] = tally.get(key, 0) + n
+
+    def totals(self, stream: str) -> dict[str, int]:
+        return dict(self.counts.get(stream, {}))
+
+
+@dataclass(frozen=True)
+class StreamCounter:
+    """One stream's tally in a ``SampleCounter``; it travels to the stream's tasks and training workers."""
+
+    actor: "ray.actor.ActorHandle"
+    stream: str
 
     def add(self, counts: dict[str, int]) -> None:
-        for key, n in counts.items():
-            self.counts[key] = self.counts.get(key, 0) + n
+        # Waiting for the actor keeps the totals exact when the consumer reads them right after the last batch.
+        if counts:
+            ray.get(self.actor.add.remote(self.stream, counts))
 
     def totals(self) -> dict[str, int]:
-        return dict(self.counts)
+        return ray.get(self.actor.totals.remote(self.stream))
 
 
-def report_counts(counter, counts: dict[str, int]) -> None:
-    # Waiting for the actor keeps the totals exact when the consumer reads them right after the last batch.
-    if counts:
-        ray.get(counter.add.remote(counts))
+_counters: dict[tuple[str, str], "ray.actor.ActorHandle"] = {}  # (Ray session, node) -> this process's actor
+
+
+def stream_counter(**options) -> StreamCounter:
+    """A new stream's tally, in this process's ``SampleCounter`` for the current Ray session (started on first use
+    with the actor ``options``)."""
+    context = ray.get_runtime_context()
+    session = (context.gcs_address, context.get_node_id())  # a Ray started anew is another session
+    if session not in _counters:
+        _counters[session] = SampleCounter.options(**options).remote()
+    return StreamCounter(_counters[session], uuid.uuid4().hex)
 
 
 def counts_since(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:

@@ -19,8 +19,8 @@ training or embedding worker decodes its own batches on its device (``worker_dec
 
 Bad input never stops an epoch: a member that is not a JPEG, an empty one, a corrupt JPEG, the cut-off end of a
 truncated tar (with ranged reads: a range that comes back short of the member) and ids missing from the metadata are
-each skipped, logged and counted by reason in a ``SampleCounter`` (``data/counts.py``), a small actor that the
-training loop reads once per epoch. A request to object storage that fails is retried by the S3 filesystem alone
+each skipped, logged and counted by reason in the stream's tally of a ``SampleCounter`` (``data/counts.py``), a
+small actor that the training loop reads once per epoch. A request to object storage that fails is retried by the S3 filesystem alone
 (``data.storage.retries`` tries, ``storage.s3_filesystem``); a shard that still cannot be read fails the job with
 its URI. Before any of that, a stream's shards are compared with what the manifest expects (``split_shards``): a
 listed shard that is missing, empty, a folder or shorter than its index fails the job at once naming it, or with
@@ -45,7 +45,7 @@ from ray.data.datasource import FileBasedDatasource
 
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig
-from ray_landmark.data.counts import SampleCounter, report_counts
+from ray_landmark.data.counts import StreamCounter, stream_counter
 from ray_landmark.data.epoch_rows import EpochRows, is_set
 from ray_landmark.errors import ConfigError, JobError
 from ray_landmark.data.metadata import (
@@ -135,7 +135,7 @@ class GLDv2TarDatasource(FileBasedDatasource):
             rows = self._labelled_members(f, uri, lookup, counts, excluded)
         for chunk in windowed_shuffle(rows, self._block_rows, self._shuffle_rows, np.random.default_rng()):
             counts[READ] += len(chunk)
-            report_counts(self._counter, dict(counts))
+            self._counter.add(dict(counts))
             counts.clear()
             ids, blobs, labels, view_rows = zip(*chunk)
             yield pa.table(
@@ -148,7 +148,7 @@ class GLDv2TarDatasource(FileBasedDatasource):
                     "shard": pa.array([shard] * len(ids), pa.string()),  # which tar: the embedding job's unit of work
                 }
             )
-        report_counts(self._counter, dict(counts))  # skips after the last chunk
+        self._counter.add(dict(counts))  # skips after the last chunk
 
     @staticmethod
     def _labelled_members(
@@ -348,7 +348,7 @@ def decode_images(
         except CorruptImage as err:
             log.warning("skipped %s: corrupt_jpeg %s", image_id, err)
     n_corrupt = len(batch["id"]) - len(keep)
-    report_counts(counter, {"corrupt_jpeg": n_corrupt} if n_corrupt else {})
+    counter.add({"corrupt_jpeg": n_corrupt} if n_corrupt else {})
     stacked = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
     out = {"image": augment_hwc(stacked, TrainAugmentation()) if augment and images else stacked}
     if "label" in batch:
@@ -368,12 +368,12 @@ class ShardStream:
     """A dataset over the shards of one split, with the counter its tasks report to."""
 
     dataset: ray.data.Dataset
-    counter: "ray.actor.ActorHandle"
+    counter: StreamCounter
     skipped_shards: dict[str, str] | None = None  # shard -> why it is left out (data.missing_shards: skip)
     epoch_rows: "ray.actor.ActorHandle | None" = None  # the train stream's EpochRows (data/epoch_rows.py)
 
     def counts(self) -> dict[str, int]:
-        return ray.get(self.counter.totals.remote())
+        return self.counter.totals()
 
 
 class ShardError(JobError, OSError):
@@ -483,7 +483,7 @@ def stream_shards(
     loc, paths = shards.location, shards.paths
     if only_shards is not None:
         paths = [p for p in paths if os.path.basename(p) in only_shards]
-    counter = SampleCounter.options(**on_this_node()).remote()
+    counter = stream_counter(**on_this_node())
     index = shard_index_refs(cfg, split, {os.path.basename(p) for p in paths})
     datasource = GLDv2TarDatasource(
         paths,

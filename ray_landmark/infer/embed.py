@@ -43,7 +43,6 @@ from ray_landmark.data.config import DataConfig, LabelView, StorageConfig
 from ray_landmark.data.metadata import Manifest, open_manifest
 from ray_landmark.errors import JobError, user_error
 from ray_landmark.data.batches import images_on_device
-from ray_landmark.data.counts import report_counts
 from ray_landmark.data.pipeline import READ, SKIP_REASONS, decodes_in_worker, eval_stream, shard_paths
 from ray_landmark.data.storage import Location, StorageError, exists, list_files, read_bytes, resolve, write_bytes
 from ray_landmark.data.transforms import normalize_on_device
@@ -91,7 +90,7 @@ class Embedder:
                  decode: DataConfig | None = None, counters: dict | None = None, onnx: str | None = None):
         """``settings``: its scales, flip TTA and compile (a compiled model gets every batch padded to
         ``settings.batch_size``). ``decode``: the data config to decode JPEGs with on this actor's device
-        (data.decode), reporting corrupt ones to ``counters`` (split -> its stream's SampleCounter); None when Ray
+        (data.decode), reporting corrupt ones to ``counters`` (split -> its stream's ``StreamCounter``); None when Ray
         Data tasks decode. ``onnx``: the checkpoint's exported model.onnx (``infer/onnx_runtime.py``), run by
         onnxruntime instead of the PyTorch model (a service's ``backend: onnxruntime``)."""
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,7 +115,7 @@ class Embedder:
             splits = batch["split"]
             batch, corrupt = images_on_device(batch, self.device, self.decoder)
             for split, n in Counter(str(splits[position]) for position in corrupt).items():
-                report_counts(self.counters[split], {"corrupt_jpeg": n})
+                self.counters[split].add({"corrupt_jpeg": n})
         rows = np.flatnonzero(batch["status"] == "ok") if "status" in batch else np.arange(len(batch["id"]))
         embeddings = np.zeros((len(batch["id"]), self.dim), np.float16)
         if len(rows):

@@ -173,14 +173,12 @@ def check_backends(settings: ServeSettings, ensemble: EnsembleConfig) -> None:
                        f"model's size only, and embed.scales is {ensemble.embed.scales}; serve them with torch")
 
 
-@serve.deployment
-@serve.ingress(api)
-class LandmarkService:
+class ReplicaModels:
+    """A replica's work on images, Ray Serve aside: every model of the ensemble (torch or its ONNX export) and the
+    decoders, for ``decode`` of one checked JPEG and ``embed_batch`` of decoded images. The service's replicas hold
+    one; ``benchmarks/serve.py`` runs one in a plain loop to measure what Serve adds."""
+
     def __init__(self, settings: ServeSettings, ensemble: EnsembleConfig):
-        self.settings, self.cfg = settings, ensemble
-        if settings.allow_index_add and ensemble.retrieval.dba.enabled:
-            raise JobError("allow_index_add: the ensemble's retrieval.dba is on, and an added image would change "
-                           "every index image's neighbours; turn one of them off")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         use_cpus(max(1, int(settings.replicas.num_cpus)))  # torch and faiss threads: what the replica holds
         data = data_config(ensemble)
@@ -198,17 +196,8 @@ class LandmarkService:
                                  "provider": getattr(embedder.model, "provider", None)}
         self.decoders = {pixels: WorkerDecoder(*pixels, self.device) if worker_decode else None
                          for pixels in {m["pixels"] for m in self.models.values()}}
-        self.replica = serve.get_replica_context().replica_id.unique_id
-        self.checkpoints = {name: m["checkpoint"] for name, m in self.models.items()}
-        self.index_checked_at = time.monotonic()  # taken before the load, which reads the additions log
-        self.served = load_served_index(ensemble, self.device.type)
-        self.index_lock = asyncio.Lock()  # one reader or writer of the additions log at a time
-        self.embed_image.set_max_batch_size(settings.replicas.max_batch_size)
-        self.embed_image.set_batch_wait_timeout_s(settings.replicas.batch_wait_timeout_s)
 
-    # ------------------------------------------------------------ decode and embed
-
-    def _decode(self, data: bytes) -> dict[tuple, np.ndarray]:
+    def decode(self, data: bytes) -> dict[tuple, np.ndarray]:
         """One checked JPEG -> uint8 S×S×3 per distinct (image size, preprocessing) of the models."""
         decoded = {}
         for (size, preprocessing), decoder in self.decoders.items():
@@ -226,7 +215,8 @@ class LandmarkService:
                 decoded[size, preprocessing] = result.images.permute(0, 2, 3, 1)[0].cpu().numpy()
         return decoded
 
-    def _embed_batch(self, images: list[dict[tuple, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    def embed_batch(self, images: list[dict[tuple, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Each image's float16 row per model, and the batch size (``batch``)."""
         n = len(images)
         rows = {}
         for name, entry in self.models.items():
@@ -236,10 +226,29 @@ class LandmarkService:
             rows[name] = entry["embedder"](batch)["embedding"]
         return [{name: rows[name][i] for name in rows} | {"batch": n} for i in range(n)]
 
+
+@serve.deployment
+@serve.ingress(api)
+class LandmarkService:
+    def __init__(self, settings: ServeSettings, ensemble: EnsembleConfig):
+        self.settings, self.cfg = settings, ensemble
+        if settings.allow_index_add and ensemble.retrieval.dba.enabled:
+            raise JobError("allow_index_add: the ensemble's retrieval.dba is on, and an added image would change "
+                           "every index image's neighbours; turn one of them off")
+        self.work = ReplicaModels(settings, ensemble)
+        self.models = self.work.models
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.checkpoints = {name: m["checkpoint"] for name, m in self.models.items()}
+        self.index_checked_at = time.monotonic()  # taken before the load, which reads the additions log
+        self.served = load_served_index(ensemble, self.work.device.type)
+        self.index_lock = asyncio.Lock()  # one reader or writer of the additions log at a time
+        self.embed_image.set_max_batch_size(settings.replicas.max_batch_size)
+        self.embed_image.set_batch_wait_timeout_s(settings.replicas.batch_wait_timeout_s)
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def embed_image(self, images: list[dict[tuple, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """Images of concurrent requests embedded together; each image's float16 row per model, and the batch size."""
-        return await asyncio.to_thread(self._embed_batch, images)
+        return await asyncio.to_thread(self.work.embed_batch, images)
 
     async def _read_images(self, request: Request) -> list[tuple[str | None, bytes]]:
         """(file name, bytes) of each image: the body, or each multipart file; checked (``check_image``)."""
@@ -265,7 +274,7 @@ class LandmarkService:
 
     async def _embed(self, images: list[bytes]) -> tuple[dict[str, np.ndarray], list[int]]:
         """float16 embeddings per model (rows in order) and the batch size each image was embedded in."""
-        decoded = [await asyncio.to_thread(self._decode, data) for data in images]
+        decoded = [await asyncio.to_thread(self.work.decode, data) for data in images]
         embedded = await asyncio.gather(*(self.embed_image(image) for image in decoded))
         return {name: np.stack([e[name] for e in embedded]) for name in self.models}, [e["batch"] for e in embedded]
 
@@ -390,8 +399,8 @@ class LandmarkService:
                    "embedding_dim": served.dims[m.name], "backend": self.models[m.name]["backend"],
                    # onnxruntime's execution provider (CPUExecutionProvider, CUDAExecutionProvider); None for torch
                    "execution_provider": self.models[m.name]["provider"]} for m in self.cfg.models]
-        return {"ensemble": self.cfg.name, "models": models, "device": self.device.type,
-                "decode": "worker" if any(self.decoders.values()) else "cpu", "flip_tta": self.cfg.embed.flip_tta,
+        return {"ensemble": self.cfg.name, "models": models, "device": self.work.device.type,
+                "decode": "worker" if any(self.work.decoders.values()) else "cpu", "flip_tta": self.cfg.embed.flip_tta,
                 **served.summary(), "index_refresh_s": self.settings.index_refresh_s, "replica": self.replica,
                 "limits": self.settings.limits.model_dump(), "max_batch_size": self.settings.replicas.max_batch_size}
 

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from ray_landmark.config import Config
-from ray_landmark.data.counts import counts_since
+from ray_landmark.data.counts import StreamCounter, counts_since
 from ray_landmark.data.epoch_rows import EpochLedger
 from ray_landmark.data.batches import train_batches
 from ray_landmark.data.pipeline import BYTES_READ, READ, SKIP_REASONS
@@ -75,7 +75,7 @@ class WorkerInputs:
     train_images: int
     # The streams carry JPEG bytes and each worker decodes its batches (data.decode): decided once, by the driver.
     worker_decode: bool
-    skip_counter: "ray.actor.ActorHandle"  # the train stream's SampleCounter
+    skip_counter: StreamCounter  # the train stream's tally of what was skipped
     console: "ray.actor.ActorHandle"  # a ConsoleRelay: rank 0's progress and epoch lines
     interactive_console: bool  # the driver's console is a terminal: refresh progress in place, often
     # on_step(rank=, epoch=, step=, rows=) after each optimizer step, rows: the step's train rows (fault-injection
@@ -162,14 +162,14 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     metrics: dict = {}
     worker.checkpoint_clock.restart()  # the minutes count training only: a restart's setup risks no progress
     for epoch in range(training.progress.epoch, tc.last_epoch):
-        skipped_before = ray.get(counter.totals.remote()) if rank == 0 else {}
+        skipped_before = counter.totals() if rank == 0 else {}
         metrics = train_epoch(worker, training, train_shard, epoch)
         metrics.update(_end_epoch_rows(worker, training))
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.last_epoch:
             with training.notices.first("validation"):
                 metrics.update(validate(worker, training.raw_model, training.compiled))
         if log:
-            skipped = counts_since(skipped_before, ray.get(counter.totals.remote()))
+            skipped = counts_since(skipped_before, counter.totals())
             metrics.update({f"skipped_{r}": skipped.get(r, 0) for r in SKIP_REASONS})
             # What the epoch cost in storage reads: with the shard index only the view's images are fetched.
             metrics.update(bytes_read=skipped.get(BYTES_READ, 0),
@@ -352,7 +352,7 @@ def train_epoch(worker: Worker, training: Training, shard, epoch: int) -> dict:
             _report(worker, training, {"epoch": epoch, "step": step, "loss": _mean(losses)})
     line.close(f"loss {_mean(losses):.3f}")
     if epoch_step == first_step < steps_per_epoch:
-        read = ray.get(inputs.skip_counter.totals.remote())
+        read = inputs.skip_counter.totals()
         dropped = ", ".join(f"{read[r]} {r}" for r in SKIP_REASONS if read.get(r)) or "none"
         raise NoTrainingData(
             f"epoch {epoch + 1} trained no step: the train stream of {worker.cfg.data.root} gave this worker fewer "
