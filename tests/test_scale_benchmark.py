@@ -42,3 +42,23 @@ def test_a_set_reused_from_an_earlier_run_stays_out_of_the_writers_growth_law():
     laws = exponents({"0.01": written(100, 1.5, reused=True), "0.03": written(300, 9.0), "0.1": written(1000, 30.0)})
     law = laws["write_set"]
     assert law["time"] == law["time_largest_two"] == round(math.log(30 / 9) / math.log(10 / 3), 3)
+
+
+def test_a_stage_left_out_at_a_fraction_is_extrapolated_there_from_its_law_and_said_so():
+    """The ensemble above --ensemble-up-to gets its seconds from its law, anchored at the largest measured fraction;
+    a stage measured at one fraction has no law, so where it was left out it is left out of the results."""
+    from benchmarks.scale import exponents, extrapolate
+
+    def stage(rows, seconds):
+        return {"rows": rows, "wall_s": seconds, "cpu_s": seconds / 2}
+
+    runs = {"0.01": {"ensemble": stage(100, 10.0), "train": stage(100, 5.0)},
+            "0.03": {"ensemble": stage(300, 90.0), "train": {"rows": 300}},
+            "0.1": {"ensemble": {"rows": 1000}, "train": {"rows": 1000}}}
+    laws = exponents(runs)
+    extrapolate(runs, laws)
+    assert laws["ensemble"]["time"] == laws["ensemble"]["cpu"] == 2.0 and "train" not in laws
+    assert runs["0.1"]["ensemble"] == {"rows": 1000, "wall_s": 1000.0, "cpu_s": 500.0, "extrapolated": {
+        "from_fractions": ["0.01", "0.03"], "time_exponent": 2.0, "cpu_exponent": 2.0}}
+    assert list(runs["0.1"]) == ["ensemble"] and runs["0.01"]["train"] == stage(100, 5.0)
+    assert exponents(runs) == laws  # an extrapolated figure never enters a law

@@ -126,18 +126,19 @@ def split_shard_index(split: Location, threads: int = 32, tries: int = 3, progre
             return None
 
     found: list[pd.DataFrame] = []
+    images = 0  # a running count: summing every listed shard again at each progress line grew with shards x members
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(paths)))) as pool:
         for done, (path, members) in enumerate(zip(paths, pool.map(members_of, paths)), start=1):
             if members is None:
                 continue
             found.append(members)
+            images += int((members["name"] == "").sum())
             cut_off = (members["offset"] + members["size"] > members["shard_bytes"]).any()
             if not members["shard_complete"].iloc[0] or cut_off:
                 warn(f"[verify] WARNING {split.uri_of(path)} is truncated: it ends inside a member "
                      f"after {len(members)} members; training and embedding skip its cut-off end (truncated_tar); "
                      f"replace the file to use all of it")
             if progress and (done % 20 == 0 or done == len(paths)):
-                images = sum(int((m["name"] == "").sum()) for m in found)
                 progress(f"verify {split.uri}: {done}/{len(paths)} shards listed, {images:,} images")
     if unusable:
         raise UnusableShard(f"{len(unusable)} unusable shard(s) under {split.uri}: {'; '.join(sorted(unusable))}; "
