@@ -16,7 +16,12 @@ that the process tree under it is the job and every Ray process it needs:
                          --families (configs/tiny_{dolg,efficientnet,hybrid_swin}.yaml, all three by default; random
                          weights, or the trained DOLG)
     ensemble             python jobs/ensemble.py: reuses those embeddings; kNN, post-processing, metrics,
-                         submissions and the report
+                         submissions and the report (only at f <= --ensemble-up-to: its exact kNN passes grow as
+                         queries x gallery, 677 s at f = 0.03 on 2 cores)
+
+A stage left out at a fraction (train above --train-up-to, ensemble above --ensemble-up-to) is extrapolated there
+from its measured fractions' law (wall and CPU seconds ~ rows^b, fitted on the logs) and marked ``extrapolated``
+with the fractions it came from; extrapolated and reused figures never enter a law.
 
 Measured per stage by sampling /proc every --interval seconds: wall seconds; CPU seconds of the tree (the larger of
 wait4's, which counts every descendant its parent reaped, and the sum of the last sample of each process seen); the
@@ -25,8 +30,8 @@ blocks of the raylet's plasma file in /dev/shm: a high-water mark, since freed p
 read (rchar: read() calls on files, pipes and sockets; read_bytes: from block devices, 0 from the page cache).
 Then, per stage over the fractions, the exponent b of time (and memory) ~ rows^b by least squares on the logs.
 
-    python -m benchmarks.scale [--fractions 0.01,0.03,0.1] [--train-up-to 0.03] [--families dolg,...] [--work DIR] \
-        [--out DIR]
+    python -m benchmarks.scale [--fractions 0.01,0.03,0.1] [--train-up-to 0.03] [--ensemble-up-to 0.03] \
+        [--families dolg,...] [--work DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -185,11 +190,14 @@ def stream_epoch_main(root: str) -> None:
 
 
 def write_set(fraction: float, root: Path, log: Path, interval: float) -> dict:
-    """The synthetic set (reused when complete); its counts and the writer's measures."""
+    """The synthetic set (reused when complete); its counts and the writer's measures, ``reused`` where the set was
+    complete before (then they measure the check, not the writing, and stay out of the growth law)."""
+    marker = root / "synthetic_scale.json"
+    reused = marker.is_file() and json.loads(marker.read_text()).get("complete", False)
     measured = run_stage([sys.executable, "jobs/make_synthetic_gldv2.py", "--out", str(root), "--fraction",
                           str(fraction), "--no-manifest"], log, interval)
-    marker = json.loads((root / "synthetic_scale.json").read_text())
-    return {**measured, "counts": marker["summary"]["counts"], "bytes": marker["summary"]["bytes"]}
+    written = json.loads(marker.read_text())
+    return {**measured, "counts": written["summary"]["counts"], "bytes": written["summary"]["bytes"], "reused": reused}
 
 
 def ensemble_config(work: Path, checkpoints: dict[str, str]) -> Path:
@@ -234,9 +242,10 @@ def stage_commands(root: Path, work: Path, train: bool) -> dict[str, list[str]]:
     return commands
 
 
-def run_fraction(fraction: float, work: Path, train: bool, interval: float, families: list[str]) -> dict:
-    """Every stage at one fraction, embedding with a tiny model of each of ``families``: {stage: measures with its
-    rows}."""
+def run_fraction(fraction: float, work: Path, train: bool, ensemble: bool, interval: float,
+                 families: list[str]) -> dict:
+    """Every stage at one fraction (train and ensemble where asked), embedding with a tiny model of each of
+    ``families``: {stage: measures with its rows}; a stage left out gets its rows alone, to be extrapolated."""
     root, logs = work / "gldv2", work / "logs"
     for earlier in ("runs", "checkpoints", "ensemble", "logs"):  # a rerun measures the jobs anew, not their reuse
         shutil.rmtree(work / earlier, ignore_errors=True)
@@ -264,8 +273,9 @@ def run_fraction(fraction: float, work: Path, train: bool, interval: float, fami
                    "index", "--split", "train", "--view", "gldv2c", "--batch-size", str(EMBED_BATCH),
                    "--out", str(work / "ensemble" / "embeddings" / family)]
         measure(f"embed_{family}", command)
-    measure("ensemble", [sys.executable, "jobs/ensemble.py", "--config", str(config)])
-    return stages
+    if ensemble:
+        measure("ensemble", [sys.executable, "jobs/ensemble.py", "--config", str(config)])
+    return {**stages, **{stage: {"rows": rows[stage]} for stage in ("train", "ensemble") if stage not in stages}}
 
 
 # ---------------------------------------------------------------- growth laws, the section and the plot
@@ -279,7 +289,7 @@ def exponents(runs: dict[str, dict]) -> dict[str, dict]:
     laws = {}
     stages = dict.fromkeys(stage for run in runs.values() for stage in run)
     for stage in stages:
-        points = [run[stage] for run in runs.values() if stage in run]
+        points = [run[stage] for run in runs.values() if stage in run and measured(run[stage])]
         if len(points) < 2:
             continue
         laws[stage] = {}
@@ -296,6 +306,32 @@ def exponents(runs: dict[str, dict]) -> dict[str, dict]:
     return laws
 
 
+def measured(stage: dict) -> bool:
+    """Whether a stage's figures were measured as the stage ran: not a reused set's check, not extrapolated."""
+    return "wall_s" in stage and not stage.get("reused") and not stage.get("extrapolated")
+
+
+def extrapolate(runs: dict[str, dict], laws: dict[str, dict]) -> None:
+    """Give each stage left out at a fraction (rows alone) its wall and CPU seconds from its law, in place; one
+    without a law (measured at fewer than two fractions) is dropped there."""
+    for stage, law in laws.items():
+        if "time" not in law or "cpu" not in law:
+            continue
+        points = {f: run[stage] for f, run in runs.items() if stage in run and measured(run[stage])}
+        anchor = points[max(points, key=float)]  # the law's slope, from the largest measured fraction
+        for run in runs.values():
+            if stage in run and "wall_s" not in run[stage]:
+                scale = run[stage]["rows"] / anchor["rows"]
+                run[stage].update(
+                    wall_s=round(anchor["wall_s"] * scale ** law["time"], 1),
+                    cpu_s=round(anchor["cpu_s"] * scale ** law["cpu"], 1),
+                    extrapolated={"from_fractions": sorted(points, key=float), "time_exponent": law["time"],
+                                  "cpu_exponent": law["cpu"]})
+    for run in runs.values():
+        for stage in [stage for stage, figures in run.items() if "wall_s" not in figures]:
+            del run[stage]
+
+
 def plot(payload: dict, path: Path) -> bool:
     """Wall seconds against f per stage, log-log, as a PNG; False where matplotlib is not installed."""
     try:
@@ -308,7 +344,10 @@ def plot(payload: dict, path: Path) -> bool:
     runs = payload["runs"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for stage in dict.fromkeys(stage for run in runs.values() for stage in run):
-        points = sorted((float(f), run[stage]["wall_s"]) for f, run in runs.items() if stage in run)
+        points = sorted((float(f), run[stage]["wall_s"]) for f, run in runs.items()
+                        if stage in run and measured(run[stage]))
+        if not points:
+            continue
         ax.plot(*zip(*points), marker="o", label=stage)
     ax.set(xscale="log", yscale="log", xlabel="fraction f of GLDv2's counts", ylabel="wall seconds",
            title="Scale rehearsal: each stage's time against f")
@@ -327,8 +366,10 @@ def _cell(value, unit: str = "") -> str | None:
 def benchmarks_md(payload: dict) -> str:
     """This benchmark's section of BENCHMARKS.md, from its results."""
     m, runs, laws = payload["machine"], payload["runs"], payload["exponents"]
-    rows = [[stage, f, _cell(s["rows"]), s["wall_s"], s["cpu_s"], s["driver_peak_rss_mib"],
-             s["largest_worker_peak_rss_mib"], s["object_store_peak_mib"], s["rchar_mib"]]
+    rows = [[stage + (" (set reused: its check only)" if s.get("reused") else "")
+             + (" (extrapolated)" if s.get("extrapolated") else ""), f, _cell(s["rows"]), s["wall_s"], s["cpu_s"],
+             s.get("driver_peak_rss_mib"), s.get("largest_worker_peak_rss_mib"), s.get("object_store_peak_mib"),
+             s.get("rchar_mib")]
             for f, run in runs.items() for stage, s in run.items()]
     table = markdown_table(["stage", "f", "rows", "wall s", "CPU s", "driver peak MiB", "largest worker MiB",
                             "object store peak MiB", "read MiB (rchar)"], rows)
@@ -344,8 +385,9 @@ def benchmarks_md(payload: dict) -> str:
 The real jobs on GLDv2 at fractions f = {', '.join(runs)} of its counts (`jobs/make_synthetic_gldv2.py --fraction`,
 32-64 px JPEGs), each stage a process with a local Ray of its own, its whole process tree sampled from /proc; on
 {m['cores']} cores ({m['cpu']}). Tiny models (`configs/tiny_*.yaml`), CPU only; training at
-f ≤ {payload['train_up_to']} (one epoch of GLDv2c with its validation over the complete eval set).
-Every stage's time includes its Ray start.
+f ≤ {payload['train_up_to']} (one epoch of GLDv2c with its validation over the complete eval set), the ensemble at
+f ≤ {payload['ensemble_up_to']}; above those, their seconds are extrapolated from their law, anchored at the largest
+measured fraction (marked so; memory is not extrapolated). Every stage's time includes its Ray start.
 
 {table}
 
@@ -363,6 +405,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fractions", default="0.01,0.03,0.1", help="comma-separated fractions of GLDv2's counts")
     parser.add_argument("--train-up-to", type=float, default=0.03, help="train one epoch at fractions up to this")
+    parser.add_argument("--ensemble-up-to", type=float, default=0.03,
+                        help="run the ensemble at fractions up to this; above, it is extrapolated from its law")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ray_landmark_scale"),
                         help="the data sets and job outputs, one folder per fraction: a complete set is reused, the "
                              "jobs' outputs are deleted and made anew")
@@ -383,10 +427,14 @@ def main() -> None:
     families = args.families.split(",")
     if not families or not set(families) <= set(FAMILIES):
         parser.error(f"--families {args.families}: expected comma-separated names of {', '.join(FAMILIES)}")
-    runs = {str(f): run_fraction(f, args.work / f"f{f}", f <= args.train_up_to, args.interval, families)
+    runs = {str(f): run_fraction(f, args.work / f"f{f}", f <= args.train_up_to, f <= args.ensemble_up_to,
+                                 args.interval, families)
             for f in fractions}
+    laws = exponents(runs)
+    extrapolate(runs, laws)
     payload = {"machine": machine(), "command": "python -m benchmarks.scale " + " ".join(sys.argv[1:]),
-               "train_up_to": args.train_up_to, "limit": 1.15, "runs": runs, "exponents": exponents(runs)}
+               "train_up_to": args.train_up_to, "ensemble_up_to": args.ensemble_up_to, "limit": 1.15, "runs": runs,
+               "exponents": laws}
     payload["plot"] = results_path(NAME).replace(".json", ".png")
     if not plot(payload, args.out / payload["plot"]):
         payload["plot"] = None

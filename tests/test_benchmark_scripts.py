@@ -107,7 +107,7 @@ NOT_RENDERED = {
 
 def test_every_section_of_benchmarks_md_is_what_its_script_writes_from_the_recorded_results():
     """So that a script's changes to its wording cannot change a number it did not measure."""
-    from benchmarks import embed, gpu_compile, model_cost, search, serve, serve_load, train_step
+    from benchmarks import embed, gpu_compile, model_cost, scale, search, serve, serve_load, train_step
     from benchmarks.results_io import results_path
 
     render = {"model_cost": model_cost.benchmarks_md,
@@ -115,7 +115,7 @@ def test_every_section_of_benchmarks_md_is_what_its_script_writes_from_the_recor
               "compile_scope_cpu": lambda p: gpu_compile.benchmarks_md(p, results_path("compile_scope_cpu")),
               "search_adjusted": search.adjusted_benchmarks_md,
               "search_label_rerank": search.label_rerank_benchmarks_md, "serve": serve.benchmarks_md,
-              "serve_load": serve_load.benchmarks_md}
+              "serve_load": serve_load.benchmarks_md, "scale": scale.benchmarks_md}
     text = (REPO / "BENCHMARKS.md").read_text()
     sections = dict(re.findall(r"<!-- (\w+):start -->\n(.*?)\n<!-- \1:end -->", text, re.S))
     assert set(sections) == set(render) | set(NOT_RENDERED)

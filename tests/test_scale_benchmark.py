@@ -1,6 +1,8 @@
 """``python -m benchmarks.scale`` at toy size, in a file of its own: pytest-xdist then runs it beside the other benchmark
 toy runs (tests/test_benchmark_scripts.py), which it outlasts."""
 
+import math
+
 import pytest
 
 from test_benchmark_scripts import run_benchmark, written
@@ -16,6 +18,7 @@ def test_scale_benchmark_runs_end_to_end_at_a_tiny_fraction(tmp_path):
     stages = payload["runs"]["0.0005"]
     assert list(stages) == ["write_set", "prepare", "stream", "train", "embed_dolg", "ensemble"]
     counts = stages["write_set"]["counts"]
+    assert stages["write_set"]["reused"] is False
     assert stages["train"]["rows"] == counts["clean_images"] == 790
     assert stages["ensemble"]["rows"] == counts["test_images"] + counts["index_images"] + counts["clean_images"]
     for name, stage in stages.items():
@@ -27,3 +30,35 @@ def test_scale_benchmark_runs_end_to_end_at_a_tiny_fraction(tmp_path):
     assert "| train | 0.0005 | 790 |" in section
     work = tmp_path / "work" / "f0.0005"
     assert (work / "ensemble" / "submission_recognition.csv").exists() and (work / "ensemble" / "report.html").exists()
+
+
+def test_a_set_reused_from_an_earlier_run_stays_out_of_the_writers_growth_law():
+    """A complete set is reused, and its stage then measures the check alone: it must not bend the writer's law."""
+    from benchmarks.scale import exponents
+
+    def written(rows, seconds, reused=False):
+        return {"write_set": {"rows": rows, "wall_s": seconds, "cpu_s": seconds, "reused": reused}}
+
+    laws = exponents({"0.01": written(100, 1.5, reused=True), "0.03": written(300, 9.0), "0.1": written(1000, 30.0)})
+    law = laws["write_set"]
+    assert law["time"] == law["time_largest_two"] == round(math.log(30 / 9) / math.log(10 / 3), 3)
+
+
+def test_a_stage_left_out_at_a_fraction_is_extrapolated_there_from_its_law_and_said_so():
+    """The ensemble above --ensemble-up-to gets its seconds from its law, anchored at the largest measured fraction;
+    a stage measured at one fraction has no law, so where it was left out it is left out of the results."""
+    from benchmarks.scale import exponents, extrapolate
+
+    def stage(rows, seconds):
+        return {"rows": rows, "wall_s": seconds, "cpu_s": seconds / 2}
+
+    runs = {"0.01": {"ensemble": stage(100, 10.0), "train": stage(100, 5.0)},
+            "0.03": {"ensemble": stage(300, 90.0), "train": {"rows": 300}},
+            "0.1": {"ensemble": {"rows": 1000}, "train": {"rows": 1000}}}
+    laws = exponents(runs)
+    extrapolate(runs, laws)
+    assert laws["ensemble"]["time"] == laws["ensemble"]["cpu"] == 2.0 and "train" not in laws
+    assert runs["0.1"]["ensemble"] == {"rows": 1000, "wall_s": 1000.0, "cpu_s": 500.0, "extrapolated": {
+        "from_fractions": ["0.01", "0.03"], "time_exponent": 2.0, "cpu_exponent": 2.0}}
+    assert list(runs["0.1"]) == ["ensemble"] and runs["0.01"]["train"] == stage(100, 5.0)
+    assert exponents(runs) == laws  # an extrapolated figure never enters a law
