@@ -217,11 +217,26 @@ def test_a_checkpoint_that_did_not_write_the_embeddings_refuses_to_start(service
 ONNX_CONFIDENCE_TOLERANCE = 1e-4
 
 
+def ranked_alike(served: dict, batch_ids: list[str], tolerance: float) -> str | None:
+    """None where the served top-k (``ids``, ``scores``) is the batch's list, but for neighbours whose served scores
+    are within ``tolerance`` of each other, which two runtimes may order either way (and swap across the cut at k);
+    else what differs. A full run saw a swap at rank 15 of 100."""
+    ids, scores = served["ids"], served["scores"]
+    at = {image: rank for rank, image in enumerate(ids)}
+    for rank, (ours, theirs) in enumerate(zip(ids, batch_ids)):
+        if ours == theirs:
+            continue
+        tied = (abs(scores[at[theirs]] - scores[rank]) if theirs in at else scores[rank] - scores[-1])
+        if tied > tolerance:
+            return f"rank {rank}: served {ours}, batch {theirs}, {tied:.2e} apart in the served scores"
+    return None if len(ids) == len(batch_ids) else f"{len(ids)} served, {len(batch_ids)} in the batch list"
+
+
 @pytest.mark.slow
 def test_the_onnxruntime_backend_answers_as_the_batch_ensemble_within_its_stated_tolerance(service, tmp_path):
     """The same ensemble served by onnxruntime beside the PyTorch service, each model exported on the replica's first
-    start: the batch ensemble's labels and top-100 lists, its confidences within the tolerance docs/serving.md
-    states."""
+    start: the batch ensemble's labels and top-100 lists (near ties in either order), its confidences within the
+    tolerance docs/serving.md states."""
     from ray import serve
 
     settings = ServeSettings(ensemble="(in memory)", backend="onnxruntime", onnx_dir=str(tmp_path / "onnx"),
@@ -245,7 +260,9 @@ def test_the_onnxruntime_backend_answers_as_the_batch_ensemble_within_its_stated
                 differences.append(abs(answer["confidence"] - confidence))
             response = post(f"{url}/retrieve", [service.queries[i] for i in chunk], k=100)
             for image_id, answer in zip(chunk, response.json()["results"]):
-                assert answer["ids"] == service.retrieval.at[image_id, "images"].split(), image_id
+                differs = ranked_alike(answer, service.retrieval.at[image_id, "images"].split(),
+                                       ONNX_CONFIDENCE_TOLERANCE)
+                assert differs is None, f"{image_id}: {differs}"
         print(f"onnxruntime vs the batch ensemble: largest confidence difference {max(differences):.2e} over "
               f"{len(differences)} images")
         assert max(differences) <= ONNX_CONFIDENCE_TOLERANCE, max(differences)
