@@ -32,6 +32,7 @@ Then, per stage over the fractions, the exponent b of time (and memory) ~ rows^b
 
     python -m benchmarks.scale [--fractions 0.01,0.03,0.1] [--train-up-to 0.03] [--ensemble-up-to 0.03] \
         [--families dolg,...] [--work DIR] [--out DIR]
+    python -m benchmarks.scale --add-to benchmarks/results/scale.json --fractions 1 --families dolg   # GLDv2's size
 """
 
 from __future__ import annotations
@@ -243,9 +244,10 @@ def stage_commands(root: Path, work: Path, train: bool) -> dict[str, list[str]]:
 
 
 def run_fraction(fraction: float, work: Path, train: bool, ensemble: bool, interval: float,
-                 families: list[str]) -> dict:
+                 families: list[str], left_out_families: tuple[str, ...] = ()) -> dict:
     """Every stage at one fraction (train and ensemble where asked), embedding with a tiny model of each of
-    ``families``: {stage: measures with its rows}; a stage left out gets its rows alone, to be extrapolated."""
+    ``families``: {stage: measures with its rows}; a stage left out (``left_out_families``' embeddings among them)
+    gets its rows alone, to be extrapolated."""
     root, logs = work / "gldv2", work / "logs"
     for earlier in ("runs", "checkpoints", "ensemble", "logs"):  # a rerun measures the jobs anew, not their reuse
         shutil.rmtree(work / earlier, ignore_errors=True)
@@ -255,7 +257,7 @@ def run_fraction(fraction: float, work: Path, train: bool, ensemble: bool, inter
     embedded = counts["test_images"] + counts["index_images"] + counts["clean_images"]
     rows = {"prepare": counts["train_images"] + counts["index_images"] + counts["test_images"],
             "stream": counts["clean_images"] + counts["test_images"], "train": counts["clean_images"],
-            **{f"embed_{family}": embedded for family in families}, "ensemble": embedded}
+            **{f"embed_{family}": embedded for family in (*families, *left_out_families)}, "ensemble": embedded}
     stages = {}
 
     def measure(stage: str, command: list[str]) -> None:  # each stage's measures kept as it ends (stages.json)
@@ -275,7 +277,8 @@ def run_fraction(fraction: float, work: Path, train: bool, ensemble: bool, inter
         measure(f"embed_{family}", command)
     if ensemble:
         measure("ensemble", [sys.executable, "jobs/ensemble.py", "--config", str(config)])
-    return {**stages, **{stage: {"rows": rows[stage]} for stage in ("train", "ensemble") if stage not in stages}}
+    left_out = ["train", *(f"embed_{family}" for family in left_out_families), "ensemble"]
+    return {**stages, **{stage: {"rows": rows[stage]} for stage in left_out if stage not in stages}}
 
 
 # ---------------------------------------------------------------- growth laws, the section and the plot
@@ -304,6 +307,32 @@ def exponents(runs: dict[str, dict]) -> dict[str, dict]:
         if n1 > n0:
             laws[stage]["time_largest_two"] = round(math.log(t1 / t0) / math.log(n1 / n0), 3)
     return laws
+
+
+def recorded_runs(payload: dict, fractions: list[float], families: list[str], ensemble_up_to: float,
+                  train_up_to: float) -> tuple[dict[str, dict], tuple[str, ...]]:
+    """``--add-to``: the recorded runs as they were measured (extrapolated stages back to their rows alone, to be
+    extrapolated again from the laws refitted over every fraction), and the recorded embed families that
+    ``families`` leaves out, to be extrapolated at the added fractions. Refuses in one line what would mix two
+    setups: another machine, other limits, a fraction recorded already, or an ensemble of fewer families."""
+    if payload["machine"]["cpu"] != machine()["cpu"] or payload["machine"]["cores"] != machine()["cores"]:
+        raise SystemExit(f"--add-to: recorded on {payload['machine']['cores']} cores of {payload['machine']['cpu']}, "
+                         f"not this machine; run every fraction here instead")
+    if (payload["train_up_to"], payload["ensemble_up_to"]) != (train_up_to, ensemble_up_to):
+        raise SystemExit(f"--add-to: recorded with --train-up-to {payload['train_up_to']} --ensemble-up-to "
+                         f"{payload['ensemble_up_to']}; pass the same")
+    again = [f for f in fractions if str(f) in payload["runs"]]
+    if again:
+        raise SystemExit(f"--add-to: f = {', '.join(map(str, again))} recorded already; leave it out of --fractions")
+    recorded = sorted({stage.removeprefix("embed_") for run in payload["runs"].values() for stage in run
+                       if stage.startswith("embed_")})
+    left_out = tuple(f for f in recorded if f not in families)
+    if left_out and any(f <= ensemble_up_to for f in fractions):
+        raise SystemExit(f"--add-to: the ensemble at f <= {ensemble_up_to} would leave out {', '.join(left_out)}, "
+                         f"which the recorded ensembles took; pass --families {','.join(recorded)}")
+    runs = {f: {stage: (figures if not figures.get("extrapolated") else {"rows": figures["rows"]})
+                for stage, figures in run.items()} for f, run in payload["runs"].items()}
+    return runs, left_out
 
 
 def measured(stage: dict) -> bool:
@@ -363,6 +392,20 @@ def _cell(value, unit: str = "") -> str | None:
     return None if value is None else f"{value:,}{unit}"
 
 
+def commit() -> str | None:
+    """The repository's commit: fractions added later may have run other code than the recorded ones."""
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return proc.stdout.strip() or None
+
+
+def _added_text(added: dict) -> str:
+    """A sentence on fractions added to the recorded ones (``--add-to``)."""
+    families = (f", embedding with {', '.join(added['families'])} alone ({', '.join(added['extrapolated_families'])} "
+                f"extrapolated there)" if added["extrapolated_families"] else "")
+    return (f" f = {', '.join(added['fractions'])} was added later, at commit {added['commit']} "
+            f"(`{added['command']}`){families}.")
+
+
 def benchmarks_md(payload: dict) -> str:
     """This benchmark's section of BENCHMARKS.md, from its results."""
     m, runs, laws = payload["machine"], payload["runs"], payload["exponents"]
@@ -380,6 +423,7 @@ def benchmarks_md(payload: dict) -> str:
                 for stage, law in laws.items()]
     law_table = markdown_table(["stage", *laws_shown, ""], law_rows) if law_rows else "(one fraction: no law)"
     plot_line = f"\n![time against f per stage]({payload['plot']})\n" if payload.get("plot") else ""
+    added = "".join(_added_text(a) for a in payload.get("added", []))
     return f"""## Scale rehearsal (`python -m benchmarks.scale`)
 
 The real jobs on GLDv2 at fractions f = {', '.join(runs)} of its counts (`jobs/make_synthetic_gldv2.py --fraction`,
@@ -387,7 +431,7 @@ The real jobs on GLDv2 at fractions f = {', '.join(runs)} of its counts (`jobs/m
 {m['cores']} cores ({m['cpu']}). Tiny models (`configs/tiny_*.yaml`), CPU only; training at
 f ≤ {payload['train_up_to']} (one epoch of GLDv2c with its validation over the complete eval set), the ensemble at
 f ≤ {payload['ensemble_up_to']}; above those, their seconds are extrapolated from their law, anchored at the largest
-measured fraction (marked so; memory is not extrapolated). Every stage's time includes its Ray start.
+measured fraction (marked so; memory is not extrapolated). Every stage's time includes its Ray start.{added}
 
 {table}
 
@@ -413,6 +457,10 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between samples of /proc")
     parser.add_argument("--families", default=",".join(FAMILIES),
                         help=f"comma-separated model families to embed and ensemble, of {', '.join(FAMILIES)}")
+    parser.add_argument("--add-to", type=Path, metavar="RESULTS",
+                        help="a recorded results file (benchmarks/results/scale.json): its fractions kept as measured, "
+                             "those of --fractions run and added, the laws fitted again over all; an embed family "
+                             "it holds that --families leaves out is extrapolated at the added fractions")
     parser.add_argument("--stream-epoch", metavar="ROOT", help=argparse.SUPPRESS)  # the stream stage's process
     add_out_option(parser)
     args = parser.parse_args()
@@ -427,14 +475,23 @@ def main() -> None:
     families = args.families.split(",")
     if not families or not set(families) <= set(FAMILIES):
         parser.error(f"--families {args.families}: expected comma-separated names of {', '.join(FAMILIES)}")
-    runs = {str(f): run_fraction(f, args.work / f"f{f}", f <= args.train_up_to, f <= args.ensemble_up_to,
-                                 args.interval, families)
-            for f in fractions}
+    command = "python -m benchmarks.scale " + " ".join(sys.argv[1:])
+    payload = {"machine": machine(), "command": command, "train_up_to": args.train_up_to,
+               "ensemble_up_to": args.ensemble_up_to, "limit": 1.15}
+    runs, left_out = {}, ()
+    if args.add_to:
+        recorded = json.loads(args.add_to.read_text())
+        runs, left_out = recorded_runs(recorded, fractions, families, args.ensemble_up_to, args.train_up_to)
+        payload.update(command=recorded["command"], added=[*recorded.get("added", []), {
+            "command": command, "commit": commit(), "fractions": [str(f) for f in fractions], "families": families,
+            "extrapolated_families": list(left_out)}])
+    for f in fractions:
+        runs[str(f)] = run_fraction(f, args.work / f"f{f}", f <= args.train_up_to, f <= args.ensemble_up_to,
+                                    args.interval, families, left_out)
+    runs = dict(sorted(runs.items(), key=lambda run: float(run[0])))
     laws = exponents(runs)
     extrapolate(runs, laws)
-    payload = {"machine": machine(), "command": "python -m benchmarks.scale " + " ".join(sys.argv[1:]),
-               "train_up_to": args.train_up_to, "ensemble_up_to": args.ensemble_up_to, "limit": 1.15, "runs": runs,
-               "exponents": laws}
+    payload.update(runs=runs, exponents=laws)
     payload["plot"] = results_path(NAME).replace(".json", ".png")
     if not plot(payload, args.out / payload["plot"]):
         payload["plot"] = None

@@ -71,7 +71,12 @@ def test_embed_writes_every_image_of_each_split_once_and_a_rerun_embeds_only_mis
 @pytest.mark.slow
 def test_ensemble_scores_every_stage_and_writes_submissions_report_and_summary(tiny_checkpoints, tmp_path):
     cfg = _ensemble_config(tmp_path, tiny_checkpoints)
-    summary = run_ensemble(cfg, printer=lambda line, transient=False: None)
+    lines = []
+    summary = run_ensemble(cfg, printer=lambda line, transient=False: lines.append(line))
+    # How long the scoring took, and how much of it was exact search, in the summary and said.
+    seconds = summary["seconds"]
+    assert 0 < seconds["knn"] <= seconds["scoring"] and seconds["knn_searches"] > 0
+    assert f"[ensemble] scored in {seconds['scoring']:.1f} s, {seconds['knn']:.1f} s of it in " in "\n".join(lines)
 
     out = tmp_path / "ensemble"
     stages = [row["what"] for row in summary["stages"]]

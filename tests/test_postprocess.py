@@ -4,6 +4,8 @@ binary fractions (0.5, 0.375, ...) so that sums are exact and ties are real ties
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -366,19 +368,17 @@ def test_bad_rows_are_found_and_refused_rather_than_combined():
         combine_families([("dolg", np.ones((1, 2))), ("effnet", np.ones((2, 2)))])
 
 
-@pytest.mark.parametrize("labels", ["model", "ensemble"])
-def test_the_service_retrieves_as_the_batch_job_under_either_labelling(gldv2_local, tmp_path, labels):
-    """``serve.answers`` against ``infer.ensemble`` on random embeddings of the synthetic GLDv2's ids, without Ray:
-    the same top ids for every test image, whoever labels the queries and index images."""
+def _random_ensemble(gldv2_local: str, out: Path, labels: str):
+    """An ensemble config of two models whose embeddings of the synthetic GLDv2's ids are random unit rows, written
+    where the ensemble reads them: (config, the splits as loaded, the gallery's labels)."""
     from ray_landmark.data.config import DataConfig
     from ray_landmark.data.metadata import open_manifest
     from ray_landmark.infer.config import EnsembleConfig
     from ray_landmark.infer.embed import write_embeddings
-    from ray_landmark.infer.ensemble import Tables, embeddings_folder, load_split, retrieve_with_reranking
-    from ray_landmark.serve.answers import answer_retrieval, load_served_index
+    from ray_landmark.infer.ensemble import Tables, embeddings_folder, load_split
 
     cfg = EnsembleConfig.model_validate({
-        "name": "e", "output_dir": str(tmp_path), "data": {"root": gldv2_local},
+        "name": "e", "output_dir": str(out), "data": {"root": gldv2_local},
         "models": [{"name": "a", "checkpoint": "x", "family": "dolg"},
                    {"name": "b", "checkpoint": "x", "family": "effnet", "weight": 0.5}],
         "retrieval": {"labels": labels, "per_model": 6, "rerank_pool": 8, "out_k": 6, "label_k": 2},
@@ -394,11 +394,45 @@ def test_the_service_retrieves_as_the_batch_job_under_either_labelling(gldv2_loc
         write_embeddings(embeddings_folder(cfg, cfg.models[m == "b"]).child(split, "images_000.parquet"),
                          ids[split], embeddings)
     splits = {s: load_split(cfg, s) for s in ids}
-    gallery_labels = tables.gallery_landmarks.loc[list(splits["train"].ids)].to_numpy(np.int64)
+    return cfg, splits, tables.gallery_landmarks.loc[list(splits["train"].ids)].to_numpy(np.int64)
+
+
+@pytest.mark.parametrize("labels", ["model", "ensemble"])
+def test_the_service_retrieves_as_the_batch_job_under_either_labelling(gldv2_local, tmp_path, labels):
+    """``serve.answers`` against ``infer.ensemble`` on random embeddings of the synthetic GLDv2's ids, without Ray:
+    the same top ids for every test image, whoever labels the queries and index images."""
+    from ray_landmark.infer.ensemble import retrieve_with_reranking
+    from ray_landmark.serve.answers import answer_retrieval, load_served_index
+
+    cfg, splits, gallery_labels = _random_ensemble(gldv2_local, tmp_path, labels)
     _, batch = retrieve_with_reranking(cfg, splits, gallery_labels, "cpu")
     served = load_served_index(cfg, "cpu")
     online = answer_retrieval(served, {m: splits["test"].by_model[m] for m in ("a", "b")}, k=6)
     assert [answer["ids"] for answer in online] == ranked_ids(batch, splits["index"].ids)
+
+
+def test_the_reports_retrievals_label_each_way_once_and_retrieve_as_if_each_labelled_its_own(gldv2_local, tmp_path,
+                                                                                               monkeypatch):
+    """The ensemble's ablations share one ``labelled`` dict: each labelling (every model's own, the ensemble
+    embedding's) searches the train gallery once, and every retrieval is the one it makes labelling afresh."""
+    import ray_landmark.infer.postprocess as pp
+    from ray_landmark.infer.ensemble import retrieval_alternatives, retrieve_with_reranking
+
+    cfg, splits, gallery_labels = _random_ensemble(gldv2_local, tmp_path, "model")
+    flips = [settings for _, settings in retrieval_alternatives(cfg.retrieval, len(splits["index"].ids))]
+    assert {s.labels for s in flips} == {"model", "ensemble"} and len(flips) >= 3
+    afresh = [retrieve_with_reranking(cfg, splits, gallery_labels, "cpu", settings=s) for s in [*flips, None]]
+    labellings = []
+    monkeypatch.setattr(pp, "label_images", lambda rows, *args, **kwargs: labellings.append(len(rows)) or
+                        label_images(rows, *args, **kwargs))
+    labelled: dict = {}
+    shared = [retrieve_with_reranking(cfg, splits, gallery_labels, "cpu", settings=s, labelled=labelled)
+              for s in [*flips, None]]
+    for (scores, indices), (shared_scores, shared_indices) in zip(afresh, shared):
+        assert (indices == shared_indices).all() and (scores == shared_scores).all()
+    # Models a and b and the ensemble embedding, each labelling its queries and its index once.
+    assert len(labelled) == 3 and len(labellings) == 3 * 2
+    assert sorted(set(labellings)) == sorted({len(splits["test"].ids), len(splits["index"].ids)})
 
 
 def test_query_expansion_and_database_augmentation_add_weighted_neighbours():

@@ -62,3 +62,42 @@ def test_a_stage_left_out_at_a_fraction_is_extrapolated_there_from_its_law_and_s
         "from_fractions": ["0.01", "0.03"], "time_exponent": 2.0, "cpu_exponent": 2.0}}
     assert list(runs["0.1"]) == ["ensemble"] and runs["0.01"]["train"] == stage(100, 5.0)
     assert exponents(runs) == laws  # an extrapolated figure never enters a law
+
+
+def test_a_fraction_added_to_the_recorded_ones_keeps_them_as_measured_and_refuses_what_would_mix_two_setups():
+    """``--add-to``: the recorded fractions stay as they were measured, their extrapolated stages go back to their rows
+    (the laws are fitted again with the added fraction), an embed family the added run leaves out is extrapolated
+    there; another machine, other limits, a fraction recorded already, or an ensemble of fewer families are refused."""
+    from benchmarks.results_io import machine
+    from benchmarks.scale import benchmarks_md, recorded_runs
+
+    def stage(rows, seconds):
+        return {"rows": rows, "wall_s": seconds, "cpu_s": seconds}
+
+    extrapolated = {"rows": 1000, "wall_s": 9.0, "cpu_s": 9.0, "extrapolated": {"from_fractions": ["0.01", "0.03"]}}
+    payload = {"machine": machine(), "command": "python -m benchmarks.scale", "train_up_to": 0.03,
+               "ensemble_up_to": 0.03, "runs": {
+                   "0.01": {"embed_dolg": stage(100, 1.0), "embed_efficientnet": stage(100, 1.0),
+                            "train": stage(100, 2.0)},
+                   "0.1": {"embed_dolg": stage(1000, 8.0), "embed_efficientnet": stage(1000, 8.5),
+                           "train": extrapolated}}}
+    runs, left_out = recorded_runs(payload, [1.0], ["dolg"], ensemble_up_to=0.03, train_up_to=0.03)
+    assert left_out == ("efficientnet",)
+    assert runs["0.1"]["train"] == {"rows": 1000} and runs["0.1"]["embed_dolg"] == stage(1000, 8.0)
+    assert runs["0.01"] == payload["runs"]["0.01"]
+
+    refusals = {"recorded with --train-up-to 0.03 --ensemble-up-to 0.03; pass the same": dict(train_up_to=0.1),
+                "f = 0.1 recorded already": dict(fractions=[0.1, 1.0]),
+                "the ensemble at f <= 0.03 would leave out efficientnet": dict(fractions=[0.02])}
+    for message, changed in refusals.items():
+        args = {"fractions": [1.0], "families": ["dolg"], "ensemble_up_to": 0.03, "train_up_to": 0.03, **changed}
+        with pytest.raises(SystemExit, match=message):
+            recorded_runs(payload, **args)
+    with pytest.raises(SystemExit, match="not this machine"):
+        recorded_runs({**payload, "machine": {**machine(), "cores": 999}}, [1.0], ["dolg"], 0.03, 0.03)
+
+    added = {"command": "python -m benchmarks.scale --add-to x --fractions 1", "commit": "abc1234",
+             "fractions": ["1.0"], "families": ["dolg"], "extrapolated_families": ["efficientnet"]}
+    section = benchmarks_md({**payload, "exponents": {}, "limit": 1.15, "added": [added]})
+    assert ("f = 1.0 was added later, at commit abc1234 (`python -m benchmarks.scale --add-to x --fractions 1`), "
+            "embedding with dolg alone (efficientnet extrapolated there).") in " ".join(section.split())

@@ -24,12 +24,21 @@ Recognition's non-landmark re-ranking ranks the gallery by `cos - b_j` with it (
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
 MAX_QUERY_CHUNK = 8192  # the query chunk of the H200 measurement; larger buys nothing once the block is big
 MIN_DATABASE_CHUNK = 1024  # shrink the query chunk before the database chunk falls below this (faiss's own tile)
 TOPK_BYTES = 8 * (4 + 8)  # per query row and per neighbour: ~8 live (float32 score, int64 index) lists while merging
+_searched = {"seconds": 0.0, "searches": 0}  # this process's knn calls so far (knn_clock)
+
+
+def knn_clock() -> dict[str, float]:
+    """Seconds spent in :func:`knn` and searches made by this process so far: the difference of two readings splits
+    a job's time between exact search and the rest (the ensemble's summary.json)."""
+    return dict(_searched)
 
 
 def chunk_bytes(query_chunk: int, database_chunk: int, dim: int, k: int, elem_bytes: int = 4) -> int:
@@ -70,6 +79,7 @@ def knn(queries, database, k: int, *, device: str | torch.device | None = None, 
     override the chunks it picks. Returns (scores float32 [Q, k'], indices int64 [Q, k']) as numpy arrays, k' =
     min(k, N), each row by descending score.
     """
+    started = time.perf_counter()
     queries, database = _as_tensor(queries, "queries"), _as_tensor(database, "database")
     _check(queries, database, k, query_chunk, database_chunk)
     offset = None
@@ -108,7 +118,10 @@ def knn(queries, database, k: int, *, device: str | torch.device | None = None, 
             top_scores, top_indices = block_topk(chunk, block, min(k, len(block)))
             scores[rows], indices[rows] = _merge(scores[rows], indices[rows], top_scores, top_indices + d0, k)
         del block  # before the next one is made: never two database chunks at once
-    return scores.cpu().numpy(), indices.cpu().numpy()
+    found = scores.cpu().numpy(), indices.cpu().numpy()
+    _searched["seconds"] += time.perf_counter() - started
+    _searched["searches"] += 1
+    return found
 
 
 def _as_tensor(x, name: str) -> torch.Tensor:

@@ -513,8 +513,9 @@ def retrieve(models: Iterable[RetrievalModel], gallery_labels: np.ndarray, setti
     ``settings.dba`` and ``settings.qe``, when enabled, replace the index and query rows of the search (not those
     that label them: labels come from the train neighbours of the model's own rows). ``settings.boost`` ``mean``
     divides c_j by ``label_k``; ``settings.labels`` ``ensemble`` takes every model's query and index labels as given
-    (:func:`ensemble_labels`). ``rerank`` False: the plain score sum of each model's top ``per_model`` (the report's
-    ablation). ``models`` is consumed one at a time, so a generator holds one model's rows in memory at once.
+    (:func:`query_and_index_labels`); a model's own labels are computed here unless given. ``rerank`` False: the
+    plain score sum of each model's top ``per_model`` (the report's ablation). ``models`` is consumed one at a time,
+    so a generator holds one model's rows in memory at once.
     """
     kept = []
     for model in models:
@@ -529,7 +530,7 @@ def retrieve(models: Iterable[RetrievalModel], gallery_labels: np.ndarray, setti
         if rerank:
             if settings.labels == "ensemble" and (model.query_labels is None or model.index_labels is None):
                 raise ValueError("retrieval.labels 'ensemble' needs the labels of the ensemble embedding "
-                                 "(ensemble_labels) for every model")
+                                 "(query_and_index_labels) for every model")
             query_labels = model.query_labels if model.query_labels is not None else label_images(
                 model.queries, model.train, gallery_labels, settings.label_k, device=device)[0]
             index_labels, index_confidence = model.index_labels or label_images(
@@ -575,11 +576,11 @@ def augment_database(index, k: int, alpha: float, *, device: str | None = None) 
     return _expand(index, index, k, alpha, drop_first=True, device=device)
 
 
-def ensemble_labels(queries: np.ndarray, index: np.ndarray, train: np.ndarray, gallery_labels: np.ndarray,
-                    k: int, *, device: str | None = None) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """``retrieval.labels: ensemble``: queries and index images labelled once, by the train neighbours of the
-    retrieval models' ensemble embedding (:func:`combine_families` of their rows): (query labels, (index labels,
-    index confidence)), as :class:`RetrievalModel` takes them precomputed."""
+def query_and_index_labels(queries: np.ndarray, index: np.ndarray, train: np.ndarray, gallery_labels: np.ndarray,
+                           k: int, *, device: str | None = None) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Queries and index images labelled once by their ``k`` train neighbours (:func:`label_images`): (query labels,
+    (index labels, index confidence)), as :class:`RetrievalModel` takes them precomputed. For ``retrieval.labels:
+    ensemble``, the rows are the retrieval models' ensemble embedding (:func:`combine_families` of their rows)."""
     query_labels, _ = label_images(queries, train, gallery_labels, k, device=device)
     return query_labels, label_images(index, train, gallery_labels, k, device=device)
 
