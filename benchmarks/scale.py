@@ -25,9 +25,11 @@ with the fractions it came from; extrapolated and reused figures never enter a l
 
 Measured per stage by sampling /proc every --interval seconds: wall seconds; CPU seconds of the tree (the larger of
 wait4's, which counts every descendant its parent reaped, and the sum of the last sample of each process seen); the
-peak RSS (VmHWM) of the driver and of the largest Ray worker ("ray::" processes); the object store's peak (the
-blocks of the raylet's plasma file in /dev/shm: a high-water mark, since freed pages stay allocated); bytes the tree
-read (rchar: read() calls on files, pipes and sockets; read_bytes: from block devices, 0 from the page cache).
+peak RSS (VmHWM) of the driver and of the largest Ray worker ("ray::" processes; a worker's RSS counts the object
+store's pages it has mapped); the object store's peaks: the blocks of the raylet's plasma file in /dev/shm (pages
+ever written, a high-water mark that freed and fragmented pages keep up) and the bytes in use (the raylet's own
+figure, from its debug_state.txt, rewritten every 10 s: none for a stage shorter than that); bytes the tree read
+(rchar: read() calls on files, pipes and sockets; read_bytes: from block devices, 0 from the page cache).
 Then, per stage over the fractions, the exponent b of time (and memory) ~ rows^b by least squares on the logs.
 
     python -m benchmarks.scale [--fractions 0.01,0.03,0.1] [--train-up-to 0.03] [--ensemble-up-to 0.03] \
@@ -99,11 +101,22 @@ def _plasma_bytes(pid: int) -> int:
     return allocated
 
 
+def _object_store_in_use(raylet_cmdline: str) -> int | None:
+    """Bytes of the object store in use, as the raylet last wrote them to its session's debug_state.txt (the node's
+    object_store_memory resource, total less available; Ray rewrites the file every 10 s): None before it has."""
+    log_dir = re.search(r"--log_dir=(\S+)", raylet_cmdline)
+    state = _read(os.path.join(log_dir.group(1), "debug_state.txt")) if log_dir else None
+    found = state and re.search(r'"total":\{object_store_memory: \[(\d+)\].*?"available": \{object_store_memory: '
+                                r'\[(\d+)\]', state)
+    return (int(found.group(1)) - int(found.group(2))) // 10_000 if found else None  # Ray counts 1/10,000 units
+
+
 class TreeMeter:
-    """The last sample of every process ever seen under ``root``: CPU seconds, peak RSS, bytes read, its role."""
+    """The last sample of every process ever seen under ``root``: CPU seconds, peak RSS, bytes read, its role; and
+    the object store's peaks (pages ever written, and bytes in use)."""
 
     def __init__(self, root: int):
-        self.root, self.seen, self.object_store_peak = root, {}, 0
+        self.root, self.seen, self.object_store_peak, self.object_store_in_use_peak = root, {}, 0, None
 
     def sample(self) -> None:
         parents = _parents()
@@ -134,6 +147,9 @@ class TreeMeter:
                       rchar=int(counters.get("rchar", 0)), read_bytes=int(counters.get("read_bytes", 0)))
         if "raylet" in cmdline.split(" ")[0]:
             self.object_store_peak = max(self.object_store_peak, _plasma_bytes(pid))
+            in_use = _object_store_in_use(cmdline)
+            if in_use is not None:
+                self.object_store_in_use_peak = max(self.object_store_in_use_peak or 0, in_use)
 
     def totals(self, rusage_cpu_s: float) -> dict:
         workers = [r["hwm"] for r in self.seen.values() if r["worker"]]
@@ -142,6 +158,8 @@ class TreeMeter:
             "driver_peak_rss_mib": round(self.seen.get(self.root, {}).get("hwm", 0) / MIB, 1),
             "largest_worker_peak_rss_mib": round(max(workers) / MIB, 1) if workers else None,
             "object_store_peak_mib": round(self.object_store_peak / MIB, 1),
+            "object_store_in_use_peak_mib": (round(self.object_store_in_use_peak / MIB, 1)
+                                             if self.object_store_in_use_peak is not None else None),
             "rchar_mib": round(sum(r["rchar"] for r in self.seen.values()) / MIB, 1),
             "storage_read_mib": round(sum(r["read_bytes"] for r in self.seen.values()) / MIB, 1),
             "processes": len(self.seen),
@@ -284,7 +302,8 @@ def run_fraction(fraction: float, work: Path, train: bool, ensemble: bool, inter
 # ---------------------------------------------------------------- growth laws, the section and the plot
 
 MEASURES = {"wall_s": "time", "cpu_s": "cpu", "driver_peak_rss_mib": "driver_memory",
-            "largest_worker_peak_rss_mib": "worker_memory", "object_store_peak_mib": "object_store"}
+            "largest_worker_peak_rss_mib": "worker_memory", "object_store_peak_mib": "object_store",
+            "object_store_in_use_peak_mib": "object_store_in_use"}
 
 
 def exponents(runs: dict[str, dict]) -> dict[str, dict]:
@@ -412,10 +431,11 @@ def benchmarks_md(payload: dict) -> str:
     rows = [[stage + (" (set reused: its check only)" if s.get("reused") else "")
              + (" (extrapolated)" if s.get("extrapolated") else ""), f, _cell(s["rows"]), s["wall_s"], s["cpu_s"],
              s.get("driver_peak_rss_mib"), s.get("largest_worker_peak_rss_mib"), s.get("object_store_peak_mib"),
-             s.get("rchar_mib")]
+             s.get("object_store_in_use_peak_mib"), s.get("rchar_mib")]
             for f, run in runs.items() for stage, s in run.items()]
     table = markdown_table(["stage", "f", "rows", "wall s", "CPU s", "driver peak MiB", "largest worker MiB",
-                            "object store peak MiB", "read MiB (rchar)"], rows)
+                            "object store pages written MiB", "object store in use, peak MiB", "read MiB (rchar)"],
+                           rows)
     laws_shown = [*MEASURES.values(), "time_largest_two"]
     law_rows = [[stage, *(law.get(key) for key in laws_shown),
                  "super-linear" if stage != "ensemble" and max(law.get("time", 0), law.get("time_largest_two", 0))
