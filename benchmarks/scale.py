@@ -19,20 +19,24 @@ that the process tree under it is the job and every Ray process it needs:
                          submissions and the report (only at f <= --ensemble-up-to: its exact kNN passes grow as
                          queries x gallery, 677 s at f = 0.03 on 2 cores)
 
-A stage left out at a fraction (train above --train-up-to, ensemble above --ensemble-up-to) is extrapolated there
-from its measured fractions' law (wall and CPU seconds ~ rows^b, fitted on the logs) and marked ``extrapolated``
+A stage left out at a fraction (train above --train-up-to, ensemble above --ensemble-up-to, an embed family left out
+of a fraction added with --add-to) is extrapolated there from the largest fraction that measured it, by the
+exponents b of wall and CPU seconds ~ rows^b between the two largest (``extrapolate``), and marked ``extrapolated``
 with the fractions it came from; extrapolated and reused figures never enter a law.
 
 Measured per stage by sampling /proc every --interval seconds: wall seconds; CPU seconds of the tree (the larger of
 wait4's, which counts every descendant its parent reaped, and the sum of the last sample of each process seen); the
-peak RSS (VmHWM) of the driver and of the largest Ray worker ("ray::" processes); the object store's peak (the
-blocks of the raylet's plasma file in /dev/shm: a high-water mark, since freed pages stay allocated); bytes the tree
-read (rchar: read() calls on files, pipes and sockets; read_bytes: from block devices, 0 from the page cache).
+peak RSS (VmHWM) of the driver and of the largest Ray worker ("ray::" processes; a worker's RSS counts the object
+store's pages it has mapped); the object store's peaks: the blocks of the raylet's plasma file in /dev/shm (pages
+ever written, a high-water mark that freed and fragmented pages keep up) and the bytes in use (the raylet's own
+figure, from its debug_state.txt, rewritten every 10 s: none for a stage shorter than that); bytes the tree read
+(rchar: read() calls on files, pipes and sockets; read_bytes: from block devices, 0 from the page cache).
 Then, per stage over the fractions, the exponent b of time (and memory) ~ rows^b by least squares on the logs.
 
     python -m benchmarks.scale [--fractions 0.01,0.03,0.1] [--train-up-to 0.03] [--ensemble-up-to 0.03] \
         [--families dolg,...] [--work DIR] [--out DIR]
     python -m benchmarks.scale --add-to benchmarks/results/scale.json --fractions 1 --families dolg   # GLDv2's size
+    python -m benchmarks.scale --refit benchmarks/results/scale.json     # the laws and extrapolations alone, again
 """
 
 from __future__ import annotations
@@ -99,11 +103,23 @@ def _plasma_bytes(pid: int) -> int:
     return allocated
 
 
+def _object_store_in_use(raylet_cmdline: str) -> int | None:
+    """Bytes of the object store in use, as the raylet last wrote them to its session's debug_state.txt (the node's
+    object_store_memory resource, total less available; Ray rewrites the file every 10 s): None before it has."""
+    log_dir = re.search(r"--log_dir=(\S+)", raylet_cmdline)
+    state = _read(os.path.join(log_dir.group(1), "debug_state.txt")) if log_dir else None
+    total, available = (state and re.search(rf'"{key}": ?\{{[^}}]*?object_store_memory: \[(\d+)\]', state)
+                        for key in ("total", "available"))
+    # Ray counts resources in 1/10,000 units; the resources of a line come in any order.
+    return (int(total.group(1)) - int(available.group(1))) // 10_000 if total and available else None
+
+
 class TreeMeter:
-    """The last sample of every process ever seen under ``root``: CPU seconds, peak RSS, bytes read, its role."""
+    """The last sample of every process ever seen under ``root``: CPU seconds, peak RSS, bytes read, its role; and
+    the object store's peaks (pages ever written, and bytes in use)."""
 
     def __init__(self, root: int):
-        self.root, self.seen, self.object_store_peak = root, {}, 0
+        self.root, self.seen, self.object_store_peak, self.object_store_in_use_peak = root, {}, 0, None
 
     def sample(self) -> None:
         parents = _parents()
@@ -134,6 +150,9 @@ class TreeMeter:
                       rchar=int(counters.get("rchar", 0)), read_bytes=int(counters.get("read_bytes", 0)))
         if "raylet" in cmdline.split(" ")[0]:
             self.object_store_peak = max(self.object_store_peak, _plasma_bytes(pid))
+            in_use = _object_store_in_use(cmdline)
+            if in_use is not None:
+                self.object_store_in_use_peak = max(self.object_store_in_use_peak or 0, in_use)
 
     def totals(self, rusage_cpu_s: float) -> dict:
         workers = [r["hwm"] for r in self.seen.values() if r["worker"]]
@@ -142,6 +161,8 @@ class TreeMeter:
             "driver_peak_rss_mib": round(self.seen.get(self.root, {}).get("hwm", 0) / MIB, 1),
             "largest_worker_peak_rss_mib": round(max(workers) / MIB, 1) if workers else None,
             "object_store_peak_mib": round(self.object_store_peak / MIB, 1),
+            "object_store_in_use_peak_mib": (round(self.object_store_in_use_peak / MIB, 1)
+                                             if self.object_store_in_use_peak is not None else None),
             "rchar_mib": round(sum(r["rchar"] for r in self.seen.values()) / MIB, 1),
             "storage_read_mib": round(sum(r["read_bytes"] for r in self.seen.values()) / MIB, 1),
             "processes": len(self.seen),
@@ -284,7 +305,8 @@ def run_fraction(fraction: float, work: Path, train: bool, ensemble: bool, inter
 # ---------------------------------------------------------------- growth laws, the section and the plot
 
 MEASURES = {"wall_s": "time", "cpu_s": "cpu", "driver_peak_rss_mib": "driver_memory",
-            "largest_worker_peak_rss_mib": "worker_memory", "object_store_peak_mib": "object_store"}
+            "largest_worker_peak_rss_mib": "worker_memory", "object_store_peak_mib": "object_store",
+            "object_store_in_use_peak_mib": "object_store_in_use"}
 
 
 def exponents(runs: dict[str, dict]) -> dict[str, dict]:
@@ -301,11 +323,12 @@ def exponents(runs: dict[str, dict]) -> dict[str, dict]:
             if len(pairs) >= 2 and len({n for n, _ in pairs}) >= 2:
                 x, y = np.log([n for n, _ in pairs]), np.log([v for _, v in pairs])
                 laws[stage][law] = round(float(np.polyfit(x, y, 1)[0]), 3) + 0.0  # no -0.0
-        # The time's exponent between the two largest fractions alone: a fixed cost (a Ray start, imports) weighs
-        # least there, and a super-linear term most.
-        (n0, t0), (n1, t1) = sorted((p["rows"], p["wall_s"]) for p in points)[-2:]
-        if n1 > n0:
-            laws[stage]["time_largest_two"] = round(math.log(t1 / t0) / math.log(n1 / n0), 3)
+        # The exponents between the two largest fractions alone: a fixed cost (a Ray start, imports) weighs least
+        # there, and a super-linear term most.
+        for key, law in (("wall_s", "time_largest_two"), ("cpu_s", "cpu_largest_two")):
+            (n0, t0), (n1, t1) = sorted((p["rows"], p[key]) for p in points)[-2:]
+            if n1 > n0:
+                laws[stage][law] = round(math.log(t1 / t0) / math.log(n1 / n0), 3)
     return laws
 
 
@@ -330,9 +353,13 @@ def recorded_runs(payload: dict, fractions: list[float], families: list[str], en
     if left_out and any(f <= ensemble_up_to for f in fractions):
         raise SystemExit(f"--add-to: the ensemble at f <= {ensemble_up_to} would leave out {', '.join(left_out)}, "
                          f"which the recorded ensembles took; pass --families {','.join(recorded)}")
-    runs = {f: {stage: (figures if not figures.get("extrapolated") else {"rows": figures["rows"]})
-                for stage, figures in run.items()} for f, run in payload["runs"].items()}
-    return runs, left_out
+    return as_measured(payload["runs"]), left_out
+
+
+def as_measured(runs: dict[str, dict]) -> dict[str, dict]:
+    """The runs with each extrapolated stage back to its rows alone, to be extrapolated again."""
+    return {f: {stage: (figures if not figures.get("extrapolated") else {"rows": figures["rows"]})
+                for stage, figures in run.items()} for f, run in runs.items()}
 
 
 def measured(stage: dict) -> bool:
@@ -341,21 +368,23 @@ def measured(stage: dict) -> bool:
 
 
 def extrapolate(runs: dict[str, dict], laws: dict[str, dict]) -> None:
-    """Give each stage left out at a fraction (rows alone) its wall and CPU seconds from its law, in place; one
-    without a law (measured at fewer than two fractions) is dropped there."""
+    """Give each stage left out at a fraction (rows alone) its wall and CPU seconds, in place, from the largest
+    measured fraction by the exponents between the two largest (the least-squares law over every fraction weighs the
+    small fractions' fixed costs: it put DOLG's embedding at f = 1 at 936 s from f <= 0.1, measured 1,936 s; the two
+    largest, 1,570 s); one measured at fewer than two fractions is dropped there."""
     for stage, law in laws.items():
-        if "time" not in law or "cpu" not in law:
+        if "time_largest_two" not in law or "cpu_largest_two" not in law:
             continue
         points = {f: run[stage] for f, run in runs.items() if stage in run and measured(run[stage])}
-        anchor = points[max(points, key=float)]  # the law's slope, from the largest measured fraction
+        anchor = points[max(points, key=float)]
         for run in runs.values():
             if stage in run and "wall_s" not in run[stage]:
                 scale = run[stage]["rows"] / anchor["rows"]
                 run[stage].update(
-                    wall_s=round(anchor["wall_s"] * scale ** law["time"], 1),
-                    cpu_s=round(anchor["cpu_s"] * scale ** law["cpu"], 1),
-                    extrapolated={"from_fractions": sorted(points, key=float), "time_exponent": law["time"],
-                                  "cpu_exponent": law["cpu"]})
+                    wall_s=round(anchor["wall_s"] * scale ** law["time_largest_two"], 1),
+                    cpu_s=round(anchor["cpu_s"] * scale ** law["cpu_largest_two"], 1),
+                    extrapolated={"from_fractions": sorted(points, key=float),
+                                  "time_exponent": law["time_largest_two"], "cpu_exponent": law["cpu_largest_two"]})
     for run in runs.values():
         for stage in [stage for stage, figures in run.items() if "wall_s" not in figures]:
             del run[stage]
@@ -412,10 +441,11 @@ def benchmarks_md(payload: dict) -> str:
     rows = [[stage + (" (set reused: its check only)" if s.get("reused") else "")
              + (" (extrapolated)" if s.get("extrapolated") else ""), f, _cell(s["rows"]), s["wall_s"], s["cpu_s"],
              s.get("driver_peak_rss_mib"), s.get("largest_worker_peak_rss_mib"), s.get("object_store_peak_mib"),
-             s.get("rchar_mib")]
+             s.get("object_store_in_use_peak_mib"), s.get("rchar_mib")]
             for f, run in runs.items() for stage, s in run.items()]
     table = markdown_table(["stage", "f", "rows", "wall s", "CPU s", "driver peak MiB", "largest worker MiB",
-                            "object store peak MiB", "read MiB (rchar)"], rows)
+                            "object store pages written MiB", "object store in use, peak MiB", "read MiB (rchar)"],
+                           rows)
     laws_shown = [*MEASURES.values(), "time_largest_two"]
     law_rows = [[stage, *(law.get(key) for key in laws_shown),
                  "super-linear" if stage != "ensemble" and max(law.get("time", 0), law.get("time_largest_two", 0))
@@ -430,8 +460,9 @@ The real jobs on GLDv2 at fractions f = {', '.join(runs)} of its counts (`jobs/m
 32-64 px JPEGs), each stage a process with a local Ray of its own, its whole process tree sampled from /proc; on
 {m['cores']} cores ({m['cpu']}). Tiny models (`configs/tiny_*.yaml`), CPU only; training at
 f ≤ {payload['train_up_to']} (one epoch of GLDv2c with its validation over the complete eval set), the ensemble at
-f ≤ {payload['ensemble_up_to']}; above those, their seconds are extrapolated from their law, anchored at the largest
-measured fraction (marked so; memory is not extrapolated). Every stage's time includes its Ray start.{added}
+f ≤ {payload['ensemble_up_to']}; above those, their seconds are extrapolated from the largest measured fraction by
+the exponents between the two largest (marked so; memory is not extrapolated). Every stage's time includes its Ray
+start.{added}
 
 {table}
 
@@ -461,11 +492,17 @@ def main() -> None:
                         help="a recorded results file (benchmarks/results/scale.json): its fractions kept as measured, "
                              "those of --fractions run and added, the laws fitted again over all; an embed family "
                              "it holds that --families leaves out is extrapolated at the added fractions")
+    parser.add_argument("--refit", type=Path, metavar="RESULTS",
+                        help="run no stage: fit the laws of a recorded results file again, and extrapolate the stages "
+                             "it left out anew, with this version's method")
     parser.add_argument("--stream-epoch", metavar="ROOT", help=argparse.SUPPRESS)  # the stream stage's process
     add_out_option(parser)
     args = parser.parse_args()
     if args.stream_epoch:
         return stream_epoch_main(args.stream_epoch)
+    if args.refit:
+        recorded = json.loads(args.refit.read_text())
+        return publish_fitted(recorded, as_measured(recorded["runs"]), args.out)
     try:
         fractions = [float(f) for f in args.fractions.split(",")]
     except ValueError:
@@ -488,16 +525,22 @@ def main() -> None:
     for f in fractions:
         runs[str(f)] = run_fraction(f, args.work / f"f{f}", f <= args.train_up_to, f <= args.ensemble_up_to,
                                     args.interval, families, left_out)
+    publish_fitted(payload, runs, args.out)
+
+
+def publish_fitted(payload: dict, runs: dict[str, dict], out: Path) -> None:
+    """Fit the laws over ``runs``, extrapolate the stages left out, draw the plot and publish the results and the
+    section under ``out``."""
     runs = dict(sorted(runs.items(), key=lambda run: float(run[0])))
     laws = exponents(runs)
     extrapolate(runs, laws)
     payload.update(runs=runs, exponents=laws)
     payload["plot"] = results_path(NAME).replace(".json", ".png")
-    if not plot(payload, args.out / payload["plot"]):
+    if not plot(payload, out / payload["plot"]):
         payload["plot"] = None
     section = benchmarks_md(payload)
     print(section)
-    publish(NAME, payload, section, args.out)
+    publish(NAME, payload, section, out)
 
 
 if __name__ == "__main__":

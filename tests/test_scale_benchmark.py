@@ -44,23 +44,26 @@ def test_a_set_reused_from_an_earlier_run_stays_out_of_the_writers_growth_law():
     assert law["time"] == law["time_largest_two"] == round(math.log(30 / 9) / math.log(10 / 3), 3)
 
 
-def test_a_stage_left_out_at_a_fraction_is_extrapolated_there_from_its_law_and_said_so():
-    """The ensemble above --ensemble-up-to gets its seconds from its law, anchored at the largest measured fraction;
-    a stage measured at one fraction has no law, so where it was left out it is left out of the results."""
+def test_a_stage_left_out_at_a_fraction_is_extrapolated_there_from_the_two_largest_measured_and_said_so():
+    """A stage left out (the ensemble above --ensemble-up-to) gets its seconds from the largest measured fraction by
+    the exponent between the two largest, where a fixed cost weighs least (the least-squares law over all three is
+    flatter here); a stage measured at one fraction has no law, so where it was left out it is left out."""
     from benchmarks.scale import exponents, extrapolate
 
     def stage(rows, seconds):
         return {"rows": rows, "wall_s": seconds, "cpu_s": seconds / 2}
 
-    runs = {"0.01": {"ensemble": stage(100, 10.0), "train": stage(100, 5.0)},
-            "0.03": {"ensemble": stage(300, 90.0), "train": {"rows": 300}},
-            "0.1": {"ensemble": {"rows": 1000}, "train": {"rows": 1000}}}
+    runs = {"0.01": {"ensemble": stage(100, 20.0), "train": stage(100, 5.0)},
+            "0.03": {"ensemble": stage(300, 30.0), "train": {"rows": 300}},
+            "0.1": {"ensemble": stage(1000, 100.0), "train": {"rows": 1000}},
+            "1.0": {"ensemble": {"rows": 10000}, "train": {"rows": 10000}}}
     laws = exponents(runs)
     extrapolate(runs, laws)
-    assert laws["ensemble"]["time"] == laws["ensemble"]["cpu"] == 2.0 and "train" not in laws
-    assert runs["0.1"]["ensemble"] == {"rows": 1000, "wall_s": 1000.0, "cpu_s": 500.0, "extrapolated": {
-        "from_fractions": ["0.01", "0.03"], "time_exponent": 2.0, "cpu_exponent": 2.0}}
-    assert list(runs["0.1"]) == ["ensemble"] and runs["0.01"]["train"] == stage(100, 5.0)
+    assert laws["ensemble"]["time_largest_two"] == laws["ensemble"]["cpu_largest_two"] == 1.0
+    assert laws["ensemble"]["time"] < 1.0 and "train" not in laws
+    assert runs["1.0"]["ensemble"] == {"rows": 10000, "wall_s": 1000.0, "cpu_s": 500.0, "extrapolated": {
+        "from_fractions": ["0.01", "0.03", "0.1"], "time_exponent": 1.0, "cpu_exponent": 1.0}}
+    assert list(runs["1.0"]) == ["ensemble"] and runs["0.01"]["train"] == stage(100, 5.0)
     assert exponents(runs) == laws  # an extrapolated figure never enters a law
 
 
@@ -101,3 +104,16 @@ def test_a_fraction_added_to_the_recorded_ones_keeps_them_as_measured_and_refuse
     section = benchmarks_md({**payload, "exponents": {}, "limit": 1.15, "added": [added]})
     assert ("f = 1.0 was added later, at commit abc1234 (`python -m benchmarks.scale --add-to x --fractions 1`), "
             "embedding with dolg alone (efficientnet extrapolated there).") in " ".join(section.split())
+
+
+def test_the_object_store_in_use_is_read_from_the_raylets_debug_state(tmp_path):
+    """The raylet's own figure (its node's object_store_memory, total less available, in Ray's 1/10,000 units), from
+    the debug_state.txt of the log folder its command line names; none before Ray has written one."""
+    from benchmarks.scale import _object_store_in_use
+
+    (tmp_path / "debug_state.txt").write_text(
+        'Local id: 1 Local resources: {"total":{memory: [17264778855], object_store_memory: [71206293500000], CPU: '
+        '[40000]}, "available": {CPU: [0], object_store_memory: [63305414460000], memory: [1]}, "labels":{}}\n')
+    raylet = f"/x/ray/core/src/ray/raylet/raylet --session_dir=/tmp/s --log_dir={tmp_path} --resource_dir=/tmp/r"
+    assert _object_store_in_use(raylet) == 7_120_629_350 - 6_330_541_446
+    assert _object_store_in_use(raylet.replace(str(tmp_path), str(tmp_path / "none"))) is None

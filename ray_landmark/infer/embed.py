@@ -390,6 +390,9 @@ def embed_units(dataset: ray.data.Dataset, keys: tuple[str, ...], units: Iterabl
     found = {tuple(unit): UnitRows() for unit in units}
     for batch in _batches(dataset):
         carried = [c for c in batch if c not in (*keys, "id", "status", "embedding")]
+        # A copy: the batch's arrays are views of its block in the object store, and a row kept as such a view would
+        # keep the whole block there until the pass ends (at GLDv2's size, a pass's embeddings).
+        embeddings = np.array(batch["embedding"])
         for i, unit in enumerate(zip(*(batch[k] for k in keys))):
             rows, image_id = found[tuple(str(v) for v in unit)], str(batch["id"][i])
             status = str(batch["status"][i]) if "status" in batch else "ok"
@@ -397,7 +400,7 @@ def embed_units(dataset: ray.data.Dataset, keys: tuple[str, ...], units: Iterabl
                 rows.not_embedded[status].append(image_id)
                 continue
             rows.ids.append(image_id)
-            rows.embeddings.append(batch["embedding"][i])
+            rows.embeddings.append(embeddings[i])
             for column in carried:
                 rows.columns[column].append(batch[column][i])
         line.update(len(batch["id"]))
