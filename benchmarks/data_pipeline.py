@@ -229,14 +229,14 @@ WHOLE_MACHINE = "whole machine (other programs included)"
 WORK_ITSELF = "decode + augment work itself (images/s / best images per CPU-second)"
 
 
-def cpu_seconds_by_group(server_pid: int) -> dict[str, float]:
-    """CPU seconds used so far by each kind of process of this run (this process and its descendants: other programs
-    on a shared machine count only in the machine's total)."""
+def cpu_seconds_by_process(server_pid: int) -> dict:
+    """CPU seconds used so far by each process of this run (this process and its descendants), as pid -> (kind of
+    process, seconds), and by the whole machine (other programs on a shared machine count only there)."""
     import psutil  # Ray's own copy: importing ray (pipeline.py does) puts ray/thirdparty_files on sys.path
 
     me = psutil.Process()
     times = me.cpu_times()
-    groups = {DRIVER: times.user + times.system}
+    processes = {me.pid: (DRIVER, times.user + times.system)}
     for proc in me.children(recursive=True):
         try:
             cmd = " ".join(proc.cmdline())
@@ -253,9 +253,19 @@ def cpu_seconds_by_group(server_pid: int) -> dict[str, float]:
             group = LOADER_WORKERS
         else:
             continue
-        groups[group] = groups.get(group, 0.0) + times.user + times.system
+        processes[proc.pid] = (group, times.user + times.system)
     machine_times = psutil.cpu_times()
-    groups[WHOLE_MACHINE] = machine_times.user + machine_times.system + machine_times.nice
+    return {"processes": processes, WHOLE_MACHINE: machine_times.user + machine_times.system + machine_times.nice}
+
+
+def cpu_seconds_by_group(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds each kind of process used between two readings of :func:`cpu_seconds_by_process`, counting only
+    processes alive at the second: one that ended between them (Ray retires idle workers) left no last reading, and
+    its CPU is counted with the whole machine's alone."""
+    groups = {WHOLE_MACHINE: after[WHOLE_MACHINE] - before[WHOLE_MACHINE]}
+    for pid, (group, seconds) in after["processes"].items():
+        _, earlier = before["processes"].get(pid, (group, 0.0))
+        groups[group] = groups.get(group, 0.0) + seconds - earlier
     return groups
 
 
@@ -277,21 +287,20 @@ def ray_worker_start_times() -> list[float]:
 def timed_pass(batches, server_pid: int) -> dict:
     """One pass over ``batches`` (dicts with a ``label`` column, or DataLoader pairs): images/s, seconds to the first
     batch, and the cores each kind of process kept busy meanwhile (and the S3 server's CPU seconds)."""
-    before = cpu_seconds_by_group(server_pid)
+    before = cpu_seconds_by_process(server_pid)
     started, n, first = time.perf_counter(), 0, None
     wall_started = time.time()
     for batch in batches:
         n += len(batch["label"] if isinstance(batch, dict) else batch[1])
         first = first or time.perf_counter() - started
     seconds = time.perf_counter() - started
-    after = cpu_seconds_by_group(server_pid)
-    cpu = {g: round((after[g] - before.get(g, 0.0)) / seconds, 2) for g in after}  # cores busy, on average
+    used = cpu_seconds_by_group(before, cpu_seconds_by_process(server_pid))
+    cpu = {g: round(used[g] / seconds, 2) for g in used}  # cores busy, on average
     # CPU of processes that ended during the pass (Ray replaces idle workers) and of other programs on the machine.
     cpu["other: processes that exited during the pass, other programs"] = round(
         cpu[WHOLE_MACHINE] - sum(v for g, v in cpu.items() if g != WHOLE_MACHINE), 2)
     return {"images_per_s": n / seconds, "images": n, "seconds": seconds, "first_batch_s": first,
-            "started": wall_started, "cores_busy": cpu,
-            "server_cpu_s": after.get(SERVER, 0.0) - before.get(SERVER, 0.0)}
+            "started": wall_started, "cores_busy": cpu, "server_cpu_s": used.get(SERVER, 0.0)}
 
 
 def stream_batches(cfg: DataConfig, worker_decode: bool = False):
@@ -330,7 +339,7 @@ def read_stage_pass(cfg: DataConfig, server_pid: int) -> dict:
     """One pass of the read stage alone (rows of JPEG bytes, nothing decoded): images, bytes fetched, requests,
     seconds and the S3 server's CPU seconds."""
     stream = train_stream(cfg, worker_decode=True)
-    before = cpu_seconds_by_group(server_pid)
+    before = cpu_seconds_by_process(server_pid)
     started, images = time.perf_counter(), 0
     for batch in stream.dataset.iter_batches(batch_size=256):
         images += len(batch["id"])
@@ -338,7 +347,8 @@ def read_stage_pass(cfg: DataConfig, server_pid: int) -> dict:
     counts = stream.counts()
     return {"images": images, "bytes": counts.get("bytes_read", 0), "requests": counts.get("range_requests"),
             "seconds": round(seconds, 2),
-            "server_cpu_s": round(cpu_seconds_by_group(server_pid).get(SERVER, 0.0) - before.get(SERVER, 0.0), 2)}
+            "server_cpu_s": round(cpu_seconds_by_group(before, cpu_seconds_by_process(server_pid)).get(SERVER, 0.0),
+                                  2)}
 
 
 def _closest(paths: dict[str, float]) -> str:
@@ -378,6 +388,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gaps", default=",".join(map(str, GAPS)),
                         help="(e): the data.range_gap_bytes measured under GLDv2c, comma-separated")
     parser.add_argument("--no-write", action="store_true", help="print the results; leave the JSON and BENCHMARKS.md")
+    parser.add_argument("--previous", type=Path, metavar="RESULTS",
+                        help="an earlier run's results file (benchmarks/results/data_pipeline.json): its ratios are "
+                             "kept beside this run's, so that the section shows two runs")
     add_jpeg_option(parser)
     add_out_option(parser)
     args = parser.parse_args()
@@ -716,6 +729,27 @@ def results_of(args: argparse.Namespace, spec: SyntheticSpec, cores: int, load_b
     }
 
 
+# What --previous keeps of an earlier run: enough to set its ratios beside this run's and judge how quiet it was.
+PREVIOUS_RUN_KEYS = ("machine", "setup", "unsettled_paths", "ratios", "ratio_spreads")
+# The ratios the two runs are compared by, side by side.
+COMPARED_RATIOS = ("stream_vs_dataloader_same_source_s3", "ranged_vs_dataloader_same_source_s3",
+                   "stream_vs_dataloader_same_source_local", "stream_s3_vs_dataloader_files",
+                   "ranged_vs_streamed_s3_full", "ranged_vs_streamed_s3_gldv2c")
+
+
+def read_previous(path: Path) -> dict:
+    """The earlier run's results that ``--previous`` names, or one line on why they cannot be used."""
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--previous {path}: cannot read it as JSON ({err})") from None
+    missing = [key for key in PREVIOUS_RUN_KEYS if key not in previous]
+    if missing or not set(COMPARED_RATIOS) <= set(previous.get("ratio_spreads", {})):
+        raise SystemExit(f"--previous {path}: not the results of a run of this benchmark with ratio spreads (missing "
+                         f"{', '.join(missing) or 'ratio spreads'}); pass a results file this version wrote")
+    return previous
+
+
 def main() -> None:
     args = parse_args()
     cores = os.cpu_count() or 1
@@ -725,7 +759,10 @@ def main() -> None:
         test_landmark_images=2, test_non_landmark_images=1, index_distractor_landmarks=0,
         width=args.jpeg[0], height=args.jpeg[1], train_shards=args.shards, jpeg_quality=90,
     )
+    previous = read_previous(args.previous) if args.previous else None  # read first: a wrong file fails now
     payload = results_of(args, spec, cores, load_before, measure(args, spec, cores))
+    if previous:
+        payload["previous_run"] = {key: previous[key] for key in PREVIOUS_RUN_KEYS}
     if args.no_write:
         print(json.dumps(payload, indent=2))
     else:
@@ -774,6 +811,20 @@ def _ratio(payload: dict, name: str) -> str:
     return f"{payload['ratios'][name]} (spread {100 * payload['ratio_spreads'][name]:.1f} %)"
 
 
+def _two_runs_md(payload: dict) -> str:
+    """The ratios of this run and of the earlier one (``--previous``) side by side, where there is one."""
+    previous = payload.get("previous_run")
+    if not previous:
+        return "One run is recorded (`--previous` sets an earlier run's ratios beside this one's)."
+    table = markdown_table(["ratio", "this run", "the run before"],
+                           [[f"`{name}`", _ratio(payload, name), _ratio(previous, name)] for name in COMPARED_RATIOS])
+    loads = previous["setup"]["load_average_after_each_round"]
+    unsettled = ", ".join(previous["unsettled_paths"]) or "none"
+    return (f"Two runs, recorded one after the other on the same machine (the run before: "
+            f"{previous['setup']['rounds']} rounds, load average {loads} after each, paths not settled: "
+            f"{unsettled}):\n\n{table}")
+
+
 def _settled_text(payload: dict) -> str:
     setup, unsettled = payload["setup"], payload["unsettled_paths"]
     if not unsettled:
@@ -793,9 +844,10 @@ def _setup_md(payload: dict) -> str:
 → {setup['output_px']} px with the train augmentation, batch {setup['batch_size']}, on {m['cores']} cores ({m['cpu']},
 {m['memory_gib']} GiB), Ray {m['ray']}, torch {m['torch']}. The same shards (byte for byte) lie in a local folder and
 in a bucket of the local S3 server (moto, a Python process on the same cores), each with its manifest and shard index.
-Every number comes from one run. **The machine is shared**: other sessions ran their tests on the same 2 cores (load
-average {setup['load_average_at_start']} when the run started, {setup['load_average_at_end']} when it ended,
-{setup['load_average_after_each_round']} after each round), so rates move from pass to pass (all passes are listed).
+Every number but the last ratio table's comes from one run. The machine may be shared with other work: the load average
+was {setup['load_average_at_start']} when the run started, {setup['load_average_at_end']} when it ended and
+{setup['load_average_after_each_round']} after each round (the run's own processes count in it), and rates move from
+pass to pass (all passes are listed).
 The paths ran round robin, one pass of each per round, so that a busy spell hits them alike, until every path had two
 passes after the first round (a warm-up) within {agreement} of each other (at least {setup['min_rounds']} rounds, at
 most {setup['max_rounds']}): {setup['rounds']} rounds. Each rate is the mean of the path's two closest passes, and its
@@ -837,8 +889,8 @@ image during the pass; for the ceiling, that of the plain loop. (a) the ceiling 
 per CPU-second of plain loops doing the same work over JPEGs already in memory (one thread per process, 1 …
 {process_counts[-1]} processes sharing the work chunk by chunk): no pipeline doing that work on these cores can beat
 it, and unlike a wall-clock rate it does not drop when other programs take cores. When the machine runs short of
-memory, Ray's memory monitor kills worker processes: the passes that replace them are slower, and the CPU of
-processes that ended during a pass leaves their group (a negative figure in the last table). Plain loops, wall clock
+memory, Ray's memory monitor kills worker processes: the passes that replace them are slower. A process that ended
+during a pass (Ray retires idle workers) counts in no group, only in "other". Plain loops, wall clock
 images/s (best images per CPU-second: {best_per_cpu_second}):
 
 {plain_table}
@@ -853,6 +905,8 @@ for GLDv2c; the default path (ranged) vs the same DataLoader: {_ratio(payload, '
 A pass here is {setup['images']} images, and Ray Data's first batch of a steady pass came after
 {payload['first_pass_ray_s3']['steady_first_batch_s']} s of it: these ratios weigh each pass's start-up more than a
 GLDv2 epoch of hours would.
+
+{_two_runs_md(payload)}
 
 **Why one task reads and decodes.** Each read task decodes and augments the blocks it reads (`data.decode: cpu`), and
 Ray Data fuses the two into one operator. With the read and the decode in separate tasks, the pipeline's shape before,
