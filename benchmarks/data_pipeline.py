@@ -38,7 +38,7 @@ at the end. The first pass of (c) from S3 is taken apart: imports, worker start-
     delivered image, against the mean JPEG of the view.
 
     python -m benchmarks.data_pipeline [--images 1500] [--size 448] [--jpeg 640x480] [--agreement 0.05] \
-        [--min-rounds 3] [--max-rounds 8] [--no-write] [--out DIR]
+        [--min-rounds 3] [--max-rounds 8] [--previous benchmarks/results/data_pipeline.json] [--no-write] [--out DIR]
     python -m benchmarks.data_pipeline --images 96 --size 32 --jpeg 160x120 --shards 2 --min-rounds 3 \
         --max-rounds 3 --processes 1 --gaps 0,65536 --out /tmp/toy     # a smoke run at toy size
 """
@@ -820,9 +820,17 @@ def _two_runs_md(payload: dict) -> str:
                            [[f"`{name}`", _ratio(payload, name), _ratio(previous, name)] for name in COMPARED_RATIOS])
     loads = previous["setup"]["load_average_after_each_round"]
     unsettled = ", ".join(previous["unsettled_paths"]) or "none"
+    # Two runs disagree on a ratio where they differ by more than the larger of their spreads.
+    apart = [f"`{name}`" for name in COMPARED_RATIOS
+             if abs(payload["ratios"][name] - previous["ratios"][name])
+             / min(payload["ratios"][name], previous["ratios"][name])
+             > max(payload["ratio_spreads"][name], previous["ratio_spreads"][name])]
+    verdict = (f"\n\nThe two runs disagree by more than their spreads on {', '.join(apart)}: a spread says how closely "
+               f"a path's two closest passes agreed, not how far its rate moves from round to round (every pass is "
+               f"listed above)." if apart else "\n\nThe two runs agree within their spreads on every ratio.")
     return (f"Two runs, recorded one after the other on the same machine (the run before: "
             f"{previous['setup']['rounds']} rounds, load average {loads} after each, paths not settled: "
-            f"{unsettled}):\n\n{table}")
+            f"{unsettled}):\n\n{table}{verdict}")
 
 
 def _settled_text(payload: dict) -> str:

@@ -101,13 +101,12 @@ def test_no_benchmark_writes_a_table_by_hand():
 # Sections of BENCHMARKS.md that their script would not write from the recorded results, and why.
 NOT_RENDERED = {
     "gpu_compile": "the note of a benchmark prepared but not run on a GPU yet: no results",
-    "data_pipeline": "recorded before the rates settled (rerun it to regenerate)",
 }
 
 
 def test_every_section_of_benchmarks_md_is_what_its_script_writes_from_the_recorded_results():
     """So that a script's changes to its wording cannot change a number it did not measure."""
-    from benchmarks import embed, gpu_compile, model_cost, scale, search, serve, serve_load, train_step
+    from benchmarks import data_pipeline, embed, gpu_compile, model_cost, scale, search, serve, serve_load, train_step
     from benchmarks.results_io import results_path
 
     render = {"model_cost": model_cost.benchmarks_md,
@@ -115,7 +114,8 @@ def test_every_section_of_benchmarks_md_is_what_its_script_writes_from_the_recor
               "compile_scope_cpu": lambda p: gpu_compile.benchmarks_md(p, results_path("compile_scope_cpu")),
               "search_adjusted": search.adjusted_benchmarks_md,
               "search_label_rerank": search.label_rerank_benchmarks_md, "serve": serve.benchmarks_md,
-              "serve_load": serve_load.benchmarks_md, "scale": scale.benchmarks_md}
+              "serve_load": serve_load.benchmarks_md, "scale": scale.benchmarks_md,
+              "data_pipeline": data_pipeline.benchmarks_md}
     text = (REPO / "BENCHMARKS.md").read_text()
     sections = dict(re.findall(r"<!-- (\w+):start -->\n(.*?)\n<!-- \1:end -->", text, re.S))
     assert set(sections) == set(render) | set(NOT_RENDERED)
@@ -290,9 +290,11 @@ TOY_RUNS = {
     "serve": ["--image-size", "32", "--requests", "4", "--min-rounds", "2", "--max-rounds", "2", "--batch", "4",
               "--replica-cpus", "1", "--jpeg", "160x120", "--load-minutes", "0.1", "--load-bucket-s", "2",
               "--bad-every", "4", "--rss-sample-s", "0.5", "--load-workers", "8"],
-    # Last: it shuts Ray down at its end. Three rounds: the warm-up, then the two passes of each path it compares.
+    # Last: it shuts Ray down at its end. Three rounds: the warm-up, then the two passes of each path it compares; the
+    # recorded run's ratios beside its own (read only).
     "data_pipeline": ["--images", "96", "--size", "32", "--jpeg", "160x120", "--shards", "2", "--min-rounds", "3",
-                      "--max-rounds", "3", "--processes", "1", "--gaps", "0,65536"],
+                      "--max-rounds", "3", "--processes", "1", "--gaps", "0,65536", "--previous",
+                      "benchmarks/results/data_pipeline.json"],
 }
 # The selected ones run one after another in one process, on one Ray (each joins the Ray that the process started, as
 # runtime.init_ray does): a process of their own each paid the interpreter's imports, a Ray start and new Ray worker
@@ -366,6 +368,12 @@ def test_data_pipeline_benchmark_runs_at_toy_size(toy_runs):
     assert payload["bytes_read"]["full_streamed"]["images"] == payload["setup"]["images"]
     assert "| (c) Ray Data streaming the tars, S3 server |" in section and "| 1 process |" in section
     assert payload["setup"]["source"].startswith("160x120 JPEG")
+    recorded = json.loads((REPO / "benchmarks" / "results" / "data_pipeline.json").read_text())
+    assert payload["previous_run"]["ratios"] == recorded["ratios"]
+    assert "| ratio | this run | the run before |" in section
+    # Every process's CPU counts from its own two readings: no group of any path is negative.
+    assert all(v >= 0 for busy in payload["cores_busy"].values() for group, v in busy.items()
+               if not group.startswith("other"))
 
 
 @pytest.mark.slow
