@@ -103,7 +103,7 @@ def _plasma_bytes(pid: int) -> int:
     return allocated
 
 
-def _object_store_in_use(raylet_cmdline: str) -> int | None:
+def object_store_in_use(raylet_cmdline: str) -> int | None:
     """Bytes of the object store in use, as the raylet last wrote them to its session's debug_state.txt (the node's
     object_store_memory resource, total less available; Ray rewrites the file every 10 s): None before it has."""
     log_dir = re.search(r"--log_dir=(\S+)", raylet_cmdline)
@@ -150,7 +150,7 @@ class TreeMeter:
                       rchar=int(counters.get("rchar", 0)), read_bytes=int(counters.get("read_bytes", 0)))
         if "raylet" in cmdline.split(" ")[0]:
             self.object_store_peak = max(self.object_store_peak, _plasma_bytes(pid))
-            in_use = _object_store_in_use(cmdline)
+            in_use = object_store_in_use(cmdline)
             if in_use is not None:
                 self.object_store_in_use_peak = max(self.object_store_in_use_peak or 0, in_use)
 

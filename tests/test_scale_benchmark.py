@@ -109,11 +109,11 @@ def test_a_fraction_added_to_the_recorded_ones_keeps_them_as_measured_and_refuse
 def test_the_object_store_in_use_is_read_from_the_raylets_debug_state(tmp_path):
     """The raylet's own figure (its node's object_store_memory, total less available, in Ray's 1/10,000 units), from
     the debug_state.txt of the log folder its command line names; none before Ray has written one."""
-    from benchmarks.scale import _object_store_in_use
+    from benchmarks.scale import object_store_in_use
 
     (tmp_path / "debug_state.txt").write_text(
         'Local id: 1 Local resources: {"total":{memory: [17264778855], object_store_memory: [71206293500000], CPU: '
         '[40000]}, "available": {CPU: [0], object_store_memory: [63305414460000], memory: [1]}, "labels":{}}\n')
     raylet = f"/x/ray/core/src/ray/raylet/raylet --session_dir=/tmp/s --log_dir={tmp_path} --resource_dir=/tmp/r"
-    assert _object_store_in_use(raylet) == 7_120_629_350 - 6_330_541_446
-    assert _object_store_in_use(raylet.replace(str(tmp_path), str(tmp_path / "none"))) is None
+    assert object_store_in_use(raylet) == 7_120_629_350 - 6_330_541_446
+    assert object_store_in_use(raylet.replace(str(tmp_path), str(tmp_path / "none"))) is None
