@@ -338,7 +338,8 @@ def recorded_runs(payload: dict, fractions: list[float], families: list[str], en
     extrapolated again from the laws refitted over every fraction), and the recorded embed families that
     ``families`` leaves out, to be extrapolated at the added fractions. Refuses in one line what would mix two
     setups: another machine, other limits, a fraction recorded already, or an ensemble of fewer families."""
-    if payload["machine"]["cpu"] != machine()["cpu"] or payload["machine"]["cores"] != machine()["cores"]:
+    here = machine()
+    if (payload["machine"]["cpu"], payload["machine"]["cores"]) != (here["cpu"], here["cores"]):
         raise SystemExit(f"--add-to: recorded on {payload['machine']['cores']} cores of {payload['machine']['cpu']}, "
                          f"not this machine; run every fraction here instead")
     if (payload["train_up_to"], payload["ensemble_up_to"]) != (train_up_to, ensemble_up_to):

@@ -1,6 +1,7 @@
 """``python -m benchmarks.scale`` at toy size, in a file of its own: pytest-xdist then runs it beside the other benchmark
 toy runs (tests/test_benchmark_scripts.py), which it outlasts."""
 
+import json
 import math
 
 import pytest
@@ -117,3 +118,25 @@ def test_the_object_store_in_use_is_read_from_the_raylets_debug_state(tmp_path):
     raylet = f"/x/ray/core/src/ray/raylet/raylet --session_dir=/tmp/s --log_dir={tmp_path} --resource_dir=/tmp/r"
     assert object_store_in_use(raylet) == 7_120_629_350 - 6_330_541_446
     assert object_store_in_use(raylet.replace(str(tmp_path), str(tmp_path / "none"))) is None
+
+
+def test_refit_extrapolates_a_recorded_file_anew_without_running_a_stage(tmp_path):
+    """``--refit``: a recorded file's extrapolated figures go back to their rows and come again from this version's
+    method; its measured figures are written as they were."""
+    from benchmarks.results_io import machine
+
+    def stage(rows, seconds):
+        return {"rows": rows, "wall_s": seconds, "cpu_s": seconds}
+
+    runs = {"0.01": {"embed_dolg": stage(100, 20.0)}, "0.03": {"embed_dolg": stage(300, 30.0)},
+            "0.1": {"embed_dolg": stage(1000, 100.0)},
+            "1.0": {"embed_dolg": {"rows": 10000, "wall_s": 1.0, "cpu_s": 1.0, "extrapolated": {"old": True}}}}
+    recorded = tmp_path / "recorded.json"
+    recorded.write_text(json.dumps({"machine": machine(), "command": "python -m benchmarks.scale", "train_up_to": 0.03,
+                                    "ensemble_up_to": 0.03, "limit": 1.15, "runs": runs}))
+    run_benchmark("scale", "--refit", str(recorded), "--out", str(tmp_path / "out"))
+    payload, section = written(tmp_path / "out", "scale")
+    assert payload["runs"]["0.1"]["embed_dolg"] == stage(1000, 100.0)
+    assert payload["runs"]["1.0"]["embed_dolg"] == {"rows": 10000, "wall_s": 1000.0, "cpu_s": 1000.0, "extrapolated": {
+        "from_fractions": ["0.01", "0.03", "0.1"], "time_exponent": 1.0, "cpu_exponent": 1.0}}
+    assert "| embed_dolg (extrapolated) | 1.0 | 10,000 | 1000.0 |" in section

@@ -356,18 +356,21 @@ def retrieve_with_reranking(cfg: EnsembleConfig, splits: dict[str, SplitEmbeddin
     at a time; ``rerank`` False: the weighted score sum alone. ``settings``: the config's retrieval section unless
     an ablation flips one of its choices. ``labelled``: a dict the caller keeps across calls, in which each labelling
     of the queries and the index (the ensemble embedding's, each model's own) is computed once: the labels depend on
-    neither the expansions nor the boost, so the report's ablations re-rank with the same ones (at f = 0.03 of GLDv2,
-    these train-gallery searches were most of the ensemble's kNN)."""
+    neither the expansions nor the boost, so the report's ablations re-rank with the same ones."""
     settings = settings or cfg.retrieval
     used = tuple(m for m in cfg.models if "retrieval" in m.tasks)
     labelled = {} if labelled is None else labelled
 
-    def labels(stage: Stage) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    def rows_of(stage: Stage) -> tuple[np.ndarray, ...]:
+        return tuple(stage.embeddings(splits, s) for s in ("test", "index", "train"))
+
+    def labels(stage: Stage, rows: tuple[np.ndarray, ...] | None = None):
+        """The stage's labelling, computed from its (test, index, train) rows (``rows`` where built already) on the
+        first call of its key."""
         key = (stage.kind, stage.what, settings.label_k)
         if key not in labelled:
-            labelled[key] = pp.query_and_index_labels(
-                *(stage.embeddings(splits, s) for s in ("test", "index", "train")), gallery_labels, settings.label_k,
-                device=device)
+            labelled[key] = pp.query_and_index_labels(*(rows or rows_of(stage)), gallery_labels, settings.label_k,
+                                                      device=device)
         return labelled[key]
 
     shared = None
@@ -377,9 +380,9 @@ def retrieve_with_reranking(cfg: EnsembleConfig, splits: dict[str, SplitEmbeddin
     def models():
         for model in used:
             stage = Stage(model.name, "model", ("retrieval",), (model,))
-            query_labels, index_labels = (shared or labels(stage)) if rerank else (None, None)
-            yield pp.RetrievalModel(*(stage.embeddings(splits, s) for s in ("test", "index", "train")),
-                                    weight=model.weight, index_labels=index_labels, query_labels=query_labels)
+            rows = rows_of(stage)
+            query_labels, index_labels = (shared or labels(stage, rows)) if rerank else (None, None)
+            yield pp.RetrievalModel(*rows, weight=model.weight, index_labels=index_labels, query_labels=query_labels)
 
     return pp.retrieve(models(), gallery_labels, settings, rerank=rerank, device=device)
 
@@ -525,7 +528,8 @@ def score(cfg: EnsembleConfig, data: DataConfig) -> dict:
                  f"index: {len(index_ids):,}; queries: {len(test_ids):,}; recognition's top {cfg.recognition.top_k} "
                  "after the non-landmark adjustment are exact over the whole gallery")
     now = knn_clock()
-    seconds = {"scoring": round(time.perf_counter() - started, 2), "knn": round(now["seconds"] - searched["seconds"], 2),
+    seconds = {"scoring": round(time.perf_counter() - started, 2),
+               "knn": round(now["seconds"] - searched["seconds"], 2),
                "knn_searches": now["searches"] - searched["searches"]}
     return {"rows": rows, "notes": notes, "recognized": recognized, "seconds": seconds,
             "retrieved": {q: r[:cfg.report.results] for q, r in retrieved.items()}}
