@@ -29,10 +29,13 @@ after it that agree within ``--agreement`` (default 5 %; a spread is the faster 
 1), for at least ``--min-rounds`` and at most ``--max-rounds`` rounds, and a path whose passes never agreed is listed
 as not settled. Each path's rate, first batch and CPU time (of every process taking part, the S3 server's own
 included) are the means of its two closest passes (``results_io.closest_pair``), and its spread is theirs. A ratio of
-two paths' rates ranges over their closest passes from the first's slower over the second's faster to the first's
-faster over the second's slower; its spread, that range's top over its bottom less 1, is (1 + the first's spread) x
-(1 + the second's) - 1 (the ceiling has no spread). The load average is recorded at the start, after each round and
-at the end. The first pass of (c) from S3 is taken apart: imports, worker start-up, the first batch.
+two paths is the median of its per-round ratios (each round after the warm-up: the first path's pass over the
+second's, run minutes apart at most, so that a busy spell weighs on both alike), and its spread is their range, top
+over bottom less 1: the range of n per-round ratios holds their median with probability 1 - 2 x 0.5^n. (Two paths'
+closest passes, picked apart, could come from different rounds and busy spells: two quiet runs' ratios of them
+disagreed by more than their spreads.) A ratio to the ceiling is the path's rate over it, with the path's spread.
+The load average is recorded at the start, after each round and at the end. The first pass of (c) from S3 is taken
+apart: imports, worker start-up, the first batch.
 (e) bytes: the read stage alone (no decoding) from the S3 server, for the full view and GLDv2c, with and without the
     shard index, and with the index over a range of ``data.range_gap_bytes``: bytes fetched and requests per
     delivered image, against the mean JPEG of the view.
@@ -50,6 +53,7 @@ import json
 import multiprocessing as mp
 import os
 import pickle
+import statistics
 import sys
 import tarfile
 import tempfile
@@ -664,19 +668,27 @@ RATE_RATIOS = {
 }
 
 
-def ratio_spreads(spreads: dict[str, float]) -> dict[str, float]:
-    """The spread of each ratio of rates over its two paths' closest passes: (1 + the spread of the path over) x (1 +
-    that of the path under) - 1 (the ceiling, computed from CPU time, has none)."""
-    spreads = {**spreads, "ceiling": 0.0}
-    return {name: round((1 + spreads[over]) * (1 + spreads[under]) - 1, 3)
-            for name, (over, under) in RATE_RATIOS.items()}
+def round_ratios(every_pass: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Each ratio of two paths (the ceiling's aside) in every round after the warm-up: the pass of the path over, over
+    the pass of the path under in the same round."""
+    return {name: [round(a / b, 3) for a, b in zip(every_pass[over][1:], every_pass[under][1:])]
+            for name, (over, under) in RATE_RATIOS.items() if under != "ceiling"}
 
 
-def path_ratios(rate: dict[str, float], ceiling: float, per_cpu_second: dict[str, float],
-                bytes_rows: dict[str, dict]) -> dict:
-    rates = {**rate, "ceiling": ceiling}
+def ratio_spreads(spreads: dict[str, float], per_round: dict[str, list[float]]) -> dict[str, float]:
+    """The spread of each ratio: the range of its per-round ratios (top over bottom, less 1), or for a ratio to the
+    ceiling (computed from CPU time, without a spread) the path's own."""
+    return {name: round(max(per_round[name]) / min(per_round[name]) - 1 if name in per_round else spreads[over], 3)
+            for name, (over, _) in RATE_RATIOS.items()}
+
+
+def path_ratios(rate: dict[str, float], ceiling: float, per_round: dict[str, list[float]],
+                per_cpu_second: dict[str, float], bytes_rows: dict[str, dict]) -> dict:
+    """Each ratio of two paths, the median of its per-round ratios; each ratio to the ceiling, the path's rate over
+    it; and the plain loops' and the bytes' ratios."""
     return {
-        **{name: round(rates[over] / rates[under], 3) for name, (over, under) in RATE_RATIOS.items()},
+        **{name: round(statistics.median(per_round[name]) if name in per_round else rate[over] / ceiling, 3)
+           for name, (over, _) in RATE_RATIOS.items()},
         "original_vs_fast_per_cpu_second": round(
             per_cpu_second["ray_task_original"] / per_cpu_second["ray_task_fast"], 3),
         "bytes_per_image_vs_view": {name: run["bytes_per_image_vs_view"] for name, run in bytes_rows.items()},
@@ -691,6 +703,8 @@ def results_of(args: argparse.Namespace, spec: SyntheticSpec, cores: int, load_b
     settled = measured["settled"]
     steady, rate, server, cpu_ms = steady_numbers(settled, per_cpu_second)
     spreads = {name: path["spread"] for name, path in settled.items()}
+    every_pass = {name: [round(r["images_per_s"], 1) for r in runs] for name, runs in measured["passes"].items()}
+    per_round = round_ratios(every_pass)
     return {
         "benchmark": "data_pipeline",
         "machine": machine(),
@@ -712,12 +726,12 @@ def results_of(args: argparse.Namespace, spec: SyntheticSpec, cores: int, load_b
                                   "1..cores+1 processes sharing the work chunk by chunk and over every kind of work"},
         "images_per_second": {"ceiling": ceiling, **rate},
         "augmentation_images_per_cpu_second_by_chunk": measured["chunk_rates"],
-        "every_pass_images_per_second": {name: [round(r["images_per_s"], 1) for r in runs]
-                                         for name, runs in measured["passes"].items()},
+        "every_pass_images_per_second": every_pass,
         "path_spreads": {name: round(spread, 3) for name, spread in spreads.items()},
         "unsettled_paths": [name for name, path in settled.items() if not path["settled"]],
-        "ratios": path_ratios(rate, ceiling, per_cpu_second, measured["bytes_rows"]),
-        "ratio_spreads": ratio_spreads(spreads),
+        "ratios": path_ratios(rate, ceiling, per_round, per_cpu_second, measured["bytes_rows"]),
+        "ratio_spreads": ratio_spreads(spreads, per_round),
+        "round_ratios": per_round,
         "s3_server": server,
         "cores_busy": {name: run["cores_busy"] for name, run in steady.items()},
         "cpu_ms_per_image": cpu_ms,
@@ -825,12 +839,17 @@ def _two_runs_md(payload: dict) -> str:
              if abs(payload["ratios"][name] - previous["ratios"][name])
              / min(payload["ratios"][name], previous["ratios"][name])
              > max(payload["ratio_spreads"][name], previous["ratio_spreads"][name])]
-    verdict = (f"\n\nThe two runs disagree by more than their spreads on {', '.join(apart)}: a spread says how closely "
-               f"a path's two closest passes agreed, not how far its rate moves from round to round (every pass is "
-               f"listed above)." if apart else "\n\nThe two runs agree within their spreads on every ratio.")
+    verdict = (f"\n\nThe two runs disagree by more than their spreads on {', '.join(apart)}." if apart else
+               "\n\nThe two runs agree within their spreads on every ratio.")
     return (f"Two runs, recorded one after the other on the same machine (the run before: "
             f"{previous['setup']['rounds']} rounds, load average {loads} after each, paths not settled: "
             f"{unsettled}):\n\n{table}{verdict}")
+
+
+def _coverage_text(rounds: int) -> str:
+    """How surely the range of ``rounds`` per-round ratios holds their median (sign test: 1 - 2 x 0.5^n)."""
+    return (f"{rounds} per-round ratios, whose range holds their median with probability "
+            f"{100 * (1 - 2 * 0.5 ** rounds):.0f} %")
 
 
 def _settled_text(payload: dict) -> str:
@@ -859,9 +878,10 @@ pass to pass (all passes are listed).
 The paths ran round robin, one pass of each per round, so that a busy spell hits them alike, until every path had two
 passes after the first round (a warm-up) within {agreement} of each other (at least {setup['min_rounds']} rounds, at
 most {setup['max_rounds']}): {setup['rounds']} rounds. Each rate is the mean of the path's two closest passes, and its
-spread is theirs (the faster's rate over the slower's, less 1); the comparisons are ratios of rates measured side by
-side, each with its spread: the top of its range over the two paths' closest passes over its bottom, less 1, i.e.
-(1 + one path's spread) × (1 + the other's) − 1. {_settled_text(payload)}{notes}
+spread is theirs (the faster's rate over the slower's, less 1). A comparison of two paths is the median of their
+ratios round by round, and its spread is the range of those ratios, top over bottom less 1 (after the warm-up:
+{_coverage_text(setup['rounds'] - 1)}); a comparison with the ceiling is the path's rate over it, with
+the path's spread. {_settled_text(payload)}{notes}
 """
 
 
