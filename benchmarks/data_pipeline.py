@@ -75,7 +75,8 @@ from ray_landmark.data.pipeline import decode_images, train_stream
 from ray_landmark.data.shard_members import dataset_shard_index
 from ray_landmark.data.storage import Location, resolve
 from ray_landmark.data.synthetic import SyntheticSpec, write_synthetic_gldv2
-from ray_landmark.data.transforms import TrainAugmentation, augment_hwc, decode_resized
+from ray_landmark.data.jpeg import decode_resized
+from ray_landmark.data.transforms import TrainAugmentation, augment_hwc
 from ray_landmark.data.worker_decode import TrainBatchDecoder
 from ray_landmark.local_s3 import LocalS3Server, use_test_credentials
 from ray_landmark.markdown import markdown_table

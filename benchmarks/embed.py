@@ -27,7 +27,8 @@ from ray_landmark.data.config import SyntheticSpec
 from ray_landmark.data.metadata import prepare_manifests
 from ray_landmark.data.storage import resolve
 from ray_landmark.data.synthetic import write_synthetic_gldv2
-from ray_landmark.data.transforms import decode_resized, normalize_on_device
+from ray_landmark.data.jpeg import decode_resized
+from ray_landmark.data.transforms import normalize_on_device
 from ray_landmark.infer.config import EmbedSettings
 from ray_landmark.infer.embed import EmbedRequest, embed_splits
 from ray_landmark.markdown import markdown_table

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ray_landmark.data.transforms import TrainAugmentation, augment_hwc, decode_resized
+from ray_landmark.data.jpeg import decode_resized
+from ray_landmark.data.transforms import TrainAugmentation, augment_hwc
 
 
 class OneByOne:

@@ -14,7 +14,8 @@ from ray_landmark.config import load_config
 from ray_landmark.data.config import DataConfig
 from ray_landmark.data.metadata import open_manifest
 from ray_landmark.data.storage import resolve
-from ray_landmark.data.transforms import decode_resized, normalize_on_device
+from ray_landmark.data.jpeg import decode_resized
+from ray_landmark.data.transforms import normalize_on_device
 from ray_landmark.infer.onnx_export import ExportError, export_onnx
 from ray_landmark.infer.report import read_jpegs
 from ray_landmark.models.factory import build_model

@@ -20,9 +20,8 @@ from ray_landmark.data.metadata import open_manifest
 from ray_landmark.errors import ConfigError
 from ray_landmark.data.batches import images_on_device, train_batches
 from ray_landmark.data.pipeline import SKIP_REASONS, decodes_in_worker, eval_stream, stream_shards, train_stream
-from ray_landmark.data.transforms import (
-    CUTOUT_FRACTION, TrainAugmentation, affine, cutout, decode_resized, normalize_on_device,
-)
+from ray_landmark.data.jpeg import decode_resized
+from ray_landmark.data.transforms import CUTOUT_FRACTION, TrainAugmentation, affine, cutout, normalize_on_device
 from ray_landmark.data.worker_decode import CorruptBatch, TrainBatchDecoder, WorkerDecoder
 
 REPO = Path(__file__).resolve().parents[1]

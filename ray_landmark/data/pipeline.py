@@ -34,7 +34,7 @@ import logging
 import os
 import tarfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -47,6 +47,7 @@ from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig
 from ray_landmark.data.counts import StreamCounter, stream_counter
 from ray_landmark.data.epoch_rows import EpochRows, is_set
+from ray_landmark.data.jpeg import CorruptImage, Preprocessing, decode_resized
 from ray_landmark.errors import ConfigError, JobError
 from ray_landmark.data.metadata import (
     NOT_IN_VIEW, UNKNOWN_ID, LabelLookup, Manifest, complete_manifest, open_manifest,
@@ -55,8 +56,6 @@ from ray_landmark.data.shard_members import image_id_of, split_tars
 from ray_landmark.data.storage import Location, resolve, with_storage_error
 from ray_landmark.progress import on_this_node, say
 
-if TYPE_CHECKING:
-    from ray_landmark.data.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -336,10 +335,6 @@ def decode_images(
 ) -> dict[str, np.ndarray]:
     """map_batches UDF: JPEG bytes -> fixed-size uint8 images; corrupt JPEGs are dropped and counted. Eval rows carry
     their ``split`` name (test, index, train) instead of a class."""
-    # Imported here, in the decode tasks: this module is imported by every process that unpickles a stream (Ray Data's
-    # split coordinators, Ray Train's dataset manager), and torch would cost each of them seconds for nothing.
-    from ray_landmark.data.transforms import CorruptImage, TrainAugmentation, augment_hwc, decode_resized
-
     images, keep = [], []
     for i, (image_id, data) in enumerate(zip(batch["id"], batch["jpeg"])):
         try:
@@ -350,7 +345,14 @@ def decode_images(
     n_corrupt = len(batch["id"]) - len(keep)
     counter.add({"corrupt_jpeg": n_corrupt} if n_corrupt else {})
     stacked = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
-    out = {"image": augment_hwc(stacked, TrainAugmentation()) if augment and images else stacked}
+    if augment and images:
+        # Imported here, in the tasks that augment: torch costs a fresh task process seconds of imports, and every
+        # process that unpickles a stream (Ray Data's split coordinators, Ray Train's dataset manager) imports this
+        # module.
+        from ray_landmark.data.transforms import TrainAugmentation, augment_hwc
+
+        stacked = augment_hwc(stacked, TrainAugmentation())
+    out = {"image": stacked}
     if "label" in batch:
         out["label"] = np.asarray(batch["label"])[keep].astype(np.int64)
         if "row" in batch:

@@ -1,11 +1,5 @@
-"""JPEG decode, resize and the train augmentation of docs/method.md §1.
-
-Two ways to turn a JPEG into an S×S image (``data.preprocessing``), at training and evaluation alike:
-
-* ``fast`` (default): let libjpeg decode at 1/2, 1/4 or 1/8 scale while both sides stay >= S (much cheaper than a full
-  decode of a large photo), then resize bilinearly with antialiasing;
-* ``original``: decode the full JPEG and resize bilinearly without antialiasing, as the 2021 solution did (OpenCV's
-  imread and albumentations' Resize, INTER_LINEAR): the pixels the released weights were trained and evaluated on.
+"""The train augmentation of docs/method.md §1, resizing a tensor on any device, and decoding JPEGs on a device.
+The CPU decode of a JPEG to an S×S image is ``data/jpeg.py``'s (PIL and numpy, no torch).
 
 The published augmentation order is flip, JPEG re-compression, shift/scale/rotate, resize to S×S, cutout. We resize
 first: every later step then works on S×S pixels instead of the full photo, which is most of the CPU cost. Flip and
@@ -19,15 +13,14 @@ the Ray Data decode tasks run it on the CPU, the workers that decode their own b
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+
+from ray_landmark.data.jpeg import Preprocessing
 
 # torchvision is imported where it is used: its import pulls in torch._dynamo (about a second on a small CPU), and
 # every Ray Data read and decode task, split coordinator and Train controller that unpickles this package's functions
@@ -36,8 +29,6 @@ from PIL import Image
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-Preprocessing = Literal["fast", "original"]
-
 # docs/method.md §1: probabilities and ranges of the train augmentation.
 FLIP_P = 0.5
 JPEG_P, JPEG_QUALITIES = 0.5, (99, 100)
@@ -45,38 +36,11 @@ AFFINE_P, MAX_SHIFT, MAX_SCALE_CHANGE, MAX_ROTATION_DEG = 0.7, 0.2, 0.2, 10.0
 CUTOUT_P, CUTOUT_FRACTION = 0.5, 0.4
 
 
-class CorruptImage(ValueError):
-    """Bytes that are not a decodable JPEG."""
-
-
-def decode_pil(data: bytes, size: int, preprocessing: Preprocessing = "fast") -> Image.Image:
-    """Decode to RGB with PIL; ``fast`` lets libjpeg scale down by 1/2, 1/4 or 1/8 while both sides stay >= ``size``."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        if img.format != "JPEG":
-            raise CorruptImage(f"not a JPEG ({img.format})")
-        if preprocessing == "fast":
-            img.draft("RGB", (size, size))
-        return img.convert("RGB")
-    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
-        raise CorruptImage(str(err)) from None
-
-
 def resize_tensor(image: torch.Tensor, size: int, preprocessing: Preprocessing) -> torch.Tensor:
     """uint8 3×H×W (any device) -> 3×S×S, bilinear; antialiased for ``fast``, not for ``original`` (as cv2.resize)."""
     import torchvision.transforms.v2.functional as TF
     return TF.resize(image, [size, size], interpolation=TF.InterpolationMode.BILINEAR,
                      antialias=preprocessing == "fast")
-
-
-def decode_resized(data: bytes, size: int, preprocessing: Preprocessing = "fast") -> np.ndarray:
-    """JPEG bytes -> uint8 S×S×3 on the CPU (the aspect is not kept, as published). ``fast`` resizes with PIL (an
-    antialiased bilinear filter); ``original`` with torch's bilinear interpolation without antialiasing."""
-    img = decode_pil(data, size, preprocessing)
-    if preprocessing == "fast":
-        return np.asarray(img.resize((size, size), Image.BILINEAR))
-    chw = torch.from_numpy(np.array(img)).permute(2, 0, 1)
-    return resize_tensor(chw, size, preprocessing).permute(1, 2, 0).numpy()
 
 
 def decode_on_device(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

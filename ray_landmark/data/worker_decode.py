@@ -31,7 +31,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ray_landmark.data.transforms import Preprocessing, TrainAugmentation, decode_on_device, resize_tensor
+from ray_landmark.data.jpeg import Preprocessing
+from ray_landmark.data.transforms import TrainAugmentation, decode_on_device, resize_tensor
 
 
 @dataclass(frozen=True)

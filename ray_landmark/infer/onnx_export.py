@@ -27,7 +27,8 @@ import torch
 from ray_landmark.data.config import DataConfig, StorageConfig
 from ray_landmark.data.metadata import open_manifest
 from ray_landmark.data.storage import resolve, write_bytes
-from ray_landmark.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_resized, normalize_on_device
+from ray_landmark.data.jpeg import decode_resized
+from ray_landmark.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_on_device
 from ray_landmark.errors import JobError
 from ray_landmark.infer.report import read_jpegs
 from ray_landmark.models.onnx_graph import INPUT, OPSET, EmbeddingNetwork, export_graph
@@ -121,7 +122,7 @@ def export_onnx(checkpoint: str, out: str, storage: StorageConfig | None = None,
         "preprocessing": data.preprocessing,
         "preprocessing_note": ("decode the JPEG, resize to image_size x image_size without keeping the aspect; fast: "
                                "libjpeg draft decode then antialiased bilinear (PIL), original: full decode then "
-                               "bilinear without antialiasing (ray_landmark.data.transforms.decode_resized)"),
+                               "bilinear without antialiasing (ray_landmark.data.jpeg.decode_resized)"),
         "outputs": {"embedding": {"dtype": "float32", "shape": ["batch", dim], "unit_rows": True},
                     **({"cosine": {"dtype": "float32", "shape": ["batch", classes],
                                    "meaning": "sub-center ArcFace cosine per class, see landmark_ids.json"}}

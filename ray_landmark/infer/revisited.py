@@ -33,7 +33,7 @@ from ray_landmark.config import config_from_dict
 from ray_landmark.data import revisited as rd
 from ray_landmark.data.config import StorageConfig
 from ray_landmark.data.storage import Location, exists, read_bytes, resolve, write_bytes
-from ray_landmark.data.transforms import CorruptImage, decode_pil
+from ray_landmark.data.jpeg import CorruptImage, decode_pil
 from ray_landmark.errors import ConfigError, JobError
 from ray_landmark.eval.revisited import KAPPAS, PROTOCOLS, evaluate
 from ray_landmark.eval.search import knn

@@ -45,7 +45,7 @@ from ray.serve import Application
 
 from ray_landmark.config import Config, config_from_dict, load_config
 from ray_landmark.data.pipeline import decodes_in_worker
-from ray_landmark.data.transforms import CorruptImage, decode_resized
+from ray_landmark.data.jpeg import CorruptImage, decode_resized
 from ray_landmark.data.worker_decode import WorkerDecoder
 from ray_landmark.errors import JobError
 from ray_landmark.infer.config import EnsembleConfig
