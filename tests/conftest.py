@@ -12,6 +12,11 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+# Set before anything imports Ray (it reads this once): a test that reaches Ray without the ray_session fixture fails
+# at once, "Ray has not been started yet", instead of starting Ray's default one, with a CPU per core (2 here) and a
+# dashboard, under which a later test's pipeline in the same process waited forever for a CPU that an actor held.
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+
 import pytest
 from filelock import FileLock
 from PIL import Image
@@ -146,8 +151,11 @@ def tiny_checkpoints(gldv2_learnable, tmp_path_factory, request):
     from ray_landmark.config import load_config
     from ray_landmark.train.trainer import fit
 
+    # Every process that uses them embeds, serves or trains with them: each needs the session's Ray, whichever process
+    # trained them.
+    request.getfixturevalue("ray_session")
+
     def train(out: Path) -> dict[str, str]:
-        request.getfixturevalue("ray_session")  # only the process that trains them needs a Ray
         runs = {}
         for name, config in (("dolg", "tiny_dolg.yaml"), ("effnet", "tiny_efficientnet.yaml")):
             cfg = load_config(REPO / "configs" / config, [
