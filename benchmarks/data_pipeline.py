@@ -744,8 +744,9 @@ def results_of(args: argparse.Namespace, spec: SyntheticSpec, cores: int, load_b
     }
 
 
-# What --previous keeps of an earlier run: enough to set its ratios beside this run's and judge how quiet it was.
-PREVIOUS_RUN_KEYS = ("machine", "setup", "unsettled_paths", "ratios", "ratio_spreads")
+# What --previous keeps of an earlier run: enough to set its ratios beside this run's and judge how quiet it was;
+# ``round_ratios`` marks a run whose ratios are medians of rounds, as this version's are (not closest pairs).
+PREVIOUS_RUN_KEYS = ("machine", "setup", "unsettled_paths", "ratios", "ratio_spreads", "round_ratios")
 # The ratios the two runs are compared by, side by side.
 COMPARED_RATIOS = ("stream_vs_dataloader_same_source_s3", "ranged_vs_dataloader_same_source_s3",
                    "stream_vs_dataloader_same_source_local", "stream_s3_vs_dataloader_files",
@@ -760,8 +761,8 @@ def read_previous(path: Path) -> dict:
         raise SystemExit(f"--previous {path}: cannot read it as JSON ({err})") from None
     missing = [key for key in PREVIOUS_RUN_KEYS if key not in previous]
     if missing or not set(COMPARED_RATIOS) <= set(previous.get("ratio_spreads", {})):
-        raise SystemExit(f"--previous {path}: not the results of a run of this benchmark with ratio spreads (missing "
-                         f"{', '.join(missing) or 'ratio spreads'}); pass a results file this version wrote")
+        raise SystemExit(f"--previous {path}: not the results of a run of this benchmark with per-round ratios "
+                         f"(missing {', '.join(missing) or 'ratio spreads'}); pass a results file this version wrote")
     return previous
 
 

@@ -125,13 +125,15 @@ def test_every_section_of_benchmarks_md_is_what_its_script_writes_from_the_recor
 
 
 def test_the_data_pipeline_benchmark_takes_an_earlier_run_only_if_it_can_set_its_ratios_beside(tmp_path):
-    """``--previous``: a file that is not JSON, or results without ratio spreads (an older version's), is one line."""
+    """``--previous``: a file that is not JSON, or results without per-round ratios (an older version's, whose ratios
+    were closest pairs), is one line."""
     from benchmarks.data_pipeline import read_previous
 
     (tmp_path / "old.json").write_text(json.dumps({"machine": {}, "setup": {}, "ratios": {}}))
     (tmp_path / "text.json").write_text("not json")
-    with pytest.raises(SystemExit, match=r"old.json: not the results of a run of this benchmark with ratio spreads "
-                                         r"\(missing unsettled_paths, ratio_spreads\); pass a results file"):
+    with pytest.raises(SystemExit, match=r"old.json: not the results of a run of this benchmark with per-round "
+                                         r"ratios \(missing unsettled_paths, ratio_spreads, round_ratios\); pass a "
+                                         r"results file"):
         read_previous(tmp_path / "old.json")
     with pytest.raises(SystemExit, match=r"text.json: cannot read it as JSON"):
         read_previous(tmp_path / "text.json")
