@@ -1,9 +1,8 @@
-"""What the read and decode tasks of a stream saw, by reason, summed in a small actor. It imports only Ray: the actor
-is a process of its own, and a module that pulled in torch would cost it seconds of imports.
+"""What the read and decode tasks of a stream saw, by reason, summed in a small actor. It imports only Ray and
+``progress``: the actor is a process of its own, and a module that pulled in torch would cost it seconds of imports.
 
 One actor serves every stream a process makes in one Ray session, each stream a tally of its own
-(``stream_counter``): an actor per stream cost a process start (about 1.4 CPU-seconds) each, and a job makes several
-streams (train, eval, each split it embeds)."""
+(``stream_counter``, ``progress.bookkeeping_actor``): a job makes several streams (train, eval, each split it embeds)."""
 
 from __future__ import annotations
 
@@ -11,6 +10,8 @@ import uuid
 from dataclasses import dataclass
 
 import ray
+
+from ray_landmark.progress import bookkeeping_actor
 
 
 @ray.remote(num_cpus=0)
@@ -45,17 +46,9 @@ class StreamCounter:
         return ray.get(self.actor.totals.remote(self.stream))
 
 
-_counters: dict[tuple[str, str], "ray.actor.ActorHandle"] = {}  # (Ray session, node) -> this process's actor
-
-
-def stream_counter(**options) -> StreamCounter:
-    """A new stream's tally, in this process's ``SampleCounter`` for the current Ray session (started on first use
-    with the actor ``options``)."""
-    context = ray.get_runtime_context()
-    session = (context.gcs_address, context.get_node_id())  # a Ray started anew is another session
-    if session not in _counters:
-        _counters[session] = SampleCounter.options(**options).remote()
-    return StreamCounter(_counters[session], uuid.uuid4().hex)
+def stream_counter() -> StreamCounter:
+    """A new stream's tally, in this process's ``SampleCounter`` for the current Ray session."""
+    return StreamCounter(bookkeeping_actor(SampleCounter), uuid.uuid4().hex)
 
 
 def counts_since(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:

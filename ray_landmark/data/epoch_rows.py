@@ -2,8 +2,9 @@
 exactly the rest: every image of the view once per epoch, across any number of resumes.
 
 Rows are an image's position among the train ids (``LabelLookup.rows_of``), and the ledger is a bitmap over them: 1 bit
-an image (GLDv2's 4,132,914 train ids: 516,615 bytes), whatever the view. One small actor per training run holds it,
-started by the driver with the train stream, so that it outlives the worker groups that Ray Train restarts:
+an image (GLDv2's 4,132,914 train ids: 516,615 bytes), whatever the view. Each train stream has one, held by its
+process's small ``EpochRows`` actor (one per process and Ray session, ``progress.bookkeeping_actor``), started by the
+driver with the stream, so that it outlives the worker groups that Ray Train restarts:
 
 - at each checkpoint every rank adds the rows its optimizer steps trained since the last one; rank 0 saves the bitmap
   in the checkpoint (``EpochLedger``);
@@ -11,16 +12,20 @@ started by the driver with the train stream, so that it outlives the worker grou
   any worker reads the stream; the stream's read tasks leave those rows out (``data/pipeline.py``);
 - a new epoch clears it.
 
-Rows trained twice (which the above rules out) are counted, not hidden. Imports only Ray and numpy: the actor is a
-process of its own.
+Rows trained twice (which the above rules out) are counted, not hidden. Imports only Ray, numpy and ``progress``: the
+actor is a process of its own.
 """
 
 from __future__ import annotations
 
+import uuid
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import ray
+
+from ray_landmark.progress import bookkeeping_actor
 
 
 @dataclass(frozen=True)
@@ -40,10 +45,9 @@ class EpochLedger:
         return cls(int(state["rows"]), str(state["digest"]), np.asarray(state["trained"], np.uint8))
 
 
-@ray.remote(num_cpus=0)
-class EpochRows:
-    """The current epoch's bitmap of trained rows, and the rows its stream leaves out (those trained before the
-    resume it started from)."""
+class TrainedRows:
+    """One stream's current epoch: its bitmap of trained rows, and the rows the stream leaves out (those trained
+    before the resume it started from)."""
 
     def __init__(self, rows: int, digest: str):
         self.rows, self.digest = rows, digest
@@ -73,11 +77,78 @@ class EpochRows:
     def ledger(self) -> EpochLedger:
         return EpochLedger(self.rows, self.digest, np.packbits(self.trained))
 
-    def excluded_rows(self) -> np.ndarray | None:
-        return self.excluded
-
     def totals(self) -> dict[str, int]:
         return {"trained": int(self.trained.sum()), "trained_twice": self.trained_twice}
+
+
+@ray.remote(num_cpus=0)
+class EpochRows:
+    """The ``TrainedRows`` of each train stream that one process made, by stream."""
+
+    def __init__(self):
+        self.streams: dict[str, TrainedRows] = {}
+
+    def open(self, stream: str, rows: int, digest: str) -> None:
+        self.streams[stream] = TrainedRows(rows, digest)
+
+    def close(self, stream: str) -> None:
+        self.streams.pop(stream, None)
+
+    def start_epoch(self, stream: str, ledger: EpochLedger | None) -> str | None:
+        return self.streams[stream].start_epoch(ledger)
+
+    def add(self, stream: str, rows: np.ndarray) -> None:
+        self.streams[stream].add(rows)
+
+    def ledger(self, stream: str) -> EpochLedger:
+        return self.streams[stream].ledger()
+
+    def excluded_rows(self, stream: str) -> np.ndarray | None:
+        return self.streams[stream].excluded
+
+    def totals(self, stream: str) -> dict[str, int]:
+        return self.streams[stream].totals()
+
+
+@dataclass(frozen=True)
+class StreamRows:
+    """One train stream's ``TrainedRows`` in its process's ``EpochRows``; it travels with the stream to its read tasks
+    and the training workers. Each call waits for the actor, so that what one process set, the next reads."""
+
+    actor: "ray.actor.ActorHandle"
+    stream: str
+
+    def start_epoch(self, ledger: EpochLedger | None) -> str | None:
+        """``TrainedRows.start_epoch``: a new epoch (``None``) or one resumed from ``ledger``; what is wrong with it."""
+        return ray.get(self.actor.start_epoch.remote(self.stream, ledger))
+
+    def add(self, rows: np.ndarray) -> None:
+        ray.get(self.actor.add.remote(self.stream, rows))
+
+    def ledger(self) -> EpochLedger:
+        return ray.get(self.actor.ledger.remote(self.stream))
+
+    def excluded_rows(self) -> np.ndarray | None:
+        """Packed bits of the rows the stream leaves out, or None: every row."""
+        return ray.get(self.actor.excluded_rows.remote(self.stream))
+
+    def totals(self) -> dict[str, int]:
+        return ray.get(self.actor.totals.remote(self.stream))
+
+
+def stream_rows(rows: int, digest: str) -> StreamRows:
+    """A new stream's ledger of ``rows`` train ids (the lookup's ``digest``), in this process's ``EpochRows``; the
+    actor forgets it once the stream is gone from this process (its copies elsewhere must not outlive it)."""
+    actor = bookkeeping_actor(EpochRows)
+    stream = StreamRows(actor, uuid.uuid4().hex)
+    ray.get(actor.open.remote(stream.stream, rows, digest))
+    weakref.finalize(stream, _forget, actor, stream.stream).atexit = False
+    return stream
+
+
+def _forget(actor, stream: str) -> None:
+    if ray.is_initialized():  # not after Ray's shutdown, when the actor is gone with it
+        actor.close.remote(stream)
 
 
 def is_set(packed: np.ndarray, rows: np.ndarray) -> np.ndarray:

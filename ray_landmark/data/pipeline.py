@@ -46,7 +46,7 @@ from ray.data.datasource import FileBasedDatasource
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig
 from ray_landmark.data.counts import StreamCounter, stream_counter
-from ray_landmark.data.epoch_rows import EpochRows, is_set
+from ray_landmark.data.epoch_rows import StreamRows, is_set, stream_rows
 from ray_landmark.data.jpeg import CorruptImage, Preprocessing, decode_resized
 from ray_landmark.errors import ConfigError, JobError
 from ray_landmark.data.metadata import (
@@ -54,7 +54,7 @@ from ray_landmark.data.metadata import (
 )
 from ray_landmark.data.shard_members import image_id_of, split_tars
 from ray_landmark.data.storage import Location, resolve, with_storage_error
-from ray_landmark.progress import on_this_node, say
+from ray_landmark.progress import say
 
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,8 @@ RANGE_MAX_BYTES = 32 * 2**20
 
 class GLDv2TarDatasource(FileBasedDatasource):
     """Raw JPEG bytes of the members of GLDv2 tars, one read task per tar, with the label and the ``row`` of the train
-    ids joined by image id, or with ``split_name`` that name as ``split`` instead (eval rows). With ``epoch_rows`` (an
-    ``EpochRows`` actor) each task leaves out the rows it names as trained before a resume."""
+    ids joined by image id, or with ``split_name`` that name as ``split`` instead (eval rows). With ``epoch_rows`` (a
+    ``StreamRows``) each task leaves out the rows it names as trained before a resume."""
 
     _FILE_EXTENSIONS = ["tar"]
 
@@ -123,7 +123,7 @@ class GLDv2TarDatasource(FileBasedDatasource):
         uri, shard = self._location.uri_of(path), os.path.basename(path)
         members = ray.get(self._shard_index[shard]) if shard in self._shard_index else None
         # Fixed for the whole execution: it changes only before a worker group starts reading (data/epoch_rows.py).
-        excluded = ray.get(self._epoch_rows.excluded_rows.remote()) if self._epoch_rows is not None else None
+        excluded = self._epoch_rows.excluded_rows() if self._epoch_rows is not None else None
         if members is not None and f.size() != members.shard_bytes:
             log.warning("shard %s has %d bytes, its shard index %d: streaming it whole; rerun jobs/prepare_gldv2.py "
                         "--verify-shards to index it again", uri, f.size(), members.shard_bytes)
@@ -372,7 +372,7 @@ class ShardStream:
     dataset: ray.data.Dataset
     counter: StreamCounter
     skipped_shards: dict[str, str] | None = None  # shard -> why it is left out (data.missing_shards: skip)
-    epoch_rows: "ray.actor.ActorHandle | None" = None  # the train stream's EpochRows (data/epoch_rows.py)
+    epoch_rows: StreamRows | None = None  # the train stream's ledger of trained rows (data/epoch_rows.py)
 
     def counts(self) -> dict[str, int]:
         return self.counter.totals()
@@ -480,12 +480,12 @@ def stream_shards(
     the ids it selects are kept (with the split's shard index, only their bytes are read; without it, every member's
     bytes are read and the others dropped); without one, every member is kept. Rows carry the lookup's class as
     ``label`` and the image's ``row`` among the train ids, or with ``split_column`` the split's name as ``split``.
-    ``epoch_rows`` (an ``EpochRows`` actor) leaves out the rows a resumed epoch trained before its checkpoint."""
+    ``epoch_rows`` (a ``StreamRows``) leaves out the rows a resumed epoch trained before its checkpoint."""
     shards = split_shards(cfg, split)
     loc, paths = shards.location, shards.paths
     if only_shards is not None:
         paths = [p for p in paths if os.path.basename(p) in only_shards]
-    counter = stream_counter(**on_this_node())
+    counter = stream_counter()
     index = shard_index_refs(cfg, split, {os.path.basename(p) for p in paths})
     datasource = GLDv2TarDatasource(
         paths,
@@ -527,11 +527,11 @@ def stream_shards(
 
 def train_stream(cfg: DataConfig, manifest: Manifest | None = None, worker_decode: bool = False) -> ShardStream:
     """Augmented, shuffled train images of ``cfg.view`` with their class ids and rows (their JPEGs with
-    ``worker_decode``), and the ``EpochRows`` ledger that lets a resumed epoch stream exactly its untrained rows."""
+    ``worker_decode``), and the ledger (``StreamRows``) that lets a resumed epoch stream exactly its untrained rows."""
     manifest = manifest or open_manifest(cfg)
     lookup = manifest.label_lookup(cfg.view)
     # On the driver's node, as the counter: it must outlive the worker groups and nodes that training loses.
-    epoch_rows = EpochRows.options(**on_this_node()).remote(len(lookup.ids), lookup.digest())
+    epoch_rows = stream_rows(len(lookup.ids), lookup.digest())
     return stream_shards(
         cfg, "train", lookup=lookup, augment=cfg.augment, keep_ids=False, shuffle=True, worker_decode=worker_decode,
         epoch_rows=epoch_rows,

@@ -14,7 +14,7 @@ step and the first validation each compile a graph, and the progress output says
 Resuming (``restore``): the newest checkpoint of the run folder that verifies (``runs/checkpoint.py``; after a worker
 failure or a rerun alike) gives the finished epochs and the optimizer steps already taken in the current one; that
 epoch then runs only its remaining number of steps, so the epochs' step counts and the learning-rate schedule are
-exact. So are its images: every rank tells the run's ``EpochRows`` ledger (``data/epoch_rows.py``) which rows its
+exact. So are its images: every rank tells the train stream's ledger (``data/epoch_rows.py``) which rows its
 optimizer steps trained before each checkpoint; a mid-epoch checkpoint saves the epoch's bitmap, and a resume from it
 streams only the rows it lacks, in a fresh shuffle. Across any number of resumes, each image of the view is trained
 once per epoch, apart from those no step took (each rank's last partial batch and what the equal split leaves over),
@@ -31,7 +31,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import ray
 import ray.train
@@ -40,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from ray_landmark.config import Config
-from ray_landmark.data.counts import StreamCounter, counts_since
+from ray_landmark.data.counts import counts_since
 from ray_landmark.data.epoch_rows import EpochLedger
 from ray_landmark.data.batches import train_batches
 from ray_landmark.data.pipeline import BYTES_READ, READ, SKIP_REASONS
@@ -59,30 +58,11 @@ from ray_landmark.train.checkpoint_clock import CheckpointClock
 from ray_landmark.train.metrics_log import MetricsLog
 from ray_landmark.train.optim import build_optimizer, build_scheduler, resume_schedule
 from ray_landmark.train.validate import validate
+from ray_landmark.train.worker_entry import WorkerInputs
 
 
 class NoTrainingData(JobError, RuntimeError):
     """An epoch whose stream gave no full batch: the job fails instead of saying it finished."""
-
-
-@dataclass(frozen=True)
-class WorkerInputs:
-    """Everything a training worker receives besides its dataset shards."""
-
-    config: Config
-    class_counts: list[int]
-    landmark_ids: list[int]
-    train_images: int
-    # The streams carry JPEG bytes and each worker decodes its batches (data.decode): decided once, by the driver.
-    worker_decode: bool
-    skip_counter: StreamCounter  # the train stream's tally of what was skipped
-    console: "ray.actor.ActorHandle"  # a ConsoleRelay: rank 0's progress and epoch lines
-    interactive_console: bool  # the driver's console is a terminal: refresh progress in place, often
-    # on_step(rank=, epoch=, step=, rows=) after each optimizer step, rows: the step's train rows (fault-injection
-    # tests)
-    on_step: Callable | None = None
-    skipped_shards: dict | None = None  # train shard -> why it is left out (data.missing_shards: skip)
-    epoch_rows: "ray.actor.ActorHandle | None" = None  # the train stream's EpochRows; None: its rows are not known
 
 
 @dataclass(frozen=True)
@@ -118,7 +98,7 @@ class Training:
     progress: Progress  # finished epochs, optimizer steps in all and in the current epoch
     resumed: bool
     notices: "CompileNotices"
-    # The train rows of this rank's optimizer steps since the last report, on the device: EpochRows learns them then.
+    # The train rows of this rank's optimizer steps since the last report, on the device: the stream's ledger learns them then.
     trained_rows: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -144,10 +124,10 @@ class CompileNotices:
         self.say(f"[train] the first {what} took {time.perf_counter() - started:.1f} s, compiling included")
 
 
-def train_loop_per_worker(loop_config: dict) -> dict:
-    """What each Ray Train worker runs (``loop_config["inputs"]``: ``WorkerInputs``): restore, then per epoch a train
-    phase, an eval phase and a report with its checkpoint. Returns the last epoch's metrics."""
-    worker = _start(loop_config["inputs"])
+def train_worker(inputs: WorkerInputs) -> dict:
+    """What each Ray Train worker runs (``train/worker_entry.py`` calls it): restore, then per epoch a train phase, an
+    eval phase and a report with its checkpoint. Returns the last epoch's metrics."""
+    worker = _start(inputs)
     training = restore(worker)
     cfg, tc, rank = worker.cfg, worker.cfg.train, worker.rank
     counter = worker.inputs.skip_counter
@@ -242,7 +222,7 @@ def restore(worker: Worker) -> Training:
 
 
 def start_epoch_rows(worker: Worker, resume: LoadedCheckpoint | None) -> None:
-    """Rank 0 sets the ``EpochRows`` ledger to what ``resume`` (a mid-epoch checkpoint) says its epoch trained, or to
+    """Rank 0 sets the train stream's ledger to what ``resume`` (a mid-epoch checkpoint) says its epoch trained, or to
     a new epoch; every rank waits for it, as no worker may read the train stream before it is set."""
     epoch_rows = worker.inputs.epoch_rows
     if epoch_rows is None:
@@ -252,12 +232,12 @@ def start_epoch_rows(worker: Worker, resume: LoadedCheckpoint | None) -> None:
         if resume is not None and state is None:
             worker.say(f"[train] {resume.name} does not record which images its epoch trained (a checkpoint of "
                        f"before that was saved): the rest of the epoch is drawn from all of them")
-        mismatch = ray.get(epoch_rows.start_epoch.remote(EpochLedger.of(state) if state is not None else None))
+        mismatch = epoch_rows.start_epoch(EpochLedger.of(state) if state is not None else None)
         if mismatch:
             raise CorruptCheckpoint(f"{resume.name}: {mismatch}; it belongs to another view or manifest of "
                                     f"data.root: train with train.restart (a new run) or the data it was made with")
         if state is not None:
-            trained = ray.get(epoch_rows.totals.remote())["trained"]
+            trained = epoch_rows.totals()["trained"]
             worker.say(f"[train] {trained:,} images of epoch {resume.progress.epoch + 1} were trained before "
                        f"{resume.name}: its rest streams without them")
     _barrier()
@@ -269,7 +249,7 @@ def _barrier() -> None:
 
 
 def _tell_epoch_rows(worker: Worker, training: Training) -> None:
-    """Every rank hands the rows its steps trained since the last report to ``EpochRows``, and waits for all ranks to
+    """Every rank hands the rows its steps trained since the last report to the stream's ledger, and waits for all ranks to
     have done so: after this, rank 0's ledger is complete."""
     epoch_rows = worker.inputs.epoch_rows
     if epoch_rows is None:
@@ -277,7 +257,7 @@ def _tell_epoch_rows(worker: Worker, training: Training) -> None:
     rows = torch.cat(training.trained_rows).cpu().numpy() if training.trained_rows else None
     training.trained_rows.clear()
     if rows is not None:
-        ray.get(epoch_rows.add.remote(rows))
+        epoch_rows.add(rows)
     _barrier()
 
 
@@ -290,8 +270,8 @@ def _end_epoch_rows(worker: Worker, training: Training) -> dict:
     _tell_epoch_rows(worker, training)
     if worker.rank != 0:
         return {}
-    totals = ray.get(epoch_rows.totals.remote())
-    ray.get(epoch_rows.start_epoch.remote(None))  # before this report: no rank reads the next epoch until it is past
+    totals = epoch_rows.totals()
+    epoch_rows.start_epoch(None)  # before this report: no rank reads the next epoch until it is past
     return {"images_trained": totals["trained"], "images_trained_twice": totals["trained_twice"],
             "images_not_trained": worker.inputs.train_images - totals["trained"]}
 
@@ -387,7 +367,7 @@ def _report_checkpoint(worker: Worker, training: Training, metrics: dict) -> Non
              "scheduler": training.scheduler.state_dict(), "scaler": worker.precision.scaler.state_dict(),
              "landmark_ids": torch.as_tensor(worker.inputs.landmark_ids, dtype=torch.int64)}
     if progress.epoch_step and worker.inputs.epoch_rows is not None:
-        ledger = ray.get(worker.inputs.epoch_rows.ledger.remote()).state()
+        ledger = worker.inputs.epoch_rows.ledger().state()
         state["epoch_ledger"] = {**ledger, "trained": torch.from_numpy(ledger["trained"])}
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp), state=state, config=worker.cfg.model_dump(mode="json"), progress=progress)

@@ -23,12 +23,12 @@ from ray_landmark.data.metadata import LabelLookup, open_manifest
 from ray_landmark.data.pipeline import decodes_in_worker, eval_stream, split_shards, train_stream
 from ray_landmark.data.storage import check_writable, exists, resolve
 from ray_landmark.errors import ConfigError
-from ray_landmark.progress import ConsoleRelay, interactive, on_this_node, run_printing_relay, say
+from ray_landmark.progress import ConsoleRelay, bookkeeping_actor, interactive, run_printing_relay, say
 from ray_landmark.runs.checkpoint import CorruptCheckpoint, latest_checkpoint
 from ray_landmark.runs.folders import output_folder, output_parent
 from ray_landmark.runs.identity import check_rerun
 from ray_landmark.train.eval_split import CompleteEvalSplit
-from ray_landmark.train.loop import WorkerInputs, train_loop_per_worker
+from ray_landmark.train.worker_entry import WorkerInputs, train_loop_per_worker
 
 # Ray Train V2's list of a run's reported checkpoints, in the run folder (Ray 2.60's
 # ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME; tests/test_run_identity.py checks it).
@@ -110,7 +110,7 @@ def fit(
     tasks (a sweep's concurrent trials)."""
     data = data or load_training_data(cfg)
     forget_ray_checkpoint_list(cfg)
-    console = ConsoleRelay.options(**on_this_node()).remote()
+    console = bookkeeping_actor(ConsoleRelay)
     trainer = build_trainer(cfg, data, console, on_step=on_step, train_dataset=train_dataset, callbacks=callbacks,
                             data_cpus=data_cpus)
     try:
