@@ -36,6 +36,8 @@ Then, per stage over the fractions, the exponent b of time (and memory) ~ rows^b
     python -m benchmarks.scale [--fractions 0.01,0.03,0.1] [--train-up-to 0.03] [--ensemble-up-to 0.03] \
         [--families dolg,...] [--work DIR] [--out DIR]
     python -m benchmarks.scale --add-to benchmarks/results/scale.json --fractions 1 --families dolg   # GLDv2's size
+    python -m benchmarks.scale --add-to benchmarks/results/scale.json --fractions 1 --measure-embeddings \
+        --families efficientnet,hybrid_swin       # families extrapolated at f = 1, measured there
     python -m benchmarks.scale --refit benchmarks/results/scale.json     # the laws and extrapolations alone, again
 """
 
@@ -264,6 +266,35 @@ def stage_commands(root: Path, work: Path, train: bool) -> dict[str, list[str]]:
     return commands
 
 
+def embed_command(work: Path, family: str, checkpoint: str) -> list[str]:
+    """The embed stage of one family: the test, index and GLDv2c gallery images."""
+    return [sys.executable, "jobs/embed.py", "--checkpoint", checkpoint, "--split", "test", "--split", "index",
+            "--split", "train", "--view", "gldv2c", "--batch-size", str(EMBED_BATCH),
+            "--out", str(work / "ensemble" / "embeddings" / family)]
+
+
+def measure_embeddings(fraction: float, work: Path, interval: float, families: list[str], recorded: dict) -> dict:
+    """``--measure-embeddings``: the embed stages of ``families`` alone at a recorded fraction, on its set (reused
+    when complete, else written again), with new random-weight checkpoints: {stage: measures with its rows}. The
+    recorded run's other stages, their logs and outputs are left as they are."""
+    root, logs = work / "gldv2", work / "logs"
+    counts = write_set(fraction, root, logs / "write_set_again.log", interval)["counts"]
+    rows = counts["test_images"] + counts["index_images"] + counts["clean_images"]
+    stages = {}
+    for family in families:
+        stage = f"embed_{family}"
+        if rows != recorded[stage]["rows"]:
+            raise SystemExit(f"--measure-embeddings: the set at {root} has {rows:,} images to embed, the recorded "
+                             f"run {recorded[stage]['rows']:,}; give its --work")
+        shutil.rmtree(work / "checkpoints" / family, ignore_errors=True)
+        shutil.rmtree(work / "ensemble" / "embeddings" / family, ignore_errors=True)
+        checkpoint = checkpoints_of(work, root, False, [family])[family]
+        print(f"[scale] f={fraction}: {stage}", flush=True)
+        stages[stage] = {**run_stage(embed_command(work, family, checkpoint), logs / f"{stage}.log", interval),
+                         "rows": rows}
+    return stages
+
+
 def run_fraction(fraction: float, work: Path, train: bool, ensemble: bool, interval: float,
                  families: list[str], left_out_families: tuple[str, ...] = ()) -> dict:
     """Every stage at one fraction (train and ensemble where asked), embedding with a tiny model of each of
@@ -292,10 +323,7 @@ def run_fraction(fraction: float, work: Path, train: bool, ensemble: bool, inter
     checkpoints = checkpoints_of(work, root, train, families)
     config = ensemble_config(work, checkpoints)
     for family, checkpoint in checkpoints.items():
-        command = [sys.executable, "jobs/embed.py", "--checkpoint", checkpoint, "--split", "test", "--split",
-                   "index", "--split", "train", "--view", "gldv2c", "--batch-size", str(EMBED_BATCH),
-                   "--out", str(work / "ensemble" / "embeddings" / family)]
-        measure(f"embed_{family}", command)
+        measure(f"embed_{family}", embed_command(work, family, checkpoint))
     if ensemble:
         measure("ensemble", [sys.executable, "jobs/ensemble.py", "--config", str(config)])
     left_out = ["train", *(f"embed_{family}" for family in left_out_families), "ensemble"]
@@ -333,11 +361,13 @@ def exponents(runs: dict[str, dict]) -> dict[str, dict]:
 
 
 def recorded_runs(payload: dict, fractions: list[float], families: list[str], ensemble_up_to: float,
-                  train_up_to: float) -> tuple[dict[str, dict], tuple[str, ...]]:
+                  train_up_to: float, embeddings_only: bool = False) -> tuple[dict[str, dict], tuple[str, ...]]:
     """``--add-to``: the recorded runs as they were measured (extrapolated stages back to their rows alone, to be
     extrapolated again from the laws refitted over every fraction), and the recorded embed families that
     ``families`` leaves out, to be extrapolated at the added fractions. Refuses in one line what would mix two
-    setups: another machine, other limits, a fraction recorded already, or an ensemble of fewer families."""
+    setups: another machine, other limits, a fraction recorded already, or an ensemble of fewer families. With
+    ``embeddings_only`` (``--measure-embeddings``) each fraction must be recorded, with each of ``families``'
+    embeddings extrapolated there."""
     here = machine()
     if (payload["machine"]["cpu"], payload["machine"]["cores"]) != (here["cpu"], here["cores"]):
         raise SystemExit(f"--add-to: recorded on {payload['machine']['cores']} cores of {payload['machine']['cpu']}, "
@@ -345,6 +375,16 @@ def recorded_runs(payload: dict, fractions: list[float], families: list[str], en
     if (payload["train_up_to"], payload["ensemble_up_to"]) != (train_up_to, ensemble_up_to):
         raise SystemExit(f"--add-to: recorded with --train-up-to {payload['train_up_to']} --ensemble-up-to "
                          f"{payload['ensemble_up_to']}; pass the same")
+    if embeddings_only:
+        for f in fractions:
+            run = payload["runs"].get(str(f), {})
+            if not run:
+                raise SystemExit(f"--measure-embeddings: f = {f} is not recorded; run it with --add-to alone")
+            measured_there = [family for family in families if not run.get(f"embed_{family}", {}).get("extrapolated")]
+            if measured_there:
+                raise SystemExit(f"--measure-embeddings: at f = {f} the embeddings of {', '.join(measured_there)} "
+                                 f"were not extrapolated; name only extrapolated families in --families")
+        return as_measured(payload["runs"]), ()
     again = [f for f in fractions if str(f) in payload["runs"]]
     if again:
         raise SystemExit(f"--add-to: f = {', '.join(map(str, again))} recorded already; leave it out of --fractions")
@@ -429,7 +469,11 @@ def commit() -> str | None:
 
 
 def _added_text(added: dict) -> str:
-    """A sentence on fractions added to the recorded ones (``--add-to``)."""
+    """A sentence on fractions added to the recorded ones (``--add-to``), or on embeddings measured at a recorded one
+    where they had been extrapolated (``--measure-embeddings``)."""
+    if added.get("embeddings_only"):
+        return (f" At f = {', '.join(added['fractions'])} the embeddings of {', '.join(added['families'])}, "
+                f"extrapolated before, were measured later, at commit {added['commit']} (`{added['command']}`).")
     families = (f", embedding with {', '.join(added['families'])} alone ({', '.join(added['extrapolated_families'])} "
                 f"extrapolated there)" if added["extrapolated_families"] else "")
     return (f" f = {', '.join(added['fractions'])} was added later, at commit {added['commit']} "
@@ -493,6 +537,9 @@ def main() -> None:
                         help="a recorded results file (benchmarks/results/scale.json): its fractions kept as measured, "
                              "those of --fractions run and added, the laws fitted again over all; an embed family "
                              "it holds that --families leaves out is extrapolated at the added fractions")
+    parser.add_argument("--measure-embeddings", action="store_true",
+                        help="with --add-to: at fractions it holds, run only the embeddings of --families, which it "
+                             "extrapolated there, on the set in --work, and put them in place of the extrapolations")
     parser.add_argument("--refit", type=Path, metavar="RESULTS",
                         help="run no stage: fit the laws of a recorded results file again, and extrapolate the stages "
                              "it left out anew, with this version's method")
@@ -517,15 +564,26 @@ def main() -> None:
     payload = {"machine": machine(), "command": command, "train_up_to": args.train_up_to,
                "ensemble_up_to": args.ensemble_up_to, "limit": 1.15}
     runs, left_out = {}, ()
+    if args.measure_embeddings and not args.add_to:
+        parser.error("--measure-embeddings: give the recorded results with --add-to")
     if args.add_to:
         recorded = json.loads(args.add_to.read_text())
-        runs, left_out = recorded_runs(recorded, fractions, families, args.ensemble_up_to, args.train_up_to)
-        payload.update(command=recorded["command"], added=[*recorded.get("added", []), {
-            "command": command, "commit": commit(), "fractions": [str(f) for f in fractions], "families": families,
-            "extrapolated_families": list(left_out)}])
+        runs, left_out = recorded_runs(recorded, fractions, families, args.ensemble_up_to, args.train_up_to,
+                                       embeddings_only=args.measure_embeddings)
+        added = {"command": command, "commit": commit(), "fractions": [str(f) for f in fractions],
+                 "families": families}
+        if args.measure_embeddings:
+            added["embeddings_only"] = True
+        else:
+            added["extrapolated_families"] = list(left_out)
+        payload.update(command=recorded["command"], added=[*recorded.get("added", []), added])
     for f in fractions:
-        runs[str(f)] = run_fraction(f, args.work / f"f{f}", f <= args.train_up_to, f <= args.ensemble_up_to,
-                                    args.interval, families, left_out)
+        work = args.work / f"f{f}"
+        if args.measure_embeddings:
+            runs[str(f)].update(measure_embeddings(f, work, args.interval, families, runs[str(f)]))
+        else:
+            runs[str(f)] = run_fraction(f, work, f <= args.train_up_to, f <= args.ensemble_up_to, args.interval,
+                                        families, left_out)
     publish_fitted(payload, runs, args.out)
 
 

@@ -140,3 +140,57 @@ def test_refit_extrapolates_a_recorded_file_anew_without_running_a_stage(tmp_pat
     assert payload["runs"]["1.0"]["embed_dolg"] == {"rows": 10000, "wall_s": 1000.0, "cpu_s": 1000.0, "extrapolated": {
         "from_fractions": ["0.01", "0.03", "0.1"], "time_exponent": 1.0, "cpu_exponent": 1.0}}
     assert "| embed_dolg (extrapolated) | 1.0 | 10,000 | 1000.0 |" in section
+
+
+def test_embeddings_extrapolated_at_a_recorded_fraction_are_measured_there_alone_and_replace_the_extrapolation(
+    tmp_path, monkeypatch
+):
+    """``--measure-embeddings``: at a recorded fraction, only the named families' embed stages run, on the recorded
+    set, and their figures replace the extrapolated ones; the other stages stay as recorded (extrapolated ones come
+    again from the refitted laws). A family measured there already, or a fraction not recorded, is refused."""
+    import sys
+
+    from benchmarks import scale
+    from benchmarks.results_io import machine
+
+    def stage(rows, seconds):
+        return {"rows": rows, "wall_s": seconds, "cpu_s": seconds}
+
+    extrapolated = {"rows": 10000, "wall_s": 9.0, "cpu_s": 9.0, "extrapolated": {"from_fractions": ["0.01", "0.1"]}}
+    runs = {"0.01": {"embed_dolg": stage(100, 2.0), "embed_efficientnet": stage(100, 2.0)},
+            "0.1": {"embed_dolg": stage(1000, 10.0), "embed_efficientnet": stage(1000, 10.0)},
+            "1.0": {"embed_dolg": stage(10000, 50.0), "embed_efficientnet": extrapolated}}
+    recorded = tmp_path / "recorded.json"
+    recorded.write_text(json.dumps({"machine": machine(), "command": "python -m benchmarks.scale", "train_up_to": 0.03,
+                                    "ensemble_up_to": 0.03, "limit": 1.15, "runs": runs}))
+    commands = []
+    monkeypatch.setattr(scale, "write_set", lambda fraction, root, log, interval: {"counts": {
+        "test_images": 1000, "index_images": 2000, "clean_images": 7000}})
+    monkeypatch.setattr(scale, "checkpoints_of", lambda work, root, trained, families: {
+        family: str(work / "checkpoints" / family) for family in families})
+    monkeypatch.setattr(scale, "run_stage", lambda command, log, interval: commands.append(command) or {
+        "wall_s": 80.0, "cpu_s": 70.0})
+
+    def main(*args):
+        monkeypatch.setattr(sys, "argv", ["scale", "--add-to", str(recorded), "--fractions", "1",
+                                          "--measure-embeddings", "--work", str(tmp_path / "work"), "--out",
+                                          str(tmp_path / "out"), *args])
+        scale.main()
+
+    main("--families", "efficientnet")
+    assert len(commands) == 1 and commands[0][1] == "jobs/embed.py"
+    assert commands[0][commands[0].index("--checkpoint") + 1] == str(tmp_path / "work" / "f1.0" / "checkpoints"
+                                                                     / "efficientnet")
+    payload, section = written(tmp_path / "out", "scale")
+    assert payload["runs"]["1.0"] == {"embed_dolg": stage(10000, 50.0),
+                                      "embed_efficientnet": {"wall_s": 80.0, "cpu_s": 70.0, "rows": 10000}}
+    assert payload["added"][-1]["embeddings_only"] and payload["added"][-1]["families"] == ["efficientnet"]
+    assert "At f = 1.0 the embeddings of efficientnet, extrapolated before, were measured later, at commit" \
+        in " ".join(section.split())
+    assert "| embed_efficientnet | 1.0 | 10,000 | 80.0 | 70.0 |" in section
+
+    for args, message in [(["--families", "dolg"], "at f = 1.0 the embeddings of dolg were not extrapolated"),
+                          (["--families", "efficientnet", "--fractions", "0.3"], "f = 0.3 is not recorded")]:
+        with pytest.raises(SystemExit, match=message):
+            main(*args)
+    assert len(commands) == 1
