@@ -1,5 +1,6 @@
-"""Exactly once per epoch across resumes: a train stream's ledger of trained rows, and a train stream that leaves out the rows a
-resumed epoch trained before its checkpoint (ranged and streamed reads, decoded by Ray Data or by the workers)."""
+"""Exactly once per epoch across resumes: a train stream's ledger of trained rows, and a train stream that leaves out
+the rows a resumed epoch trained before its checkpoint (ranged and streamed reads, decoded by Ray Data or by the
+workers)."""
 
 from __future__ import annotations
 

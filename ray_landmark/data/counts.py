@@ -1,8 +1,8 @@
 """What the read and decode tasks of a stream saw, by reason, summed in a small actor. It imports only Ray and
 ``progress``: the actor is a process of its own, and a module that pulled in torch would cost it seconds of imports.
 
-One actor serves every stream a process makes in one Ray session, each stream a tally of its own
-(``stream_counter``, ``progress.bookkeeping_actor``): a job makes several streams (train, eval, each split it embeds)."""
+One actor serves every stream a process makes in one Ray session, each stream a tally of its own (``stream_counter``,
+``progress.bookkeeping_actor``): a job makes several streams (train, eval, each split it embeds)."""
 
 from __future__ import annotations
 

@@ -98,7 +98,8 @@ class Training:
     progress: Progress  # finished epochs, optimizer steps in all and in the current epoch
     resumed: bool
     notices: "CompileNotices"
-    # The train rows of this rank's optimizer steps since the last report, on the device: the stream's ledger learns them then.
+    # The train rows of this rank's optimizer steps since the last report, on the device: the stream's ledger learns
+    # them then.
     trained_rows: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -249,8 +250,8 @@ def _barrier() -> None:
 
 
 def _tell_epoch_rows(worker: Worker, training: Training) -> None:
-    """Every rank hands the rows its steps trained since the last report to the stream's ledger, and waits for all ranks to
-    have done so: after this, rank 0's ledger is complete."""
+    """Every rank hands the rows its steps trained since the last report to the stream's ledger, and waits for all
+    ranks to have done so: after this, rank 0's ledger is complete."""
     epoch_rows = worker.inputs.epoch_rows
     if epoch_rows is None:
         return
