@@ -274,11 +274,19 @@ def embed_command(work: Path, family: str, checkpoint: str) -> list[str]:
 
 
 def measure_embeddings(fraction: float, work: Path, interval: float, families: list[str], recorded: dict) -> dict:
-    """``--measure-embeddings``: the embed stages of ``families`` alone at a recorded fraction, on its set (reused
-    when complete, else written again), with new random-weight checkpoints: {stage: measures with its rows}. The
-    recorded run's other stages, their logs and outputs are left as they are."""
+    """``--measure-embeddings``: the embed stages of ``families`` alone at a recorded fraction, on the complete,
+    prepared set in ``work`` (refused where there is none: writing and preparing it is the recorded run's part), with
+    new random-weight checkpoints: {stage: measures with its rows}. The recorded run's other stages, their logs and
+    outputs are left as they are."""
+    from ray_landmark.data.metadata import SUMMARY_FILE
+
     root, logs = work / "gldv2", work / "logs"
-    counts = write_set(fraction, root, logs / "write_set_again.log", interval)["counts"]
+    marker = root / "synthetic_scale.json"
+    written = json.loads(marker.read_text()) if marker.is_file() else {}
+    if not written.get("complete") or not (root / "manifest" / SUMMARY_FILE).is_file():
+        raise SystemExit(f"--measure-embeddings: no complete, prepared set at {root}; give the --work of the recorded "
+                         f"run")
+    counts = written["summary"]["counts"]
     rows = counts["test_images"] + counts["index_images"] + counts["clean_images"]
     stages = {}
     for family in families:

@@ -147,7 +147,8 @@ def test_embeddings_extrapolated_at_a_recorded_fraction_are_measured_there_alone
 ):
     """``--measure-embeddings``: at a recorded fraction, only the named families' embed stages run, on the recorded
     set, and their figures replace the extrapolated ones; the other stages stay as recorded (extrapolated ones come
-    again from the refitted laws). A family measured there already, or a fraction not recorded, is refused."""
+    again from the refitted laws). No prepared set there, a family measured there already, or a fraction not recorded
+    is refused."""
     import sys
 
     from benchmarks import scale
@@ -164,8 +165,10 @@ def test_embeddings_extrapolated_at_a_recorded_fraction_are_measured_there_alone
     recorded.write_text(json.dumps({"machine": machine(), "command": "python -m benchmarks.scale", "train_up_to": 0.03,
                                     "ensemble_up_to": 0.03, "limit": 1.15, "runs": runs}))
     commands = []
-    monkeypatch.setattr(scale, "write_set", lambda fraction, root, log, interval: {"counts": {
-        "test_images": 1000, "index_images": 2000, "clean_images": 7000}})
+    root = tmp_path / "work" / "f1.0" / "gldv2"
+    (root / "manifest").mkdir(parents=True)
+    (root / "synthetic_scale.json").write_text(json.dumps({"complete": True, "summary": {"counts": {
+        "test_images": 1000, "index_images": 2000, "clean_images": 7000}}}))
     monkeypatch.setattr(scale, "checkpoints_of", lambda work, root, trained, families: {
         family: str(work / "checkpoints" / family) for family in families})
     monkeypatch.setattr(scale, "run_stage", lambda command, log, interval: commands.append(command) or {
@@ -177,6 +180,9 @@ def test_embeddings_extrapolated_at_a_recorded_fraction_are_measured_there_alone
                                           str(tmp_path / "out"), *args])
         scale.main()
 
+    with pytest.raises(SystemExit, match=f"no complete, prepared set at {root}; give the --work of the recorded run"):
+        main("--families", "efficientnet")  # the set is there, its manifests are not
+    (root / "manifest" / "summary.json").write_text("{}")
     main("--families", "efficientnet")
     assert len(commands) == 1 and commands[0][1] == "jobs/embed.py"
     assert commands[0][commands[0].index("--checkpoint") + 1] == str(tmp_path / "work" / "f1.0" / "checkpoints"
