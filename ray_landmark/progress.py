@@ -84,14 +84,22 @@ class ProgressLine:
 
 
 def on_this_node() -> dict:
-    """Actor options that keep a job's small bookkeeping actors (the console relay, the sample counter) on the node of
-    the process that creates them: they live and die with the driver, not with a worker node that may be lost."""
+    """Actor options that keep a job's small bookkeeping actors (the console relay, the sample counter, the epoch
+    ledgers) on the node of the process that creates them: they live and die with the driver, not with a worker node
+    that may be lost."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
 
 
-_bookkeeping: dict[tuple, "ray.actor.ActorHandle"] = {}  # (actor class, Ray session, node) -> this process's actor
+def ray_job() -> tuple[str, str, str]:
+    """This process's Ray session and job: (GCS address, node, job id). A Ray started anew, or the same cluster joined
+    again after ``ray.shutdown()``, is another job, whose actors the last one's are not."""
+    context = ray.get_runtime_context()
+    return context.gcs_address, context.get_node_id(), context.get_job_id()
+
+
+_bookkeeping: dict[tuple, "ray.actor.ActorHandle"] = {}  # (actor class, Ray session, job) -> this process's actor
 
 
 def bookkeeping_actor(actor_class) -> "ray.actor.ActorHandle":
@@ -99,8 +107,7 @@ def bookkeeping_actor(actor_class) -> "ray.actor.ActorHandle":
     Ray session, started on first use on this node (``on_this_node``). Every stream and run the process makes shares
     it: each actor is a process of its own, whose start cost about 1.4 CPU-seconds per stream or run when each had
     its own."""
-    context = ray.get_runtime_context()
-    key = (actor_class, context.gcs_address, context.get_node_id())  # a Ray started anew is another session
+    key = (actor_class, *ray_job())
     if key not in _bookkeeping:
         _bookkeeping[key] = actor_class.options(**on_this_node()).remote()
     return _bookkeeping[key]

@@ -9,7 +9,7 @@ import pytest
 
 from ray_landmark.data import gldv2
 from ray_landmark.data.config import DataConfig
-from ray_landmark.data.epoch_rows import EpochLedger, is_set, stream_rows
+from ray_landmark.data.epoch_rows import EpochLedger, ForgottenStream, is_set, stream_rows
 from ray_landmark.data.metadata import open_manifest
 from ray_landmark.data.pipeline import TRAINED_EARLIER, train_stream
 
@@ -51,8 +51,10 @@ def test_a_processs_streams_share_one_actor_each_with_a_ledger_of_its_own_forgot
     actor, stream = second.actor, second.stream
     del second
     gc.collect()
-    with pytest.raises(KeyError):  # the actor's calls from this process run in order: the forgetting first
+    # The actor's calls from this process run in order: the forgetting first.
+    with pytest.raises(ForgottenStream, match=f"train stream {stream}: its ledger was dropped once the process"):
         ray.get(actor.totals.remote(stream))
+    assert ray.get(actor.excluded_rows.remote(stream)) is None  # a block made again from its lineage leaves none out
     assert first.totals()["trained"] == 2
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
-from ray_landmark.progress import bookkeeping_actor
+from ray_landmark.progress import bookkeeping_actor, ray_job
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,10 @@ class TrainedRows:
         return {"trained": int(self.trained.sum()), "trained_twice": self.trained_twice}
 
 
+class ForgottenStream(LookupError):
+    """A call for a stream whose driver no longer holds it: nothing trains from that stream any more."""
+
+
 @ray.remote(num_cpus=0)
 class EpochRows:
     """The ``TrainedRows`` of each train stream that one process made, by stream."""
@@ -94,20 +98,28 @@ class EpochRows:
     def close(self, stream: str) -> None:
         self.streams.pop(stream, None)
 
+    def _of(self, stream: str) -> TrainedRows:
+        if stream not in self.streams:
+            raise ForgottenStream(f"train stream {stream}: its ledger was dropped once the process that made the "
+                                  f"stream no longer held it; make the stream again (data.pipeline.train_stream)")
+        return self.streams[stream]
+
     def start_epoch(self, stream: str, ledger: EpochLedger | None) -> str | None:
-        return self.streams[stream].start_epoch(ledger)
+        return self._of(stream).start_epoch(ledger)
 
     def add(self, stream: str, rows: np.ndarray) -> None:
-        self.streams[stream].add(rows)
+        self._of(stream).add(rows)
 
     def ledger(self, stream: str) -> EpochLedger:
-        return self.streams[stream].ledger()
+        return self._of(stream).ledger()
 
     def excluded_rows(self, stream: str) -> np.ndarray | None:
-        return self.streams[stream].excluded
+        # A read task of a stream already dropped (a block Ray Data makes again from its lineage): nothing trains from
+        # it any more, so it leaves nothing out.
+        return self.streams[stream].excluded if stream in self.streams else None
 
     def totals(self, stream: str) -> dict[str, int]:
-        return self.streams[stream].totals()
+        return self._of(stream).totals()
 
 
 @dataclass(frozen=True)
@@ -142,12 +154,13 @@ def stream_rows(rows: int, digest: str) -> StreamRows:
     actor = bookkeeping_actor(EpochRows)
     stream = StreamRows(actor, uuid.uuid4().hex)
     ray.get(actor.open.remote(stream.stream, rows, digest))
-    weakref.finalize(stream, _forget, actor, stream.stream).atexit = False
+    weakref.finalize(stream, _forget, actor, stream.stream, ray_job()).atexit = False
     return stream
 
 
-def _forget(actor, stream: str) -> None:
-    if ray.is_initialized():  # not after Ray's shutdown, when the actor is gone with it
+def _forget(actor, stream: str, job: tuple[str, str, str]) -> None:
+    # Not after Ray's shutdown, nor in a later Ray job of this process: the actor went with its job.
+    if ray.is_initialized() and ray_job() == job:
         actor.close.remote(stream)
 
 

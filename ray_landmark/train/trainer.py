@@ -111,6 +111,7 @@ def fit(
     data = data or load_training_data(cfg)
     forget_ray_checkpoint_list(cfg)
     console = bookkeeping_actor(ConsoleRelay)
+    ray.get(console.drain.remote())  # lines a run of this process posted after its end belong to no run now
     trainer = build_trainer(cfg, data, console, on_step=on_step, train_dataset=train_dataset, callbacks=callbacks,
                             data_cpus=data_cpus)
     try:
