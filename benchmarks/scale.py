@@ -288,12 +288,13 @@ def measure_embeddings(fraction: float, work: Path, interval: float, families: l
                          f"run")
     counts = written["summary"]["counts"]
     rows = counts["test_images"] + counts["index_images"] + counts["clean_images"]
+    other = {recorded[f"embed_{family}"]["rows"] for family in families} - {rows}
+    if other:  # before any stage runs
+        raise SystemExit(f"--measure-embeddings: the set at {root} has {rows:,} images to embed, the recorded run "
+                         f"{other.pop():,}; give its --work")
     stages = {}
     for family in families:
         stage = f"embed_{family}"
-        if rows != recorded[stage]["rows"]:
-            raise SystemExit(f"--measure-embeddings: the set at {root} has {rows:,} images to embed, the recorded "
-                             f"run {recorded[stage]['rows']:,}; give its --work")
         shutil.rmtree(work / "checkpoints" / family, ignore_errors=True)
         shutil.rmtree(work / "ensemble" / "embeddings" / family, ignore_errors=True)
         checkpoint = checkpoints_of(work, root, False, [family])[family]

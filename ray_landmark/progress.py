@@ -104,9 +104,9 @@ _bookkeeping: dict[tuple, "ray.actor.ActorHandle"] = {}  # (actor class, Ray ses
 
 def bookkeeping_actor(actor_class) -> "ray.actor.ActorHandle":
     """This process's one ``actor_class`` actor (``ConsoleRelay``, ``SampleCounter``, ``EpochRows``) for the current
-    Ray session, started on first use on this node (``on_this_node``). Every stream and run the process makes shares
-    it: each actor is a process of its own, whose start cost about 1.4 CPU-seconds per stream or run when each had
-    its own."""
+    Ray job (``ray_job``), started on first use on this node (``on_this_node``). Every stream and run the process
+    makes shares it: each actor is a process of its own, whose start cost about 1.4 CPU-seconds per stream or run
+    when each had its own."""
     key = (actor_class, *ray_job())
     if key not in _bookkeeping:
         _bookkeeping[key] = actor_class.options(**on_this_node()).remote()

@@ -195,6 +195,11 @@ def test_embeddings_extrapolated_at_a_recorded_fraction_are_measured_there_alone
         in " ".join(section.split())
     assert "| embed_efficientnet | 1.0 | 10,000 | 80.0 | 70.0 |" in section
 
+    marker = root / "synthetic_scale.json"
+    marker.write_text(json.dumps({"complete": True, "summary": {"counts": {
+        "test_images": 1000, "index_images": 2000, "clean_images": 6000}}}))
+    with pytest.raises(SystemExit, match="the set at .* has 9,000 images to embed, the recorded run 10,000; give its"):
+        main("--families", "efficientnet")  # a set of another fraction: refused before any stage runs
     for args, message in [(["--families", "dolg"], "at f = 1.0 the embeddings of dolg were not extrapolated"),
                           (["--families", "efficientnet", "--fractions", "0.3"], "f = 0.3 is not recorded")]:
         with pytest.raises(SystemExit, match=message):
