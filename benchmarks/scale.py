@@ -273,25 +273,34 @@ def embed_command(work: Path, family: str, checkpoint: str) -> list[str]:
             "--out", str(work / "ensemble" / "embeddings" / family)]
 
 
-def measure_embeddings(fraction: float, work: Path, interval: float, families: list[str], recorded: dict) -> dict:
-    """``--measure-embeddings``: the embed stages of ``families`` alone at a recorded fraction, on the complete,
-    prepared set in ``work`` (refused where there is none: writing and preparing it is the recorded run's part), with
-    new random-weight checkpoints: {stage: measures with its rows}. The recorded run's other stages, their logs and
-    outputs are left as they are."""
+def recorded_set(work: Path, option: str) -> tuple[Path, int]:
+    """The complete, prepared set in a recorded run's ``work`` and its images to embed (test, index, GLDv2c); refused
+    in one line naming ``option`` where there is none: writing and preparing it is the recorded run's part."""
     from ray_landmark.data.metadata import SUMMARY_FILE
 
-    root, logs = work / "gldv2", work / "logs"
+    root = work / "gldv2"
     marker = root / "synthetic_scale.json"
     written = json.loads(marker.read_text()) if marker.is_file() else {}
     if not written.get("complete") or not (root / "manifest" / SUMMARY_FILE).is_file():
-        raise SystemExit(f"--measure-embeddings: no complete, prepared set at {root}; give the --work of the recorded "
-                         f"run")
+        raise SystemExit(f"{option}: no complete, prepared set at {root}; give the --work of the recorded run")
     counts = written["summary"]["counts"]
-    rows = counts["test_images"] + counts["index_images"] + counts["clean_images"]
-    other = {recorded[f"embed_{family}"]["rows"] for family in families} - {rows}
-    if other:  # before any stage runs
-        raise SystemExit(f"--measure-embeddings: the set at {root} has {rows:,} images to embed, the recorded run "
+    return root, counts["test_images"] + counts["index_images"] + counts["clean_images"]
+
+
+def check_rows(option: str, root: Path, rows: int, recorded: list[int]) -> None:
+    """Refuse a set whose images to embed are not the recorded run's, before any stage runs."""
+    other = set(recorded) - {rows}
+    if other:
+        raise SystemExit(f"{option}: the set at {root} has {rows:,} images to embed, the recorded run "
                          f"{other.pop():,}; give its --work")
+
+
+def measure_embeddings(fraction: float, work: Path, interval: float, families: list[str], recorded: dict) -> dict:
+    """``--measure-embeddings``: the embed stages of ``families`` alone at a recorded fraction, on the complete,
+    prepared set in ``work``, with new random-weight checkpoints: {stage: measures with its rows}. The recorded run's
+    other stages, their logs and outputs are left as they are."""
+    root, rows = recorded_set(work, "--measure-embeddings")
+    check_rows("--measure-embeddings", root, rows, [recorded[f"embed_{family}"]["rows"] for family in families])
     stages = {}
     for family in families:
         stage = f"embed_{family}"
@@ -299,9 +308,37 @@ def measure_embeddings(fraction: float, work: Path, interval: float, families: l
         shutil.rmtree(work / "ensemble" / "embeddings" / family, ignore_errors=True)
         checkpoint = checkpoints_of(work, root, False, [family])[family]
         print(f"[scale] f={fraction}: {stage}", flush=True)
-        stages[stage] = {**run_stage(embed_command(work, family, checkpoint), logs / f"{stage}.log", interval),
-                         "rows": rows}
+        stages[stage] = {**run_stage(embed_command(work, family, checkpoint), work / "logs" / f"{stage}.log",
+                                     interval), "rows": rows}
     return stages
+
+
+def measure_ensemble(fraction: float, work: Path, interval: float, recorded: dict) -> dict:
+    """``--measure-ensemble``: the ensemble stage alone at a recorded fraction, on the recorded run's set, config and
+    embeddings in ``work``, which it reuses (refused where one is missing, and failed if the job embedded anything:
+    its figures would not be the ensemble's): the stage's measures with its rows, and the figures it replaces under
+    ``before`` where they were measured."""
+    import yaml
+
+    root, rows = recorded_set(work, "--measure-ensemble")
+    check_rows("--measure-ensemble", root, rows, [recorded["rows"]])
+    config = work / "ensemble.yaml"
+    families = [m["name"] for m in yaml.safe_load(config.read_text())["models"]] if config.is_file() else []
+    missing = [f for f in families if not (work / "ensemble" / "embeddings" / f).is_dir()]
+    if not families or missing:
+        raise SystemExit(f"--measure-ensemble: {config if not families else 'the embeddings of ' + ', '.join(missing)}"
+                         f" missing in {work}; give the --work of the recorded run, whose embed stages made them")
+    print(f"[scale] f={fraction}: ensemble", flush=True)
+    log = work / "logs" / "ensemble.log"
+    stage = {**run_stage([sys.executable, "jobs/ensemble.py", "--config", str(config)], log, interval), "rows": rows}
+    reused = log.read_text().count("was embedded earlier with ")
+    if reused != len(families):
+        raise SystemExit(f"--measure-ensemble: the ensemble job at f = {fraction} reused the embeddings of {reused} "
+                         f"of {len(families)} models and embedded the others, so its figures are not the "
+                         f"ensemble's alone; see {log}")
+    if measured(recorded):
+        stage["before"] = {key: recorded[key] for key in ("wall_s", "cpu_s") if key in recorded}
+    return stage
 
 
 def run_fraction(fraction: float, work: Path, train: bool, ensemble: bool, interval: float,
@@ -370,13 +407,13 @@ def exponents(runs: dict[str, dict]) -> dict[str, dict]:
 
 
 def recorded_runs(payload: dict, fractions: list[float], families: list[str], ensemble_up_to: float,
-                  train_up_to: float, embeddings_only: bool = False) -> tuple[dict[str, dict], tuple[str, ...]]:
+                  train_up_to: float, remeasure: str | None = None) -> tuple[dict[str, dict], tuple[str, ...]]:
     """``--add-to``: the recorded runs as they were measured (extrapolated stages back to their rows alone, to be
     extrapolated again from the laws refitted over every fraction), and the recorded embed families that
     ``families`` leaves out, to be extrapolated at the added fractions. Refuses in one line what would mix two
-    setups: another machine, other limits, a fraction recorded already, or an ensemble of fewer families. With
-    ``embeddings_only`` (``--measure-embeddings``) each fraction must be recorded, with each of ``families``'
-    embeddings extrapolated there."""
+    setups: another machine, other limits, a fraction recorded already, or an ensemble of fewer families. To
+    ``remeasure`` (``embeddings``: ``--measure-embeddings``, ``ensemble``: ``--measure-ensemble``) each fraction must
+    be recorded, with each of ``families``' embeddings extrapolated there for the embeddings."""
     here = machine()
     if (payload["machine"]["cpu"], payload["machine"]["cores"]) != (here["cpu"], here["cores"]):
         raise SystemExit(f"--add-to: recorded on {payload['machine']['cores']} cores of {payload['machine']['cpu']}, "
@@ -384,13 +421,13 @@ def recorded_runs(payload: dict, fractions: list[float], families: list[str], en
     if (payload["train_up_to"], payload["ensemble_up_to"]) != (train_up_to, ensemble_up_to):
         raise SystemExit(f"--add-to: recorded with --train-up-to {payload['train_up_to']} --ensemble-up-to "
                          f"{payload['ensemble_up_to']}; pass the same")
-    if embeddings_only:
+    if remeasure:
         for f in fractions:
             run = payload["runs"].get(str(f), {})
             if not run:
-                raise SystemExit(f"--measure-embeddings: f = {f} is not recorded; run it with --add-to alone")
+                raise SystemExit(f"--measure-{remeasure}: f = {f} is not recorded; run it with --add-to alone")
             measured_there = [family for family in families if not run.get(f"embed_{family}", {}).get("extrapolated")]
-            if measured_there:
+            if remeasure == "embeddings" and measured_there:
                 raise SystemExit(f"--measure-embeddings: at f = {f} the embeddings of {', '.join(measured_there)} "
                                  f"were not extrapolated; name only extrapolated families in --families")
         return as_measured(payload["runs"]), ()
@@ -478,11 +515,17 @@ def commit() -> str | None:
 
 
 def _added_text(added: dict) -> str:
-    """A sentence on fractions added to the recorded ones (``--add-to``), or on embeddings measured at a recorded one
-    where they had been extrapolated (``--measure-embeddings``)."""
+    """A sentence on fractions added to the recorded ones (``--add-to``), on embeddings measured at a recorded one
+    where they had been extrapolated (``--measure-embeddings``), or on the ensemble measured again there
+    (``--measure-ensemble``)."""
     if added.get("embeddings_only"):
         return (f" At f = {', '.join(added['fractions'])} the embeddings of {', '.join(added['families'])}, "
                 f"extrapolated before, were measured later, at commit {added['commit']} (`{added['command']}`).")
+    if "ensemble_before" in added:
+        before = "; ".join(f"f = {f}: {'extrapolated' if wall is None else f'{wall} s'} before"
+                           for f, wall in added["ensemble_before"].items())
+        return (f" The ensemble at f = {', '.join(added['fractions'])} was measured again later, at commit "
+                f"{added['commit']} (`{added['command']}`), with the code of that commit ({before}).")
     families = (f", embedding with {', '.join(added['families'])} alone ({', '.join(added['extrapolated_families'])} "
                 f"extrapolated there)" if added["extrapolated_families"] else "")
     return (f" f = {', '.join(added['fractions'])} was added later, at commit {added['commit']} "
@@ -549,6 +592,10 @@ def main() -> None:
     parser.add_argument("--measure-embeddings", action="store_true",
                         help="with --add-to: at fractions it holds, run only the embeddings of --families, which it "
                              "extrapolated there, on the set in --work, and put them in place of the extrapolations")
+    parser.add_argument("--measure-ensemble", action="store_true",
+                        help="with --add-to: at fractions it holds, run only the ensemble again, on the set, config "
+                             "and embeddings in --work, and put its figures in place of the recorded ones (kept under "
+                             "before)")
     parser.add_argument("--refit", type=Path, metavar="RESULTS",
                         help="run no stage: fit the laws of a recorded results file again, and extrapolate the stages "
                              "it left out anew, with this version's method")
@@ -573,16 +620,23 @@ def main() -> None:
     payload = {"machine": machine(), "command": command, "train_up_to": args.train_up_to,
                "ensemble_up_to": args.ensemble_up_to, "limit": 1.15}
     runs, left_out = {}, ()
-    if args.measure_embeddings and not args.add_to:
-        parser.error("--measure-embeddings: give the recorded results with --add-to")
+    remeasure = "embeddings" if args.measure_embeddings else "ensemble" if args.measure_ensemble else None
+    if args.measure_embeddings and args.measure_ensemble:
+        parser.error("--measure-embeddings and --measure-ensemble: one at a time")
+    if remeasure and not args.add_to:
+        parser.error(f"--measure-{remeasure}: give the recorded results with --add-to")
     if args.add_to:
         recorded = json.loads(args.add_to.read_text())
         runs, left_out = recorded_runs(recorded, fractions, families, args.ensemble_up_to, args.train_up_to,
-                                       embeddings_only=args.measure_embeddings)
+                                       remeasure=remeasure)
         added = {"command": command, "commit": commit(), "fractions": [str(f) for f in fractions],
                  "families": families}
         if args.measure_embeddings:
             added["embeddings_only"] = True
+        elif args.measure_ensemble:
+            added["ensemble_before"] = {str(f): recorded["runs"][str(f)].get("ensemble", {}).get("wall_s")
+                                        if measured(recorded["runs"][str(f)].get("ensemble", {})) else None
+                                        for f in fractions}
         else:
             added["extrapolated_families"] = list(left_out)
         payload.update(command=recorded["command"], added=[*recorded.get("added", []), added])
@@ -590,6 +644,8 @@ def main() -> None:
         work = args.work / f"f{f}"
         if args.measure_embeddings:
             runs[str(f)].update(measure_embeddings(f, work, args.interval, families, runs[str(f)]))
+        elif args.measure_ensemble:
+            runs[str(f)]["ensemble"] = measure_ensemble(f, work, args.interval, recorded["runs"][str(f)]["ensemble"])
         else:
             runs[str(f)] = run_fraction(f, work, f <= args.train_up_to, f <= args.ensemble_up_to, args.interval,
                                         families, left_out)

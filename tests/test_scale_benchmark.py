@@ -205,3 +205,71 @@ def test_embeddings_extrapolated_at_a_recorded_fraction_are_measured_there_alone
         with pytest.raises(SystemExit, match=message):
             main(*args)
     assert len(commands) == 1
+
+
+def test_the_ensemble_measured_again_at_a_recorded_fraction_replaces_its_figures_and_keeps_the_ones_before(
+    tmp_path, monkeypatch
+):
+    """``--measure-ensemble``: at a recorded fraction only the ensemble job runs, on the recorded run's set, config and
+    embeddings, which it must reuse; its figures replace the recorded ones (kept under ``before``) and the laws are
+    fitted again. A missing embedding, or a job that embedded anew, is refused in one line."""
+    import sys
+
+    import yaml
+
+    from benchmarks import scale
+    from benchmarks.results_io import machine
+
+    def stage(rows, seconds):
+        return {"rows": rows, "wall_s": seconds, "cpu_s": seconds}
+
+    runs = {"0.01": {"embed_dolg": stage(100, 2.0), "ensemble": stage(100, 4.0)},
+            "0.03": {"embed_dolg": stage(300, 6.0), "ensemble": stage(300, 36.0)},
+            "0.1": {"embed_dolg": stage(1000, 20.0), "ensemble": {"rows": 1000, "wall_s": 400.0, "cpu_s": 400.0,
+                                                                  "extrapolated": {"from_fractions": ["0.01", "0.03"]}}}}
+    recorded = tmp_path / "recorded.json"
+    recorded.write_text(json.dumps({"machine": machine(), "command": "python -m benchmarks.scale", "train_up_to": 0.03,
+                                    "ensemble_up_to": 0.03, "limit": 1.15, "runs": runs}))
+    work = tmp_path / "work" / "f0.03"
+    (work / "gldv2" / "manifest").mkdir(parents=True)
+    (work / "gldv2" / "manifest" / "summary.json").write_text("{}")
+    (work / "gldv2" / "synthetic_scale.json").write_text(json.dumps({"complete": True, "summary": {"counts": {
+        "test_images": 30, "index_images": 70, "clean_images": 200}}}))
+    (work / "ensemble.yaml").write_text(yaml.safe_dump({"models": [{"name": "dolg"}, {"name": "efficientnet"}]}))
+    (work / "ensemble" / "embeddings" / "dolg").mkdir(parents=True)
+    commands, reused = [], []
+
+    def run_stage(command, log, interval):
+        commands.append(command)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(f"[embed] {m}: every shard was embedded earlier with x; reused\n" for m in reused))
+        return {"wall_s": 12.0, "cpu_s": 11.0}
+
+    monkeypatch.setattr(scale, "run_stage", run_stage)
+
+    def main():
+        monkeypatch.setattr(sys, "argv", ["scale", "--add-to", str(recorded), "--fractions", "0.03",
+                                          "--measure-ensemble", "--work", str(tmp_path / "work"), "--out",
+                                          str(tmp_path / "out")])
+        scale.main()
+
+    with pytest.raises(SystemExit, match=f"the embeddings of efficientnet missing in {work}; give the --work"):
+        main()
+    assert not commands
+    (work / "ensemble" / "embeddings" / "efficientnet").mkdir()
+    reused[:] = ["dolg"]
+    with pytest.raises(SystemExit, match=r"reused the embeddings of 1 of 2 models and embedded the others"):
+        main()
+    reused[:] = ["dolg", "efficientnet"]
+    main()
+    assert commands[-1][1:3] == ["jobs/ensemble.py", "--config"] and commands[-1][3] == str(work / "ensemble.yaml")
+    payload, section = written(tmp_path / "out", "scale")
+    assert payload["runs"]["0.03"]["ensemble"] == {"wall_s": 12.0, "cpu_s": 11.0, "rows": 300,
+                                                   "before": {"wall_s": 36.0, "cpu_s": 36.0}}
+    assert payload["runs"]["0.01"]["ensemble"] == stage(100, 4.0)
+    # The law refitted from the new figure: 4 s -> 12 s for 3x the rows, so b = 1 and f = 0.1 extrapolates to 40 s.
+    assert payload["exponents"]["ensemble"]["time"] == 1.0
+    assert payload["runs"]["0.1"]["ensemble"]["wall_s"] == 40.0
+    assert payload["added"][-1]["ensemble_before"] == {"0.03": 36.0}
+    assert "The ensemble at f = 0.03 was measured again later, at commit" in " ".join(section.split())
+    assert "(f = 0.03: 36.0 s before)" in " ".join(section.split())
