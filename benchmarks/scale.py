@@ -273,9 +273,9 @@ def embed_command(work: Path, family: str, checkpoint: str) -> list[str]:
             "--out", str(work / "ensemble" / "embeddings" / family)]
 
 
-def recorded_set(work: Path, option: str) -> tuple[Path, int]:
-    """The complete, prepared set in a recorded run's ``work`` and its images to embed (test, index, GLDv2c); refused
-    in one line naming ``option`` where there is none: writing and preparing it is the recorded run's part."""
+def recorded_set(work: Path, option: str) -> tuple[Path, dict]:
+    """The complete, prepared set in a recorded run's ``work`` and its counts; refused in one line naming ``option``
+    where there is none: writing and preparing it is the recorded run's part."""
     from ray_landmark.data.metadata import SUMMARY_FILE
 
     root = work / "gldv2"
@@ -283,23 +283,46 @@ def recorded_set(work: Path, option: str) -> tuple[Path, int]:
     written = json.loads(marker.read_text()) if marker.is_file() else {}
     if not written.get("complete") or not (root / "manifest" / SUMMARY_FILE).is_file():
         raise SystemExit(f"{option}: no complete, prepared set at {root}; give the --work of the recorded run")
-    counts = written["summary"]["counts"]
-    return root, counts["test_images"] + counts["index_images"] + counts["clean_images"]
+    return root, written["summary"]["counts"]
+
+
+def embedded_rows(counts: dict) -> int:
+    """The images the embed stages and the ensemble take: test, index and the GLDv2c gallery."""
+    return counts["test_images"] + counts["index_images"] + counts["clean_images"]
 
 
 def check_rows(option: str, root: Path, rows: int, recorded: list[int]) -> None:
-    """Refuse a set whose images to embed are not the recorded run's, before any stage runs."""
+    """Refuse a set whose rows for the stage are not the recorded run's, before any stage runs."""
     other = set(recorded) - {rows}
     if other:
-        raise SystemExit(f"{option}: the set at {root} has {rows:,} images to embed, the recorded run "
+        raise SystemExit(f"{option}: the set at {root} has {rows:,} images for the stage, the recorded run "
                          f"{other.pop():,}; give its --work")
+
+
+def with_before(stage: dict, recorded: dict) -> dict:
+    """A stage measured again, with the recorded figures it replaces under ``before`` where they were measured."""
+    if measured(recorded):
+        stage["before"] = {key: recorded[key] for key in ("wall_s", "cpu_s") if key in recorded}
+    return stage
+
+
+def measure_stream(fraction: float, work: Path, interval: float, recorded: dict) -> dict:
+    """``--measure-stream``: the stream stage alone at a recorded fraction, on the recorded run's set in ``work``: its
+    measures with its rows, and the figures it replaces under ``before``."""
+    root, counts = recorded_set(work, "--measure-stream")
+    rows = counts["clean_images"] + counts["test_images"]
+    check_rows("--measure-stream", root, rows, [recorded["rows"]])
+    print(f"[scale] f={fraction}: stream", flush=True)
+    command = stage_commands(root, work, train=False)["stream"]
+    return with_before({**run_stage(command, work / "logs" / "stream.log", interval), "rows": rows}, recorded)
 
 
 def measure_embeddings(fraction: float, work: Path, interval: float, families: list[str], recorded: dict) -> dict:
     """``--measure-embeddings``: the embed stages of ``families`` alone at a recorded fraction, on the complete,
     prepared set in ``work``, with new random-weight checkpoints: {stage: measures with its rows}. The recorded run's
     other stages, their logs and outputs are left as they are."""
-    root, rows = recorded_set(work, "--measure-embeddings")
+    root, counts = recorded_set(work, "--measure-embeddings")
+    rows = embedded_rows(counts)
     check_rows("--measure-embeddings", root, rows, [recorded[f"embed_{family}"]["rows"] for family in families])
     stages = {}
     for family in families:
@@ -320,7 +343,8 @@ def measure_ensemble(fraction: float, work: Path, interval: float, recorded: dic
     ``before`` where they were measured."""
     import yaml
 
-    root, rows = recorded_set(work, "--measure-ensemble")
+    root, counts = recorded_set(work, "--measure-ensemble")
+    rows = embedded_rows(counts)
     check_rows("--measure-ensemble", root, rows, [recorded["rows"]])
     config = work / "ensemble.yaml"
     families = [m["name"] for m in yaml.safe_load(config.read_text())["models"]] if config.is_file() else []
@@ -336,9 +360,7 @@ def measure_ensemble(fraction: float, work: Path, interval: float, recorded: dic
         raise SystemExit(f"--measure-ensemble: the ensemble job at f = {fraction} reused the embeddings of {reused} "
                          f"of {len(families)} models and embedded the others, so its figures are not the "
                          f"ensemble's alone; see {log}")
-    if measured(recorded):
-        stage["before"] = {key: recorded[key] for key in ("wall_s", "cpu_s") if key in recorded}
-    return stage
+    return with_before(stage, recorded)
 
 
 def run_fraction(fraction: float, work: Path, train: bool, ensemble: bool, interval: float,
@@ -352,7 +374,7 @@ def run_fraction(fraction: float, work: Path, train: bool, ensemble: bool, inter
     work.mkdir(parents=True, exist_ok=True)
     written = write_set(fraction, root, logs / "write_set.log", interval)
     counts = written["counts"]
-    embedded = counts["test_images"] + counts["index_images"] + counts["clean_images"]
+    embedded = embedded_rows(counts)
     rows = {"prepare": counts["train_images"] + counts["index_images"] + counts["test_images"],
             "stream": counts["clean_images"] + counts["test_images"], "train": counts["clean_images"],
             **{f"embed_{family}": embedded for family in (*families, *left_out_families)}, "ensemble": embedded}
@@ -412,8 +434,8 @@ def recorded_runs(payload: dict, fractions: list[float], families: list[str], en
     extrapolated again from the laws refitted over every fraction), and the recorded embed families that
     ``families`` leaves out, to be extrapolated at the added fractions. Refuses in one line what would mix two
     setups: another machine, other limits, a fraction recorded already, or an ensemble of fewer families. To
-    ``remeasure`` (``embeddings``: ``--measure-embeddings``, ``ensemble``: ``--measure-ensemble``) each fraction must
-    be recorded, with each of ``families``' embeddings extrapolated there for the embeddings."""
+    ``remeasure`` a stage (``embeddings``, ``ensemble``, ``stream``: ``--measure-<stage>``) each fraction must be
+    recorded, with each of ``families``' embeddings extrapolated there for the embeddings."""
     here = machine()
     if (payload["machine"]["cpu"], payload["machine"]["cores"]) != (here["cpu"], here["cores"]):
         raise SystemExit(f"--add-to: recorded on {payload['machine']['cores']} cores of {payload['machine']['cpu']}, "
@@ -516,15 +538,16 @@ def commit() -> str | None:
 
 def _added_text(added: dict) -> str:
     """A sentence on fractions added to the recorded ones (``--add-to``), on embeddings measured at a recorded one
-    where they had been extrapolated (``--measure-embeddings``), or on the ensemble measured again there
-    (``--measure-ensemble``)."""
+    where they had been extrapolated (``--measure-embeddings``), or on a stage measured again there
+    (``--measure-ensemble``, ``--measure-stream``)."""
     if added.get("embeddings_only"):
         return (f" At f = {', '.join(added['fractions'])} the embeddings of {', '.join(added['families'])}, "
                 f"extrapolated before, were measured later, at commit {added['commit']} (`{added['command']}`).")
-    if "ensemble_before" in added:
+    again = next((key.removesuffix("_before") for key in added if key.endswith("_before")), None)
+    if again:
         before = "; ".join(f"f = {f}: {'extrapolated' if wall is None else f'{wall} s'} before"
-                           for f, wall in added["ensemble_before"].items())
-        return (f" The ensemble at f = {', '.join(added['fractions'])} was measured again later, at commit "
+                           for f, wall in added[f"{again}_before"].items())
+        return (f" The {again} stage at f = {', '.join(added['fractions'])} was measured again later, at commit "
                 f"{added['commit']} (`{added['command']}`), with the code of that commit ({before}).")
     families = (f", embedding with {', '.join(added['families'])} alone ({', '.join(added['extrapolated_families'])} "
                 f"extrapolated there)" if added["extrapolated_families"] else "")
@@ -573,7 +596,7 @@ Raw numbers: `{results_path(NAME)}`.
 """
 
 
-def main() -> None:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fractions", default="0.01,0.03,0.1", help="comma-separated fractions of GLDv2's counts")
     parser.add_argument("--train-up-to", type=float, default=0.03, help="train one epoch at fractions up to this")
@@ -596,11 +619,19 @@ def main() -> None:
                         help="with --add-to: at fractions it holds, run only the ensemble again, on the set, config "
                              "and embeddings in --work, and put its figures in place of the recorded ones (kept under "
                              "before)")
+    parser.add_argument("--measure-stream", action="store_true",
+                        help="with --add-to: at fractions it holds, run only the stream stage again, on the set in "
+                             "--work, and put its figures in place of the recorded ones (kept under before)")
     parser.add_argument("--refit", type=Path, metavar="RESULTS",
                         help="run no stage: fit the laws of a recorded results file again, and extrapolate the stages "
                              "it left out anew, with this version's method")
     parser.add_argument("--stream-epoch", metavar="ROOT", help=argparse.SUPPRESS)  # the stream stage's process
     add_out_option(parser)
+    return parser
+
+
+def main() -> None:
+    parser = argument_parser()
     args = parser.parse_args()
     if args.stream_epoch:
         return stream_epoch_main(args.stream_epoch)
@@ -620,9 +651,10 @@ def main() -> None:
     payload = {"machine": machine(), "command": command, "train_up_to": args.train_up_to,
                "ensemble_up_to": args.ensemble_up_to, "limit": 1.15}
     runs, left_out = {}, ()
-    remeasure = "embeddings" if args.measure_embeddings else "ensemble" if args.measure_ensemble else None
-    if args.measure_embeddings and args.measure_ensemble:
-        parser.error("--measure-embeddings and --measure-ensemble: one at a time")
+    remeasured = [name for name in ("embeddings", "ensemble", "stream") if getattr(args, f"measure_{name}")]
+    if len(remeasured) > 1:
+        parser.error(f"{', '.join('--measure-' + name for name in remeasured)}: one at a time")
+    remeasure = remeasured[0] if remeasured else None
     if remeasure and not args.add_to:
         parser.error(f"--measure-{remeasure}: give the recorded results with --add-to")
     if args.add_to:
@@ -633,10 +665,9 @@ def main() -> None:
                  "families": families}
         if args.measure_embeddings:
             added["embeddings_only"] = True
-        elif args.measure_ensemble:
-            added["ensemble_before"] = {str(f): recorded["runs"][str(f)].get("ensemble", {}).get("wall_s")
-                                        if measured(recorded["runs"][str(f)].get("ensemble", {})) else None
-                                        for f in fractions}
+        elif remeasure:
+            stages = {str(f): recorded["runs"][str(f)][remeasure] for f in fractions}
+            added[f"{remeasure}_before"] = {f: s["wall_s"] if measured(s) else None for f, s in stages.items()}
         else:
             added["extrapolated_families"] = list(left_out)
         payload.update(command=recorded["command"], added=[*recorded.get("added", []), added])
@@ -644,8 +675,9 @@ def main() -> None:
         work = args.work / f"f{f}"
         if args.measure_embeddings:
             runs[str(f)].update(measure_embeddings(f, work, args.interval, families, runs[str(f)]))
-        elif args.measure_ensemble:
-            runs[str(f)]["ensemble"] = measure_ensemble(f, work, args.interval, recorded["runs"][str(f)]["ensemble"])
+        elif remeasure:
+            measure = measure_ensemble if remeasure == "ensemble" else measure_stream
+            runs[str(f)][remeasure] = measure(f, work, args.interval, recorded["runs"][str(f)][remeasure])
         else:
             runs[str(f)] = run_fraction(f, work, f <= args.train_up_to, f <= args.ensemble_up_to, args.interval,
                                         families, left_out)

@@ -198,7 +198,7 @@ def test_embeddings_extrapolated_at_a_recorded_fraction_are_measured_there_alone
     marker = root / "synthetic_scale.json"
     marker.write_text(json.dumps({"complete": True, "summary": {"counts": {
         "test_images": 1000, "index_images": 2000, "clean_images": 6000}}}))
-    with pytest.raises(SystemExit, match="the set at .* has 9,000 images to embed, the recorded run 10,000; give its"):
+    with pytest.raises(SystemExit, match="the set at .* has 9,000 images for the stage, the recorded run 10,000; give its"):
         main("--families", "efficientnet")  # a set of another fraction: refused before any stage runs
     for args, message in [(["--families", "dolg"], "at f = 1.0 the embeddings of dolg were not extrapolated"),
                           (["--families", "efficientnet", "--fractions", "0.3"], "f = 0.3 is not recorded")]:
@@ -207,12 +207,13 @@ def test_embeddings_extrapolated_at_a_recorded_fraction_are_measured_there_alone
     assert len(commands) == 1
 
 
-def test_the_ensemble_measured_again_at_a_recorded_fraction_replaces_its_figures_and_keeps_the_ones_before(
+def test_a_stage_measured_again_at_a_recorded_fraction_replaces_its_figures_and_keeps_the_ones_before(
     tmp_path, monkeypatch
 ):
     """``--measure-ensemble``: at a recorded fraction only the ensemble job runs, on the recorded run's set, config and
     embeddings, which it must reuse; its figures replace the recorded ones (kept under ``before``) and the laws are
-    fitted again. A missing embedding, or a job that embedded anew, is refused in one line."""
+    fitted again. A missing embedding, or a job that embedded anew, is refused in one line. ``--measure-stream`` does
+    the same for the stream stage."""
     import sys
 
     import yaml
@@ -224,7 +225,7 @@ def test_the_ensemble_measured_again_at_a_recorded_fraction_replaces_its_figures
         return {"rows": rows, "wall_s": seconds, "cpu_s": seconds}
 
     runs = {"0.01": {"embed_dolg": stage(100, 2.0), "ensemble": stage(100, 4.0)},
-            "0.03": {"embed_dolg": stage(300, 6.0), "ensemble": stage(300, 36.0)},
+            "0.03": {"stream": stage(230, 3.0), "embed_dolg": stage(300, 6.0), "ensemble": stage(300, 36.0)},
             "0.1": {"embed_dolg": stage(1000, 20.0), "ensemble": {"rows": 1000, "wall_s": 400.0, "cpu_s": 400.0,
                                                                   "extrapolated": {"from_fractions": ["0.01", "0.03"]}}}}
     recorded = tmp_path / "recorded.json"
@@ -247,10 +248,9 @@ def test_the_ensemble_measured_again_at_a_recorded_fraction_replaces_its_figures
 
     monkeypatch.setattr(scale, "run_stage", run_stage)
 
-    def main():
-        monkeypatch.setattr(sys, "argv", ["scale", "--add-to", str(recorded), "--fractions", "0.03",
-                                          "--measure-ensemble", "--work", str(tmp_path / "work"), "--out",
-                                          str(tmp_path / "out")])
+    def main(option="--measure-ensemble"):
+        monkeypatch.setattr(sys, "argv", ["scale", "--add-to", str(recorded), "--fractions", "0.03", option,
+                                          "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
         scale.main()
 
     with pytest.raises(SystemExit, match=f"the embeddings of efficientnet missing in {work}; give the --work"):
@@ -271,5 +271,13 @@ def test_the_ensemble_measured_again_at_a_recorded_fraction_replaces_its_figures
     assert payload["exponents"]["ensemble"]["time"] == 1.0
     assert payload["runs"]["0.1"]["ensemble"]["wall_s"] == 40.0
     assert payload["added"][-1]["ensemble_before"] == {"0.03": 36.0}
-    assert "The ensemble at f = 0.03 was measured again later, at commit" in " ".join(section.split())
+    assert "The ensemble stage at f = 0.03 was measured again later, at commit" in " ".join(section.split())
     assert "(f = 0.03: 36.0 s before)" in " ".join(section.split())
+
+    # --measure-stream: the stream stage's own process, on the same set (its rows: GLDv2c and the test images).
+    main("--measure-stream")
+    assert commands[-1][1:4] == ["-m", "benchmarks.scale", "--stream-epoch"]
+    payload, _ = written(tmp_path / "out", "scale")
+    assert payload["runs"]["0.03"]["stream"] == {"wall_s": 12.0, "cpu_s": 11.0, "rows": 230,
+                                                 "before": {"wall_s": 3.0, "cpu_s": 3.0}}
+    assert payload["added"][-1]["stream_before"] == {"0.03": 3.0}
