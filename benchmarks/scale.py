@@ -448,8 +448,9 @@ def recorded_runs(payload: dict, fractions: list[float], families: list[str], en
             run = payload["runs"].get(str(f), {})
             if not run:
                 raise SystemExit(f"--measure-{remeasure}: f = {f} is not recorded; run it with --add-to alone")
-            measured_there = [family for family in families if not run.get(f"embed_{family}", {}).get("extrapolated")]
-            if remeasure == "embeddings" and measured_there:
+            measured_there = [family for family in families if remeasure == "embeddings"
+                              and not run.get(f"embed_{family}", {}).get("extrapolated")]
+            if measured_there:
                 raise SystemExit(f"--measure-embeddings: at f = {f} the embeddings of {', '.join(measured_there)} "
                                  f"were not extrapolated; name only extrapolated families in --families")
         return as_measured(payload["runs"]), ()
