@@ -17,7 +17,7 @@ that the process tree under it is the job and every Ray process it needs:
                          weights, or the trained DOLG)
     ensemble             python jobs/ensemble.py: reuses those embeddings; kNN, post-processing, metrics,
                          submissions and the report (only at f <= --ensemble-up-to: its exact kNN passes grow as
-                         queries x gallery, 677 s at f = 0.03 on 2 cores)
+                         queries x gallery, 629 s at f = 0.03 on 2 cores)
 
 A stage left out at a fraction (train above --train-up-to, ensemble above --ensemble-up-to, an embed family left out
 of a fraction added with --add-to) is extrapolated there from the largest fraction that measured it, by the
@@ -38,6 +38,9 @@ Then, per stage over the fractions, the exponent b of time (and memory) ~ rows^b
     python -m benchmarks.scale --add-to benchmarks/results/scale.json --fractions 1 --families dolg   # GLDv2's size
     python -m benchmarks.scale --add-to benchmarks/results/scale.json --fractions 1 --measure-embeddings \
         --families efficientnet,hybrid_swin       # families extrapolated at f = 1, measured there
+    python -m benchmarks.scale --add-to benchmarks/results/scale.json --fractions 0.01,0.03 --measure-ensemble
+    python -m benchmarks.scale --add-to benchmarks/results/scale.json --fractions 0.01,0.03,0.1,1 --measure-stream
+                                                  # one stage measured again where it was measured, the old kept
     python -m benchmarks.scale --refit benchmarks/results/scale.json     # the laws and extrapolations alone, again
 """
 
@@ -52,6 +55,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -300,67 +304,92 @@ def check_rows(option: str, root: Path, rows: int, recorded: list[int]) -> None:
 
 
 def with_before(stage: dict, recorded: dict) -> dict:
-    """A stage measured again, with the recorded figures it replaces under ``before`` where they were measured."""
-    if measured(recorded):
-        stage["before"] = {key: recorded[key] for key in ("wall_s", "cpu_s") if key in recorded}
-    return stage
+    """A stage measured again, with the wall and CPU seconds it replaces under ``before``."""
+    return {**stage, "before": {key: recorded[key] for key in ("wall_s", "cpu_s")}}
 
 
-def measure_stream(fraction: float, work: Path, interval: float, recorded: dict) -> dict:
-    """``--measure-stream``: the stream stage alone at a recorded fraction, on the recorded run's set in ``work``: its
-    measures with its rows, and the figures it replaces under ``before``."""
+# Each plan_* (PLANS) checks the recorded run's inputs at one fraction, refusing in one line what is missing, and
+# returns what measures the stage(s) there: main checks every fraction before it measures any. ``families`` is the
+# embeddings' alone: the stream takes none, the ensemble those of its config.
+
+def plan_stream(fraction: float, work: Path, interval: float, families: list[str],
+                recorded: dict) -> Callable[[], dict]:
+    """``--measure-stream``: the stream stage alone, on the recorded run's set in ``work``: {"stream": its measures
+    with its rows and ``before``}."""
     root, counts = recorded_set(work, "--measure-stream")
     rows = counts["clean_images"] + counts["test_images"]
-    check_rows("--measure-stream", root, rows, [recorded["rows"]])
-    print(f"[scale] f={fraction}: stream", flush=True)
+    check_rows("--measure-stream", root, rows, [recorded["stream"]["rows"]])
     command = stage_commands(root, work, train=False)["stream"]
-    return with_before({**run_stage(command, work / "logs" / "stream.log", interval), "rows": rows}, recorded)
+
+    def measure() -> dict:
+        print(f"[scale] f={fraction}: stream", flush=True)
+        stage = {**run_stage(command, work / "logs" / "stream.log", interval), "rows": rows}
+        return {"stream": with_before(stage, recorded["stream"])}
+    return measure
 
 
-def measure_embeddings(fraction: float, work: Path, interval: float, families: list[str], recorded: dict) -> dict:
-    """``--measure-embeddings``: the embed stages of ``families`` alone at a recorded fraction, on the complete,
-    prepared set in ``work``, with new random-weight checkpoints: {stage: measures with its rows}. The recorded run's
-    other stages, their logs and outputs are left as they are."""
+def plan_embeddings(fraction: float, work: Path, interval: float, families: list[str],
+                    recorded: dict) -> Callable[[], dict]:
+    """``--measure-embeddings``: the embed stages of ``families`` alone, on the complete, prepared set in ``work``, with
+    new random-weight checkpoints: {stage: measures with its rows}. The recorded run's other stages, their logs and
+    outputs are left as they are."""
     root, counts = recorded_set(work, "--measure-embeddings")
     rows = embedded_rows(counts)
     check_rows("--measure-embeddings", root, rows, [recorded[f"embed_{family}"]["rows"] for family in families])
-    stages = {}
-    for family in families:
-        stage = f"embed_{family}"
-        shutil.rmtree(work / "checkpoints" / family, ignore_errors=True)
-        shutil.rmtree(work / "ensemble" / "embeddings" / family, ignore_errors=True)
-        checkpoint = checkpoints_of(work, root, False, [family])[family]
-        print(f"[scale] f={fraction}: {stage}", flush=True)
-        stages[stage] = {**run_stage(embed_command(work, family, checkpoint), work / "logs" / f"{stage}.log",
-                                     interval), "rows": rows}
-    return stages
+
+    def measure() -> dict:
+        stages = {}
+        for family in families:
+            stage = f"embed_{family}"
+            shutil.rmtree(work / "checkpoints" / family, ignore_errors=True)
+            shutil.rmtree(work / "ensemble" / "embeddings" / family, ignore_errors=True)
+            checkpoint = checkpoints_of(work, root, False, [family])[family]
+            print(f"[scale] f={fraction}: {stage}", flush=True)
+            stages[stage] = {**run_stage(embed_command(work, family, checkpoint), work / "logs" / f"{stage}.log",
+                                         interval), "rows": rows}
+        return stages
+    return measure
 
 
-def measure_ensemble(fraction: float, work: Path, interval: float, recorded: dict) -> dict:
-    """``--measure-ensemble``: the ensemble stage alone at a recorded fraction, on the recorded run's set, config and
-    embeddings in ``work``, which it reuses (refused where one is missing, and failed if the job embedded anything:
-    its figures would not be the ensemble's): the stage's measures with its rows, and the figures it replaces under
-    ``before`` where they were measured."""
+def plan_ensemble(fraction: float, work: Path, interval: float, families: list[str],
+                  recorded: dict) -> Callable[[], dict]:
+    """``--measure-ensemble``: the ensemble stage alone, on the recorded run's set, config and embeddings in ``work``,
+    which it must reuse (a job that embedded anything fails: its figures would not be the ensemble's), with the
+    models the recorded ensembles took: {"ensemble": its measures with its rows and ``before``}."""
     import yaml
 
     root, counts = recorded_set(work, "--measure-ensemble")
     rows = embedded_rows(counts)
-    check_rows("--measure-ensemble", root, rows, [recorded["rows"]])
+    check_rows("--measure-ensemble", root, rows, [recorded["ensemble"]["rows"]])
     config = work / "ensemble.yaml"
-    families = [m["name"] for m in yaml.safe_load(config.read_text())["models"]] if config.is_file() else []
-    missing = [f for f in families if not (work / "ensemble" / "embeddings" / f).is_dir()]
-    if not families or missing:
-        raise SystemExit(f"--measure-ensemble: {config if not families else 'the embeddings of ' + ', '.join(missing)}"
-                         f" missing in {work}; give the --work of the recorded run, whose embed stages made them")
-    print(f"[scale] f={fraction}: ensemble", flush=True)
-    log = work / "logs" / "ensemble.log"
-    stage = {**run_stage([sys.executable, "jobs/ensemble.py", "--config", str(config)], log, interval), "rows": rows}
-    reused = log.read_text().count("was embedded earlier with ")
-    if reused != len(families):
-        raise SystemExit(f"--measure-ensemble: the ensemble job at f = {fraction} reused the embeddings of {reused} "
-                         f"of {len(families)} models and embedded the others, so its figures are not the "
-                         f"ensemble's alone; see {log}")
-    return with_before(stage, recorded)
+    if not config.is_file():
+        raise SystemExit(f"--measure-ensemble: no {config}; give the --work of the recorded run")
+    models = [m["name"] for m in yaml.safe_load(config.read_text())["models"]]
+    embedded = sorted(stage.removeprefix("embed_") for stage, figures in recorded.items()
+                      if stage.startswith("embed_") and measured(figures))
+    if sorted(models) != embedded:
+        raise SystemExit(f"--measure-ensemble: {config} ensembles {', '.join(models)}, but the recorded run at "
+                         f"f = {fraction} embedded {', '.join(embedded) or 'none'}: not the recorded ensemble")
+    missing = [m for m in models if not (work / "ensemble" / "embeddings" / m).is_dir()]
+    if missing:
+        raise SystemExit(f"--measure-ensemble: the embeddings of {', '.join(missing)} missing in {work}; give the "
+                         f"--work of the recorded run, whose embed stages made them")
+
+    def measure() -> dict:
+        print(f"[scale] f={fraction}: ensemble", flush=True)
+        log = work / "logs" / "ensemble.log"
+        command = [sys.executable, "jobs/ensemble.py", "--config", str(config)]
+        stage = {**run_stage(command, log, interval), "rows": rows}
+        reused = log.read_text().count("was embedded earlier with ")
+        if reused != len(models):
+            raise SystemExit(f"--measure-ensemble: the ensemble job at f = {fraction} reused the embeddings of "
+                             f"{reused} of {len(models)} models and embedded the others, so its figures are not the "
+                             f"ensemble's alone; see {log}")
+        return {"ensemble": with_before(stage, recorded["ensemble"])}
+    return measure
+
+
+PLANS = {"embeddings": plan_embeddings, "ensemble": plan_ensemble, "stream": plan_stream}
 
 
 def run_fraction(fraction: float, work: Path, train: bool, ensemble: bool, interval: float,
@@ -448,11 +477,18 @@ def recorded_runs(payload: dict, fractions: list[float], families: list[str], en
             run = payload["runs"].get(str(f), {})
             if not run:
                 raise SystemExit(f"--measure-{remeasure}: f = {f} is not recorded; run it with --add-to alone")
-            measured_there = [family for family in families if remeasure == "embeddings"
-                              and not run.get(f"embed_{family}", {}).get("extrapolated")]
-            if measured_there:
-                raise SystemExit(f"--measure-embeddings: at f = {f} the embeddings of {', '.join(measured_there)} "
-                                 f"were not extrapolated; name only extrapolated families in --families")
+            if remeasure == "embeddings":
+                measured_there = [family for family in families
+                                  if not run.get(f"embed_{family}", {}).get("extrapolated")]
+                if measured_there:
+                    raise SystemExit(f"--measure-embeddings: at f = {f} the embeddings of {', '.join(measured_there)} "
+                                     f"were not extrapolated; name only extrapolated families in --families")
+            elif remeasure == "ensemble" and f > ensemble_up_to:
+                raise SystemExit(f"--measure-ensemble: f = {f} is above --ensemble-up-to {ensemble_up_to}, where the "
+                                 f"ensemble is extrapolated by design")
+            elif not measured(run.get(remeasure, {})):
+                raise SystemExit(f"--measure-{remeasure}: the {remeasure} stage was not measured at f = {f}; "
+                                 f"there is nothing to measure again")
         return as_measured(payload["runs"]), ()
     again = [f for f in fractions if str(f) in payload["runs"]]
     if again:
@@ -546,10 +582,9 @@ def _added_text(added: dict) -> str:
                 f"extrapolated before, were measured later, at commit {added['commit']} (`{added['command']}`).")
     again = next((key.removesuffix("_before") for key in added if key.endswith("_before")), None)
     if again:
-        before = "; ".join(f"f = {f}: {'extrapolated' if wall is None else f'{wall} s'} before"
-                           for f, wall in added[f"{again}_before"].items())
+        before = "; ".join(f"f = {f}: {wall} s" for f, wall in added[f"{again}_before"].items())
         return (f" The {again} stage at f = {', '.join(added['fractions'])} was measured again later, at commit "
-                f"{added['commit']} (`{added['command']}`), with the code of that commit ({before}).")
+                f"{added['commit']} (`{added['command']}`); before, it took {before}.")
     families = (f", embedding with {', '.join(added['families'])} alone ({', '.join(added['extrapolated_families'])} "
                 f"extrapolated there)" if added["extrapolated_families"] else "")
     return (f" f = {', '.join(added['fractions'])} was added later, at commit {added['commit']} "
@@ -652,7 +687,7 @@ def main() -> None:
     payload = {"machine": machine(), "command": command, "train_up_to": args.train_up_to,
                "ensemble_up_to": args.ensemble_up_to, "limit": 1.15}
     runs, left_out = {}, ()
-    remeasured = [name for name in ("embeddings", "ensemble", "stream") if getattr(args, f"measure_{name}")]
+    remeasured = [name for name in PLANS if getattr(args, f"measure_{name}")]
     if len(remeasured) > 1:
         parser.error(f"{', '.join('--measure-' + name for name in remeasured)}: one at a time")
     remeasure = remeasured[0] if remeasured else None
@@ -662,26 +697,22 @@ def main() -> None:
         recorded = json.loads(args.add_to.read_text())
         runs, left_out = recorded_runs(recorded, fractions, families, args.ensemble_up_to, args.train_up_to,
                                        remeasure=remeasure)
-        added = {"command": command, "commit": commit(), "fractions": [str(f) for f in fractions],
-                 "families": families}
+        added = {"command": command, "commit": commit(), "fractions": [str(f) for f in fractions]}
         if args.measure_embeddings:
-            added["embeddings_only"] = True
+            added.update(families=families, embeddings_only=True)
         elif remeasure:
-            stages = {str(f): recorded["runs"][str(f)][remeasure] for f in fractions}
-            added[f"{remeasure}_before"] = {f: s["wall_s"] if measured(s) else None for f, s in stages.items()}
+            added[f"{remeasure}_before"] = {str(f): recorded["runs"][str(f)][remeasure]["wall_s"] for f in fractions}
         else:
-            added["extrapolated_families"] = list(left_out)
+            added.update(families=families, extrapolated_families=list(left_out))
         payload.update(command=recorded["command"], added=[*recorded.get("added", []), added])
-    for f in fractions:
-        work = args.work / f"f{f}"
-        if args.measure_embeddings:
-            runs[str(f)].update(measure_embeddings(f, work, args.interval, families, runs[str(f)]))
-        elif remeasure:
-            measure = measure_ensemble if remeasure == "ensemble" else measure_stream
-            runs[str(f)][remeasure] = measure(f, work, args.interval, recorded["runs"][str(f)][remeasure])
-        else:
-            runs[str(f)] = run_fraction(f, work, f <= args.train_up_to, f <= args.ensemble_up_to, args.interval,
-                                        families, left_out)
+    if remeasure:  # every fraction's inputs checked before any stage runs
+        plans = {f: PLANS[remeasure](f, args.work / f"f{f}", args.interval, families, runs[str(f)]) for f in fractions}
+        for f, measure in plans.items():
+            runs[str(f)].update(measure())
+    else:
+        for f in fractions:
+            runs[str(f)] = run_fraction(f, args.work / f"f{f}", f <= args.train_up_to, f <= args.ensemble_up_to,
+                                        args.interval, families, left_out)
     publish_fitted(payload, runs, args.out)
 
 

@@ -210,10 +210,11 @@ def test_embeddings_extrapolated_at_a_recorded_fraction_are_measured_there_alone
 def test_a_stage_measured_again_at_a_recorded_fraction_replaces_its_figures_and_keeps_the_ones_before(
     tmp_path, monkeypatch
 ):
-    """``--measure-ensemble``: at a recorded fraction only the ensemble job runs, on the recorded run's set, config and
+    """``--measure-ensemble``: at recorded fractions only the ensemble job runs, on the recorded run's set, config and
     embeddings, which it must reuse; its figures replace the recorded ones (kept under ``before``) and the laws are
-    fitted again. A missing embedding, or a job that embedded anew, is refused in one line. ``--measure-stream`` does
-    the same for the stream stage."""
+    fitted again. Refused in one line, before any stage runs at any fraction: a fraction above --ensemble-up-to, a
+    config of other models than the recorded embeddings, a missing embedding; a job that embedded anew fails.
+    ``--measure-stream`` does the same for the stream stage."""
     import sys
 
     import yaml
@@ -224,10 +225,11 @@ def test_a_stage_measured_again_at_a_recorded_fraction_replaces_its_figures_and_
     def stage(rows, seconds):
         return {"rows": rows, "wall_s": seconds, "cpu_s": seconds}
 
-    runs = {"0.01": {"embed_dolg": stage(100, 2.0), "ensemble": stage(100, 4.0)},
-            "0.03": {"stream": stage(230, 3.0), "embed_dolg": stage(300, 6.0), "ensemble": stage(300, 36.0)},
-            "0.1": {"embed_dolg": stage(1000, 20.0), "ensemble": {"rows": 1000, "wall_s": 400.0, "cpu_s": 400.0,
-                                                                  "extrapolated": {"from_fractions": ["0.01", "0.03"]}}}}
+    extrapolated = {"rows": 1000, "wall_s": 400.0, "cpu_s": 400.0, "extrapolated": {"from_fractions": ["0.01"]}}
+    runs = {"0.01": {"embed_dolg": stage(100, 2.0), "embed_effnet": stage(100, 2.0), "ensemble": stage(100, 4.0)},
+            "0.03": {"stream": stage(230, 3.0), "embed_dolg": stage(300, 6.0), "embed_effnet": stage(300, 6.0),
+                     "ensemble": stage(300, 36.0)},
+            "0.1": {"embed_dolg": stage(1000, 20.0), "embed_effnet": stage(1000, 20.0), "ensemble": extrapolated}}
     recorded = tmp_path / "recorded.json"
     recorded.write_text(json.dumps({"machine": machine(), "command": "python -m benchmarks.scale", "train_up_to": 0.03,
                                     "ensemble_up_to": 0.03, "limit": 1.15, "runs": runs}))
@@ -236,7 +238,7 @@ def test_a_stage_measured_again_at_a_recorded_fraction_replaces_its_figures_and_
     (work / "gldv2" / "manifest" / "summary.json").write_text("{}")
     (work / "gldv2" / "synthetic_scale.json").write_text(json.dumps({"complete": True, "summary": {"counts": {
         "test_images": 30, "index_images": 70, "clean_images": 200}}}))
-    (work / "ensemble.yaml").write_text(yaml.safe_dump({"models": [{"name": "dolg"}, {"name": "efficientnet"}]}))
+    (work / "ensemble.yaml").write_text(yaml.safe_dump({"models": [{"name": "dolg"}]}))
     (work / "ensemble" / "embeddings" / "dolg").mkdir(parents=True)
     commands, reused = [], []
 
@@ -248,19 +250,26 @@ def test_a_stage_measured_again_at_a_recorded_fraction_replaces_its_figures_and_
 
     monkeypatch.setattr(scale, "run_stage", run_stage)
 
-    def main(option="--measure-ensemble"):
-        monkeypatch.setattr(sys, "argv", ["scale", "--add-to", str(recorded), "--fractions", "0.03", option,
+    def main(option="--measure-ensemble", fractions="0.03"):
+        monkeypatch.setattr(sys, "argv", ["scale", "--add-to", str(recorded), "--fractions", fractions, option,
                                           "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
         scale.main()
 
-    with pytest.raises(SystemExit, match=f"the embeddings of efficientnet missing in {work}; give the --work"):
+    for fractions, message in [("0.1", r"f = 0.1 is above --ensemble-up-to 0.03, where the ensemble is extrapolated"),
+                               ("0.03", r"ensembles dolg, but the recorded run at f = 0.03 embedded dolg, effnet")]:
+        with pytest.raises(SystemExit, match=message):
+            main(fractions=fractions)
+    (work / "ensemble.yaml").write_text(yaml.safe_dump({"models": [{"name": "dolg"}, {"name": "effnet"}]}))
+    with pytest.raises(SystemExit, match=f"the embeddings of effnet missing in {work}; give the --work"):
         main()
+    (work / "ensemble" / "embeddings" / "effnet").mkdir()
+    with pytest.raises(SystemExit, match=f"no complete, prepared set at {tmp_path / 'work' / 'f0.01' / 'gldv2'}"):
+        main(fractions="0.03,0.01")  # 0.03's inputs are there, 0.01's are not: nothing runs at either
     assert not commands
-    (work / "ensemble" / "embeddings" / "efficientnet").mkdir()
     reused[:] = ["dolg"]
     with pytest.raises(SystemExit, match=r"reused the embeddings of 1 of 2 models and embedded the others"):
         main()
-    reused[:] = ["dolg", "efficientnet"]
+    reused[:] = ["dolg", "effnet"]
     main()
     assert commands[-1][1:3] == ["jobs/ensemble.py", "--config"] and commands[-1][3] == str(work / "ensemble.yaml")
     payload, section = written(tmp_path / "out", "scale")
@@ -270,9 +279,9 @@ def test_a_stage_measured_again_at_a_recorded_fraction_replaces_its_figures_and_
     # The law refitted from the new figure: 4 s -> 12 s for 3x the rows, so b = 1 and f = 0.1 extrapolates to 40 s.
     assert payload["exponents"]["ensemble"]["time"] == 1.0
     assert payload["runs"]["0.1"]["ensemble"]["wall_s"] == 40.0
-    assert payload["added"][-1]["ensemble_before"] == {"0.03": 36.0}
-    assert "The ensemble stage at f = 0.03 was measured again later, at commit" in " ".join(section.split())
-    assert "(f = 0.03: 36.0 s before)" in " ".join(section.split())
+    assert payload["added"][-1]["ensemble_before"] == {"0.03": 36.0} and "families" not in payload["added"][-1]
+    assert ("The ensemble stage at f = 0.03 was measured again later, at commit" in " ".join(section.split())
+            and "; before, it took f = 0.03: 36.0 s." in " ".join(section.split()))
 
     # --measure-stream: the stream stage's own process, on the same set (its rows: GLDv2c and the test images).
     main("--measure-stream")
@@ -281,3 +290,8 @@ def test_a_stage_measured_again_at_a_recorded_fraction_replaces_its_figures_and_
     assert payload["runs"]["0.03"]["stream"] == {"wall_s": 12.0, "cpu_s": 11.0, "rows": 230,
                                                  "before": {"wall_s": 3.0, "cpu_s": 3.0}}
     assert payload["added"][-1]["stream_before"] == {"0.03": 3.0}
+    with pytest.raises(SystemExit, match="the stream stage was not measured at f = 0.01; there is nothing to measure"):
+        main("--measure-stream", "0.01")
+    with pytest.raises(SystemExit):  # one option at a time
+        monkeypatch.setattr(sys, "argv", ["scale", "--add-to", str(recorded), "--measure-stream", "--measure-ensemble"])
+        scale.main()
