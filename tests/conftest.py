@@ -111,6 +111,16 @@ def ray_session(s3):
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def job_env(ray_session) -> dict[str, str]:
+    """The environment of a job run as a subprocess that joins this process's Ray, as a job submitted to a cluster
+    does (RAY_ADDRESS): its own local Ray would cost 8-9 s and as many CPU-seconds to start (jobs/tune.py's failing
+    sweep, alternated: 26.8-28.2 s on its own Ray, 17.4-19.6 s joined)."""
+    import ray
+
+    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+
 def _prepare_indexed(root) -> None:
     """The manifests of the dataset under ``root`` with the shard index, as ``prepare_gldv2.py --verify-shards``
     writes them: every stream of the tests reads by ranged requests unless it turns ``data.ranged_reads`` off."""

@@ -72,7 +72,7 @@ def _embed(checkpoint: str, out: Path, **popen) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_an_embedding_job_killed_between_shards_reruns_only_the_missing_ones_with_exact_rows(tiny_checkpoints,
-                                                                                              tmp_path):
+                                                                                              job_env, tmp_path):
     out = tmp_path / "embeddings"
     first = _embed(tiny_checkpoints["dolg"], out, start_new_session=True)
     deadline = time.monotonic() + 240
@@ -83,7 +83,7 @@ def test_an_embedding_job_killed_between_shards_reruns_only_the_missing_ones_wit
     written = sorted(out.glob("*/*.parquet"))
     assert written, first.stdout.read()[-3000:]
 
-    second = _embed(tiny_checkpoints["dolg"], out)
+    second = _embed(tiny_checkpoints["dolg"], out, env=job_env)  # joining the session's Ray: the first's is gone
     output = second.communicate(timeout=300)[0]
     assert second.returncode == 0, output[-3000:]
     shards = 3  # the learnable set: 1 test shard and 2 index shards

@@ -49,20 +49,20 @@ def test_every_sweep_config_loads_with_its_base():
         assert sweep.space and base.model is not None
 
 
-def _tune(config: Path, root: str, out: Path) -> subprocess.Popen:
+def _tune(config: Path, root: str, out: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "jobs/tune.py", "--config", str(config), "--set", f"output_dir={out}",
          "--set-base", f"data.root={root}"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
 
 
 @pytest.mark.slow
 def test_a_three_trial_sweep_interrupted_and_rerun_resumes_stops_weak_trials_and_writes_a_trainable_best_config(
-    gldv2_learnable, tmp_path
+    gldv2_learnable, job_env, tmp_path
 ):
     config, out = REPO / "configs" / "tune_tiny.yaml", tmp_path / "sweeps"
-    first = _tune(config, gldv2_learnable, out)
+    first = _tune(config, gldv2_learnable, out, job_env)
     lines, done = [], 0
     # Interrupt (Ctrl-C) once two trials are done: the good first one and a weak one, which ASHA stops against it.
     # (Tune does not save ASHA's rungs, so after the resume the last trial is compared only with trials run since.)
@@ -77,7 +77,7 @@ def test_a_three_trial_sweep_interrupted_and_rerun_resumes_stops_weak_trials_and
     done_first = {line.split()[1] for line in first_output.splitlines()
                   if line.startswith("[tune] ") and (" finished" in line or "stopped early" in line)}
 
-    second = _tune(config, gldv2_learnable, out)
+    second = _tune(config, gldv2_learnable, out, job_env)
     output = second.communicate(timeout=600)[0]
     assert second.returncode == 0, output[-3000:]
     assert "resuming the sweep" in output
@@ -161,12 +161,12 @@ def test_a_wrong_data_root_fails_before_ray_starts(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_sweep_whose_every_trial_failed_exits_1_listing_them(gldv2_learnable, tmp_path):
+def test_a_sweep_whose_every_trial_failed_exits_1_listing_them(gldv2_learnable, job_env, tmp_path):
     config = _sweep_file(tmp_path, "  train.lr: {grid: [0.1, 0.2]}",
                          f"[data.root={gldv2_learnable}, train.init_from={tmp_path / 'missing_step'}, "
                          f"train.cpus_per_worker=0.5]")
     job = subprocess.run([sys.executable, "jobs/tune.py", "--config", str(config), "--set", "settings.num_samples=1"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env=job_env)
     assert job.returncode == 1, job.stdout[-3000:] + job.stderr[-3000:]
     last = job.stderr.strip().splitlines()[-1]
     assert re.fullmatch(
