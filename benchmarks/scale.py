@@ -290,9 +290,13 @@ def recorded_set(work: Path, option: str) -> tuple[Path, dict]:
     return root, written["summary"]["counts"]
 
 
-def embedded_rows(counts: dict) -> int:
-    """The images the embed stages and the ensemble take: test, index and the GLDv2c gallery."""
-    return counts["test_images"] + counts["index_images"] + counts["clean_images"]
+def stage_rows(counts: dict, families: list[str] | tuple[str, ...]) -> dict[str, int]:
+    """The rows each stage takes from a set of these counts, an embed stage per family of ``families``: each embeds,
+    and the ensemble takes, the test, index and GLDv2c gallery images."""
+    embedded = counts["test_images"] + counts["index_images"] + counts["clean_images"]
+    return {"prepare": counts["train_images"] + counts["index_images"] + counts["test_images"],
+            "stream": counts["clean_images"] + counts["test_images"], "train": counts["clean_images"],
+            **{f"embed_{family}": embedded for family in families}, "ensemble": embedded}
 
 
 def check_rows(option: str, root: Path, rows: int, recorded: list[int]) -> None:
@@ -317,7 +321,7 @@ def plan_stream(fraction: float, work: Path, interval: float, families: list[str
     """``--measure-stream``: the stream stage alone, on the recorded run's set in ``work``: {"stream": its measures
     with its rows and ``before``}."""
     root, counts = recorded_set(work, "--measure-stream")
-    rows = counts["clean_images"] + counts["test_images"]
+    rows = stage_rows(counts, families)["stream"]
     check_rows("--measure-stream", root, rows, [recorded["stream"]["rows"]])
     command = stage_commands(root, work, train=False)["stream"]
 
@@ -334,7 +338,7 @@ def plan_embeddings(fraction: float, work: Path, interval: float, families: list
     new random-weight checkpoints: {stage: measures with its rows}. The recorded run's other stages, their logs and
     outputs are left as they are."""
     root, counts = recorded_set(work, "--measure-embeddings")
-    rows = embedded_rows(counts)
+    rows = stage_rows(counts, families)["ensemble"]
     check_rows("--measure-embeddings", root, rows, [recorded[f"embed_{family}"]["rows"] for family in families])
 
     def measure() -> dict:
@@ -359,7 +363,7 @@ def plan_ensemble(fraction: float, work: Path, interval: float, families: list[s
     import yaml
 
     root, counts = recorded_set(work, "--measure-ensemble")
-    rows = embedded_rows(counts)
+    rows = stage_rows(counts, families)["ensemble"]
     check_rows("--measure-ensemble", root, rows, [recorded["ensemble"]["rows"]])
     config = work / "ensemble.yaml"
     if not config.is_file():
@@ -402,11 +406,7 @@ def run_fraction(fraction: float, work: Path, train: bool, ensemble: bool, inter
         shutil.rmtree(work / earlier, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     written = write_set(fraction, root, logs / "write_set.log", interval)
-    counts = written["counts"]
-    embedded = embedded_rows(counts)
-    rows = {"prepare": counts["train_images"] + counts["index_images"] + counts["test_images"],
-            "stream": counts["clean_images"] + counts["test_images"], "train": counts["clean_images"],
-            **{f"embed_{family}": embedded for family in (*families, *left_out_families)}, "ensemble": embedded}
+    rows = stage_rows(written["counts"], (*families, *left_out_families))
     stages = {}
 
     def measure(stage: str, command: list[str]) -> None:  # each stage's measures kept as it ends (stages.json)

@@ -168,7 +168,7 @@ def test_embeddings_extrapolated_at_a_recorded_fraction_are_measured_there_alone
     root = tmp_path / "work" / "f1.0" / "gldv2"
     (root / "manifest").mkdir(parents=True)
     (root / "synthetic_scale.json").write_text(json.dumps({"complete": True, "summary": {"counts": {
-        "test_images": 1000, "index_images": 2000, "clean_images": 7000}}}))
+        "train_images": 20000, "test_images": 1000, "index_images": 2000, "clean_images": 7000}}}))
     monkeypatch.setattr(scale, "checkpoints_of", lambda work, root, trained, families: {
         family: str(work / "checkpoints" / family) for family in families})
     monkeypatch.setattr(scale, "run_stage", lambda command, log, interval: commands.append(command) or {
@@ -197,8 +197,9 @@ def test_embeddings_extrapolated_at_a_recorded_fraction_are_measured_there_alone
 
     marker = root / "synthetic_scale.json"
     marker.write_text(json.dumps({"complete": True, "summary": {"counts": {
-        "test_images": 1000, "index_images": 2000, "clean_images": 6000}}}))
-    with pytest.raises(SystemExit, match="the set at .* has 9,000 images for the stage, the recorded run 10,000; give its"):
+        "train_images": 20000, "test_images": 1000, "index_images": 2000, "clean_images": 6000}}}))
+    with pytest.raises(SystemExit,
+                       match="the set at .* has 9,000 images for the stage, the recorded run 10,000; give its"):
         main("--families", "efficientnet")  # a set of another fraction: refused before any stage runs
     for args, message in [(["--families", "dolg"], "at f = 1.0 the embeddings of dolg were not extrapolated"),
                           (["--families", "efficientnet", "--fractions", "0.3"], "f = 0.3 is not recorded")]:
@@ -208,7 +209,7 @@ def test_embeddings_extrapolated_at_a_recorded_fraction_are_measured_there_alone
 
 
 def test_a_stage_measured_again_at_a_recorded_fraction_replaces_its_figures_and_keeps_the_ones_before(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, capsys
 ):
     """``--measure-ensemble``: at recorded fractions only the ensemble job runs, on the recorded run's set, config and
     embeddings, which it must reuse; its figures replace the recorded ones (kept under ``before``) and the laws are
@@ -237,7 +238,7 @@ def test_a_stage_measured_again_at_a_recorded_fraction_replaces_its_figures_and_
     (work / "gldv2" / "manifest").mkdir(parents=True)
     (work / "gldv2" / "manifest" / "summary.json").write_text("{}")
     (work / "gldv2" / "synthetic_scale.json").write_text(json.dumps({"complete": True, "summary": {"counts": {
-        "test_images": 30, "index_images": 70, "clean_images": 200}}}))
+        "train_images": 600, "test_images": 30, "index_images": 70, "clean_images": 200}}}))
     (work / "ensemble.yaml").write_text(yaml.safe_dump({"models": [{"name": "dolg"}]}))
     (work / "ensemble" / "embeddings" / "dolg").mkdir(parents=True)
     commands, reused = [], []
@@ -292,6 +293,9 @@ def test_a_stage_measured_again_at_a_recorded_fraction_replaces_its_figures_and_
     assert payload["added"][-1]["stream_before"] == {"0.03": 3.0}
     with pytest.raises(SystemExit, match="the stream stage was not measured at f = 0.01; there is nothing to measure"):
         main("--measure-stream", "0.01")
-    with pytest.raises(SystemExit):  # one option at a time
-        monkeypatch.setattr(sys, "argv", ["scale", "--add-to", str(recorded), "--measure-stream", "--measure-ensemble"])
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["scale", "--add-to", str(recorded), "--fractions", "0.03", "--measure-stream",
+                                      "--measure-ensemble"])
+    with pytest.raises(SystemExit) as refused:
         scale.main()
+    assert refused.value.code == 2 and "--measure-ensemble, --measure-stream: one at a time" in capsys.readouterr().err
